@@ -1,0 +1,101 @@
+// Python bindings of gmp_ext._C: one m.def per entry point of ops.h. Arguments are integers
+// (addresses, counts, codes, thread count, stream); the GIL is released while kernels run.
+// Input validation with readable messages lives in gmp_ext/ops.py.
+#include "common/bitpack.h"
+#include "ops.h"
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+namespace py = pybind11;
+using gmp::Selection;
+using gmp::TensorEntry;
+
+namespace {
+
+template <typename T> T *ptr(uintptr_t address) { return reinterpret_cast<T *>(address); }
+
+py::dict build_info() {
+    py::dict info;
+    info["version"] = GMP_EXT_VERSION;
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+#ifdef GMP_EXT_WITH_CUDA
+    info["cuda"] = true;
+    info["cuda_architectures"] = GMP_EXT_CUDA_ARCHS;
+    info["cuda_compiler_version"] = GMP_EXT_CUDA_VERSION;
+    info["cuda_tile_elems"] = gmp::cuda::kTileElems;
+#else
+    info["cuda"] = false;
+    info["cuda_architectures"] = "";
+    info["cuda_compiler_version"] = "";
+    info["cuda_tile_elems"] = 0;
+#endif
+    info["mask_align_bytes"] = gmp::kMaskAlignBytes;
+    return info;
+}
+
+} // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "gmp_ext native kernels (raw-pointer interface; use gmp_ext.ops)";
+    const auto nogil = py::call_guard<py::gil_scoped_release>();
+
+    m.def("build_info", &build_info, "Compile-time configuration of this build.");
+    m.def("cpu_max_threads", &gmp::cpu::max_threads, "omp_get_max_threads() of the loaded OpenMP runtime.");
+
+    m.def(
+        "cpu_select_layerwise",
+        [](uintptr_t table, int64_t n, uintptr_t k, uintptr_t out, int threads) {
+            gmp::cpu::select_layerwise(ptr<const TensorEntry>(table), n, ptr<const int64_t>(k), ptr<Selection>(out),
+                                       threads);
+        },
+        py::arg("table"), py::arg("n"), py::arg("k"), py::arg("out"), py::arg("threads"), nogil,
+        "Per-entry k-th smallest (|w|, index) selection.");
+    m.def(
+        "cpu_select_global",
+        [](uintptr_t table, int64_t n, int64_t k, int32_t key_space, uintptr_t out, int threads) {
+            gmp::cpu::select_global(ptr<const TensorEntry>(table), n, k, key_space, ptr<Selection>(out), threads);
+        },
+        py::arg("table"), py::arg("n"), py::arg("k"), py::arg("key_space"), py::arg("out"), py::arg("threads"), nogil,
+        "One selection over all entries in (|w|, entry, index) order.");
+    m.def(
+        "cpu_build_masks",
+        [](uintptr_t table, int64_t n, uintptr_t selection, int threads) {
+            gmp::cpu::build_masks(ptr<const TensorEntry>(table), n, ptr<const Selection>(selection), threads);
+        },
+        py::arg("table"), py::arg("n"), py::arg("selection"), py::arg("threads"), nogil,
+        "Write packed keep-masks from selection rows.");
+    m.def(
+        "cpu_apply_masks",
+        [](uintptr_t table, int64_t n, int threads) { gmp::cpu::apply_masks(ptr<const TensorEntry>(table), n, threads); },
+        py::arg("table"), py::arg("n"), py::arg("threads"), nogil, "Zero pruned elements of all entries.");
+    m.def(
+        "cpu_pack_bits",
+        [](uintptr_t bools, int64_t numel, uintptr_t packed, int threads) {
+            gmp::cpu::pack_bits(ptr<const uint8_t>(bools), numel, ptr<uint8_t>(packed), threads);
+        },
+        py::arg("bools"), py::arg("numel"), py::arg("packed"), py::arg("threads"), nogil, "bool bytes -> bits.");
+    m.def(
+        "cpu_unpack_bits",
+        [](uintptr_t packed, int64_t numel, uintptr_t bools, int threads) {
+            gmp::cpu::unpack_bits(ptr<const uint8_t>(packed), numel, ptr<uint8_t>(bools), threads);
+        },
+        py::arg("packed"), py::arg("numel"), py::arg("bools"), py::arg("threads"), nogil, "bits -> bool bytes.");
+
+#ifdef GMP_EXT_WITH_CUDA
+    m.def("cuda_device_count", &gmp::cuda::device_count, "Visible CUDA devices, -1 without a usable driver.");
+    m.def("cuda_driver_status", &gmp::cuda::driver_status, "'ok' or the CUDA runtime's error string.");
+    m.def(
+        "cuda_apply_masks",
+        [](uintptr_t table, int64_t n, int64_t total_tiles, uintptr_t stream) {
+            gmp::cuda::apply_masks(ptr<const TensorEntry>(table), n, total_tiles, stream);
+        },
+        py::arg("table"), py::arg("n"), py::arg("total_tiles"), py::arg("stream"), nogil,
+        "Zero pruned elements of all entries of a device-resident table in one launch.");
+#endif
+}

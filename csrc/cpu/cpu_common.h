@@ -1,0 +1,96 @@
+// Shared pieces of the CPU kernels: work tiles over a tensor table, the dtype dispatch that
+// turns a table entry into a key reader, and thread-count policy.
+#pragma once
+
+#include "../common/checks.h"
+#include "../common/keys.h"
+#include "../common/tensor_table.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace gmp::cpu {
+
+// Work unit of every parallel loop: tiles never cross tensors and start at multiples of 64
+// elements, so a tile owns whole 64-bit mask words and can be processed without sharing.
+constexpr int64_t kTileElems = int64_t(1) << 16;
+
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kMinParallelElems = int64_t(1) << 15;
+
+struct Tile {
+    int64_t entry; // row of the table
+    int64_t begin; // first flat index in the entry
+    int64_t end;   // one past the last
+    int64_t base;  // index of the entry's element 0 in the selection's order
+};
+
+// Tiles of entries [0, n) in table order; `base` is the running element count.
+inline std::vector<Tile> make_tiles(const TensorEntry *table, int64_t n) {
+    std::vector<Tile> tiles;
+    int64_t base = 0;
+    for (int64_t e = 0; e < n; ++e) {
+        for (int64_t b = 0; b < table[e].numel; b += kTileElems)
+            tiles.push_back({e, b, std::min(b + kTileElems, table[e].numel), base});
+        base += table[e].numel;
+    }
+    return tiles;
+}
+
+inline int64_t total_numel(const TensorEntry *table, int64_t n) {
+    int64_t total = 0;
+    for (int64_t e = 0; e < n; ++e)
+        total += table[e].numel;
+    return total;
+}
+
+inline int threads_for(int requested, int64_t elems) {
+    return elems < kMinParallelElems ? 1 : std::max(1, requested);
+}
+
+inline void check_table(const TensorEntry *table, int64_t n, bool needs_mask) {
+    GMP_CHECK(n >= 0, "table size must be >= 0, got ", n);
+    GMP_CHECK(n == 0 || table != nullptr, "table pointer is null");
+    for (int64_t e = 0; e < n; ++e) {
+        const TensorEntry &t = table[e];
+        GMP_CHECK(is_valid_dtype(static_cast<int32_t>(t.dtype)), "entry ", e, ": unknown dtype code ", t.dtype);
+        GMP_CHECK(t.numel >= 0, "entry ", e, ": numel must be >= 0, got ", t.numel);
+        GMP_CHECK(t.numel == 0 || t.data != 0, "entry ", e, ": data pointer is null");
+        GMP_CHECK(t.data % dtype_size(static_cast<int32_t>(t.dtype)) == 0, "entry ", e, ": data pointer is misaligned");
+        GMP_CHECK(!needs_mask || t.numel == 0 || t.mask != 0, "entry ", e, ": mask pointer is null");
+    }
+}
+
+template <int32_t D, int32_t S> struct KeyReader {
+    const typename DTypeTraits<D>::bits_t *bits;
+    uint32_t operator()(int64_t i) const { return magnitude_key<D, S>(bits[i]); }
+};
+
+// Calls f(reader) with a KeyReader specialised for the entry's dtype and the key space, so the
+// element loops inside f compile once per (dtype, space) with no branch per element.
+template <typename F> void visit_keys(const TensorEntry &entry, int32_t space, F &&f) {
+    const void *data = reinterpret_cast<const void *>(entry.data);
+    const auto *bits16 = static_cast<const uint16_t *>(data);
+    switch (entry.dtype) {
+    case kFloat32:
+        f(KeyReader<kFloat32, kNative>{static_cast<const uint32_t *>(data)});
+        return;
+    case kFloat16:
+        if (space == kNative)
+            f(KeyReader<kFloat16, kNative>{bits16});
+        else
+            f(KeyReader<kFloat16, kWide>{bits16});
+        return;
+    case kBFloat16:
+        if (space == kNative)
+            f(KeyReader<kBFloat16, kNative>{bits16});
+        else
+            f(KeyReader<kBFloat16, kWide>{bits16});
+        return;
+    default:
+        throw std::invalid_argument(detail::concat("gmp_ext._C: unknown dtype code ", entry.dtype));
+    }
+}
+
+} // namespace gmp::cpu

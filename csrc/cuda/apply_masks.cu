@@ -1,0 +1,90 @@
+// Fused multi-tensor mask apply (kernels.md §4-5): one launch for every tensor of a device,
+// from the device-resident table, so it is CUDA-graph capturable and needs no host metadata.
+//
+// A warp owns one tile of 2048 elements = 32 mask words of 64 bits: lane l loads word l, then
+// each lane handles 16-byte vectors whose bits it takes from the owning lane by shuffle.
+#include "../common/bitpack.h"
+#include "cuda_common.cuh"
+
+#include <cstdint>
+
+namespace gmp::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+static_assert(kTileElems == 32 * 64, "a warp covers 32 64-bit mask words");
+
+template <int ElemBytes> __device__ void apply_tile_vector(uint4 *data, uint64_t my_word, int lane) {
+    constexpr int kPerVec = 16 / ElemBytes;        // elements per 16-byte vector
+    constexpr int kVecs = kTileElems / kPerVec;    // vectors per tile
+    constexpr int kVecsPerWord = 64 / kPerVec;     // vectors sharing one mask word
+    constexpr uint32_t kVecBits = (1u << kPerVec) - 1;
+#pragma unroll
+    for (int j = 0; j < kVecs / 32; ++j) {
+        const int v = j * 32 + lane;
+        const uint64_t word = __shfl_sync(0xffffffffu, my_word, v / kVecsPerWord);
+        const uint32_t bits = static_cast<uint32_t>(word >> ((v % kVecsPerWord) * kPerVec)) & kVecBits;
+        if (bits == kVecBits)
+            continue; // all kept: no store
+        uint4 x = bits == 0 ? make_uint4(0, 0, 0, 0) : data[v];
+        uint32_t *lanes = reinterpret_cast<uint32_t *>(&x);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            if constexpr (ElemBytes == 4) {
+                lanes[q] &= ((bits >> q) & 1u) ? 0xffffffffu : 0u;
+            } else {
+                const uint32_t lo = ((bits >> (2 * q)) & 1u) ? 0x0000ffffu : 0u;
+                const uint32_t hi = ((bits >> (2 * q + 1)) & 1u) ? 0xffff0000u : 0u;
+                lanes[q] &= lo | hi;
+            }
+        }
+        data[v] = x;
+    }
+}
+
+template <typename Bits>
+__device__ void apply_tile_scalar(Bits *data, const uint8_t *mask, int64_t first, int64_t count, int lane) {
+    for (int64_t i = lane; i < count; i += 32)
+        if (!mask_bit(mask, first + i))
+            data[first + i] = Bits(0);
+}
+
+__global__ void __launch_bounds__(kThreads) kApplyMasks(const TensorEntry *table, int64_t n, int64_t total_tiles) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
+    for (int64_t tile = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32; tile < total_tiles; tile += warps) {
+        const TensorEntry entry = table[entry_of_tile(table, n, tile)];
+        const int64_t first = (tile - entry.tile_base) * kTileElems;
+        const int64_t count = min(kTileElems, entry.numel - first);
+        const auto *mask = reinterpret_cast<const uint8_t *>(entry.mask);
+        const bool vector = count == kTileElems && entry.data % 16 == 0;
+        if (vector) {
+            // Masks are padded to kMaskAlignBytes, so every word of a full tile is in bounds.
+            const uint64_t my_word = reinterpret_cast<const uint64_t *>(mask)[first / 64 + lane];
+            if (__all_sync(0xffffffffu, my_word == ~uint64_t(0)))
+                continue;
+            if (entry.dtype == kFloat32)
+                apply_tile_vector<4>(reinterpret_cast<uint4 *>(entry.data + first * 4), my_word, lane);
+            else
+                apply_tile_vector<2>(reinterpret_cast<uint4 *>(entry.data + first * 2), my_word, lane);
+        } else if (entry.dtype == kFloat32) {
+            apply_tile_scalar(reinterpret_cast<uint32_t *>(entry.data), mask, first, count, lane);
+        } else {
+            apply_tile_scalar(reinterpret_cast<uint16_t *>(entry.data), mask, first, count, lane);
+        }
+    }
+}
+
+} // namespace
+
+void apply_masks(const TensorEntry *table, int64_t n, int64_t total_tiles, uintptr_t stream) {
+    GMP_CHECK(n >= 0 && total_tiles >= 0, "n and total_tiles must be >= 0");
+    if (n == 0 || total_tiles == 0)
+        return;
+    GMP_CHECK(table != nullptr, "table pointer is null");
+    const int blocks = persistent_blocks(kThreads, total_tiles);
+    kApplyMasks<<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, total_tiles);
+    GMP_CUDA_CHECK(cudaGetLastError());
+}
+
+} // namespace gmp::cuda

@@ -1,0 +1,49 @@
+// Host entry points of the compiled module. Every argument is a plain integer: addresses of
+// tensors owned by torch, element counts, dtype and key-space codes, a thread count and, for
+// CUDA, the stream handle. Nothing here knows about torch.
+#pragma once
+
+#include "common/tensor_table.h"
+
+#include <cstdint>
+
+namespace gmp::cpu {
+
+// Per-entry selection: row i of `out` prunes k[i] elements of entry i (native key space).
+void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, int num_threads);
+
+// One selection over the concatenation of all entries (never materialised): the k smallest
+// (key, elem_base + flat index) pairs are pruned. Writes one row per entry.
+void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out,
+                   int num_threads);
+
+// Writes the packed keep-mask of every entry from its selection row.
+void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads);
+
+// Zeroes every element whose mask bit is 0, for all entries at once.
+void apply_masks(const TensorEntry *table, int64_t n, int num_threads);
+
+// bool bytes (0/1) <-> packed bits, numel elements.
+void pack_bits(const uint8_t *bools, int64_t numel, uint8_t *packed, int num_threads);
+void unpack_bits(const uint8_t *packed, int64_t numel, uint8_t *bools, int num_threads);
+
+int max_threads();
+
+} // namespace gmp::cpu
+
+#ifdef GMP_EXT_WITH_CUDA
+namespace gmp::cuda {
+
+// Number of visible devices, or -1 when the driver is missing or too old (import must work).
+int device_count();
+const char *driver_status();
+
+// Elements per tile of the CUDA kernels' flat grids (TensorEntry::tile_base counts these).
+constexpr int64_t kTileElems = 2048;
+
+// Same contract as gmp::cpu::apply_masks with `table` in device memory, masks padded to
+// kMaskAlignBytes, one launch on `stream`. total_tiles = sum of ceil(numel / kTileElems).
+void apply_masks(const TensorEntry *table, int64_t n, int64_t total_tiles, uintptr_t stream);
+
+} // namespace gmp::cuda
+#endif

@@ -1,0 +1,37 @@
+"""Constants shared with the C++ headers (csrc/common/): dtype codes, key spaces, mask layout."""
+
+from __future__ import annotations
+
+import torch
+
+# csrc/common/dtype.h: DType
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# csrc/common/dtype.h: KeySpace. WIDE64 exists only in the reference backend (float64 weights).
+KEY_SPACE_NATIVE = 0
+KEY_SPACE_WIDE = 1
+KEY_SPACE_WIDE64 = 2
+
+# csrc/common/bitpack.h: kMaskAlignBytes
+MASK_ALIGN_BYTES = 16
+
+# csrc/common/tensor_table.h: TensorEntry and Selection column counts
+TABLE_COLUMNS = 6
+SELECTION_COLUMNS = 4
+
+
+def mask_bytes(numel: int) -> int:
+    """Bytes of a packed mask: ceil(numel / 8)."""
+    return -(-numel // 8)
+
+
+def mask_storage_bytes(numel: int) -> int:
+    """Bytes gmp_ext allocates for a packed mask: mask_bytes padded to MASK_ALIGN_BYTES."""
+    return -(-mask_bytes(numel) // MASK_ALIGN_BYTES) * MASK_ALIGN_BYTES
+
+
+def key_space_for(dtypes: set[torch.dtype]) -> int:
+    """Key space of a global selection: native when one dtype, else the common 32-bit one."""
+    if torch.float64 in dtypes:
+        return KEY_SPACE_WIDE64
+    return KEY_SPACE_NATIVE if len(dtypes) <= 1 else KEY_SPACE_WIDE

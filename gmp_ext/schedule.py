@@ -1,0 +1,530 @@
+"""Gradual magnitude pruning schedules and recipes, free of torch so they can be checked anywhere.
+
+A schedule is a pure function of the (fractional) epoch: the pruning controller converts its
+optimizer step count into epochs and asks when to update and to which target sparsity.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import numbers
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import yaml
+
+__all__ = ["INTERPOLATIONS", "GMPSchedule", "LRSteps", "Recipe", "Stage", "load_recipe"]
+
+Stage = Literal["stabilization", "pruning", "fine_tuning"]
+Interpolation = Callable[[float], float]
+
+# Tolerance, in units of update intervals and relative to the magnitudes involved, so that an
+# epoch computed as step / steps_per_epoch still reaches an update point computed as
+# start + i * frequency when both differ only by rounding.
+_EPS = 1e-9
+
+
+def _linear(x: float) -> float:
+    return x
+
+
+def _cubic(x: float) -> float:
+    return 1.0 - (1.0 - x) ** 3
+
+
+def _inverse_cubic(x: float) -> float:
+    return 1.0 - (1.0 - x) ** (1.0 / 3.0)
+
+
+_BUILTIN: dict[str, Interpolation | None] = {
+    "linear": _linear,
+    "cubic": _cubic,
+    "inverse_cubic": _inverse_cubic,
+    "exponential": None,  # depends on init/final, built in GMPSchedule.__post_init__
+}
+INTERPOLATIONS: tuple[str, ...] = tuple(_BUILTIN)
+_STATE_KEYS = (
+    "init_sparsity",
+    "final_sparsity",
+    "start_epoch",
+    "end_epoch",
+    "update_frequency",
+    "interpolation",
+)
+
+
+def _number(name: str, value: object, requirement: str, ok: Callable[[float], bool]) -> float:
+    """Coerce a user-supplied real number; bool is rejected because True == 1 hides typos."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        if math.isfinite(number) and ok(number):
+            return number
+    raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def _as_epoch(value: object) -> float:
+    """Infinite epochs are allowed: -inf is the natural "before training" for crossed_update."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value):
+        return float(value)
+    raise ValueError(f"epoch must be a real number (not NaN), got {value!r}")
+
+
+def _exponential(init: float, final: float) -> Interpolation:
+    """Density 1 - s decays geometrically; written as init + (final - init) * f(x) so f(0) = 0
+    and f(1) = 1 exactly and all interpolations share one code path."""
+    ratio = (1.0 - final) / (1.0 - init)
+    if ratio == 1.0:
+        return _linear  # init == final: the sparsity is constant whatever f is
+    return lambda x: (1.0 - ratio**x) / (1.0 - ratio)
+
+
+def _check_callable(f: Interpolation) -> None:
+    """Sample the user's f: a non-monotone or unnormalised f would make sparsity go backwards."""
+    values = []
+    for i in range(101):
+        x = i / 100
+        y = f(x)
+        if not isinstance(y, numbers.Real) or isinstance(y, bool) or not math.isfinite(y):
+            raise ValueError(
+                f"interpolation callable must return finite real numbers, got {y!r} at x={x}"
+            )
+        values.append(float(y))
+    if abs(values[0]) > 1e-9 or abs(values[-1] - 1.0) > 1e-9:
+        raise ValueError(
+            f"interpolation callable must satisfy f(0) == 0 and f(1) == 1, "
+            f"got f(0)={values[0]!r}, f(1)={values[-1]!r}"
+        )
+    for i in range(100):
+        if values[i + 1] < values[i] - 1e-12:
+            raise ValueError(
+                f"interpolation callable must be non-decreasing on [0, 1], but "
+                f"f({(i + 1) / 100})={values[i + 1]!r} < f({i / 100})={values[i]!r}"
+            )
+
+
+def _qualified_name(f: Callable[..., Any]) -> str:
+    module = getattr(f, "__module__", None) or type(f).__module__
+    qualname = getattr(f, "__qualname__", None) or type(f).__qualname__
+    return f"{module}.{qualname}"
+
+
+@dataclass(frozen=True)
+class GMPSchedule:
+    """Target sparsity over epochs for gradual magnitude pruning (Zhu & Gupta, 2017).
+
+    Sparsity is 0 before ``start_epoch``, then piecewise constant: at update points
+    ``start_epoch + i * update_frequency`` (plus a last one forced at ``end_epoch``) it jumps to
+    ``init + (final - init) * f(x)`` with ``x`` the fraction of the pruning span elapsed, and it
+    stays ``final_sparsity`` from ``end_epoch`` on. ``interpolation`` is one of
+    :data:`INTERPOLATIONS` or a non-decreasing callable with ``f(0) == 0`` and ``f(1) == 1``.
+    An epoch within 1e-9 update intervals (relative) of an update point counts as reaching it,
+    so ``step / steps_per_epoch`` hits points like ``0.1 * 3`` despite rounding.
+    """
+
+    init_sparsity: float
+    final_sparsity: float
+    start_epoch: float
+    end_epoch: float
+    update_frequency: float = 1.0
+    interpolation: str | Interpolation = "cubic"
+    _f: Interpolation = field(init=False, repr=False, compare=False)
+    _span: float = field(init=False, repr=False, compare=False)  # (end - start) / frequency
+    _regular: int = field(init=False, repr=False, compare=False)  # update points before end
+
+    def __post_init__(self) -> None:
+        unit = "a finite number in [0, 1]"
+        init = _number("init_sparsity", self.init_sparsity, unit, lambda v: 0.0 <= v <= 1.0)
+        final = _number("final_sparsity", self.final_sparsity, unit, lambda v: 0.0 <= v <= 1.0)
+        if final < init:
+            raise ValueError(f"final_sparsity must be >= init_sparsity ({init}), got {final}")
+        start = _number("start_epoch", self.start_epoch, "a finite number >= 0", lambda v: v >= 0)
+        end = _number(
+            "end_epoch",
+            self.end_epoch,
+            f"a finite number > start_epoch ({start})",
+            lambda v: v > start,
+        )
+        freq = _number(
+            "update_frequency", self.update_frequency, "a finite number > 0", lambda v: v > 0
+        )
+        interpolation = self.interpolation
+        if isinstance(interpolation, str):
+            if interpolation not in _BUILTIN:
+                raise ValueError(
+                    f"interpolation must be a callable or one of {', '.join(INTERPOLATIONS)}, "
+                    f"got {interpolation!r}"
+                )
+            if interpolation == "exponential":
+                if final >= 1.0:
+                    raise ValueError(
+                        f"final_sparsity must be < 1 for interpolation 'exponential', got {final}"
+                    )
+                f = _exponential(init, final)
+            else:
+                f = _BUILTIN[interpolation]
+        elif callable(interpolation):
+            _check_callable(interpolation)
+            f = interpolation
+        else:
+            raise ValueError(
+                f"interpolation must be a callable or one of {', '.join(INTERPOLATIONS)}, "
+                f"got {interpolation!r}"
+            )
+        span = (end - start) / freq
+        values = {
+            "init_sparsity": init,
+            "final_sparsity": final,
+            "start_epoch": start,
+            "end_epoch": end,
+            "update_frequency": freq,
+            "_f": f,
+            "_span": span,
+            "_regular": max(1, math.ceil(span - _EPS * max(1.0, span))),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def _index(self, epoch: float) -> int:
+        """Index of the last update point reached at ``epoch``: -1 before the first one,
+        ``self._regular`` (the forced one at ``end_epoch``) from ``end_epoch`` on."""
+        epoch = _as_epoch(epoch)
+        if math.isinf(epoch):
+            return -1 if epoch < 0 else self._regular
+        u = (epoch - self.start_epoch) / self.update_frequency
+        u += _EPS * max(1.0, (abs(epoch) + self.start_epoch) / self.update_frequency)
+        if u < 0:
+            return -1
+        if u >= self._span:
+            return self._regular
+        return min(math.floor(u), self._regular - 1)
+
+    def _point(self, index: int) -> float:
+        if index == self._regular:
+            return self.end_epoch
+        return self.start_epoch + index * self.update_frequency
+
+    def _value(self, index: int) -> float:
+        if index < 0:
+            return 0.0
+        if index == self._regular:
+            return self.final_sparsity
+        x = (self._point(index) - self.start_epoch) / (self.end_epoch - self.start_epoch)
+        x = min(max(x, 0.0), 1.0)
+        value = self.init_sparsity + (self.final_sparsity - self.init_sparsity) * self._f(x)
+        # Guard against rounding (and callables only sampled at 101 points) leaving the range.
+        return min(max(value, self.init_sparsity), self.final_sparsity)
+
+    def sparsity_at(self, epoch: float) -> float:
+        """Target sparsity in effect at ``epoch`` (that of the last update point reached)."""
+        return self._value(self._index(epoch))
+
+    def stage_at(self, epoch: float) -> Stage:
+        """Training stage, so callers can e.g. switch weight decay once pruning has finished."""
+        index = self._index(epoch)
+        if index < 0:
+            return "stabilization"
+        return "fine_tuning" if index == self._regular else "pruning"
+
+    def update_points(self) -> list[float]:
+        """Epochs at which the target sparsity changes, from ``start_epoch`` to ``end_epoch``."""
+        return [self._point(i) for i in range(self._regular + 1)]
+
+    def next_update(self, epoch: float) -> float | None:
+        """First update point after ``epoch``, or None once ``end_epoch`` has been reached."""
+        index = self._index(epoch) + 1
+        return self._point(index) if index <= self._regular else None
+
+    def crossed_update(self, prev_epoch: float, epoch: float) -> bool:
+        """Whether an update point t with ``prev_epoch < t <= epoch`` exists.
+
+        A controller calls this once per optimizer step with the epochs before and after the
+        step; pass ``prev_epoch=-math.inf`` on the first call so an update at epoch 0 counts.
+        """
+        return self._index(epoch) > self._index(prev_epoch)
+
+    # -- (de)serialisation --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain builtins only, so the state survives ``torch.load(weights_only=True)``.
+
+        A callable interpolation is stored by qualified name only; pass it again to
+        :meth:`from_state_dict`.
+        """
+        interpolation = self.interpolation
+        return {
+            "init_sparsity": self.init_sparsity,
+            "final_sparsity": self.final_sparsity,
+            "start_epoch": self.start_epoch,
+            "end_epoch": self.end_epoch,
+            "update_frequency": self.update_frequency,
+            "interpolation": (
+                interpolation if isinstance(interpolation, str) else _qualified_name(interpolation)
+            ),
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls, state: Mapping[str, Any], interpolation: Interpolation | None = None
+    ) -> GMPSchedule:
+        """Inverse of :meth:`state_dict`; ``interpolation`` re-supplies a callable one."""
+        _check_keys(state, _STATE_KEYS, "schedule state")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"schedule state: missing key(s) {', '.join(missing)}")
+        saved = state["interpolation"]
+        if not isinstance(saved, str):
+            raise ValueError(f"schedule state: interpolation must be a string, got {saved!r}")
+        if saved in _BUILTIN:
+            if interpolation is not None:
+                raise ValueError(
+                    f"schedule state uses the built-in interpolation {saved!r}; "
+                    "do not pass interpolation"
+                )
+            resolved: str | Interpolation = saved
+        elif interpolation is None:
+            raise ValueError(
+                f"schedule state was saved with the callable interpolation {saved!r}, which "
+                "cannot be serialised; pass it again: "
+                "GMPSchedule.from_state_dict(state, interpolation=...)"
+            )
+        elif not callable(interpolation):
+            raise ValueError(f"interpolation must be callable, got {interpolation!r}")
+        else:
+            resolved = interpolation
+        return cls(
+            state["init_sparsity"],
+            state["final_sparsity"],
+            state["start_epoch"],
+            state["end_epoch"],
+            state["update_frequency"],
+            resolved,
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GMPSchedule:
+        """Schedule of a recipe mapping (SparseML field names); see :func:`load_recipe`."""
+        return _parse_recipe(data).schedule
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> GMPSchedule:
+        """Schedule of a YAML recipe file; see :func:`load_recipe`."""
+        return load_recipe(path).schedule
+
+
+@dataclass(frozen=True)
+class LRSteps:
+    """Step learning-rate decay in epochs (``MultiStepLR`` semantics), as recipes describe it."""
+
+    lr: float
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        lr = _number("lr", self.lr, "a finite number > 0", lambda v: v > 0)
+        gamma = _number("gamma", self.gamma, "a finite number > 0", lambda v: v > 0)
+        if isinstance(self.milestones, (str, bytes)) or not hasattr(self.milestones, "__iter__"):
+            raise ValueError(f"milestones must be a list of epochs, got {self.milestones!r}")
+        milestones = tuple(
+            sorted(
+                _number("milestones", m, "a list of finite numbers >= 0", lambda v: v >= 0)
+                for m in self.milestones
+            )
+        )
+        object.__setattr__(self, "lr", lr)
+        object.__setattr__(self, "gamma", gamma)
+        object.__setattr__(self, "milestones", milestones)
+
+    def lr_at(self, epoch: float) -> float:
+        """``lr * gamma ** (number of milestones <= epoch)``."""
+        return self.lr * self.gamma ** bisect.bisect_right(self.milestones, _as_epoch(epoch))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a GMP training run reads from a recipe besides the model itself."""
+
+    schedule: GMPSchedule
+    params: tuple[str, ...] | None = None
+    global_sparsity: bool = False
+    lr: LRSteps | None = None
+    total_epochs: float | None = None
+    fine_tune_weight_decay: float | None = None
+
+
+_SCHEDULE_KEYS = (
+    "init_sparsity",
+    "final_sparsity",
+    "start_epoch",
+    "end_epoch",
+    "update_frequency",
+    "inter_func",
+)
+_REQUIRED_KEYS = _SCHEDULE_KEYS[:4]
+_PRUNING_KEYS = ("params", "global_sparsity")
+_RECIPE_KEYS = ("lr", "total_epochs", "num_epochs", "fine_tune_weight_decay")
+_MODIFIER = "GMPruningModifier"
+
+
+def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    """Read SparseML's ``!GMPruningModifier {...}`` as ``{"GMPruningModifier": {...}}``."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"tag !{suffix} must be applied to a mapping", node.start_mark
+        )
+    return {suffix: loader.construct_mapping(node, deep=True)}
+
+
+def _read_yaml(path: Path) -> object:
+    try:
+        import yaml
+    except ImportError as exc:
+        raise ImportError("reading YAML recipes needs PyYAML: pip install 'gmp_ext[yaml]'") from exc
+
+    class RecipeLoader(yaml.SafeLoader):
+        pass
+
+    RecipeLoader.add_multi_constructor("!", _construct_tagged)
+    with path.open(encoding="utf-8") as stream:
+        try:
+            return yaml.load(stream, Loader=RecipeLoader)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: invalid YAML: {exc}") from exc
+
+
+def _check_keys(mapping: Mapping[Any, Any], allowed: tuple[str, ...], where: str) -> None:
+    unknown = [key for key in mapping if key not in allowed]
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+
+
+def _gmp_modifier(modifiers: object) -> Mapping[str, Any]:
+    if not isinstance(modifiers, list):
+        raise ValueError(f"modifiers must be a list, got {type(modifiers).__name__}")
+    found = []
+    for entry in modifiers:
+        if not (isinstance(entry, Mapping) and len(entry) == 1):
+            raise ValueError(
+                f"each modifier must be a tagged mapping like !{_MODIFIER} {{...}}, got {entry!r}"
+            )
+        ((name, body),) = entry.items()
+        if name != _MODIFIER:
+            raise ValueError(f"unsupported modifier {name!r}; only {_MODIFIER} is supported")
+        if not isinstance(body, Mapping):
+            raise ValueError(f"{_MODIFIER} must be a mapping, got {body!r}")
+        _check_keys(body, _SCHEDULE_KEYS + _PRUNING_KEYS, _MODIFIER)
+        found.append(body)
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one {_MODIFIER}, found {len(found)}")
+    return found[0]
+
+
+def _schedule(data: Mapping[str, Any]) -> GMPSchedule:
+    missing = [key for key in _REQUIRED_KEYS if key not in data]
+    if missing:
+        raise ValueError(f"missing required key(s) {', '.join(missing)}")
+    inter_func = data.get("inter_func", "cubic")
+    if inter_func not in INTERPOLATIONS:
+        raise ValueError(
+            f"inter_func must be one of {', '.join(INTERPOLATIONS)}, got {inter_func!r}"
+        )
+    return GMPSchedule(
+        data["init_sparsity"],
+        data["final_sparsity"],
+        data["start_epoch"],
+        data["end_epoch"],
+        data.get("update_frequency", 1.0),
+        inter_func,
+    )
+
+
+def _params(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise ValueError(f"params must be a string or a non-empty list of strings, got {value!r}")
+
+
+def _lr_steps(value: object) -> LRSteps | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"lr must be a mapping like {{lr: 0.1, milestones: [30], gamma: 0.1}}, got {value!r}"
+        )
+    _check_keys(value, ("lr", "milestones", "gamma"), "lr")
+    if "lr" not in value:
+        raise ValueError("lr: missing required key lr")
+    return LRSteps(value["lr"], value.get("milestones", ()), value.get("gamma", 0.1))
+
+
+def _parse_recipe(data: object) -> Recipe:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"recipe must be a mapping, got {type(data).__name__}")
+    if "modifiers" in data:
+        _check_keys(data, ("modifiers", *_RECIPE_KEYS), "recipe")
+        pruning = _gmp_modifier(data["modifiers"])
+    else:
+        _check_keys(data, _SCHEDULE_KEYS + _PRUNING_KEYS + _RECIPE_KEYS, "recipe")
+        pruning = data
+    schedule = _schedule(pruning)
+
+    if "total_epochs" in data and "num_epochs" in data:
+        raise ValueError("give total_epochs or num_epochs, not both")
+    total_epochs = data.get("total_epochs", data.get("num_epochs"))
+    if total_epochs is not None:
+        name = "total_epochs" if "total_epochs" in data else "num_epochs"
+        total_epochs = _number(
+            name,
+            total_epochs,
+            f"a finite number >= end_epoch ({schedule.end_epoch})",
+            lambda v: v >= schedule.end_epoch,
+        )
+    decay = data.get("fine_tune_weight_decay")
+    if decay is not None:
+        decay = _number("fine_tune_weight_decay", decay, "a finite number >= 0", lambda v: v >= 0)
+    global_sparsity = pruning.get("global_sparsity", False)
+    if not isinstance(global_sparsity, bool):
+        raise ValueError(f"global_sparsity must be true or false, got {global_sparsity!r}")
+    return Recipe(
+        schedule=schedule,
+        params=_params(pruning.get("params")),
+        global_sparsity=global_sparsity,
+        lr=_lr_steps(data.get("lr")),
+        total_epochs=total_epochs,
+        fine_tune_weight_decay=decay,
+    )
+
+
+def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> Recipe:
+    """Read a GMP recipe from a YAML file or an already-parsed mapping.
+
+    Field names follow SparseML's ``GMPruningModifier`` (``init_sparsity``, ``final_sparsity``,
+    ``start_epoch``, ``end_epoch``, ``update_frequency``, ``inter_func``, ``params``,
+    ``global_sparsity``), either at the top level or inside a ``modifiers:`` list holding one
+    ``!GMPruningModifier`` entry. Recipe-level keys: ``lr`` (``{lr, milestones, gamma}``),
+    ``total_epochs`` (alias ``num_epochs``) and ``fine_tune_weight_decay``. Unknown keys are
+    errors rather than ignored, since a misspelt key would otherwise silently change a run.
+    """
+    if isinstance(source, Mapping):
+        return _parse_recipe(source)
+    path = Path(source)
+    data = _read_yaml(path)
+    try:
+        return _parse_recipe(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
