@@ -1,1 +1,41 @@
+"""gmp_ext: fast, exact gradual magnitude pruning (GMP) for PyTorch.
 
+Quick start::
+
+    import gmp_ext
+    gmp_ext.prune_step(model, 0.9)          # exactly round(0.9 * n) zeros per layer
+    gmp_ext.attach(model, optimizer)        # keep them zero after every optimizer.step()
+    print(gmp_ext.sparsity_report(model))
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (loaded before gmp_ext._C so both share torch's OpenMP runtime)
+
+from . import ops
+from ._version import __version__
+from .pruner import (
+    SparsityReport,
+    apply_masks,
+    attach,
+    masks,
+    prune_step,
+    remove,
+    select_parameters,
+    sparsity_report,
+)
+from .schedule import GMPSchedule
+
+__all__ = [
+    "GMPSchedule",
+    "SparsityReport",
+    "__version__",
+    "apply_masks",
+    "attach",
+    "masks",
+    "ops",
+    "prune_step",
+    "remove",
+    "select_parameters",
+    "sparsity_report",
+]

@@ -114,55 +114,60 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plugin(name: str) -> Command | None:
+def _plugin(name: str) -> Command | str | None:
+    """The plugin's command, None if it is not installed, or why it fails to import."""
     module_name = f"gmp_ext.{name}"
     try:
         if importlib.util.find_spec(module_name) is None:
             return None
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        # Still listed, so that running it says why; a broken optional dependency must not take
-        # down the other commands (``info`` exists to diagnose exactly that).
-        message = f"{name} is unavailable: {exc}"
-
-        def unavailable(args: argparse.Namespace) -> int:
-            raise ImportError(message)
-
-        def swallow(parser: argparse.ArgumentParser) -> None:
-            parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-
-        return (f"(unavailable: {exc})", swallow, unavailable)
+        return str(exc)
     summary = (module.__doc__ or name).strip().splitlines()[0]
     return (summary, module.add_arguments, module.run)
 
 
-def _commands() -> dict[str, Command]:
-    commands: dict[str, Command] = {
-        "info": ("print version, build and device information", lambda parser: None, _info),
-        "plot": ("plot a recipe's sparsity and learning-rate schedule", _add_plot_arguments, _plot),
-    }
-    for name in _PLUGINS:
-        plugin = _plugin(name)
-        if plugin is not None:
-            commands[name] = plugin
-    return commands
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser, and the plugins that are installed but fail to import, with the reason.
 
-
-def _parser() -> argparse.ArgumentParser:
+    Those are still listed, so that running one says why; they must not take the other commands
+    down (``info`` exists to diagnose exactly such a broken install).
+    """
     parser = argparse.ArgumentParser(
         prog=PROG, description="Gradual magnitude pruning for PyTorch."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (summary, add_arguments, run) in _commands().items():
+    commands: dict[str, Command] = {
+        "info": ("print version, build and device information", lambda parser: None, _info),
+        "plot": ("plot a recipe's sparsity and learning-rate schedule", _add_plot_arguments, _plot),
+    }
+    unavailable = {}
+    for name in _PLUGINS:
+        plugin = _plugin(name)
+        if isinstance(plugin, str):
+            unavailable[name] = plugin
+            subparsers.add_parser(name, help=f"(unavailable: {plugin})")
+        elif plugin is not None:
+            commands[name] = plugin
+    for name, (summary, add_arguments, run) in commands.items():
         subparser = subparsers.add_parser(name, help=summary, description=summary)
         add_arguments(subparser)
         subparser.set_defaults(_handler=run)
-    return parser
+    return parser, unavailable
+
+
+def _error(message: str) -> int:
+    message = " ".join(message.split())
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gmp-ext``; returns the exit status instead of exiting, for testing."""
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, unavailable = _parser()
+    if argv and argv[0] in unavailable:  # before parsing: its options are unknown
+        return _error(f"{argv[0]} is unavailable: {unavailable[argv[0]]}")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits for --help (0) and usage errors (2)
@@ -173,9 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args._handler(args)
     except (OSError, ValueError, ImportError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
+        return _error(str(exc) or type(exc).__name__)
 
 
 if __name__ == "__main__":

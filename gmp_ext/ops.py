@@ -128,18 +128,22 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().contiguous()
 
 
-def _backend_of(tensors: Sequence[torch.Tensor]):
-    """The device's backend; float64 groups always run on the reference."""
-    if any(t.dtype == torch.float64 for t in tensors):
+def _backend_of(tensors: Sequence[torch.Tensor], reference: bool = False):
+    """The device's backend; float64 work always runs on the reference."""
+    if reference or any(t.dtype == torch.float64 for t in tensors):
         return REFERENCE
     return backend_for(tensors[0].device)
 
 
-def _groups(tensors: Sequence[torch.Tensor]) -> dict[tuple[str, bool], list[int]]:
-    """Indices grouped by (device, float64): one backend call per group."""
+def _groups(
+    tensors: Sequence[torch.Tensor], reference: Sequence[bool] | None = None
+) -> dict[tuple[str, bool], list[int]]:
+    """Indices grouped by device and by whether they must run on the reference backend
+    (float64, or selected in the float64 key space): one backend call per group."""
     groups: dict[tuple[str, bool], list[int]] = {}
     for i, tensor in enumerate(tensors):
-        groups.setdefault((str(tensor.device), tensor.dtype == torch.float64), []).append(i)
+        on_reference = tensor.dtype == torch.float64 or bool(reference and reference[i])
+        groups.setdefault((str(tensor.device), on_reference), []).append(i)
     return groups
 
 
@@ -176,6 +180,11 @@ def _check_one_device(tensors: Sequence[torch.Tensor]) -> None:
         raise ValueError(
             f"global selection needs all tensors on one device, got {', '.join(devices)}"
         )
+
+
+def _wide64(tensors: Sequence[torch.Tensor]) -> list[bool]:
+    """Rows of a global selection that lives in the float64 key space."""
+    return [key_space_for({t.dtype for t in tensors}) == KEY_SPACE_WIDE64] * len(tensors)
 
 
 def _select_rows_global(
@@ -252,7 +261,7 @@ def select_global(
     if not tensors:
         return []
     rows = _select_rows_global(tensors, labels, k)
-    masks = _build(tensors, rows)
+    masks = _build(tensors, rows, _wide64(tensors))
     counts = [t.numel() - _popcount(m, t.numel()) for t, m in zip(tensors, masks)]
     return _thresholds(rows, tensors, counts)
 
@@ -274,13 +283,15 @@ def _new_mask(tensor: torch.Tensor) -> torch.Tensor:
 def _build(
     tensors: Sequence[torch.Tensor],
     rows: Sequence[torch.Tensor],
-    masks: Sequence[torch.Tensor] | None = None,
+    wide64: Sequence[bool] | None = None,
 ) -> list[torch.Tensor]:
-    masks = list(masks) if masks is not None else [_new_mask(t) for t in tensors]
-    for indices in _groups(tensors).values():
+    """Packed masks from selection rows; ``wide64`` marks rows in the float64 key space (known
+    on the host, so no device sync is needed to route them to the reference)."""
+    masks = [_new_mask(t) for t in tensors]
+    for (_, on_reference), indices in _groups(tensors, wide64).items():
         group = [_flat(tensors[i]) for i in indices]
         selection = torch.stack([rows[i] for i in indices])
-        _backend_of(group).build_masks(group, selection, [masks[i] for i in indices])
+        _backend_of(group, on_reference).build_masks(group, selection, [masks[i] for i in indices])
     return masks
 
 
@@ -303,7 +314,7 @@ def build_masks(
         rows.append(
             torch.tensor([th.key, th.index, th.key_space, 0], dtype=torch.int64, device=tensor.device)
         )
-    return _build(tensors, rows)
+    return _build(tensors, rows, [th.key_space == KEY_SPACE_WIDE64 for th in thresholds])
 
 
 def magnitude_masks(
@@ -320,6 +331,7 @@ def magnitude_masks(
     elif scope == "global":
         k = prune_count(sum(t.numel() for t in tensors), check_sparsity(sparsity))
         rows = _select_rows_global(tensors, labels, k) if tensors else []
+        return _build(tensors, rows, _wide64(tensors))
     else:
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     return _build(tensors, rows)

@@ -208,7 +208,13 @@ def plot_sparsity_history(
         points = [
             (r["step"], r["layers"][name]["achieved"]) for r in records if name in r["layers"]
         ]
-        ax.plot(*zip(*points), marker=".", linewidth=1, label=name if few else None)
+        ax.plot(
+            *zip(*points),
+            drawstyle="steps-post",
+            marker=".",
+            linewidth=1,
+            label=name if few else None,
+        )
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("achieved sparsity")

@@ -289,6 +289,14 @@ def test_state_dict_round_trip() -> None:
         GMPSchedule.from_state_dict(state, interpolation=lambda x: x)
 
 
+def test_state_dict_survives_torch_weights_only_load(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    schedule = _schedule(update_frequency=0.25)
+    torch.save({"schedule": schedule.state_dict()}, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert GMPSchedule.from_state_dict(loaded["schedule"]) == schedule
+
+
 def _square(x: float) -> float:
     return x * x
 

@@ -1,0 +1,99 @@
+"""The mask store: packed masks of a model's pruned parameters, kept beside the model.
+
+Masks live in a weak mapping keyed by the model, never as module buffers or parameters, so
+``model.state_dict()`` keys never change and a pruned model loads into a plain one.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from ._backend import backend_for
+
+__all__ = ["MaskEntry", "MaskStore", "get_store"]
+
+
+@dataclass
+class MaskEntry:
+    """One pruned parameter: the tensor, its packed keep-mask, and the last selection."""
+
+    param: nn.Parameter
+    mask: torch.Tensor  # uint8, ops mask storage layout
+    target: float = 0.0  # the sparsity asked for at the last update
+    threshold: float = 0.0  # |w| of the last pruned element at the last update
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    def kept(self) -> int:
+        return ops._popcount(self.mask, self.numel)
+
+    def sparsity(self) -> float:
+        """Fraction of the parameter's elements the mask prunes."""
+        return 1.0 - self.kept() / self.numel if self.numel else 0.0
+
+
+@dataclass
+class MaskStore:
+    entries: dict[str, MaskEntry] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    _plans: dict = field(default_factory=dict)  # device -> (pointer key, backend, plan)
+
+    def set_masks(self, entries: dict[str, MaskEntry]) -> None:
+        self.entries.update(entries)
+        self._plans.clear()
+
+    def apply(self) -> None:
+        """Re-zero every pruned weight: one fused native call per device.
+
+        The table of pointers is cached per device and rebuilt only when a parameter's storage
+        moved (``.to()``, ``load_state_dict`` with ``assign=True``, FSDP resharding).
+        """
+        with torch.no_grad():
+            by_device: dict[torch.device, list[MaskEntry]] = {}
+            for entry in self.entries.values():
+                by_device.setdefault(entry.param.device, []).append(entry)
+            for device, entries in by_device.items():
+                self._apply_device(device, entries)
+
+    def _apply_device(self, device: torch.device, entries: list[MaskEntry]) -> None:
+        params = [e.param.detach() for e in entries]
+        masks = [e.mask if e.mask.device == device else e.mask.to(device) for e in entries]
+        fast = all(p.is_contiguous() and p.dtype != torch.float64 for p in params)
+        if not fast:
+            ops.apply_in_place(params, masks)
+            return
+        key = tuple(p.data_ptr() for p in params) + tuple(m.data_ptr() for m in masks)
+        cached = self._plans.get(device)
+        if cached is None or cached[0] != key:
+            backend = backend_for(device)
+            cached = (key, backend, backend.apply_plan(params, masks))
+            self._plans[device] = cached
+        _, backend, plan = cached
+        backend.run_apply(plan)
+
+    def remove_hooks(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+
+
+_STORES: weakref.WeakKeyDictionary[nn.Module, MaskStore] = weakref.WeakKeyDictionary()
+
+
+def get_store(model: nn.Module, create: bool = False) -> MaskStore | None:
+    """The model's mask store (created on demand when ``create``)."""
+    store = _STORES.get(model)
+    if store is None and create:
+        store = _STORES[model] = MaskStore()
+    return store
+
+
+def drop_store(model: nn.Module) -> MaskStore | None:
+    return _STORES.pop(model, None)

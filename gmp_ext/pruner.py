@@ -1,0 +1,293 @@
+"""Model-level API: choose parameters, prune them, keep them pruned through training."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from . import ops
+from .masks import MaskEntry, drop_store, get_store
+
+__all__ = [
+    "DEFAULT_PRUNABLE",
+    "SparsityReport",
+    "apply_masks",
+    "attach",
+    "masks",
+    "prune_step",
+    "remove",
+    "select_parameters",
+    "sparsity_report",
+]
+
+# Weight matrices and kernels; never biases, norms or embeddings.
+DEFAULT_PRUNABLE: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+ParamSpec = Union[
+    None,
+    Sequence[str],
+    Sequence[tuple[nn.Module, str]],
+    Callable[[str, nn.Parameter], bool],
+]
+SparsitySpec = Union[float, Mapping[str, float]]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return pattern == name or re.fullmatch(pattern, name) is not None
+
+
+def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
+def _default_selection(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    chosen = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(module, DEFAULT_PRUNABLE) and isinstance(weight, nn.Parameter):
+            chosen.append((f"{module_name}.weight" if module_name else "weight", weight))
+    return chosen
+
+
+def _from_spec(model: nn.Module, params: ParamSpec) -> list[tuple[str, nn.Parameter]]:
+    named = _named_params(model)
+    if params is None:
+        return _default_selection(model)
+    if callable(params):
+        return [(n, p) for n, p in named.items() if params(n, p)]
+    if isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
+        raise TypeError(
+            "params must be None, a list of parameter names, a list of (module, name) pairs "
+            f"or a predicate (name, param) -> bool, got {params!r}"
+        )
+    module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    chosen = []
+    for item in params:
+        if isinstance(item, str):
+            if item not in named:
+                raise ValueError(f"params entry {item!r} names no parameter of the model")
+            chosen.append((item, named[item]))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], nn.Module):
+            module, attr = item
+            if id(module) not in module_names:
+                raise ValueError(f"params entry ({type(module).__name__}, {attr!r}): the module is not part of the model")
+            param = getattr(module, attr, None)
+            if not isinstance(param, nn.Parameter):
+                raise ValueError(f"params entry ({type(module).__name__}, {attr!r}) names no parameter")
+            prefix = module_names[id(module)]
+            chosen.append((f"{prefix}.{attr}" if prefix else attr, param))
+        else:
+            raise TypeError(f"params entries must be names or (module, name) pairs, got {item!r}")
+    return chosen
+
+
+def select_parameters(
+    model: nn.Module, params: ParamSpec = None, exclude: Sequence[str] | str | None = None
+) -> dict[str, nn.Parameter]:
+    """The parameters gmp_ext prunes, by name, each tensor once (tied weights: first name)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    chosen = _from_spec(model, params)
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    for pattern in patterns:
+        if not any(_matches(pattern, name) for name, _ in chosen):
+            warnings.warn(f"exclude entry {pattern!r} matches no selected parameter", stacklevel=3)
+    selected: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name, param in chosen:
+        if any(_matches(p, name) for p in patterns) or id(param) in seen:
+            continue
+        seen.add(id(param))
+        selected[name] = param
+    if not selected:
+        raise ValueError(
+            "no prunable parameter selected: the model has no nn.Linear/nn.Conv*/"
+            "nn.ConvTranspose* weight left after `exclude`; pass `params=` to choose some"
+        )
+    for name, param in selected.items():
+        ops._check_tensor(param, f"parameter '{name}'")
+        if not param.is_floating_point():
+            raise TypeError(f"parameter '{name}' is not floating point ({param.dtype})")
+    return selected
+
+
+def _targets(
+    model: nn.Module, sparsity: SparsitySpec, params: ParamSpec, exclude, scope: str
+) -> tuple[dict[str, nn.Parameter], dict[str, float]]:
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if not isinstance(sparsity, Mapping):
+        value = ops.check_sparsity(sparsity)
+        selected = select_parameters(model, params, exclude)
+        return selected, dict.fromkeys(selected, value)
+    if scope == "global":
+        raise ValueError("a per-parameter sparsity dict needs scope='layer'")
+    targets = {name: ops.check_sparsity(v, f"sparsity[{name!r}]") for name, v in sparsity.items()}
+    if params is None and exclude is None:
+        named = _named_params(model)
+        unknown = [name for name in targets if name not in named]
+        if unknown:
+            raise ValueError(f"sparsity names no parameter of the model: {unknown}")
+        selected = select_parameters(model, list(targets))
+    else:
+        selected = select_parameters(model, params, exclude)
+    missing = sorted(set(selected) - set(targets))
+    extra = sorted(set(targets) - set(selected))
+    if missing or extra:
+        raise ValueError(
+            "the sparsity dict must name exactly the selected parameters: "
+            f"missing {missing}, not selected {extra}"
+        )
+    return selected, {name: targets[name] for name in selected}
+
+
+def prune_step(
+    model: nn.Module,
+    sparsity: SparsitySpec,
+    *,
+    scope: str = "layer",
+    params: ParamSpec = None,
+    exclude: Sequence[str] | str | None = None,
+) -> dict[str, float]:
+    """Compute fresh masks from the current weights and zero the pruned weights in place.
+
+    ``scope="layer"`` prunes ``round(sparsity * numel)`` of every selected tensor;
+    ``scope="global"`` prunes ``round(sparsity * total)`` of all of them with one threshold.
+    ``sparsity`` may be a dict {parameter name: sparsity} (layer scope). Default selection:
+    the weight of every Linear, Conv and ConvTranspose module. Returns {name: sparsity of the
+    new mask}. On any error nothing is modified.
+    """
+    selected, targets = _targets(model, sparsity, params, exclude, scope)
+    names = list(selected)
+    tensors = [selected[n] for n in names]
+    labels = [f"parameter '{n}'" for n in names]
+    if scope == "layer":
+        ks = [ops.prune_count(t.numel(), targets[n]) for n, t in zip(names, tensors)]
+        rows = ops._select_rows_layerwise(tensors, labels, ks)
+    else:
+        total = sum(t.numel() for t in tensors)
+        rows = ops._select_rows_global(tensors, labels, ops.prune_count(total, targets[names[0]]))
+    new_masks = ops._build(tensors, rows, ops._wide64(tensors) if scope == "global" else None)
+    thresholds = ops._thresholds(rows, tensors, [1] * len(tensors))
+    entries = {
+        name: MaskEntry(param, mask, targets[name], th.value)
+        for name, param, mask, th in zip(names, tensors, new_masks, thresholds)
+    }
+    store = get_store(model, create=True)
+    store.set_masks(entries)
+    store.apply()
+    return {name: entry.sparsity() for name, entry in entries.items()}
+
+
+def masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: bool tensor of the weight's shape, True = kept} for every masked parameter."""
+    store = get_store(model)
+    if store is None:
+        return {}
+    return {
+        name: ops.unpack_mask(entry.mask, entry.param.shape)
+        for name, entry in store.entries.items()
+    }
+
+
+def apply_masks(model: nn.Module) -> None:
+    """Re-zero every pruned weight of the model (a no-op before the first prune_step)."""
+    store = get_store(model)
+    if store is not None:
+        store.apply()
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+    """Re-apply the model's masks after every ``optimizer.step()`` (a step post-hook).
+
+    Returns the hook's handle; ``remove(model)`` also removes it.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    store = get_store(model, create=True)
+    handle = optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: store.apply())
+    store.hooks.append(handle)
+    return handle
+
+
+def remove(model: nn.Module) -> None:
+    """Drop the model's masks and hooks; the weights stay as they are."""
+    store = drop_store(model)
+    if store is not None:
+        store.remove_hooks()
+
+
+@dataclass(frozen=True)
+class SparsityRow:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Zeros per parameter (counted in the weights, not taken from masks) and in total."""
+
+    rows: tuple[SparsityRow, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel for r in self.rows)
+
+    @property
+    def zeros(self) -> int:
+        return sum(r.zeros for r in self.rows)
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {r.name: r.sparsity for r in self.rows}
+
+    def __str__(self) -> str:
+        header = ("name", "shape", "numel", "zeros", "sparsity")
+        lines = [
+            (r.name, "x".join(map(str, r.shape)), str(r.numel), str(r.zeros), f"{r.sparsity:.4f}")
+            for r in self.rows
+        ]
+        lines.append(("total", "", str(self.numel), str(self.zeros), f"{self.sparsity:.4f}"))
+        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(5)]
+        fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+        return "\n".join(fmt.format(*row) for row in [header, *lines])
+
+
+def sparsity_report(
+    model: nn.Module, params: ParamSpec = None, exclude: Sequence[str] | str | None = None
+) -> SparsityReport:
+    """Per-parameter zeros of the masked parameters (or of the default selection)."""
+    store = get_store(model)
+    if store is not None and store.entries and params is None and exclude is None:
+        chosen = {name: e.param for name, e in store.entries.items()}
+    else:
+        chosen = select_parameters(model, params, exclude)
+    rows = tuple(
+        SparsityRow(name, tuple(p.shape), p.numel(), int((p.detach() == 0).sum()))
+        for name, p in chosen.items()
+    )
+    return SparsityReport(rows)

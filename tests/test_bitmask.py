@@ -1,0 +1,63 @@
+"""Packed masks: layout equals numpy.packbits(bitorder="little"); native == reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gmp_ext import _reference, ops
+from gmp_ext._layout import MASK_ALIGN_BYTES, mask_bytes, mask_storage_bytes
+
+from .utils import SIZES, assert_same
+
+
+@pytest.mark.parametrize("numel", SIZES)
+def test_pack_matches_numpy_packbits(device, numel):
+    flags = torch.rand(numel, device=device) < 0.3
+    packed = ops.pack_mask(flags)
+    want = np.packbits(flags.cpu().numpy(), bitorder="little")
+    assert packed.numel() == mask_storage_bytes(numel)
+    assert packed.numel() - mask_bytes(numel) < MASK_ALIGN_BYTES
+    assert np.array_equal(packed[: mask_bytes(numel)].cpu().numpy(), want)
+    assert not packed[mask_bytes(numel) :].any(), "padding must be zero"
+    assert torch.equal(ops.unpack_mask(packed, flags.shape), flags)
+
+
+@pytest.mark.parametrize("numel", SIZES)
+def test_native_pack_unpack_equal_reference(native, device, numel):
+    flags = torch.rand(numel, device=device) < 0.5
+    assert_same(native.pack_bits(flags), _reference.pack_bits(flags))
+    packed = _reference.pack_bits(flags)
+    assert_same(native.unpack_bits(packed, numel), _reference.unpack_bits(packed, numel))
+
+
+def test_unpack_accepts_exact_numpy_buffer():
+    flags = torch.rand(3, 5, 7) < 0.5
+    raw = torch.from_numpy(np.packbits(flags.numpy().reshape(-1), bitorder="little"))
+    assert torch.equal(ops.unpack_mask(raw, flags.shape), flags)
+
+
+def test_mask_bytes_per_weight():
+    # ceil(n / 8) bytes plus at most 15 bytes of padding: 1 bit per weight.
+    for numel in (1, 8, 9, 1000, 10**6 + 1):
+        assert mask_bytes(numel) == -(-numel // 8)
+        assert mask_bytes(numel) <= mask_storage_bytes(numel) < mask_bytes(numel) + 16
+
+
+def test_build_masks_from_thresholds(device):
+    t = torch.tensor([3.0, -1.0, 2.0, -2.0, 0.0, 1.0], device=device)
+    th = ops.select(t, 0.5)
+    (mask,) = ops.build_masks([t], [th])
+    assert ops.unpack_mask(mask, t.shape).tolist() == [True, False, True, True, False, False]
+
+
+def test_pack_unpack_bad_input():
+    with pytest.raises(TypeError, match="bool tensor"):
+        ops.pack_mask(torch.ones(3))
+    with pytest.raises(ValueError, match="needs 2"):
+        ops.unpack_mask(torch.zeros(1, dtype=torch.uint8), (3, 3))
+    with pytest.raises(TypeError, match="uint8"):
+        ops.unpack_mask(torch.zeros(2), (3,))
+    with pytest.raises(ValueError, match="outside tensor"):
+        ops.build_masks([torch.ones(3)], [ops.Threshold(1, 1.0, 0, 5, 0)])

@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gmp_ext.cli import main
+
+EXAMPLE_RECIPE = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "gmp_resnet.yaml"
+RECIPE = """\
+modifiers:
+  - !GMPruningModifier
+    init_sparsity: 0.05
+    final_sparsity: 0.90
+    start_epoch: 1
+    end_epoch: 35
+    update_frequency: 1
+    inter_func: cubic
+"""
+
+
+def _assert_one_line_error(stderr: str, *fragments: str) -> None:
+    assert stderr.startswith("gmp-ext: error: ")
+    assert stderr.count("\n") == 1
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in stderr
+
+
+@pytest.fixture
+def no_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pin the optional demo command as absent, whatever the checkout contains."""
+    monkeypatch.setitem(sys.modules, "gmp_ext.demo", None)
+
+
+@pytest.mark.usefixtures("no_demo")
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: gmp-ext")
+    assert "info" in out
+    assert "plot" in out
+    assert "demo" not in out
+
+
+@pytest.mark.usefixtures("no_demo")
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: gmp-ext" in capsys.readouterr().err
+
+
+def test_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert "gmp-ext: error: argument COMMAND: invalid choice" in err
+    assert "frobnicate" in err
+
+
+def test_info_calls_print_info(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    info = types.ModuleType("gmp_ext.info")
+    info.print_info = lambda: print("gmp_ext 0.1.0 (fake)")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gmp_ext.info", info)
+    assert main(["info"]) == 0
+    assert capsys.readouterr().out == "gmp_ext 0.1.0 (fake)\n"
+
+
+def test_info_import_failure_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "gmp_ext.info", None)
+    assert main(["info"]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "gmp_ext.info")
+
+
+def test_plot_writes_png_and_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    (tmp_path / "recipe.yaml").write_text(RECIPE, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", "recipe.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "recipe_schedule.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert out.endswith("wrote recipe_schedule.png\n")
+    assert "cubic interpolation, sparsity 0.05 -> 0.9" in out
+    # no total_epochs in the recipe: end_epoch + 10% is shown
+    assert "stabilization [0, 1), pruning [1, 35), fine-tuning [35, 38.5)" in out
+    assert "target sparsity at the 35 update points" in out
+    assert "      18: 0.7938" in out
+    assert "      35: 0.9000" in out
+    assert "learning rate" not in out
+
+
+def test_plot_example_recipe_with_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    out_path = tmp_path / "figs" / "resnet.png"
+    argv = ["plot", str(EXAMPLE_RECIPE), "--out", str(out_path), "--steps-per-epoch", "7"]
+    assert main([*argv, "--total-epochs", "60"]) == 0
+    out = capsys.readouterr().out
+    assert out_path.read_bytes().startswith(b"\x89PNG")
+    assert "fine-tuning [35, 60)" in out
+    assert "learning rate: 0.01, x0.1 at epochs: 43, 50" in out
+    assert out.endswith(f"wrote {out_path}\n")
+
+
+def test_plot_long_table_is_truncated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    recipe = tmp_path / "fine.yaml"
+    recipe.write_text(
+        "init_sparsity: 0\nfinal_sparsity: 0.5\nstart_epoch: 0\nend_epoch: 10\n"
+        "update_frequency: 0.1\ntotal_epochs: 12\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", str(recipe), "--steps-per-epoch", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "target sparsity at the 101 update points" in out
+    assert "... 41 more ..." in out
+    assert "     2.9: " in out
+    assert "       3: " not in out
+    assert "      10: 0.5000" in out
+    assert "pruning [0, 10), fine-tuning [10, 12)" in out
+    assert "stabilization" not in out
+
+
+def test_plot_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plot", str(tmp_path / "nope.yaml")]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "No such file", "nope.yaml")
+
+
+def test_plot_invalid_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(RECIPE.replace("0.05", "1.5"), encoding="utf-8")
+    assert main(["plot", str(recipe)]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "bad.yaml", "init_sparsity", "got 1.5")
+
+
+def test_plot_invalid_yaml_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("init_sparsity: [\n", encoding="utf-8")
+    assert main(["plot", str(recipe)]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "invalid YAML")
+
+
+def test_plot_without_matplotlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE, encoding="utf-8")
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main(["plot", str(recipe), "--out", str(tmp_path / "x.png")]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "plotting needs matplotlib")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "option", [["--steps-per-epoch", "0"], ["--steps-per-epoch", "2.5"], ["--total-epochs", "nan"]]
+)
+def test_plot_bad_options(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plot", "recipe.yaml", *option]) == 2
+    assert f"gmp-ext plot: error: argument {option[0]}" in capsys.readouterr().err
+
+
+def test_demo_plugin_is_registered(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    demo = types.ModuleType("gmp_ext.demo", "Train a small model with GMP.\n\nMore text.")
+    demo.__spec__ = importlib.machinery.ModuleSpec("gmp_ext.demo", None)
+    demo.add_arguments = lambda parser: parser.add_argument("--epochs", type=int, default=1)  # type: ignore[attr-defined]
+    demo.run = lambda args: print(f"demo for {args.epochs} epochs") or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gmp_ext.demo", demo)
+    assert main(["--help"]) == 0
+    assert "Train a small model with GMP." in capsys.readouterr().out
+    assert main(["demo", "--epochs", "3"]) == 0
+    assert capsys.readouterr().out == "demo for 3 epochs\n"
+
+
+class _BrokenDemoFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``gmp_ext.demo`` but fails to import it, like a missing optional dependency."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name == "gmp_ext.demo":
+            return importlib.machinery.ModuleSpec(name, self)
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+
+
+def test_broken_demo_does_not_break_other_commands(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delitem(sys.modules, "gmp_ext.demo", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenDemoFinder(), *sys.meta_path])
+    info = types.ModuleType("gmp_ext.info")
+    info.print_info = lambda: print("info ok")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gmp_ext.info", info)
+    assert main(["info"]) == 0
+    assert capsys.readouterr().out == "info ok\n"
+    assert main(["--help"]) == 0
+    assert "(unavailable: No module named 'sklearn')" in capsys.readouterr().out
+    assert main(["demo", "--epochs", "3"]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "demo is unavailable", "sklearn")

@@ -1,0 +1,74 @@
+"""Shared test helpers: inputs with ties, and exact comparisons that say where they differ."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+SIZES = [0, 1, 2, 31, 33, 64, 65, 127, 1009, 16384, 16385, 65537, (1 << 20) + 7]
+SPARSITIES = [0.0, 0.1, 0.5, 0.9, 0.999, 1.0]
+
+
+def weights(numel: int, dtype: torch.dtype, device="cpu", kind: str = "normal") -> torch.Tensor:
+    """Weights shaped like real ones, with the ties pruning meets in practice."""
+    if kind == "normal":
+        t = torch.randn(numel) * 0.02
+    elif kind == "zeros":  # already-pruned tensor: everything ties at 0
+        t = torch.zeros(numel)
+    elif kind == "equal":
+        t = torch.full((numel,), -0.5)
+    elif kind == "pruned":  # half exact zeros (+0 and -0), the rest normal
+        t = torch.randn(numel) * 0.02
+        t[::2] = 0.0
+        t[1::4] = -0.0
+    elif kind == "few_values":  # heavy ties: 5 distinct magnitudes with both signs
+        t = (torch.randint(-5, 6, (numel,)) * 0.125).float()
+    elif kind == "specials":
+        t = torch.randn(numel)
+        if numel:
+            t[:: max(numel // 7, 1)] = float("inf")
+            t[1 :: max(numel // 5, 1)] = -float("inf")
+            t[2 :: max(numel // 3, 1)] = -0.0
+            t[0] = 1e-40  # fp32 subnormal (fp16/bf16: flushed or rounded by the cast)
+    else:
+        raise ValueError(kind)
+    return t.to(dtype=dtype, device=device)
+
+
+KINDS = ["normal", "zeros", "equal", "pruned", "few_values", "specials"]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns, so -0.0 != +0.0 and NaN == NaN in comparisons."""
+    if not t.dtype.is_floating_point:
+        return t
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Bitwise equality; on failure name the first positions that differ."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a = _bits(actual.detach().cpu().contiguous()).reshape(-1)
+    e = _bits(expected.detach().cpu().contiguous()).reshape(-1)
+    diff = (a != e).nonzero().reshape(-1)
+    assert diff.numel() == 0, (
+        f"{what}: {diff.numel()} of {a.numel()} differ; first at {diff[:5].tolist()}: "
+        f"{a[diff[:5]].tolist()} vs {e[diff[:5]].tolist()}"
+    )
+
+
+def check_pruned_set(tensor: torch.Tensor, keep: torch.Tensor, k: int) -> None:
+    """Contract check independent of any implementation: k pruned, the smallest |w| first,
+    and among equal |w| the lowest flat indices pruned first."""
+    flat = tensor.detach().float().abs().reshape(-1).cpu()
+    keep = keep.reshape(-1).cpu()
+    assert int((~keep).sum()) == k
+    if 0 < k < flat.numel():
+        assert flat[~keep].max() <= flat[keep].min()
+        cut = flat[~keep].max()
+        tie_pruned = ((flat == cut) & ~keep).nonzero().reshape(-1)
+        tie_kept = ((flat == cut) & keep).nonzero().reshape(-1)
+        if tie_pruned.numel() and tie_kept.numel():
+            assert tie_pruned.max() < tie_kept.min()
