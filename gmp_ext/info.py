@@ -19,7 +19,9 @@ def collect() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch CUDA": torch.version.cuda or "none (CPU build)",
-        "compiled module": "yes" if module is not None else f"missing ({_backend.native_error()!r})",
+        "compiled module": "yes"
+        if module is not None
+        else f"missing ({_backend.native_error()!r})",
         "OpenMP": build.get("openmp", False),
         "CUDA kernels compiled": build.get("cuda", False),
         "CUDA architectures": build.get("cuda_architectures") or "-",

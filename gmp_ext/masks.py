@@ -14,8 +14,9 @@ from torch import nn
 
 from . import ops
 from ._backend import backend_for
+from ._layout import mask_bytes
 
-__all__ = ["MaskEntry", "MaskStore", "get_store"]
+__all__ = ["MaskEntry", "MaskStore", "export_mask", "get_store", "import_mask"]
 
 
 @dataclass
@@ -97,3 +98,29 @@ def get_store(model: nn.Module, create: bool = False) -> MaskStore | None:
 
 def drop_store(model: nn.Module) -> MaskStore | None:
     return _STORES.pop(model, None)
+
+
+def export_mask(entry: MaskEntry) -> torch.Tensor:
+    """The entry's packed mask for a checkpoint: a CPU copy of exactly ``ceil(numel / 8)`` bytes,
+    so it does not depend on the storage padding or on the device it was built on."""
+    return entry.mask[: mask_bytes(entry.numel)].cpu().clone()
+
+
+def import_mask(param: nn.Parameter, packed: object, name: str) -> torch.Tensor:
+    """A mask saved by :func:`export_mask`, checked against ``param`` and copied into the mask
+    storage layout on the parameter's device (raises ValueError naming ``name`` otherwise)."""
+    numel = param.numel()
+    size = mask_bytes(numel)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"mask of parameter '{name}' must be a 1-D uint8 tensor of packed bits")
+    if packed.numel() != size:
+        raise ValueError(
+            f"mask of parameter '{name}' has {packed.numel()} bytes; its {numel} elements "
+            f"need {size}"
+        )
+    # Bits past the last element would be counted as kept elements by the popcount.
+    if numel % 8 and int(packed[-1]) >> (numel % 8):
+        raise ValueError(f"mask of parameter '{name}' has bits set past its {numel} elements")
+    mask = ops._new_mask(param)
+    mask[:size] = packed.to(mask.device)
+    return mask

@@ -236,7 +236,9 @@ def select_layerwise(
     return _thresholds(_select_rows_layerwise(tensors, labels, ks), tensors, ks)
 
 
-def _layer_counts(tensors: Sequence[torch.Tensor], sparsities: float | Sequence[float]) -> list[int]:
+def _layer_counts(
+    tensors: Sequence[torch.Tensor], sparsities: float | Sequence[float]
+) -> list[int]:
     if isinstance(sparsities, numbers.Real) and not isinstance(sparsities, bool):
         sparsities = [sparsities] * len(tensors)
     if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence):
@@ -312,7 +314,9 @@ def build_masks(
         if not -1 <= th.index < max(tensor.numel(), 1):
             raise ValueError(f"thresholds[{i}].index {th.index} is outside tensor {i}")
         rows.append(
-            torch.tensor([th.key, th.index, th.key_space, 0], dtype=torch.int64, device=tensor.device)
+            torch.tensor(
+                [th.key, th.index, th.key_space, 0], dtype=torch.int64, device=tensor.device
+            )
         )
     return _build(tensors, rows, [th.key_space == KEY_SPACE_WIDE64 for th in thresholds])
 
@@ -353,11 +357,7 @@ def _check_mask(mask: object, tensor: torch.Tensor, label: str) -> torch.Tensor:
 def _padded(mask: torch.Tensor, numel: int) -> torch.Tensor:
     """The mask in gmp_ext's storage layout (copied only when a caller's buffer differs)."""
     size = mask_storage_bytes(numel)
-    if (
-        mask.is_contiguous()
-        and mask.numel() >= size
-        and mask.data_ptr() % MASK_ALIGN_BYTES == 0
-    ):
+    if mask.is_contiguous() and mask.numel() >= size and mask.data_ptr() % MASK_ALIGN_BYTES == 0:
         return mask
     padded = torch.zeros(size, dtype=torch.uint8, device=mask.device)
     padded[: mask_bytes(numel)] = mask[: mask_bytes(numel)]
@@ -374,7 +374,9 @@ def apply_masks_(
     tensors, labels = _checked(tensors, names)
     if len(masks) != len(tensors):
         raise ValueError(f"got {len(masks)} masks for {len(tensors)} tensors")
-    masks = [_padded(_check_mask(m, t, lab), t.numel()) for t, m, lab in zip(tensors, masks, labels)]
+    masks = [
+        _padded(_check_mask(m, t, lab), t.numel()) for t, m, lab in zip(tensors, masks, labels)
+    ]
     apply_in_place(tensors, masks)
 
 

@@ -85,10 +85,15 @@ def _from_spec(model: nn.Module, params: ParamSpec) -> list[tuple[str, nn.Parame
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], nn.Module):
             module, attr = item
             if id(module) not in module_names:
-                raise ValueError(f"params entry ({type(module).__name__}, {attr!r}): the module is not part of the model")
+                raise ValueError(
+                    f"params entry ({type(module).__name__}, {attr!r}): "
+                    "the module is not part of the model"
+                )
             param = getattr(module, attr, None)
             if not isinstance(param, nn.Parameter):
-                raise ValueError(f"params entry ({type(module).__name__}, {attr!r}) names no parameter")
+                raise ValueError(
+                    f"params entry ({type(module).__name__}, {attr!r}) names no parameter"
+                )
             prefix = module_names[id(module)]
             chosen.append((f"{prefix}.{attr}" if prefix else attr, param))
         else:
@@ -218,7 +223,9 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemovableHandl
     Returns the hook's handle; ``remove(model)`` also removes it.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
     store = get_store(model, create=True)
     handle = optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: store.apply())
     store.hooks.append(handle)

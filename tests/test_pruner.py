@@ -80,8 +80,12 @@ def test_global_scope_one_threshold(device):
     total = sum(w.numel() for w in weights.values())
     zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n in PRUNABLE)
     assert zeros == round(0.75 * total)
-    kept = torch.cat([w.abs().reshape(-1)[gmp_ext.masks(model)[n].reshape(-1)] for n, w in weights.items()])
-    pruned = torch.cat([w.abs().reshape(-1)[~gmp_ext.masks(model)[n].reshape(-1)] for n, w in weights.items()])
+    kept = torch.cat(
+        [w.abs().reshape(-1)[gmp_ext.masks(model)[n].reshape(-1)] for n, w in weights.items()]
+    )
+    pruned = torch.cat(
+        [w.abs().reshape(-1)[~gmp_ext.masks(model)[n].reshape(-1)] for n, w in weights.items()]
+    )
     assert pruned.max() <= kept.min()
 
 
@@ -195,7 +199,11 @@ def test_sparsity_report(device):
         ({"sparsity": float("nan")}, ValueError, "got nan"),
         ({"sparsity": "0.9"}, ValueError, "got '0.9'"),
         ({"sparsity": 0.5, "scope": "block"}, ValueError, "scope"),
-        ({"sparsity": 0.5, "params": ["nope.weight"]}, ValueError, "'nope.weight' names no parameter"),
+        (
+            {"sparsity": 0.5, "params": ["nope.weight"]},
+            ValueError,
+            "'nope.weight' names no parameter",
+        ),
         ({"sparsity": {"fc1.weight": 0.5, "missing": 0.2}}, ValueError, "missing"),
         ({"sparsity": {"fc1.weight": 0.5}, "scope": "global"}, ValueError, "scope='layer'"),
         ({"sparsity": {"fc1.weight": 2.0}}, ValueError, "fc1.weight"),
@@ -232,7 +240,9 @@ def test_nan_weight_names_parameter_and_modifies_nothing(device):
 
 def test_non_float_and_meta_parameters(device):
     model = nn.Linear(4, 4).to(device)
-    model.register_parameter("codes", nn.Parameter(torch.ones(4, dtype=torch.int32), requires_grad=False))
+    model.register_parameter(
+        "codes", nn.Parameter(torch.ones(4, dtype=torch.int32), requires_grad=False)
+    )
     with pytest.raises(TypeError, match="parameter 'codes' has dtype torch.int32"):
         gmp_ext.prune_step(model, 0.5, params=["codes"])
     with torch.device("meta"):

@@ -10,7 +10,16 @@ from torch.nn.utils import prune
 from gmp_ext import _reference, ops
 from gmp_ext._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE, key_space_for
 
-from .utils import DTYPE_IDS, DTYPES, KINDS, SIZES, SPARSITIES, assert_same, check_pruned_set, weights
+from .utils import (
+    DTYPE_IDS,
+    DTYPES,
+    KINDS,
+    SIZES,
+    SPARSITIES,
+    assert_same,
+    check_pruned_set,
+    weights,
+)
 
 
 def _ks(tensors, sparsity):
@@ -34,15 +43,24 @@ def test_layerwise_matches_reference(native, device, dtype, numel, kind):
 
 
 def test_layerwise_batches_many_sizes_in_one_call(native, device):
-    tensors = [weights(n, dt, device, kind) for n in SIZES for dt in DTYPES for kind in ("normal", "pruned")]
+    tensors = [
+        weights(n, dt, device, kind)
+        for n in SIZES
+        for dt in DTYPES
+        for kind in ("normal", "pruned")
+    ]
     ks = [round(((i * 37) % 101) / 100 * t.numel()) for i, t in enumerate(tensors)]
     assert_same(native.select_layerwise(tensors, ks), _reference.select_layerwise(tensors, ks))
 
 
 @pytest.mark.parametrize(
     "dtypes",
-    [[torch.float32] * 3, [torch.bfloat16] * 3, [torch.float16] * 3,
-     [torch.float32, torch.bfloat16, torch.float16]],
+    [
+        [torch.float32] * 3,
+        [torch.bfloat16] * 3,
+        [torch.float16] * 3,
+        [torch.float32, torch.bfloat16, torch.float16],
+    ],
     ids=["fp32", "bf16", "fp16", "mixed"],
 )
 @pytest.mark.parametrize("kind", KINDS)
@@ -58,7 +76,9 @@ def test_global_matches_reference(native, device, dtypes, kind):
         assert_same(got, _reference.select_global(tensors, k, key_space), f"s={sparsity}")
         masks = [ops._new_mask(t) for t in tensors]
         native.build_masks(tensors, got, masks)
-        keep = torch.cat([_reference.unpack_bits(m, t.numel()).cpu() for m, t in zip(masks, tensors)])
+        keep = torch.cat(
+            [_reference.unpack_bits(m, t.numel()).cpu() for m, t in zip(masks, tensors)]
+        )
         values = torch.cat([t.float().reshape(-1).cpu() for t in tensors])
         check_pruned_set(values, keep, k)
 
