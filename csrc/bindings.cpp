@@ -97,5 +97,35 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("table"), py::arg("n"), py::arg("total_tiles"), py::arg("stream"), nogil,
         "Zero pruned elements of all entries of a device-resident table in one launch.");
+    m.def("cuda_select_scratch_bytes", &gmp::cuda::select_scratch_bytes, py::arg("n"), py::arg("total_numel"),
+          py::arg("mode"), nogil, "Scratch bytes of a CUDA selection, mode 0 = layerwise, 1 = global.");
+    m.def(
+        "cuda_select_layerwise",
+        [](uintptr_t table, int64_t n, uintptr_t k, uintptr_t out, uintptr_t scratch, int64_t scratch_bytes,
+           int64_t total_tiles, uintptr_t stream) {
+            gmp::cuda::select_layerwise(ptr<const TensorEntry>(table), n, ptr<const int64_t>(k), ptr<Selection>(out),
+                                        ptr<void>(scratch), scratch_bytes, total_tiles, stream);
+        },
+        py::arg("table"), py::arg("n"), py::arg("k"), py::arg("out"), py::arg("scratch"), py::arg("scratch_bytes"),
+        py::arg("total_tiles"), py::arg("stream"), nogil,
+        "Per-entry k-th smallest (|w|, index) selection of a device-resident table.");
+    m.def(
+        "cuda_select_global",
+        [](uintptr_t table, int64_t n, int64_t k, int32_t key_space, uintptr_t out, uintptr_t scratch,
+           int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
+            gmp::cuda::select_global(ptr<const TensorEntry>(table), n, k, key_space, ptr<Selection>(out),
+                                     ptr<void>(scratch), scratch_bytes, total_tiles, stream);
+        },
+        py::arg("table"), py::arg("n"), py::arg("k"), py::arg("key_space"), py::arg("out"), py::arg("scratch"),
+        py::arg("scratch_bytes"), py::arg("total_tiles"), py::arg("stream"), nogil,
+        "One selection over all entries of a device-resident table in (|w|, entry, index) order.");
+    m.def(
+        "cuda_build_masks",
+        [](uintptr_t table, int64_t n, uintptr_t selection, int64_t total_tiles, uintptr_t stream) {
+            gmp::cuda::build_masks(ptr<const TensorEntry>(table), n, ptr<const Selection>(selection), total_tiles,
+                                   stream);
+        },
+        py::arg("table"), py::arg("n"), py::arg("selection"), py::arg("total_tiles"), py::arg("stream"), nogil,
+        "Write packed keep-masks of a device-resident table from selection rows in one launch.");
 #endif
 }

@@ -45,5 +45,20 @@ constexpr int64_t kTileElems = 2048;
 // kMaskAlignBytes, one launch on `stream`. total_tiles = sum of ceil(numel / kTileElems).
 void apply_masks(const TensorEntry *table, int64_t n, int64_t total_tiles, uintptr_t stream);
 
+// Bytes of device scratch that select_layerwise (mode 0) or select_global (mode 1) needs for n
+// entries of total_numel elements in all: per-entry state, histograms and candidate slots.
+int64_t select_scratch_bytes(int64_t n, int64_t total_numel, int32_t mode);
+
+// Same contracts as the gmp::cpu selections with `table`, `k` (one per entry), `out` and `scratch`
+// in device memory: a fixed sequence of launches on `stream`, no host synchronisation.
+void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, void *scratch,
+                      int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream);
+void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, void *scratch,
+                   int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream);
+
+// Same contract as gmp::cpu::build_masks with `table` and `selection` in device memory, one launch.
+void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles,
+                 uintptr_t stream);
+
 } // namespace gmp::cuda
 #endif

@@ -1,9 +1,10 @@
-// Device-side helpers shared by the CUDA kernels: error checks, the stream handle, and the
-// tile -> table-entry lookup of the flat persistent grids.
+// Device-side helpers shared by the CUDA kernels: error checks, the stream handle, the
+// tile -> table-entry lookup of the flat persistent grids, and the per-tile key readers.
 #pragma once
 
 #include "../common/checks.h"
 #include "../common/dtype.h"
+#include "../common/keys.h"
 #include "../common/tensor_table.h"
 #include "../ops.h"
 
@@ -11,10 +12,10 @@
 
 #include <algorithm>
 
-#define GMP_CUDA_CHECK(expr)                                                                       \
-    do {                                                                                           \
-        const cudaError_t gmp_err = (expr);                                                        \
-        GMP_RUNTIME_CHECK(gmp_err == cudaSuccess, #expr, " failed: ", cudaGetErrorString(gmp_err)); \
+#define GMP_CUDA_CHECK(expr)                                                                                           \
+    do {                                                                                                               \
+        const cudaError_t gmp_err = (expr);                                                                            \
+        GMP_RUNTIME_CHECK(gmp_err == cudaSuccess, #expr, " failed: ", cudaGetErrorString(gmp_err));                    \
     } while (0)
 
 namespace gmp::cuda {
@@ -41,6 +42,85 @@ __device__ __forceinline__ int64_t entry_of_tile(const TensorEntry *table, int64
             hi = mid - 1;
     }
     return lo;
+}
+
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+__device__ __forceinline__ uint32_t warp_sum(uint32_t v) {
+    for (int offset = 16; offset > 0; offset /= 2)
+        v += __shfl_xor_sync(kFullWarp, v, offset);
+    return v;
+}
+
+// Number of bits needed to write x (0 for 0).
+__device__ __forceinline__ int bit_length(uint64_t x) { return x == 0 ? 0 : 64 - __clzll(static_cast<long long>(x)); }
+
+// One (dtype, key space) branch of the dispatch: element type and key of the elements.
+template <int32_t D, int32_t S> struct KeyType {
+    using bits_t = typename DTypeTraits<D>::bits_t;
+    static constexpr int kPerVec = 16 / int(sizeof(bits_t)); // elements per 16-byte vector
+
+    __device__ __forceinline__ static uint32_t key(bits_t bits) { return magnitude_key<D, S>(bits); }
+
+    // Key of element q of a 16-byte vector; q must be a compile-time constant after unrolling so
+    // that `words` stays in registers. Little-endian: element 0 is in the low bits of x.
+    __device__ __forceinline__ static uint32_t key(const uint4 &v, int q) {
+        const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+        if constexpr (sizeof(bits_t) == 4)
+            return key(words[q]);
+        else
+            return key(static_cast<bits_t>(words[q / 2] >> (16 * (q % 2))));
+    }
+};
+
+// Calls f(KeyType<D, S>{}) for the entry's dtype; kNative unless space == kWide (fp32 keys are the
+// same in both). Unknown dtype codes call nothing, so a corrupt table row is skipped, not read.
+template <typename F> __device__ __forceinline__ void visit_key_type(int64_t dtype, int64_t space, F &&f) {
+    if (dtype == kFloat32) {
+        f(KeyType<kFloat32, kNative>{});
+    } else if (dtype == kFloat16) {
+        if (space == kWide)
+            f(KeyType<kFloat16, kWide>{});
+        else
+            f(KeyType<kFloat16, kNative>{});
+    } else if (dtype == kBFloat16) {
+        if (space == kWide)
+            f(KeyType<kBFloat16, kWide>{});
+        else
+            f(KeyType<kBFloat16, kNative>{});
+    }
+}
+
+// Calls f(key, offset) for the `count` elements of the tile starting at element `first` of `data`,
+// one warp together (each lane gets its share, not in index order). Full tiles of 16-byte aligned
+// tensors are read with 16-byte loads, all issued before the first use; others element by element.
+template <typename KT, typename F>
+__device__ __forceinline__ void for_each_tile_key(uint64_t data, int64_t first, int count, int lane, F &&f) {
+    const auto *bits = reinterpret_cast<const typename KT::bits_t *>(data) + first;
+    if (count == kTileElems && data % 16 == 0) {
+        constexpr int kVecs = int(kTileElems) / KT::kPerVec / 32; // vectors per lane
+        const auto *vecs = reinterpret_cast<const uint4 *>(bits);
+        uint4 v[kVecs];
+#pragma unroll
+        for (int j = 0; j < kVecs; ++j)
+            v[j] = __ldg(vecs + j * 32 + lane);
+#pragma unroll
+        for (int j = 0; j < kVecs; ++j)
+#pragma unroll
+            for (int q = 0; q < KT::kPerVec; ++q)
+                f(KT::key(v[j], q), (j * 32 + lane) * KT::kPerVec + q);
+    } else {
+        for (int i = lane; i < count; i += 32)
+            f(KT::key(bits[i]), i);
+    }
+}
+
+// Elements of `tile` that belong to `entry` (0 for a tile outside it or a null data pointer).
+__device__ __forceinline__ int tile_count(const TensorEntry &entry, int64_t tile) {
+    if (entry.data == 0 || tile < entry.tile_base)
+        return 0;
+    const int64_t left = entry.numel - (tile - entry.tile_base) * kTileElems;
+    return static_cast<int>(max(int64_t(0), min(kTileElems, left)));
 }
 
 } // namespace gmp::cuda

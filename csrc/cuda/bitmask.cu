@@ -1,0 +1,124 @@
+// Packed keep-mask build (layout: common/bitpack.h) from selection rows in one read of the weights,
+// byte for byte what cpu/bitmask.cpp writes: bit i of entry e = is_kept(key_i, i, row.key, row.index).
+//
+// A warp owns one tile of 2048 elements = 32 mask words of 64 bits. On full tiles of 16-byte
+// aligned data each lane turns a 16-byte vector into 4 (fp32) or 8 (16-bit) bits, which land as a
+// nibble or byte in a per-warp 256-byte shared buffer; lane l then stores word l, so the tile's
+// mask is one coalesced 256-byte store. Partial and misaligned tiles take one element per lane
+// and step and gather bits with ballots.
+#include "../common/bitpack.h"
+#include "cuda_common.cuh"
+
+#include <cstdint>
+
+namespace gmp::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileMaskBytes = int(kTileElems) / 8;
+static_assert(kTileElems == 32 * 64, "a warp covers 32 64-bit mask words");
+
+struct Threshold {
+    uint32_t key;
+    int64_t index;
+};
+
+template <typename KT>
+__device__ void build_tile_vector(const uint4 *data, uint64_t *words, uint8_t *staging, int64_t first, Threshold t,
+                                  int lane) {
+    constexpr int kVecs = int(kTileElems) / KT::kPerVec / 32; // vectors per lane
+    uint4 v[kVecs];
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j)
+        v[j] = __ldg(data + j * 32 + lane);
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j) {
+        const int vec = j * 32 + lane; // elements [vec * kPerVec, (vec + 1) * kPerVec) of the tile
+        const int64_t index = first + int64_t(vec) * KT::kPerVec;
+        uint32_t bits = 0;
+#pragma unroll
+        for (int q = 0; q < KT::kPerVec; ++q)
+            bits |= uint32_t(is_kept(KT::key(v[j], q), index + q, t.key, t.index)) << q;
+        if constexpr (KT::kPerVec == 8) {
+            staging[vec] = static_cast<uint8_t>(bits);
+        } else {
+            // Two neighbouring lanes' nibbles make one byte; the even lane holds the low one.
+            const uint32_t high = __shfl_down_sync(kFullWarp, bits, 1);
+            if (lane % 2 == 0)
+                staging[vec / 2] = static_cast<uint8_t>(bits | (high << 4));
+        }
+    }
+    __syncwarp();
+    words[lane] = reinterpret_cast<const uint64_t *>(staging)[lane];
+    __syncwarp(); // the staging buffer is rewritten by the warp's next tile
+}
+
+template <typename KT>
+__device__ void build_tile_scalar(const typename KT::bits_t *data, uint8_t *mask, int64_t first, int count, Threshold t,
+                                  int lane) {
+    // Step c covers elements [32c, 32c + 32) of the tile: half of word c / 2, which lane c / 2 keeps.
+    uint64_t word = 0;
+    for (int c = 0; c * 32 < count; ++c) {
+        const int i = c * 32 + lane;
+        const bool keep = i < count && is_kept(KT::key(data[first + i]), first + i, t.key, t.index);
+        const uint32_t ballot = __ballot_sync(kFullWarp, keep);
+        if (lane == c / 2)
+            word |= uint64_t(ballot) << (32 * (c % 2));
+    }
+    // Like the CPU, touch only the mask_bytes(numel) bytes: the last word may be partial.
+    const int own = count - 64 * lane;
+    if (own <= 0)
+        return;
+    uint8_t *dst = mask + first / 8 + 8 * lane;
+    if (own >= 64 && reinterpret_cast<uintptr_t>(dst) % 8 == 0) {
+        *reinterpret_cast<uint64_t *>(dst) = word;
+    } else {
+        for (int b = 0; b < min(8, ceil_div(own, 8)); ++b)
+            dst[b] = static_cast<uint8_t>(word >> (8 * b));
+    }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    kBuildMasks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles) {
+    __shared__ __align__(16) uint8_t staging[kWarps][kTileMaskBytes];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int64_t warps = int64_t(gridDim.x) * kWarps;
+    for (int64_t tile = int64_t(blockIdx.x) * kWarps + warp; tile < total_tiles; tile += warps) {
+        const int64_t e = entry_of_tile(table, n, tile);
+        const TensorEntry entry = table[e];
+        const Selection row = selection[e];
+        const int count = tile_count(entry, tile);
+        if (count == 0 || entry.mask == 0)
+            continue;
+        const int64_t first = (tile - entry.tile_base) * kTileElems;
+        const Threshold t{static_cast<uint32_t>(row.key), row.index};
+        auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
+        visit_key_type(entry.dtype, row.key_space, [&](auto kt) {
+            using KT = decltype(kt);
+            const auto *data = reinterpret_cast<const typename KT::bits_t *>(entry.data);
+            // first is a multiple of 2048, so a 16-byte aligned tensor has 16-byte aligned tiles and
+            // an 8-byte aligned mask has 256-byte aligned tile words.
+            if (count == kTileElems && entry.data % 16 == 0 && entry.mask % 8 == 0)
+                build_tile_vector<KT>(reinterpret_cast<const uint4 *>(data + first),
+                                      reinterpret_cast<uint64_t *>(mask + first / 8), staging[warp], first, t, lane);
+            else
+                build_tile_scalar<KT>(data, mask, first, count, t, lane);
+        });
+    }
+}
+
+} // namespace
+
+void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles,
+                 uintptr_t stream) {
+    GMP_CHECK(n >= 0 && total_tiles >= 0, "n and total_tiles must be >= 0");
+    if (n == 0 || total_tiles == 0)
+        return;
+    GMP_CHECK(table != nullptr && selection != nullptr, "table and selection pointers must not be null");
+    const int blocks = persistent_blocks(kThreads, total_tiles);
+    kBuildMasks<<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, total_tiles);
+    GMP_CUDA_CHECK(cudaGetLastError());
+}
+
+} // namespace gmp::cuda

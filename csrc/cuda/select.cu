@@ -1,0 +1,773 @@
+// Exact k-th smallest (|w|, index) selection on the GPU (kernels.md §3): a multi-block, multi-pass
+// histogram radix select over the device-resident table, with the same rows as cpu/select.cpp.
+//
+// A call is one fixed launch sequence with no host synchronisation, so it can be captured in a
+// CUDA graph; all per-pass state lives in the caller's scratch buffer:
+//   memset(state) -> init -> small entries -> kMaxPasses x (pass, resolve) -> tie scan -> finish.
+// A segment (an entry in layerwise mode, the whole table in global mode) is a small state machine.
+// A pass does what each segment's stage asks and skips the others; a resolve (one block per
+// segment) finds the bucket holding the target, updates its rank and sets the next stage:
+//   kKey:  read all elements and histogram the next key digit of those whose known high key bits
+//          match. When they fit the segment's candidate slots, the same read also stores them as
+//          composites (unknown low key bits << idx_bits | position): unique, so ties need no
+//          further care and the slot order that atomics give does not matter.
+//   kBuf:  histogram the next digit of the stored composites that match the known prefix.
+//   kTile: key T known, its ties too many to store: histogram the ties per group of tiles, narrowing
+//          the tiles that hold the target up to 8192-fold per pass (only the first reads them all).
+//   kScan: one warp walks the target tile in index order to the rank-th tie.
+// A position is (tile - the segment's first tile) * kTileElems + offset: the flat index in
+// layerwise mode and, in global mode, a stand-in for the global index with the same order.
+#include "cuda_common.cuh"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace gmp::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// 13-bit digits: for fp32 and bf16 the first spans the exponent and 5 mantissa bits, so the bucket
+// holding the median of normally distributed weights is ~1% of them and fits the candidate slots.
+// 2^13 uint32 bins are 32 KB of shared memory, within the static limit of every target.
+constexpr int kDigitBits = 13;
+constexpr int kBins = 1 << kDigitBits;
+// Candidate slots per tile: 1/64 of the elements, 8 bytes each (6.25% of bf16, 3.1% of fp32 bytes).
+constexpr int64_t kSlotsPerTile = kTileElems / 64;
+// Entries up to this size are selected by one block each, on chip.
+constexpr int64_t kSmallEntry = int64_t(1) << 14;
+constexpr int kSmallDigitBits = 11;
+// Every larger entry has at least this many tiles: bounds the number of histogram rows.
+constexpr int64_t kMinLargeTiles = ceil_div<int64_t>(kSmallEntry + 1, kTileElems);
+// Shared histograms are flushed at least every 2^31 elements so their uint32 bins cannot overflow.
+constexpr int64_t kFlushTiles = int64_t(1) << 20;
+// With at most 2^41 tiles, positions have at most 52 bits. Passes on the longest path (31-bit keys,
+// a bucket too big for the candidate slots at every step): 3 key digits (13 + 13 + 5 bits), then
+// 4 composite digits (ceil(52 / 13)) or 4 tile digits (ceil(41 / 13)) before the scan.
+constexpr int64_t kMaxTiles = int64_t(1) << 41;
+constexpr int kMaxPasses = 7;
+
+enum Stage : int32_t { kDone, kSmall, kKey, kBuf, kTile, kScan };
+
+// Per-segment plan: written by init, the small-entry kernel, resolve and scan; read-only in passes.
+struct SegState {
+    int64_t rank;       // 1-based rank of the target among the elements passing the current filter
+    int64_t tile0;      // first tile of the segment
+    int64_t tile_begin; // kTile/kScan: tiles [tile_begin, tile_end) hold the target
+    int64_t tile_end;
+    int64_t cand_begin; // the segment's candidate slots
+    int64_t cand_cap;
+    int64_t hist_row;     // its row of the global histograms
+    int64_t result_pos;   // kDone: position of the threshold element, -1 when nothing is pruned
+    uint64_t comp_prefix; // kBuf: known high bits of the target's composite
+    uint32_t key_prefix;  // known high key bits (key >> key_shift); kDone: the threshold key
+    uint32_t inf;         // infinity key: larger keys are NaN
+    int32_t stage;
+    int32_t key_bits;    // 31 or 15
+    int32_t key_shift;   // key bits below key_prefix; frozen once composites hold them
+    int32_t idx_bits;    // position bits of a composite
+    int32_t digit_shift; // kKey/kBuf: the digit the next pass histograms
+    int32_t digit_bits;
+    int32_t compact;    // kKey: the next pass also stores composites
+    int32_t comp_shift; // kBuf: composite bits below comp_prefix
+    int32_t tile_shift; // kTile: log2 of the tiles per bin
+};
+
+// Updated with atomics during passes, so kept apart from the plan that blocks copy.
+struct SegCounters {
+    unsigned long long nan_count;
+    unsigned long long fill; // composites stored
+};
+
+struct PassArgs {
+    const TensorEntry *table;
+    int64_t n;
+    SegState *state;
+    SegCounters *counters;
+    unsigned long long *hist; // rows of kBins
+    uint64_t *cand;
+    int64_t total_tiles;
+    int32_t space;
+};
+
+// Block-wide helpers (blockDim.x == kThreads).
+
+__device__ int64_t block_exclusive_sum(int64_t v, int64_t &total) {
+    __shared__ int64_t warp_totals[kWarps];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int64_t inclusive = v;
+    for (int d = 1; d < 32; d *= 2) {
+        const int64_t other = __shfl_up_sync(kFullWarp, inclusive, d);
+        if (lane >= d)
+            inclusive += other;
+    }
+    if (lane == 31)
+        warp_totals[warp] = inclusive;
+    __syncthreads();
+    int64_t before = 0;
+    total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+        before += w < warp ? warp_totals[w] : 0;
+        total += warp_totals[w];
+    }
+    __syncthreads(); // warp_totals is rewritten by the next call
+    return before + inclusive - v;
+}
+
+struct Bucket {
+    int32_t bin; // -1: rank outside [1, total], an inconsistent state that stops the segment
+    int64_t below;
+    int64_t count;
+};
+
+// The bin holding the rank-th (1-based) counted element: below < rank <= below + count.
+template <typename CountT> __device__ Bucket find_bucket(const CountT *counts, int bins, int64_t rank) {
+    __shared__ Bucket found;
+    const int per = ceil_div(bins, kThreads);
+    const int lo = min(bins, int(threadIdx.x) * per), hi = min(bins, lo + per);
+    int64_t sum = 0;
+    for (int b = lo; b < hi; ++b)
+        sum += static_cast<int64_t>(counts[b]);
+    int64_t total;
+    const int64_t before = block_exclusive_sum(sum, total);
+    if (threadIdx.x == 0 && (rank < 1 || rank > total))
+        found = Bucket{-1, 0, 0};
+    if (rank >= 1 && before < rank && rank <= before + sum) { // exactly one thread
+        int64_t below = before;
+        for (int b = lo; b < hi; ++b) {
+            const int64_t c = static_cast<int64_t>(counts[b]);
+            if (below + c >= rank) {
+                found = Bucket{b, below, c};
+                break;
+            }
+            below += c;
+        }
+    }
+    __syncthreads();
+    const Bucket result = found;
+    __syncthreads(); // found is rewritten by the next call
+    return result;
+}
+
+// State transitions (one thread).
+
+__device__ void set_digit(int32_t unknown_bits, int32_t &shift, int32_t &bits) {
+    shift = max(0, unknown_bits - kDigitBits);
+    bits = unknown_bits - shift;
+}
+
+__device__ void start_keys(SegState &s) {
+    s.key_prefix = 0;
+    s.key_shift = s.key_bits;
+    set_digit(s.key_shift, s.digit_shift, s.digit_bits);
+    s.compact = 0;
+    s.stage = kKey;
+}
+
+__device__ void finish(SegState &s, uint32_t key, int64_t pos) {
+    s.key_prefix = key;
+    s.result_pos = pos;
+    s.stage = kDone;
+}
+
+// The composite is fully known: split it into key and position.
+__device__ void finish_composite(SegState &s) {
+    const uint64_t c = s.comp_prefix;
+    finish(s, (s.key_prefix << s.key_shift) | static_cast<uint32_t>(c >> s.idx_bits),
+           static_cast<int64_t>(c & ((uint64_t(1) << s.idx_bits) - 1)));
+}
+
+// Tiles [tile_begin, tile_end) hold the target: scan the tile, or histogram them in <= kBins bins.
+__device__ void narrow_tiles(SegState &s) {
+    const int64_t tiles = s.tile_end - s.tile_begin;
+    if (tiles <= 1) {
+        s.stage = kScan;
+        return;
+    }
+    s.tile_shift = max(0, bit_length(static_cast<uint64_t>(tiles - 1)) - kDigitBits);
+    s.stage = kTile;
+}
+
+__device__ void after_key_digit(SegState &s, uint32_t bin, int64_t count) {
+    if (s.compact) {
+        // The pass stored the bucket's composites, whose top bits are this digit: go on with them.
+        s.compact = 0;
+        s.comp_prefix = bin;
+        s.comp_shift = s.digit_shift + s.idx_bits;
+        s.stage = kBuf;
+        if (s.comp_shift == 0)
+            finish_composite(s);
+        else
+            set_digit(s.comp_shift, s.digit_shift, s.digit_bits);
+        return;
+    }
+    s.key_prefix = (s.key_prefix << s.digit_bits) | bin;
+    s.key_shift = s.digit_shift;
+    if (s.key_shift > 0) {
+        set_digit(s.key_shift, s.digit_shift, s.digit_bits);
+        s.compact = count <= s.cand_cap && s.key_shift + s.idx_bits <= 64;
+        return;
+    }
+    // Key T known and its ties did not fit the slots: find the target's tile among all of them.
+    narrow_tiles(s);
+}
+
+__device__ void after_comp_digit(SegState &s, uint32_t bin) {
+    s.comp_prefix = (s.comp_prefix << s.digit_bits) | bin;
+    s.comp_shift = s.digit_shift;
+    if (s.comp_shift == 0)
+        finish_composite(s);
+    else
+        set_digit(s.comp_shift, s.digit_shift, s.digit_bits);
+}
+
+__device__ void after_tile_digit(SegState &s, uint32_t bin) {
+    s.tile_begin += int64_t(bin) << s.tile_shift;
+    s.tile_end = min(s.tile_end, s.tile_begin + (int64_t(1) << s.tile_shift));
+    narrow_tiles(s);
+}
+
+// Init: one block.
+
+__global__ void __launch_bounds__(kThreads) kInitLayerwise(const TensorEntry *table, int64_t n, const int64_t *k,
+                                                           SegState *state, int64_t rows, int64_t slots) {
+    int64_t rows_before = 0;
+    for (int64_t base = 0; base < n; base += kThreads) {
+        const int64_t e = base + threadIdx.x;
+        const TensorEntry entry = e < n ? table[e] : TensorEntry{};
+        const int32_t dtype = static_cast<int32_t>(entry.dtype);
+        const bool selectable = e < n && entry.numel > 0 && entry.data != 0 && is_valid_dtype(dtype);
+        const bool large = selectable && entry.numel > kSmallEntry;
+        // Histogram rows go to the large entries only, in table order.
+        int64_t large_here;
+        const int64_t row = rows_before + block_exclusive_sum(large, large_here);
+        rows_before += large_here;
+        if (e >= n)
+            continue;
+        SegState s{};
+        finish(s, 0, -1);
+        if (selectable) {
+            const int64_t tiles = ceil_div<int64_t>(entry.numel, kTileElems);
+            s.rank = min(max(k[e], int64_t(0)), entry.numel);
+            s.tile0 = s.tile_begin = entry.tile_base;
+            s.tile_end = entry.tile_base + tiles;
+            s.key_bits = key_bits(dtype, kNative);
+            s.inf = inf_key(dtype, kNative);
+            s.idx_bits = bit_length(static_cast<uint64_t>(entry.numel - 1));
+            if (!large) {
+                s.stage = kSmall;
+            } else if (row < rows) {
+                start_keys(s);
+                s.hist_row = row;
+                // Slots mirror tiles: the segment owns kSlotsPerTile slots per tile of its own.
+                s.cand_begin = entry.tile_base * kSlotsPerTile;
+                const bool inside = s.cand_begin >= 0 && s.cand_begin <= slots;
+                s.cand_cap = inside ? min(tiles * kSlotsPerTile, slots - s.cand_begin) : 0;
+            }
+        }
+        state[e] = s;
+    }
+}
+
+__global__ void __launch_bounds__(kThreads) kInitGlobal(const TensorEntry *table, int64_t n, int64_t k, int32_t space,
+                                                        SegState *state, int64_t total_tiles, int64_t slots) {
+    int64_t partial = 0;
+    for (int64_t e = threadIdx.x; e < n; e += kThreads)
+        partial += max(int64_t(0), table[e].numel);
+    int64_t total;
+    block_exclusive_sum(partial, total);
+    if (threadIdx.x != 0)
+        return;
+    const int32_t dtype = static_cast<int32_t>(table[0].dtype);
+    SegState s{};
+    finish(s, 0, -1);
+    if (total > 0 && total_tiles > 0 && is_valid_dtype(dtype)) {
+        s.rank = min(k, total);
+        s.tile_end = total_tiles;
+        s.key_bits = key_bits(dtype, space);
+        s.inf = inf_key(dtype, space);
+        s.idx_bits = bit_length(static_cast<uint64_t>(total_tiles * kTileElems - 1));
+        s.cand_cap = min(total_tiles * kSlotsPerTile, slots);
+        start_keys(s);
+    }
+    state[0] = s;
+}
+
+// Entries of at most kSmallEntry elements: one block per entry, radix passes of 11 bits and an
+// ordered tie scan, re-reading the entry from L1/L2 instead of copying it to shared memory.
+
+template <typename KT>
+__device__ void select_small(const TensorEntry &entry, SegState &state, SegCounters &counters, uint32_t *hist) {
+    __shared__ int64_t found_pos;
+    const auto *bits = reinterpret_cast<const typename KT::bits_t *>(entry.data);
+    const int numel = static_cast<int>(entry.numel);
+    const uint32_t inf = state.inf;
+    int64_t rank = state.rank;
+    uint32_t prefix = 0;
+    int unknown = state.key_bits;
+    for (bool first = true; unknown > 0; first = false) {
+        const int shift = max(0, unknown - kSmallDigitBits);
+        const int bins = 1 << (unknown - shift);
+        for (int b = threadIdx.x; b < bins; b += kThreads)
+            hist[b] = 0;
+        __syncthreads();
+        uint32_t nans = 0;
+        for (int i = threadIdx.x; i < numel; i += kThreads) {
+            const uint32_t key = KT::key(bits[i]);
+            nans += first && key > inf;
+            if ((key >> unknown) == prefix)
+                atomicAdd(&hist[(key >> shift) & (bins - 1)], 1u);
+        }
+        __syncthreads();
+        if (first) {
+            int64_t nan_total;
+            block_exclusive_sum(nans, nan_total);
+            if (nan_total > 0 || rank == 0) {
+                if (threadIdx.x == 0) {
+                    counters.nan_count = static_cast<unsigned long long>(nan_total);
+                    finish(state, 0, -1);
+                }
+                return;
+            }
+        }
+        const Bucket b = find_bucket(hist, bins, rank);
+        if (b.bin < 0) {
+            if (threadIdx.x == 0)
+                finish(state, 0, -1);
+            return;
+        }
+        rank -= b.below;
+        prefix = (prefix << (unknown - shift)) | static_cast<uint32_t>(b.bin);
+        unknown = shift;
+    }
+    // Key T = prefix; the target is the rank-th element equal to it in index order.
+    if (threadIdx.x == 0)
+        found_pos = -1;
+    int64_t ties_before = 0;
+    for (int base = 0; base < numel; base += kThreads) {
+        const int i = base + threadIdx.x;
+        const bool tie = i < numel && KT::key(bits[i]) == prefix;
+        int64_t chunk_ties;
+        const int64_t before = block_exclusive_sum(tie, chunk_ties);
+        if (tie && ties_before + before + 1 == rank)
+            found_pos = i;
+        ties_before += chunk_ties;
+        if (ties_before >= rank)
+            break;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        finish(state, prefix, found_pos);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    kSelectSmall(const TensorEntry *table, SegState *state, SegCounters *counters) {
+    __shared__ uint32_t hist[1 << kSmallDigitBits];
+    const int64_t e = blockIdx.x;
+    if (state[e].stage != kSmall)
+        return;
+    const TensorEntry entry = table[e];
+    visit_key_type(entry.dtype, kNative,
+                   [&](auto kt) { select_small<decltype(kt)>(entry, state[e], counters[e], hist); });
+}
+
+// Passes: a persistent grid of blocks, each owning a contiguous range of tiles so that it meets
+// few segments and flushes few shared histograms; a warp reads one tile at a time.
+
+template <bool Global, typename F>
+__device__ __forceinline__ void visit_tile(const PassArgs &p, int64_t seg, int64_t tile, int lane, F &&f) {
+    const TensorEntry entry = p.table[Global ? entry_of_tile(p.table, p.n, tile) : seg];
+    const int count = tile_count(entry, tile);
+    const int64_t first = (tile - entry.tile_base) * kTileElems;
+    visit_key_type(entry.dtype, p.space,
+                   [&](auto kt) { for_each_tile_key<decltype(kt)>(entry.data, first, count, lane, f); });
+}
+
+__device__ __forceinline__ void clear_bins(uint32_t *bins, int count) {
+    __syncthreads(); // earlier readers of the bins are done
+    for (int b = threadIdx.x; b < count; b += kThreads)
+        bins[b] = 0;
+    __syncthreads();
+}
+
+__device__ __forceinline__ void flush_bins(const uint32_t *bins, int count, unsigned long long *row) {
+    __syncthreads();
+    for (int b = threadIdx.x; b < count; b += kThreads) {
+        const uint32_t v = bins[b];
+        if (v != 0)
+            atomicAdd(row + b, static_cast<unsigned long long>(v));
+    }
+}
+
+template <bool Global>
+__device__ void key_pass(const PassArgs &p, int64_t seg, const SegState &s, int64_t a, int64_t b, uint32_t *bins) {
+    __shared__ uint32_t block_matches;
+    __shared__ unsigned long long block_slot;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const uint32_t prefix = s.key_prefix, inf = s.inf, low_mask = (1u << s.key_shift) - 1;
+    const int key_shift = s.key_shift, digit_shift = s.digit_shift, idx_bits = s.idx_bits;
+    const int nbins = 1 << s.digit_bits;
+    const uint32_t digit_mask = nbins - 1;
+    const bool count_nans = s.key_shift == s.key_bits; // first pass
+    // Exact zeros (every pruned weight) would all hit bin 0: count them in registers instead.
+    const bool zeros_match = prefix == 0;
+    const bool compact = s.compact != 0;
+    uint64_t *out = p.cand + s.cand_begin;
+    const int64_t cap = s.cand_cap, tile0 = s.tile0;
+    if (threadIdx.x == 0)
+        block_matches = 0;
+    for (int64_t c0 = a; c0 < b; c0 += kFlushTiles) {
+        const int64_t c1 = min(b, c0 + kFlushTiles);
+        clear_bins(bins, nbins);
+        uint32_t zeros = 0, nans = 0;
+        // Whole rounds of kWarps tiles, so that the compacting variant can use block barriers.
+        for (int64_t base = c0; base < c1; base += kWarps) {
+            const int64_t tile = base + warp;
+            uint32_t matches = 0;
+            if (tile < c1) {
+                visit_tile<Global>(p, seg, tile, lane, [&](uint32_t key, int) {
+                    nans += count_nans && key > inf;
+                    if ((key >> key_shift) != prefix)
+                        return;
+                    ++matches;
+                    if (zeros_match && key == 0)
+                        ++zeros;
+                    else
+                        atomicAdd(&bins[(key >> digit_shift) & digit_mask], 1u);
+                });
+            }
+            if (!compact)
+                continue;
+            // One global atomic per block and round reserves the slots of all its matches.
+            const uint32_t offset = matches != 0 ? atomicAdd(&block_matches, matches) : 0;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                const uint32_t round = block_matches;
+                block_slot = round != 0 ? atomicAdd(&p.counters[seg].fill, static_cast<unsigned long long>(round)) : 0;
+                block_matches = 0;
+            }
+            __syncthreads();
+            if (matches == 0)
+                continue;
+            int64_t slot = static_cast<int64_t>(block_slot) + offset;
+            const int64_t pos0 = (tile - tile0) * kTileElems;
+            visit_tile<Global>(p, seg, tile, lane, [&](uint32_t key, int i) {
+                if ((key >> key_shift) == prefix && slot < cap)
+                    out[slot++] = (uint64_t(key & low_mask) << idx_bits) | static_cast<uint64_t>(pos0 + i);
+            });
+        }
+        zeros = warp_sum(zeros);
+        nans = warp_sum(nans);
+        if (lane == 0 && zeros != 0)
+            atomicAdd(&bins[0], zeros);
+        if (lane == 0 && nans != 0)
+            atomicAdd(&p.counters[seg].nan_count, static_cast<unsigned long long>(nans));
+        flush_bins(bins, nbins, p.hist + s.hist_row * kBins);
+    }
+}
+
+template <bool Global>
+__device__ void tile_pass(const PassArgs &p, int64_t seg, const SegState &s, int64_t a, int64_t b, uint32_t *bins) {
+    a = max(a, s.tile_begin);
+    b = min(b, s.tile_end);
+    if (a >= b)
+        return;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const uint32_t threshold = s.key_prefix;
+    const int64_t tile_begin = s.tile_begin;
+    const int tile_shift = s.tile_shift;
+    const int nbins = static_cast<int>(((s.tile_end - s.tile_begin - 1) >> tile_shift) + 1);
+    for (int64_t c0 = a; c0 < b; c0 += kFlushTiles) {
+        const int64_t c1 = min(b, c0 + kFlushTiles);
+        clear_bins(bins, nbins);
+        for (int64_t tile = c0 + warp; tile < c1; tile += kWarps) {
+            uint32_t ties = 0;
+            visit_tile<Global>(p, seg, tile, lane, [&](uint32_t key, int) { ties += key == threshold; });
+            ties = warp_sum(ties);
+            if (lane == 0 && ties != 0)
+                atomicAdd(&bins[(tile - tile_begin) >> tile_shift], ties);
+        }
+        flush_bins(bins, nbins, p.hist + s.hist_row * kBins);
+    }
+}
+
+__device__ void buf_pass(const PassArgs &p, int64_t seg, const SegState &s, int64_t a, int64_t b, uint32_t *bins) {
+    const int64_t filled = min(static_cast<int64_t>(p.counters[seg].fill), s.cand_cap);
+    const int64_t q0 = max(a * kSlotsPerTile, s.cand_begin);
+    const int64_t q1 = min(b * kSlotsPerTile, s.cand_begin + filled);
+    if (q0 >= q1)
+        return;
+    const uint64_t prefix = s.comp_prefix;
+    const int comp_shift = s.comp_shift, digit_shift = s.digit_shift;
+    const int nbins = 1 << s.digit_bits;
+    const uint32_t digit_mask = nbins - 1;
+    for (int64_t c0 = q0; c0 < q1; c0 += kFlushTiles * kSlotsPerTile) {
+        const int64_t c1 = min(q1, c0 + kFlushTiles * kSlotsPerTile);
+        clear_bins(bins, nbins);
+        for (int64_t q = c0 + threadIdx.x; q < c1; q += kThreads) {
+            const uint64_t c = p.cand[q];
+            if ((c >> comp_shift) == prefix)
+                atomicAdd(&bins[static_cast<uint32_t>(c >> digit_shift) & digit_mask], 1u);
+        }
+        flush_bins(bins, nbins, p.hist + s.hist_row * kBins);
+    }
+}
+
+template <bool Global> __global__ void __launch_bounds__(kThreads) kPass(PassArgs p) {
+    __shared__ uint32_t bins[kBins];
+    const int64_t per = ceil_div<int64_t>(p.total_tiles, gridDim.x);
+    const int64_t lo = int64_t(blockIdx.x) * per, hi = min(lo + per, p.total_tiles);
+    if (lo >= hi)
+        return;
+    const int64_t segments = Global ? 1 : p.n;
+    for (int64_t seg = Global ? 0 : entry_of_tile(p.table, p.n, lo); seg < segments; ++seg) {
+        int64_t first = 0, last = p.total_tiles;
+        if (!Global) {
+            const TensorEntry entry = p.table[seg];
+            if (entry.tile_base >= hi)
+                break;
+            first = entry.tile_base;
+            last = entry.tile_base + ceil_div(max(entry.numel, int64_t(0)), kTileElems);
+        }
+        const int64_t a = max(lo, first), b = min(hi, last);
+        if (a >= b)
+            continue;
+        const SegState s = p.state[seg];
+        if (s.stage == kKey)
+            key_pass<Global>(p, seg, s, a, b, bins);
+        else if (s.stage == kTile)
+            tile_pass<Global>(p, seg, s, a, b, bins);
+        else if (s.stage == kBuf)
+            buf_pass(p, seg, s, a, b, bins);
+    }
+}
+
+// One block per segment: picks the bucket of the pass just run and zeroes the histogram row for
+// the next pass.
+__global__ void __launch_bounds__(kThreads)
+    kResolve(SegState *state, const SegCounters *counters, unsigned long long *hist) {
+    const int64_t seg = blockIdx.x;
+    SegState s = state[seg];
+    if (s.stage != kKey && s.stage != kBuf && s.stage != kTile)
+        return;
+    if (s.stage == kKey && (s.rank == 0 || counters[seg].nan_count > 0)) {
+        // k == 0 or NaN weights: known after the first pass (which counted the NaNs); prune nothing.
+        if (threadIdx.x == 0) {
+            finish(s, 0, -1);
+            state[seg] = s;
+        }
+        return;
+    }
+    unsigned long long *row = hist + s.hist_row * kBins;
+    const int nbins =
+        s.stage == kTile ? static_cast<int>(((s.tile_end - s.tile_begin - 1) >> s.tile_shift) + 1) : 1 << s.digit_bits;
+    const Bucket b = find_bucket(row, nbins, s.rank);
+    for (int i = threadIdx.x; i < nbins; i += kThreads)
+        row[i] = 0;
+    if (threadIdx.x != 0)
+        return;
+    if (b.bin < 0) {
+        finish(s, s.key_prefix, -1);
+    } else {
+        s.rank -= b.below;
+        const uint32_t bin = static_cast<uint32_t>(b.bin);
+        if (s.stage == kKey)
+            after_key_digit(s, bin, b.count);
+        else if (s.stage == kBuf)
+            after_comp_digit(s, bin);
+        else
+            after_tile_digit(s, bin);
+    }
+    state[seg] = s;
+}
+
+// One warp per segment in kScan: the rank-th element equal to the threshold key in the tile.
+template <bool Global>
+__global__ void __launch_bounds__(32) kScanTile(const TensorEntry *table, int64_t n, SegState *state, int32_t space) {
+    const int64_t seg = blockIdx.x;
+    SegState s = state[seg];
+    if (s.stage != kScan)
+        return;
+    const int lane = threadIdx.x;
+    const int64_t tile = s.tile_begin;
+    const TensorEntry entry = table[Global ? entry_of_tile(table, n, tile) : seg];
+    const int count = tile_count(entry, tile);
+    const int64_t first = (tile - entry.tile_base) * kTileElems;
+    const uint32_t threshold = s.key_prefix;
+    int64_t rank = s.rank;
+    int found = -1;
+    visit_key_type(entry.dtype, space, [&](auto kt) {
+        using KT = decltype(kt);
+        const auto *bits = reinterpret_cast<const typename KT::bits_t *>(entry.data) + first;
+        for (int c = 0; c < count; c += 32) {
+            const bool tie = c + lane < count && KT::key(bits[c + lane]) == threshold;
+            const uint32_t ties = __ballot_sync(kFullWarp, tie);
+            if (rank <= __popc(ties)) {
+                const int before = __popc(ties & ((1u << lane) - 1));
+                const uint32_t hit = __ballot_sync(kFullWarp, tie && before + 1 == rank);
+                found = c + __ffs(hit) - 1;
+                return;
+            }
+            rank -= __popc(ties);
+        }
+    });
+    if (lane != 0)
+        return;
+    finish(s, threshold, found < 0 ? -1 : (tile - s.tile0) * kTileElems + found);
+    state[seg] = s;
+}
+
+// Output rows.
+
+__global__ void __launch_bounds__(kThreads)
+    kFinishLayerwise(const SegState *state, const SegCounters *counters, int64_t n, Selection *out) {
+    const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+    if (e >= n)
+        return;
+    const SegState &s = state[e];
+    const bool done = s.stage == kDone;
+    out[e] = Selection{done ? int64_t(s.key_prefix) : 0, done ? s.result_pos : -1, kNative,
+                       static_cast<int64_t>(counters[e].nan_count)};
+}
+
+__global__ void __launch_bounds__(kThreads) kFinishGlobal(const TensorEntry *table, int64_t n, const SegState *state,
+                                                          const SegCounters *counters, int32_t space, Selection *out) {
+    const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+    if (e >= n)
+        return;
+    const SegState &s = state[0];
+    const bool done = s.stage == kDone;
+    const int64_t pos = done ? s.result_pos : -1;
+    int64_t index = -1;
+    if (pos >= 0) {
+        // Entries before the threshold element's entry prune all their ties, entries after it none.
+        const int64_t owner = entry_of_tile(table, n, pos / kTileElems);
+        const TensorEntry entry = table[e];
+        index = e < owner ? entry.numel - 1 : e > owner ? -1 : pos - entry.tile_base * kTileElems;
+    }
+    out[e] = Selection{done ? int64_t(s.key_prefix) : 0, index, space, static_cast<int64_t>(counters[0].nan_count)};
+}
+
+// Host side.
+
+constexpr int64_t round_up(int64_t x, int64_t a) { return ceil_div(x, a) * a; }
+
+// Bytes zeroed by every call: plans, counters and histogram rows (resolve re-zeroes what it reads).
+int64_t fixed_bytes(int64_t segments, int64_t rows) {
+    return round_up(segments * int64_t(sizeof(SegState)), 256) +
+           round_up(segments * int64_t(sizeof(SegCounters)), 256) + rows * kBins * int64_t(sizeof(unsigned long long));
+}
+
+int64_t layerwise_rows(int64_t n, int64_t tiles) { return std::min(n, tiles / kMinLargeTiles); }
+
+struct Scratch {
+    SegState *state;
+    SegCounters *counters;
+    unsigned long long *hist;
+    uint64_t *cand;
+    int64_t slots;
+    int64_t fixed;
+};
+
+Scratch carve(void *scratch, int64_t bytes, int64_t segments, int64_t rows, int64_t total_tiles) {
+    const int64_t fixed = fixed_bytes(segments, rows);
+    const int64_t needed = fixed + total_tiles * kSlotsPerTile * int64_t(sizeof(uint64_t));
+    GMP_CHECK(scratch != nullptr, "scratch pointer is null");
+    GMP_CHECK(reinterpret_cast<uintptr_t>(scratch) % 16 == 0, "scratch must be 16-byte aligned");
+    GMP_CHECK(bytes >= needed, "scratch has ", bytes, " bytes, the selection needs ", needed,
+              " (see select_scratch_bytes)");
+    char *base = static_cast<char *>(scratch);
+    const int64_t counters_at = round_up(segments * int64_t(sizeof(SegState)), 256);
+    const int64_t hist_at = counters_at + round_up(segments * int64_t(sizeof(SegCounters)), 256);
+    return Scratch{reinterpret_cast<SegState *>(base),
+                   reinterpret_cast<SegCounters *>(base + counters_at),
+                   reinterpret_cast<unsigned long long *>(base + hist_at),
+                   reinterpret_cast<uint64_t *>(base + fixed),
+                   (bytes - fixed) / int64_t(sizeof(uint64_t)),
+                   fixed};
+}
+
+void check_sizes(int64_t n, int64_t total_tiles) {
+    GMP_CHECK(n >= 0 && n <= INT32_MAX, "table size must be in [0, 2^31), got ", n);
+    GMP_CHECK(total_tiles >= 0 && total_tiles <= kMaxTiles, "total_tiles must be in [0, 2^41], got ", total_tiles);
+}
+
+// Persistent grid of the pass kernel: as many blocks as fit on the device at once, at most one
+// per kWarps tiles.
+template <typename Kernel> int pass_blocks(Kernel kernel, int64_t total_tiles) {
+    int device = 0, sms = 0, per_sm = 0;
+    GMP_CUDA_CHECK(cudaGetDevice(&device));
+    GMP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    GMP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+    const int64_t wanted = ceil_div<int64_t>(total_tiles, kWarps);
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(std::max(per_sm, 1)) * sms)));
+}
+
+template <bool Global> void run_passes(const PassArgs &args, int64_t segments, cudaStream_t stream) {
+    const int blocks = pass_blocks(kPass<Global>, args.total_tiles);
+    const unsigned grid = static_cast<unsigned>(segments);
+    for (int pass = 0; pass < kMaxPasses; ++pass) {
+        kPass<Global><<<blocks, kThreads, 0, stream>>>(args);
+        GMP_CUDA_CHECK(cudaGetLastError());
+        kResolve<<<grid, kThreads, 0, stream>>>(args.state, args.counters, args.hist);
+        GMP_CUDA_CHECK(cudaGetLastError());
+    }
+    kScanTile<Global><<<grid, 32, 0, stream>>>(args.table, args.n, args.state, args.space);
+    GMP_CUDA_CHECK(cudaGetLastError());
+}
+
+unsigned row_blocks(int64_t n) { return static_cast<unsigned>(ceil_div<int64_t>(n, kThreads)); }
+
+} // namespace
+
+int64_t select_scratch_bytes(int64_t n, int64_t total_numel, int32_t mode) {
+    GMP_CHECK(n >= 0, "n must be >= 0, got ", n);
+    GMP_CHECK(total_numel >= 0 && total_numel <= kMaxTiles * kTileElems, "total_numel must be in [0, 2^52], got ",
+              total_numel);
+    GMP_CHECK(mode == 0 || mode == 1, "mode must be 0 (layerwise) or 1 (global), got ", mode);
+    if (n == 0)
+        return 0;
+    // Each entry adds at most one partial tile.
+    const int64_t tiles = ceil_div<int64_t>(total_numel, kTileElems) + n;
+    const int64_t bytes = mode == 0 ? fixed_bytes(n, layerwise_rows(n, tiles)) : fixed_bytes(1, 1);
+    return bytes + tiles * kSlotsPerTile * int64_t(sizeof(uint64_t));
+}
+
+void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, void *scratch,
+                      int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
+    check_sizes(n, total_tiles);
+    if (n == 0)
+        return;
+    GMP_CHECK(table != nullptr && k != nullptr && out != nullptr, "table, k and out pointers must not be null");
+    const int64_t rows = layerwise_rows(n, total_tiles);
+    const Scratch sc = carve(scratch, scratch_bytes, n, rows, total_tiles);
+    const cudaStream_t s = as_stream(stream);
+    GMP_CUDA_CHECK(cudaMemsetAsync(scratch, 0, static_cast<size_t>(sc.fixed), s));
+    kInitLayerwise<<<1, kThreads, 0, s>>>(table, n, k, sc.state, rows, sc.slots);
+    GMP_CUDA_CHECK(cudaGetLastError());
+    kSelectSmall<<<static_cast<unsigned>(n), kThreads, 0, s>>>(table, sc.state, sc.counters);
+    GMP_CUDA_CHECK(cudaGetLastError());
+    run_passes<false>(PassArgs{table, n, sc.state, sc.counters, sc.hist, sc.cand, total_tiles, kNative}, n, s);
+    kFinishLayerwise<<<row_blocks(n), kThreads, 0, s>>>(sc.state, sc.counters, n, out);
+    GMP_CUDA_CHECK(cudaGetLastError());
+}
+
+void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, void *scratch,
+                   int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
+    check_sizes(n, total_tiles);
+    GMP_CHECK(key_space == kNative || key_space == kWide, "unknown key space ", key_space);
+    GMP_CHECK(k >= 0 && k <= total_tiles * kTileElems, "k must be in [0, total elements], got ", k);
+    if (n == 0)
+        return;
+    GMP_CHECK(table != nullptr && out != nullptr, "table and out pointers must not be null");
+    const Scratch sc = carve(scratch, scratch_bytes, 1, 1, total_tiles);
+    const cudaStream_t s = as_stream(stream);
+    GMP_CUDA_CHECK(cudaMemsetAsync(scratch, 0, static_cast<size_t>(sc.fixed), s));
+    kInitGlobal<<<1, kThreads, 0, s>>>(table, n, k, key_space, sc.state, total_tiles, sc.slots);
+    GMP_CUDA_CHECK(cudaGetLastError());
+    run_passes<true>(PassArgs{table, n, sc.state, sc.counters, sc.hist, sc.cand, total_tiles, key_space}, 1, s);
+    kFinishGlobal<<<row_blocks(n), kThreads, 0, s>>>(table, n, sc.state, sc.counters, key_space, out);
+    GMP_CUDA_CHECK(cudaGetLastError());
+}
+
+} // namespace gmp::cuda
