@@ -14,6 +14,7 @@ import torch  # noqa: F401  (loaded before gmp_ext._C so both share torch's Open
 
 from . import ops
 from ._version import __version__
+from .controller import GMP
 from .pruner import (
     SparsityReport,
     apply_masks,
@@ -27,6 +28,7 @@ from .pruner import (
 from .schedule import GMPSchedule
 
 __all__ = [
+    "GMP",
     "GMPSchedule",
     "SparsityReport",
     "__version__",

@@ -1,0 +1,89 @@
+"""Lightning callback: ``Trainer(callbacks=[GMPCallback(schedule, fine_tune_weight_decay=0.0)])``.
+
+Works with ``lightning`` (``lightning.pytorch``) or the older ``pytorch_lightning`` package.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+try:
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError:
+    try:
+        from pytorch_lightning import Callback, LightningModule, Trainer
+    except ImportError as exc:
+        raise ImportError(
+            "gmp_ext.integrations.lightning needs Lightning: pip install lightning"
+        ) from exc
+
+from ..controller import GMP
+from ..schedule import GMPSchedule
+from . import start_gmp
+
+__all__ = ["CHECKPOINT_KEY", "GMPCallback", "optimizer_steps_per_epoch"]
+
+CHECKPOINT_KEY = "gmp_ext"
+
+
+def optimizer_steps_per_epoch(trainer: Trainer) -> int:
+    """``ceil(num_training_batches / accumulate_grad_batches)``: Lightning also steps on an
+    epoch's last batch when the accumulation window is not full."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise ValueError(
+            "the train dataloader has no length, so the optimizer steps per epoch are unknown; "
+            "pass GMPCallback(..., steps_per_epoch=...)"
+        )
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+
+class GMPCallback(Callback):
+    """Gradual magnitude pruning of the LightningModule, driven by the trainer's first optimizer.
+
+    The controller (``self.gmp``) is built in ``on_train_start``, once the dataloader's length
+    is known; ``steps_per_epoch`` defaults to :func:`optimizer_steps_per_epoch`. Its state is
+    saved in checkpoints under ``checkpoint["gmp_ext"]`` and restored by ``Trainer.fit(...,
+    ckpt_path=...)``. ``gmp_kwargs`` go to :class:`gmp_ext.controller.GMP`.
+    """
+
+    def __init__(
+        self,
+        schedule: GMPSchedule,
+        *,
+        steps_per_epoch: int | None = None,
+        remove_on_fit_end: bool = False,
+        **gmp_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.steps_per_epoch = steps_per_epoch
+        self.remove_on_fit_end = remove_on_fit_end
+        self.gmp_kwargs = gmp_kwargs
+        self.gmp: GMP | None = None
+        self._saved: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        steps = self.steps_per_epoch or optimizer_steps_per_epoch(trainer)
+        self.gmp = start_gmp(
+            pl_module, trainer.optimizers[0], self.schedule, steps, self._saved, self.gmp_kwargs
+        )
+        self._saved = None
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.gmp is not None:
+            checkpoint[CHECKPOINT_KEY] = self.gmp.state_dict()
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Called before the optimizers exist; the controller loads it in on_train_start.
+        self._saved = checkpoint.get(CHECKPOINT_KEY)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.remove_on_fit_end and self.gmp is not None:
+            self.gmp.remove()
+            self.gmp = None

@@ -1,0 +1,200 @@
+"""Lightning and Hugging Face Trainer callbacks, run with the real libraries on tiny models."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from gmp_ext import ops
+from gmp_ext.schedule import GMPSchedule
+
+SCHEDULE = GMPSchedule(0.1, 0.6, 0, 2, 0.5)
+
+
+def assert_exact(model: nn.Module, names: list[str], sparsity: float) -> None:
+    weights = dict(model.named_parameters())
+    for name in names:
+        p = weights[name]
+        assert int((p == 0).sum()) == ops.prune_count(p.numel(), sparsity), name
+
+
+@pytest.mark.parametrize(
+    ("module", "missing"),
+    [
+        ("gmp_ext.integrations.lightning", ["lightning", "lightning.pytorch", "pytorch_lightning"]),
+        ("gmp_ext.integrations.transformers", ["transformers", "transformers.trainer_utils"]),
+    ],
+)
+def test_missing_library_raises_a_clear_import_error(monkeypatch, module, missing):
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` fail
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    importlib.import_module("gmp_ext.integrations")  # the package itself needs neither
+    with pytest.raises(ImportError, match=f"pip install {missing[0]}"):
+        importlib.import_module(module)
+
+
+# -- Lightning ------------------------------------------------------------------------------
+
+# Lightning's own warnings (no workers, deprecated torch APIs it uses) are not under test; ours
+# still fail the test.
+lightning_noise = pytest.mark.filterwarnings(
+    "ignore::UserWarning:lightning",
+    "ignore::FutureWarning",
+    "ignore::DeprecationWarning",
+    "error::gmp_ext.controller.GMPWarning",
+)
+
+
+def lightning_run(tmp_path, max_epochs: int, ckpt_path=None, save_as=None, **gmp_kwargs):
+    pl = pytest.importorskip("lightning.pytorch")
+    from gmp_ext.integrations.lightning import GMPCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1 = nn.Linear(8, 24)
+            self.fc2 = nn.Linear(24, 2)
+
+        def training_step(self, batch, _index):
+            x, y = batch
+            return nn.functional.cross_entropy(self.fc2(torch.relu(self.fc1(x))), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 8, generator=g), torch.arange(40) % 2)
+    loader = torch.utils.data.DataLoader(data, batch_size=8)  # 5 batches
+    callback = GMPCallback(SCHEDULE, fine_tune_weight_decay=0.0, **gmp_kwargs)
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=[callback],
+        accelerator="cpu",
+        accumulate_grad_batches=2,  # 3 optimizer steps per epoch: the last one after 1 batch
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = Tiny()
+    trainer.fit(model, loader, ckpt_path=ckpt_path)
+    if save_as is not None:
+        trainer.save_checkpoint(save_as)
+    return model, trainer, callback
+
+
+@lightning_noise
+def test_lightning_prunes_to_the_schedule(tmp_path):
+    model, trainer, callback = lightning_run(tmp_path, max_epochs=3)
+    gmp = callback.gmp
+    assert gmp.steps_per_epoch == 3 and gmp.step_count == trainer.global_step == 9
+    assert gmp.stage == "fine_tuning"
+    assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.0
+    assert_exact(model, ["fc1.weight", "fc2.weight"], 0.6)
+    assert [r["step"] for r in gmp.history] == [0, 2, 3, 5, 6]  # epochs 0, .5, 1, 1.5, 2
+
+
+@lightning_noise
+def test_lightning_checkpoint_resume_is_bit_identical(tmp_path):
+    reference, _, reference_callback = lightning_run(tmp_path, max_epochs=3)
+    path = tmp_path / "epoch1.ckpt"
+    lightning_run(tmp_path, max_epochs=1, save_as=path)
+    assert "gmp_ext" in torch.load(path, weights_only=True)
+    resumed, _, callback = lightning_run(tmp_path, max_epochs=3, ckpt_path=path)
+    assert callback.gmp.history == reference_callback.gmp.history
+    for name, p in reference.named_parameters():
+        assert torch.equal(p, dict(resumed.named_parameters())[name]), name
+
+
+@lightning_noise
+def test_lightning_remove_on_fit_end(tmp_path):
+    import gmp_ext
+
+    model, _, callback = lightning_run(tmp_path, max_epochs=1, remove_on_fit_end=True)
+    assert callback.gmp is None and gmp_ext.masks(model) == {}
+
+
+# -- Hugging Face Trainer -------------------------------------------------------------------
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 100, (n, 8), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
+
+
+def hf_train(output_dir, epochs: int = 3, resume=None, save_steps=None):
+    transformers = pytest.importorskip("transformers")
+    from gmp_ext.integrations.transformers import GMPCallback
+
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=100,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=4,  # 4 batches per epoch
+        gradient_accumulation_steps=3,  # 2 optimizer steps per epoch (3 + 1 batches)
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    callback = GMPCallback(SCHEDULE, fine_tune_weight_decay=0.0)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Pairs(), callbacks=[callback]
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer, callback
+
+
+def linear_weights(model: nn.Module) -> list[str]:
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def test_transformers_prunes_to_the_schedule(tmp_path):
+    model, trainer, callback = hf_train(tmp_path)
+    gmp = callback.gmp
+    assert gmp.steps_per_epoch == 2 and gmp.step_count == trainer.state.global_step == 6
+    assert gmp.stage == "fine_tuning"
+    assert all(g["weight_decay"] == 0.0 for g in trainer.optimizer.param_groups)
+    names = linear_weights(model)
+    assert len(names) == 14 and list(gmp.history[-1]["layers"]) == names
+    assert_exact(model, names, 0.6)
+
+
+def test_transformers_checkpoint_resume(tmp_path):
+    reference, _, reference_callback = hf_train(tmp_path / "full")
+    hf_train(tmp_path / "run", save_steps=3)
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    assert (checkpoint / "gmp_ext.pt").is_file()
+    resumed, trainer, callback = hf_train(tmp_path / "run", resume=str(checkpoint))
+    assert callback.gmp.history == reference_callback.gmp.history
+    assert callback.gmp.step_count == trainer.state.global_step == 6
+    for name, p in reference.named_parameters():
+        assert torch.equal(p, dict(resumed.named_parameters())[name]), name
