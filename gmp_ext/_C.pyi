@@ -18,11 +18,24 @@ def cuda_driver_status() -> str: ...
 def cuda_apply_masks(table: int, n: int, total_tiles: int, stream: int) -> None: ...
 def cuda_select_scratch_bytes(n: int, total_numel: int, mode: int) -> int: ...
 def cuda_select_layerwise(
-    table: int, n: int, k: int, out: int, scratch: int, scratch_bytes: int, total_tiles: int,
+    table: int,
+    n: int,
+    k: int,
+    out: int,
+    scratch: int,
+    scratch_bytes: int,
+    total_tiles: int,
     stream: int,
 ) -> None: ...
 def cuda_select_global(
-    table: int, n: int, k: int, key_space: int, out: int, scratch: int, scratch_bytes: int,
-    total_tiles: int, stream: int,
+    table: int,
+    n: int,
+    k: int,
+    key_space: int,
+    out: int,
+    scratch: int,
+    scratch_bytes: int,
+    total_tiles: int,
+    stream: int,
 ) -> None: ...
 def cuda_build_masks(table: int, n: int, selection: int, total_tiles: int, stream: int) -> None: ...

@@ -13,7 +13,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from gmp_ext.cli import main  # noqa: E402
+from gmp_ext.cli import main
 
 
 @pytest.fixture(scope="module")
