@@ -492,7 +492,33 @@ def _execute(args, sparsities, seeds, plan, started) -> dict[str, Any]:
     results["figures"] = [p.name for p in write_figures(runs, plan, dense_acc, args.out)]
     results["wall_s"] = time.perf_counter() - started
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "summary.md").write_text(markdown_summary(results))
     return results
+
+
+def markdown_summary(results: dict[str, Any]) -> str:
+    """The comparison as a Markdown table with the command that produced it."""
+    config = results["config"]
+    dense = list(results["dense_accuracy"].values())
+    spread = statistics.stdev(dense) if len(dense) > 1 else 0.0
+    lines = [
+        f"`{results['command']}` ({config['seeds']} seeds, {config['epochs']} retraining epochs, "
+        f"{results['threads']} thread(s), {results['wall_s']:.0f} s; gmp_ext "
+        f"{results['versions']['gmp_ext']}, torch {results['versions']['torch']})",
+        "",
+        f"Dense: {100 * statistics.fmean(dense):.2f} ± {100 * spread:.2f}% test accuracy.",
+        "",
+        "| arm | target | achieved | test accuracy (mean ± std) | drop vs dense (points) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results["summary"]:
+        lines.append(
+            f"| {ARM_LABELS[r['arm']]} | {r['target']:g} | {r['achieved']:.4f} | "
+            f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}% | "
+            f"{100 * r['drop_vs_dense']:+.2f} |"
+        )
+    lines += ["", *(f"- {line}" for line in results["verdicts"]), ""]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ def test_quick_demo_runs_and_reports(quick_run, capsys):
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert {r["arm"] for r in results["summary"]} == {"gmp", "oneshot_ft", "oneshot"}
+    assert "| GMP (gradual) | 0.9 | 0.9000 |" in (out / "summary.md").read_text()
     for name in ("sparsity_per_layer.png", "schedule_lr.png", "accuracy.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for run in results["runs"]:
