@@ -1,11 +1,22 @@
 """Mask apply after an optimizer step: gmp_ext's fused packed-mask apply against PyTorch.
 
-    python benchmarks/bench_apply_masks.py [--models resnet50] [--dtype float32] [--device cpu]
+    python benchmarks/bench_apply_masks.py [--models resnet50 bert_base llama_7b]
+        [--dtype float32 bfloat16] [--device cpu|cuda] [--repeats 20]
 
-gmp_ext applies 1-bit masks to every tensor in one native call (the table is built once, as
-`gmp_ext.attach` does); the baselines multiply by dense masks of the weights' dtype with
-`torch._foreach_mul_` and with a per-tensor `mul_` loop. Masks come from a real 90% magnitude
-selection. Reports p50 milliseconds, the bytes each method must move and the effective GB/s.
+gmp_ext applies 1-bit masks to every tensor in one native call: the table is built once with
+``backend.apply_plan`` and each step is ``backend.run_apply(plan)``, as ``gmp_ext.attach`` does
+(on CUDA also as a CUDA-graph replay of that call). Baselines: dense masks of the weights'
+dtype with ``torch._foreach_mul_`` and with a per-tensor ``mul_`` loop, and the forward
+pre-hook of ``torch.nn.utils.prune`` (``weight = weight_orig * weight_mask`` per module, the
+work it does before every forward). Masks come from a real 90% magnitude selection of
+N(0, 1/fan_in) weights.
+
+Per row: p20/p50/p80 ms (CUDA events, L2 flushed before each call), ``bytes`` the method moves
+(packed: read + write W, read the bits; dense: read W and the mask, write W), ``gbps`` =
+bytes / p50, ``pct_of_copy`` against a device-to-device copy measured in the same run, and
+``floor_ratio`` = p50 / (bytes_floor / copy bandwidth) with bytes_floor = read W + read bits +
+write W, the least any apply must move. Rows go to
+benchmarks/results/apply_masks_<device>_<dtype>.json ($GMP_EXT_BENCH_OUT overrides the folder).
 """
 
 from __future__ import annotations
@@ -14,66 +25,214 @@ import argparse
 
 import torch
 from shapes import MODELS
-from utils import print_table, time_cpu, weights_for, write_rows
+from torch import nn
+from torch.nn.utils import prune
+from utils import (
+    available_bytes,
+    copy_gbps,
+    free_memory,
+    measure,
+    print_table,
+    rates,
+    weights_for,
+    write_rows,
+)
 
 from gmp_ext import _backend, ops
+from gmp_ext._layout import mask_bytes
 
 SPARSITY = 0.9
+MEMORY_HEADROOM = 0.92
 
 
-def bench_model(model: str, dtype: torch.dtype, device: torch.device, repeats: int) -> list[dict]:
+class _Holder(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+def _graph_of(fn):
+    """A CUDA graph of ``fn`` (warmed up on a side stream first, as torch asks)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+class Bench:
+    def __init__(self, model, dtype, device, repeats, copy, rows, save) -> None:
+        self.model, self.dtype, self.device = model, dtype, device
+        self.repeats, self.copy, self.rows, self.save = repeats, copy, rows, save
+
+    def row(self, provider: str, nbytes: float, floor: float, result: dict, **extra) -> dict:
+        row = {
+            "kernel": "apply_masks",
+            "provider": provider,
+            "model": self.model,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            **extra,
+            "bytes": int(nbytes),
+            "bytes_floor": int(floor),
+            **result,
+        }
+        if row["status"] == "ok":
+            row.update(rates(row["p50_ms"], nbytes, floor, self.copy))
+            row["copy_gbps"] = self.copy
+        self.rows.append(row)
+        self.save()
+        print(
+            f"  {self.model} {row['dtype']} {provider:40} "
+            + (f"{row['p50_ms']:9.3f} ms" if row["status"] == "ok" else row["status"]),
+            flush=True,
+        )
+        return row
+
+    def run(self, provider, fn, nbytes, floor, need=0.0, setup=None, **extra) -> dict:
+        free = available_bytes(self.device)
+        if need > MEMORY_HEADROOM * free:
+            result = {"status": f"skipped: needs ~{need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"}
+        else:
+            result = measure(self.device, fn, self.repeats, warmup=3, setup=setup)
+        return self.row(provider, nbytes, floor, result, **extra)
+
+
+def bench_model(model, dtype, device, repeats, copy, rows, save) -> None:
     weights = weights_for(MODELS[model](), dtype, device)
+    numel = sum(w.numel() for w in weights)
+    n_max = max(w.numel() for w in weights)
+    size = weights[0].element_size()
+    common = {"numel": numel, "tensors": len(weights)}
     packed = ops.magnitude_masks(weights, SPARSITY)
-    dense = [ops.unpack_mask(m, w.shape).to(w.dtype) for m, w in zip(packed, weights)]
     backend = _backend.backend_for(device)
     plan = backend.apply_plan(weights, packed)
-    numel = sum(w.numel() for w in weights)
-    packed_bytes = numel * (2 * weights[0].element_size() + 1 / 8)  # read + write W, read bits
-    dense_bytes = numel * 3 * weights[0].element_size()  # read W and mask, write W
-    methods = {
-        "gmp_ext fused (packed)": (lambda: backend.run_apply(plan), packed_bytes),
-        "gmp_ext ops.apply_masks_": (lambda: ops.apply_masks_(weights, packed), packed_bytes),
-        "torch._foreach_mul_ (dense)": (lambda: torch._foreach_mul_(weights, dense), dense_bytes),
-        "mul_ loop (dense)": (lambda: [w.mul_(m) for w, m in zip(weights, dense)], dense_bytes),
-    }
-    rows = []
-    for provider, (fn, nbytes) in methods.items():
-        timing = time_cpu(fn, repeats=repeats, warmup=3)
-        rows.append(
-            {
-                "kernel": "apply_masks",
-                "provider": provider,
-                "model": model,
-                "dtype": str(dtype).removeprefix("torch."),
-                "device": str(device),
-                "numel": numel,
-                "tensors": len(weights),
-                "bytes": int(nbytes),
-                **timing,
-                "gbps": nbytes / timing["p50_ms"] / 1e6,
-            }
-        )
-    baseline = next(r["p50_ms"] for r in rows if r["provider"].startswith("torch._foreach"))
-    for row in rows:
-        row["speedup_vs_foreach_mul"] = baseline / row["p50_ms"]
-    return rows
+    bits = sum(mask_bytes(w.numel()) for w in weights)
+    floor = 2 * numel * size + bits  # read + write W, read the bits
+    dense_bytes = 3 * numel * size  # read W and mask, write W
+    bench = Bench(model, dtype, device, repeats, copy, rows, save)
+
+    start = len(rows)
+    bench.run("gmp_ext fused (packed)", lambda: backend.run_apply(plan), floor, floor, **common)
+    if device.type == "cuda":
+        try:
+            graph = _graph_of(lambda: backend.run_apply(plan))
+            bench.run("gmp_ext fused (packed), CUDA graph", graph.replay, floor, floor, **common)
+            del graph
+        except RuntimeError as error:
+            status = {"status": "error: " + " ".join(str(error).split())[:300]}
+            bench.row("gmp_ext fused (packed), CUDA graph", floor, floor, status, **common)
+    fused = lambda: ops.apply_masks_(weights, packed)  # noqa: E731
+    bench.run("gmp_ext ops.apply_masks_", fused, floor, floor, **common)
+
+    need = numel * size + n_max * 2
+    if need > MEMORY_HEADROOM * available_bytes(device):
+        dense = None
+    else:
+        dense = [ops.unpack_mask(m, w.shape).to(w.dtype) for m, w in zip(packed, weights)]
+    bench.run(
+        "torch._foreach_mul_ (dense)",
+        lambda: torch._foreach_mul_(weights, dense),
+        dense_bytes,
+        floor,
+        need=need if dense is None else 0.0,
+        **common,
+    )
+    bench.run(
+        "mul_ loop (dense)",
+        lambda: [w.mul_(m) for w, m in zip(weights, dense)],
+        dense_bytes,
+        floor,
+        need=need if dense is None else 0.0,
+        **common,
+    )
+    dense = None
+    free_memory(device)
+
+    # torch.nn.utils.prune keeps weight_orig (the weights), weight_mask (dense, same dtype) and
+    # recomputes weight = weight_orig * weight_mask before every forward.
+    need = 2 * numel * size + numel + n_max * size
+    modules = None
+    if need <= MEMORY_HEADROOM * available_bytes(device):
+        modules = nn.ModuleList(_Holder(w) for w in weights)
+        for module, mask in zip(modules, packed):
+            prune.custom_from_mask(module, "weight", ops.unpack_mask(mask, module.weight.shape))
+        hooks = [(m, h) for m in modules for h in m._forward_pre_hooks.values()]
+    else:
+        hooks = []
+    bench.run(
+        "torch.nn.utils.prune pre-hook (dense)",
+        lambda: [hook(module, None) for module, hook in hooks],
+        dense_bytes,
+        floor,
+        need=need if modules is None else 0.0,
+        **common,
+    )
+    modules = hooks = None
+    free_memory(device)
+
+    baseline = next(
+        (
+            r["p50_ms"]
+            for r in rows[start:]
+            if r["provider"].startswith("torch._foreach") and r["status"] == "ok"
+        ),
+        None,
+    )
+    for row in rows[start:]:
+        if baseline and row["status"] == "ok":
+            row["speedup_vs_foreach_mul"] = baseline / row["p50_ms"]
+    save()
+    weights = packed = plan = None
+    free_memory(device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50"], choices=sorted(MODELS))
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"]
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--copy-gib", type=float, help="copy reference buffer (GiB)")
     args = parser.parse_args()
-    rows = []
-    for model in args.models:
-        rows += bench_model(
-            model, getattr(torch, args.dtype), torch.device(args.device), args.repeats
+    device = torch.device(args.device)
+    nbytes = int(args.copy_gib * 2**30) if args.copy_gib else None
+    copy = copy_gbps(device, nbytes)
+    print(f"copy reference: {copy['gbps']:.1f} GB/s (read + write), p50 {copy['p50_ms']:.3f} ms")
+    paths = []
+    for dtype in args.dtype:
+        rows: list[dict] = [{**copy, "dtype": dtype}]
+        name = f"apply_masks_{device.type}_{dtype}"
+
+        def save(rows=rows, name=name):
+            return write_rows(name, rows)
+
+        for model in args.models:
+            torch_dtype = getattr(torch, dtype)
+            bench_model(model, torch_dtype, device, args.repeats, copy["gbps"], rows, save)
+        paths.append(save())
+        print_table(
+            rows[1:],
+            [
+                "provider",
+                "model",
+                "dtype",
+                "p50_ms",
+                "gbps",
+                "pct_of_copy",
+                "floor_ratio",
+                "speedup_vs_foreach_mul",
+                "status",
+            ],
         )
-    path = write_rows(f"apply_masks_{args.device}_{args.dtype}", rows)
-    print_table(rows, ["provider", "model", "dtype", "p50_ms", "gbps", "speedup_vs_foreach_mul"])
-    print(f"rows: {path}")
+    for path in paths:
+        print(f"rows: {path}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,34 @@
 """Threshold selection: gmp_ext against pure PyTorch, per layer and global.
 
-    python benchmarks/bench_select.py [--models resnet50] [--dtype float32] [--device cpu]
+    python benchmarks/bench_select.py [--models resnet50 bert_base llama_7b]
+        [--dtype float32 bfloat16] [--device cpu|cuda] [--repeats 5] [--no-memory]
 
-Times (p50 of 5 after a warm-up) and the peak extra memory of each method, measured in a
-fresh subprocess as the growth of the peak resident set (CPU) or of
-torch.cuda.max_memory_allocated (CUDA) over the weights themselves. Writes long-format rows to
-benchmarks/results/select_<device>.json and prints a table with speed-ups against
-torch.kthvalue measured in the same run.
+Providers, at 90% sparsity (k = round(0.9 * n), the count torch.nn.utils.prune uses):
+
+* gmp_ext: ``ops.select_layerwise`` / ``ops._select_rows_global`` (thresholds), and
+  ``ops.magnitude_masks`` (thresholds + packed masks);
+* per layer: loops of ``torch.kthvalue``, ``torch.topk(sorted=False)``, ``torch.sort`` and
+  ``torch.quantile`` over |w| (each keeps only the threshold), and
+  ``torch.nn.utils.prune.l1_unstructured`` on fresh modules;
+* global: the same four on ``torch.cat`` of all weights, and
+  ``torch.nn.utils.prune.global_unstructured`` on fresh modules.
+
+Timing: one probe call first; a probe slower than ``--slow-ms`` is the result (``repeats: 1``),
+anything faster is warmed up and repeated ``--repeats`` times (p20/p50/p80). CUDA: events per
+call, L2 flushed before each. Memory: the peak the call adds on top of the weights, from the
+probe on CUDA (``max_memory_allocated``), from a fresh subprocess on CPU (peak resident set).
+A method whose memory estimate (``est_extra_mb``) does not fit in the free memory, or whose time
+predicted from a smaller model of the same run exceeds ``--max-call-s``, is recorded as
+``status: "skipped: ..."``; PyTorch's own refusals (quantile's 2^24-element limit, dtypes) and
+out-of-memory errors are recorded as ``"refused: ..."`` and ``"OOM"``.
+
+Rates: ``bytes_floor`` is the compulsory traffic of the task (one read of the weights for a
+threshold, plus a second read and the mask bits for masks), the same for every provider of a
+task; ``gbps = bytes_floor / p50``, ``pct_of_copy`` relates it to the copy bandwidth measured at
+the start of the run and ``floor_ratio = p50 / (bytes_floor / copy bandwidth)``.
+
+Rows go to benchmarks/results/select_<device>_<dtype>.json ($GMP_EXT_BENCH_OUT overrides the
+folder), rewritten after every method so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -16,137 +38,388 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from shapes import MODELS
-from utils import peak_rss_mb, print_table, reset_peak_rss_mb, time_cpu, weights_for, write_rows
+from torch import nn
+from torch.nn.utils import prune
+from utils import (
+    available_bytes,
+    copy_gbps,
+    free_memory,
+    measure,
+    peak_rss_mb,
+    print_table,
+    rates,
+    reset_peak_rss_mb,
+    weights_for,
+    write_rows,
+)
 
 from gmp_ext import ops
 
 SPARSITY = 0.9
+MEMORY_HEADROOM = 0.92  # of the free memory a method may be expected to take
+QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit (it raises above it)
 
 
 def _k(numel: int) -> int:
     return max(ops.prune_count(numel, SPARSITY), 1)
 
 
-def _methods(scope: str):
+@dataclass(frozen=True)
+class Sizes:
+    n: int  # elements in all
+    e: int  # bytes per element
+    n_max: int  # elements of the largest tensor
+    count: int  # tensors
+    k: int  # global prune count
+    cpu: bool  # PyTorch's CPU kernels copy more than its CUDA ones (measured on ResNet-50)
+
+    @classmethod
+    def of(cls, ws: list[torch.Tensor]) -> Sizes:
+        n = sum(w.numel() for w in ws)
+        cpu = ws[0].device.type == "cpu"
+        return cls(n, ws[0].element_size(), max(w.numel() for w in ws), len(ws), _k(n), cpu)
+
+
+@dataclass(frozen=True)
+class Method:
+    """``fn(weights)``, or ``fn(setup(weights))`` with the set-up outside the timed region."""
+
+    fn: Callable
+    extra: Callable[[Sizes], float]  # estimated peak extra bytes
+    setup: Callable | None = None
+    masks: bool = False  # also builds masks: the floor adds a read and the mask bits
+    native: bool = False
+
+
+class _Holder(nn.Module):
+    """A module owning one weight, as torch.nn.utils.prune expects (storage shared)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+def _holders(ws: list[torch.Tensor]) -> nn.ModuleList:
+    return nn.ModuleList(_Holder(w) for w in ws)
+
+
+def _l1_loop(modules: nn.ModuleList) -> nn.ModuleList:
+    for module in modules:
+        prune.l1_unstructured(module, "weight", amount=SPARSITY)
+    return modules
+
+
+def _global_unstructured(modules: nn.ModuleList) -> nn.ModuleList:
+    prune.global_unstructured(
+        [(m, "weight") for m in modules], pruning_method=prune.L1Unstructured, amount=SPARSITY
+    )
+    return modules
+
+
+def _cat_abs(ws: list[torch.Tensor]) -> torch.Tensor:
+    """|w| of all weights in one vector: one copy (the views are concatenated, then abs_)."""
+    return torch.cat([w.reshape(-1) for w in ws]).abs_()
+
+
+def _names(ws: list[torch.Tensor]) -> list[str]:
+    return [f"w{i}" for i in range(len(ws))]
+
+
+def _methods(scope: str) -> dict[str, Method]:
     if scope == "layer":
         return {
-            "gmp_ext": lambda ws: ops.select_layerwise(ws, SPARSITY),
-            "torch.kthvalue loop": lambda ws: [
-                torch.kthvalue(w.abs().reshape(-1), _k(w.numel())) for w in ws
-            ],
-            "torch.topk(sorted=False) loop": lambda ws: [
-                torch.topk(w.abs().reshape(-1), _k(w.numel()), largest=False, sorted=False)
-                for w in ws
-            ],
-            "torch.sort loop": lambda ws: [torch.sort(w.abs().reshape(-1)) for w in ws],
+            "gmp_ext": Method(
+                lambda ws: ops.select_layerwise(ws, SPARSITY),
+                lambda s: s.n / 8 + s.count * 2**16,
+                native=True,
+            ),
+            "gmp_ext + masks": Method(
+                lambda ws: ops.magnitude_masks(ws, SPARSITY),
+                lambda s: s.n / 4 + s.count * 2**16,
+                masks=True,
+                native=True,
+            ),
+            "torch.kthvalue loop": Method(
+                lambda ws: [torch.kthvalue(w.abs().reshape(-1), _k(w.numel())).values for w in ws],
+                lambda s: 4 * s.n_max * s.e,
+            ),
+            "torch.topk(sorted=False) loop": Method(
+                lambda ws: [
+                    torch.topk(
+                        w.abs().reshape(-1), _k(w.numel()), largest=False, sorted=False
+                    ).values.max()
+                    for w in ws
+                ],
+                lambda s: 2 * s.n_max * (2 * s.e + 8),
+            ),
+            "torch.sort loop": Method(
+                lambda ws: [torch.sort(w.abs().reshape(-1)).values[_k(w.numel()) - 1] for w in ws],
+                lambda s: s.n_max * (2 * s.e + 4 * (s.e + 8)),
+            ),
+            "torch.quantile loop": Method(
+                lambda ws: [torch.quantile(w.abs().reshape(-1), SPARSITY) for w in ws],
+                lambda s: s.n_max * (3 * s.e + 8),
+            ),
+            "torch.nn.utils.prune.l1_unstructured loop": Method(
+                _l1_loop,
+                lambda s: 2 * s.n * s.e + s.n_max * (4 * s.e + SPARSITY * (s.e + 8)),
+                setup=_holders,
+                masks=True,
+            ),
         }
     return {
-        "gmp_ext": lambda ws: ops._select_rows_global(
-            ws, [f"w{i}" for i in range(len(ws))], _k(sum(w.numel() for w in ws))
+        "gmp_ext": Method(
+            lambda ws: ops._select_rows_global(ws, _names(ws), _k(sum(w.numel() for w in ws))),
+            lambda s: s.n / 8 + 2**20,
+            native=True,
         ),
-        "gmp_ext + masks": lambda ws: ops.magnitude_masks(ws, SPARSITY, scope="global"),
-        "torch.cat + kthvalue": lambda ws: torch.kthvalue(
-            torch.cat([w.abs().reshape(-1) for w in ws]), _k(sum(w.numel() for w in ws))
+        "gmp_ext + masks": Method(
+            lambda ws: ops.magnitude_masks(ws, SPARSITY, scope="global"),
+            lambda s: s.n / 4 + 2**20,
+            masks=True,
+            native=True,
         ),
-        "torch.cat + topk(sorted=False)": lambda ws: torch.topk(
-            torch.cat([w.abs().reshape(-1) for w in ws]),
-            _k(sum(w.numel() for w in ws)),
-            largest=False,
-            sorted=False,
+        "torch.cat + kthvalue": Method(
+            lambda ws: torch.kthvalue(_cat_abs(ws), _k(sum(w.numel() for w in ws))).values,
+            lambda s: (4 if s.cpu else 2) * s.n * s.e,
+        ),
+        "torch.cat + topk(sorted=False)": Method(
+            lambda ws: torch.topk(
+                _cat_abs(ws), _k(sum(w.numel() for w in ws)), largest=False, sorted=False
+            ).values.max(),
+            lambda s: s.n * s.e + (2.5 * s.n if s.cpu else 1.1 * s.k) * (s.e + 8),
+        ),
+        "torch.cat + sort": Method(
+            lambda ws: torch.sort(_cat_abs(ws)).values[_k(sum(w.numel() for w in ws)) - 1],
+            lambda s: s.n * s.e + 2 * s.n * (s.e + 8),
+        ),
+        "torch.cat + quantile": Method(
+            lambda ws: torch.quantile(_cat_abs(ws), SPARSITY),
+            # Above 2^24 elements quantile refuses right after the concatenation.
+            lambda s: s.n * s.e + (s.n * (2 * s.e + 8) if s.n <= QUANTILE_LIMIT else 0),
+        ),
+        "torch.nn.utils.prune.global_unstructured": Method(
+            _global_unstructured,
+            lambda s: 10 * s.n * s.e + s.k * (s.e + 8),
+            setup=_holders,
+            masks=True,
         ),
     }
 
 
-def _extra_memory_mb(model: str, dtype: str, device: str, scope: str, method: str) -> float:
-    """Peak memory the method adds on top of the weights, in a fresh process."""
-    args = [
-        sys.executable,
-        __file__,
-        "--measure",
-        method,
-        "--models",
-        model,
-        "--dtype",
-        dtype,
-        "--device",
-        device,
-        "--scope",
-        scope,
-    ]
+def _bound(method: Method, weights: list[torch.Tensor]):
+    """(fn, setup) for utils.measure."""
+    if method.setup is None:
+        return (lambda: method.fn(weights)), None
+    return method.fn, (lambda: method.setup(weights))
+
+
+def _extra_memory_mb(model: str, dtype: str, device: str, scope: str, method: str):
+    """Peak memory the method adds on top of the weights, in a fresh process (CPU)."""
+    args = [sys.executable, __file__, "--measure", method, "--models", model, "--dtype", dtype]
+    args += ["--device", device, "--scope", scope]
     # A fixed mmap threshold stops glibc from keeping freed temporaries of the set-up in its
     # heap, where the method could reuse them without raising the peak resident set.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["extra_mb"]
+    done = subprocess.run(args, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["extra_mb"]
 
 
 def _measure(args) -> None:
-    weights = weights_for(MODELS[args.models[0]](), getattr(torch, args.dtype), args.device)
-    fn = _methods(args.scope)[args.measure]
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn(weights)
-        torch.cuda.synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        base = reset_peak_rss_mb()
-        fn(weights)
-        extra = peak_rss_mb() - base
-    print(json.dumps({"extra_mb": max(extra, 0.0)}))
+    weights = weights_for(MODELS[args.models[0]](), getattr(torch, args.dtype[0]), args.device)
+    fn, setup = _bound(_methods(args.scope)[args.measure], weights)
+    state = (setup(),) if setup is not None else ()
+    extra = None
+    try:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn(*state)
+            torch.cuda.synchronize()
+            extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            base = reset_peak_rss_mb()
+            fn(*state)
+            extra = peak_rss_mb() - base
+        extra = max(extra, 0.0)
+    except (RuntimeError, MemoryError):
+        pass  # the timing row already says why
+    print(json.dumps({"extra_mb": extra}))
+
+
+class Runner:
+    """Runs every method of every model for one dtype and keeps the rows on disk."""
+
+    def __init__(self, args, dtype: str, copy: dict) -> None:
+        self.args = args
+        self.dtype = dtype
+        self.device = torch.device(args.device)
+        self.copy = copy
+        self.rows: list[dict] = [{**copy, "dtype": dtype}]
+        self.throughput: dict[tuple[str, str], tuple[float, str]] = {}  # elements per ms
+        self.name = f"select_{self.device.type}_{dtype}"
+
+    def save(self):
+        return write_rows(self.name, self.rows)
+
+    def _skip_reason(self, key, method: Method, sizes: Sizes) -> str | None:
+        need = method.extra(sizes)
+        free = available_bytes(self.device)
+        if need > MEMORY_HEADROOM * free:
+            return f"skipped: needs ~{need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+        if key in self.throughput:
+            rate, source = self.throughput[key]
+            predicted_s = sizes.n / rate / 1e3
+            if predicted_s > self.args.max_call_s:
+                return (
+                    f"skipped: predicted ~{predicted_s:.0f} s per call from {source} "
+                    f"(--max-call-s {self.args.max_call_s:g})"
+                )
+        return None
+
+    def run_model(self, model: str) -> None:
+        start = time.perf_counter()
+        weights = weights_for(MODELS[model](), getattr(torch, self.dtype), self.device)
+        sizes = Sizes.of(weights)
+        weight_mb = sizes.n * sizes.e / 2**20
+        copy = self.copy["gbps"]
+        for scope in self.args.scopes:
+            scope_rows = []
+            for provider, method in _methods(scope).items():
+                if self.args.providers and not any(p in provider for p in self.args.providers):
+                    continue
+                key = (scope, provider)
+                row = {
+                    "kernel": f"select_{scope}",
+                    "provider": provider,
+                    "model": model,
+                    "dtype": self.dtype,
+                    "device": str(self.device),
+                    "numel": sizes.n,
+                    "tensors": sizes.count,
+                    "weights_mb": round(weight_mb, 1),
+                    "est_extra_mb": round(method.extra(sizes) / 2**20, 1),
+                }
+                reason = self._skip_reason(key, method, sizes)
+                if reason is not None:
+                    row["status"] = reason
+                else:
+                    fn, setup = _bound(method, weights)
+                    row.update(
+                        measure(
+                            self.device,
+                            fn,
+                            repeats=self.args.repeats,
+                            setup=setup,
+                            slow_ms=self.args.slow_ms,
+                            failure="error" if method.native else "refused",
+                        )
+                    )
+                if row["status"] == "ok":
+                    floor = sizes.n * sizes.e * (2 if method.masks else 1)
+                    floor += sizes.n / 8 if method.masks else 0
+                    row["bytes_floor"] = int(floor)
+                    row.update(rates(row["p50_ms"], floor, floor, copy))
+                    row["copy_gbps"] = copy
+                    self.throughput[key] = (sizes.n / row["p50_ms"], model)
+                    if self.device.type == "cpu" and not self.args.no_memory:
+                        row["extra_mb"] = _extra_memory_mb(
+                            model, self.dtype, self.args.device, scope, provider
+                        )
+                scope_rows.append(row)
+                self.rows.append(row)
+                self.save()
+                timing = (
+                    f"{row['p50_ms']:10.3f} ms  x{row['repeats']}"
+                    if row["status"] == "ok"
+                    else row["status"]
+                )
+                print(f"  {model} {self.dtype} {scope:6} {provider:42} {timing}", flush=True)
+            baseline = next(
+                (
+                    r["p50_ms"]
+                    for r in scope_rows
+                    if "kthvalue" in r["provider"] and r["status"] == "ok"
+                ),
+                None,
+            )
+            for row in scope_rows:
+                if baseline and row["status"] == "ok":
+                    row["speedup_vs_kthvalue"] = baseline / row["p50_ms"]
+            self.save()
+        del weights
+        free_memory(self.device)
+        print(f"  {model} {self.dtype}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50"], choices=sorted(MODELS))
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"]
+    )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scopes", nargs="+", default=["layer", "global"])
+    parser.add_argument("--providers", nargs="*", help="substrings of the providers to run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--slow-ms",
+        type=float,
+        default=1000.0,
+        help="probe time above which a method is timed once",
+    )
+    parser.add_argument(
+        "--max-call-s",
+        type=float,
+        default=120.0,
+        help="skip a method whose call is predicted (from a smaller model) to take longer",
+    )
+    parser.add_argument("--copy-gib", type=float, help="copy reference buffer (GiB)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--scope", choices=["layer", "global"], help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     args = parser.parse_args()
     if args.measure:
         _measure(args)
         return
 
-    rows = []
-    for model in args.models:
-        weights = weights_for(MODELS[model](), getattr(torch, args.dtype), args.device)
-        numel = sum(w.numel() for w in weights)
-        weight_mb = sum(w.numel() * w.element_size() for w in weights) / 2**20
-        for scope in ("layer", "global"):
-            baseline = None
-            for method, fn in _methods(scope).items():
-                timing = time_cpu(lambda fn=fn, ws=weights: fn(ws), repeats=args.repeats)
-                row = {
-                    "kernel": f"select_{scope}",
-                    "provider": method,
-                    "model": model,
-                    "dtype": args.dtype,
-                    "device": args.device,
-                    "numel": numel,
-                    "tensors": len(weights),
-                    "weights_mb": round(weight_mb, 1),
-                    **timing,
-                }
-                if not args.no_memory:
-                    row["extra_mb"] = _extra_memory_mb(
-                        model, args.dtype, args.device, scope, method
-                    )
-                if "kthvalue" in method:
-                    baseline = row["p50_ms"]
-                rows.append(row)
-            for row in rows:
-                if row["kernel"] == f"select_{scope}" and row["model"] == model and baseline:
-                    row["speedup_vs_kthvalue"] = baseline / row["p50_ms"]
-    path = write_rows(f"select_{args.device}_{args.dtype}", rows)
-    print_table(rows, ["kernel", "provider", "model", "p50_ms", "speedup_vs_kthvalue", "extra_mb"])
-    print(f"rows: {path}")
+    device = torch.device(args.device)
+    nbytes = int(args.copy_gib * 2**30) if args.copy_gib else None
+    copy = copy_gbps(device, nbytes)
+    print(f"copy reference: {copy['gbps']:.1f} GB/s (read + write), p50 {copy['p50_ms']:.3f} ms")
+    paths = []
+    for dtype in args.dtype:
+        runner = Runner(args, dtype, copy)
+        for model in args.models:
+            runner.run_model(model)
+        paths.append(runner.save())
+        print_table(
+            runner.rows[1:],
+            [
+                "kernel",
+                "provider",
+                "model",
+                "dtype",
+                "p50_ms",
+                "repeats",
+                "speedup_vs_kthvalue",
+                "pct_of_copy",
+                "extra_mb",
+                "status",
+            ],
+        )
+    for path in paths:
+        print(f"rows: {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# The GPU session in one command per device call (each stage stays well under 10 minutes):
+#
+#   bash benchmarks/gpu_session.sh build-test  # build (sm_90), python -m gmp_ext, all tests on
+#                                              # CUDA, then the opt-in >2^31-element test
+#   bash benchmarks/gpu_session.sh bench       # copy ceiling, apply fp32 + bf16, select fp32
+#   bash benchmarks/gpu_session.sh bench-bf16  # select bf16
+#   bash benchmarks/gpu_session.sh all         # all of it (longer than one call allows)
+#
+# Run from the repository root. Logs and JSON rows go to $OUT (default ./out, git-ignored);
+# a short table is printed last. Every stage first builds and installs gmp_ext unless the
+# installed copy was built from exactly these sources (a hash of csrc/, gmp_ext/,
+# CMakeLists.txt, pyproject.toml and the architecture list, stored beside the package).
+#
+# Environment: GMP_EXT_CUDA_ARCHS (default 90), MODELS (default "resnet50 bert_base llama_7b"),
+# PYTEST_STOP (default --maxfail=10; -x stops at the first failure), STAGE_SECONDS (default 560:
+# the deadline each stage keeps, inside the device's 10-minute limit per command), DEVICE
+# (default cuda; DEVICE=cpu smoke-tests the bench stages on a machine without a GPU) and
+# BENCH_ARGS (extra arguments for every benchmark script, e.g. "--repeats 2").
+set -uo pipefail
+
+stage=${1:-build-test}
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export OUT PYTHONUNBUFFERED=1 GMP_EXT_BENCH_OUT="$OUT"
+export GMP_EXT_CUDA_ARCHS=${GMP_EXT_CUDA_ARCHS:-90}
+MODELS=${MODELS:-resnet50 bert_base llama_7b}
+DEVICE=${DEVICE:-cuda}
+BENCH_ARGS=${BENCH_ARGS:-}
+PYTEST_STOP=${PYTEST_STOP:---maxfail=10}
+STAGE_SECONDS=${STAGE_SECONDS:-560}
+PY=python3
+status=0
+
+log() { printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
+
+# Seconds left before this stage's deadline, at most $1.
+budget() {
+    local left=$((STAGE_SECONDS - SECONDS))
+    ((left < 1)) && left=1
+    ((left > $1)) && left=$1
+    echo "$left"
+}
+
+gpu_summary() {
+    log "GPU"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,utilization.gpu,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit \
+            --format=csv || true
+    else
+        echo "nvidia-smi not found"
+    fi
+}
+
+source_hash() {
+    {
+        echo "archs=$GMP_EXT_CUDA_ARCHS"
+        find csrc gmp_ext CMakeLists.txt pyproject.toml -type f \
+            ! -path '*/__pycache__/*' ! -name '*.pyc' ! -name '*.so' -print0 |
+            LC_ALL=C sort -z | xargs -0 sha256sum
+    } | sha256sum | cut -c1-16
+}
+
+# The stamp of the installed build, or nothing ("-P": the source tree must not shadow it).
+installed_hash() {
+    $PY -P - <<'EOF' 2>/dev/null
+import pathlib, gmp_ext, gmp_ext._C
+stamp = pathlib.Path(gmp_ext.__file__).parent / "SOURCE_HASH"
+print(stamp.read_text().strip() if stamp.exists() else "")
+EOF
+}
+
+build() {
+    local want have
+    want=$(source_hash)
+    have=$(installed_hash)
+    if [[ -n "$have" && "$have" == "$want" ]]; then
+        log "build: installed gmp_ext matches the sources ($want), not rebuilt"
+        return 0
+    fi
+    log "build: GMP_EXT_CUDA_ARCHS=$GMP_EXT_CUDA_ARCHS pip install (log: $OUT/build.log)"
+    local start=$SECONDS
+    if ! timeout -k 10 "$(budget 420)" $PY -m pip install --no-build-isolation --no-deps -v \
+        --config-settings=build-dir=build/gpu-session . >"$OUT/build.log" 2>&1; then
+        tail -n 60 "$OUT/build.log"
+        echo "BUILD FAILED"
+        exit 1
+    fi
+    $PY -P - "$want" <<'EOF' || exit 1
+import pathlib, sys, gmp_ext
+(pathlib.Path(gmp_ext.__file__).parent / "SOURCE_HASH").write_text(sys.argv[1] + "\n")
+EOF
+    grep -E "gmp_ext: CUDA|Successfully installed|warning" "$OUT/build.log" | head -n 20
+    echo "built in $((SECONDS - start)) s"
+}
+
+diagnostics() {
+    log "python -m gmp_ext"
+    $PY -P -m gmp_ext || status=1
+}
+
+pytest_timeout_args() {
+    # pytest-timeout is on the device image; it turns a hung kernel into a stack dump.
+    if $PY -c "import pytest_timeout" 2>/dev/null; then
+        echo "--timeout=150 --timeout-method=thread"
+    fi
+}
+
+tests() {
+    log "tests on CUDA (log: $OUT/tests.log)"
+    # shellcheck disable=SC2046,SC2086
+    GMP_EXT_TEST_DEVICE=cuda timeout -k 10 "$(budget 330)" $PY -P -m pytest -q -rfEs \
+        $PYTEST_STOP --durations=15 $(pytest_timeout_args) tests/ 2>&1 |
+        tee "$OUT/tests.log" || status=1
+    log "slow test: > 2^31 elements (log: $OUT/tests_slow.log)"
+    # shellcheck disable=SC2046
+    GMP_EXT_TEST_DEVICE=cuda timeout -k 10 "$(budget 150)" $PY -P -m pytest -q -rfEs -m slow \
+        $(pytest_timeout_args) tests/test_cuda.py 2>&1 | tee "$OUT/tests_slow.log" || status=1
+}
+
+bench() {
+    # $1: "apply+fp32" or "bf16"
+    log "benchmarks (log: $OUT/bench.log)"
+    {
+        if [[ "$1" == "apply+fp32" ]]; then
+            timeout -k 10 "$(budget 60)" $PY benchmarks/bench_copy.py --device "$DEVICE" ||
+                echo "bench_copy failed: $?"
+            # shellcheck disable=SC2086
+            timeout -k 10 "$(budget 150)" $PY benchmarks/bench_apply_masks.py --device "$DEVICE" \
+                --models $MODELS --dtype float32 bfloat16 $BENCH_ARGS ||
+                echo "bench_apply_masks failed: $?"
+            dtype=float32
+        else
+            dtype=bfloat16
+        fi
+        # shellcheck disable=SC2086
+        timeout -k 10 "$(budget 420)" $PY benchmarks/bench_select.py --device "$DEVICE" \
+            --models $MODELS --dtype "$dtype" $BENCH_ARGS || echo "bench_select failed: $?"
+    } 2>&1 | tee -a "$OUT/bench.log"
+    log "summary"
+    $PY benchmarks/utils.py summarize "$OUT/copy_$DEVICE.json" "$OUT"/apply_masks_"$DEVICE"_*.json \
+        "$OUT"/select_"$DEVICE"_*.json || true
+}
+
+case "$stage" in
+build-test)
+    gpu_summary
+    build
+    diagnostics
+    tests
+    ;;
+bench)
+    gpu_summary
+    build
+    bench apply+fp32
+    ;;
+bench-bf16)
+    gpu_summary
+    build
+    bench bf16
+    ;;
+all)
+    STAGE_SECONDS=100000
+    gpu_summary
+    build
+    diagnostics
+    tests
+    bench apply+fp32
+    bench bf16
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_session.sh build-test|bench|bench-bf16|all" >&2
+    exit 2
+    ;;
+esac
+log "done: stage $stage, exit $status; files in $OUT:"
+ls -la "$OUT"
+exit "$status"
