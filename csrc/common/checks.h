@@ -17,14 +17,14 @@ template <typename... Args> std::string concat(const Args &...args) {
 
 } // namespace gmp::detail
 
-#define GMP_CHECK(cond, ...)                                                                       \
-    do {                                                                                           \
-        if (!(cond))                                                                               \
-            throw std::invalid_argument(::gmp::detail::concat("gmp_ext._C: ", __VA_ARGS__));       \
+#define GMP_CHECK(cond, ...)                                                                                           \
+    do {                                                                                                               \
+        if (!(cond))                                                                                                   \
+            throw std::invalid_argument(::gmp::detail::concat("gmp_ext._C: ", __VA_ARGS__));                           \
     } while (0)
 
-#define GMP_RUNTIME_CHECK(cond, ...)                                                               \
-    do {                                                                                           \
-        if (!(cond))                                                                               \
-            throw std::runtime_error(::gmp::detail::concat("gmp_ext._C: ", __VA_ARGS__));          \
+#define GMP_RUNTIME_CHECK(cond, ...)                                                                                   \
+    do {                                                                                                               \
+        if (!(cond))                                                                                                   \
+            throw std::runtime_error(::gmp::detail::concat("gmp_ext._C: ", __VA_ARGS__));                              \
     } while (0)

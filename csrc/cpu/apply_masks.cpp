@@ -4,8 +4,41 @@
 
 #include <cstring>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace gmp::cpu {
 namespace {
+
+// Clears the elements of 8 consecutive values whose bit in `byte` is 0: the byte is broadcast,
+// each lane tests its own bit, and the result is an all-ones or all-zeros lane mask. SSE2 is
+// part of x86-64, so this needs no runtime dispatch; other targets take the scalar loop.
+inline void apply_byte(uint32_t *data, uint32_t byte) {
+#if defined(__SSE2__)
+    const __m128i low = _mm_setr_epi32(1, 2, 4, 8);
+    const __m128i high = _mm_setr_epi32(16, 32, 64, 128);
+    const __m128i b = _mm_set1_epi32(static_cast<int>(byte));
+    auto *p = reinterpret_cast<__m128i *>(data);
+    _mm_storeu_si128(p, _mm_and_si128(_mm_loadu_si128(p), _mm_cmpeq_epi32(_mm_and_si128(b, low), low)));
+    _mm_storeu_si128(p + 1, _mm_and_si128(_mm_loadu_si128(p + 1), _mm_cmpeq_epi32(_mm_and_si128(b, high), high)));
+#else
+    for (int j = 0; j < 8; ++j)
+        data[j] &= (byte >> j) & 1u ? ~uint32_t(0) : 0u;
+#endif
+}
+
+inline void apply_byte(uint16_t *data, uint32_t byte) {
+#if defined(__SSE2__)
+    const __m128i bits = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m128i b = _mm_set1_epi16(static_cast<short>(byte));
+    auto *p = reinterpret_cast<__m128i *>(data);
+    _mm_storeu_si128(p, _mm_and_si128(_mm_loadu_si128(p), _mm_cmpeq_epi16(_mm_and_si128(b, bits), bits)));
+#else
+    for (int j = 0; j < 8; ++j)
+        data[j] &= (byte >> j) & 1u ? uint16_t(0xffff) : uint16_t(0);
+#endif
+}
 
 // Clears the elements of one tile whose mask bit is 0, 64 at a time; all-kept words are
 // skipped without a store, all-pruned words become one memset.
@@ -21,6 +54,11 @@ template <typename Bits> void apply_tile(Bits *data, const uint8_t *mask, int64_
             std::memset(data + first, 0, static_cast<size_t>(count) * sizeof(Bits));
             continue;
         }
+        if (count == 64) {
+            for (int byte = 0; byte < 8; ++byte)
+                apply_byte(data + first + 8 * byte, static_cast<uint32_t>(word >> (8 * byte)) & 0xffu);
+            continue;
+        }
         for (int64_t j = 0; j < count; ++j)
             data[first + j] &= static_cast<Bits>(Bits(0) - static_cast<Bits>((word >> j) & 1u));
     }
@@ -32,7 +70,7 @@ void apply_masks(const TensorEntry *table, int64_t n, int num_threads) {
     check_table(table, n, true);
     const std::vector<Tile> tiles = make_tiles(table, n);
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
-#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads, num_tiles * kTileElems))
+#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads, num_tiles *kTileElems))
     for (int64_t t = 0; t < num_tiles; ++t) {
         const Tile &tile = tiles[t];
         const TensorEntry &entry = table[tile.entry];

@@ -34,7 +34,7 @@ void build_masks(const TensorEntry *table, int64_t n, const Selection *selection
     }
     const std::vector<Tile> tiles = make_tiles(table, n);
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
-#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads, num_tiles * kTileElems))
+#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads, num_tiles *kTileElems))
     for (int64_t t = 0; t < num_tiles; ++t) {
         const Tile &tile = tiles[t];
         const TensorEntry &entry = table[tile.entry];

@@ -45,9 +45,7 @@ inline int64_t total_numel(const TensorEntry *table, int64_t n) {
     return total;
 }
 
-inline int threads_for(int requested, int64_t elems) {
-    return elems < kMinParallelElems ? 1 : std::max(1, requested);
-}
+inline int threads_for(int requested, int64_t elems) { return elems < kMinParallelElems ? 1 : std::max(1, requested); }
 
 inline void check_table(const TensorEntry *table, int64_t n, bool needs_mask) {
     GMP_CHECK(n >= 0, "table size must be >= 0, got ", n);

@@ -85,7 +85,8 @@ int64_t count_above(const KeyRange &r, uint32_t limit) {
     const auto &tiles = *r.tiles;
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     int64_t total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(threads_for(r.num_threads, num_tiles * kTileElems))
+#pragma omp parallel for schedule(static) reduction(+ : total)                                                         \
+    num_threads(threads_for(r.num_threads, num_tiles *kTileElems))
     for (int64_t t = 0; t < num_tiles; ++t) {
         const Tile &tile = tiles[t];
         visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
@@ -111,7 +112,7 @@ int64_t find_tie(const KeyRange &r, uint32_t key, int64_t rank) {
     const auto &tiles = *r.tiles;
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     std::vector<int64_t> per_tile(num_tiles, 0);
-#pragma omp parallel for schedule(static) num_threads(threads_for(r.num_threads, num_tiles * kTileElems))
+#pragma omp parallel for schedule(static) num_threads(threads_for(r.num_threads, num_tiles *kTileElems))
     for (int64_t t = 0; t < num_tiles; ++t) {
         const Tile &tile = tiles[t];
         int64_t c = 0;
@@ -255,7 +256,7 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
         out[e] = Selection{static_cast<int64_t>(t.key), t.index, kNative, t.nan_count};
     };
     const int64_t num_small = static_cast<int64_t>(small.size());
-#pragma omp parallel for schedule(dynamic) num_threads(threads_for(num_threads, num_small * kSmallEntry))
+#pragma omp parallel for schedule(dynamic) num_threads(threads_for(num_threads, num_small *kSmallEntry))
     for (int64_t s = 0; s < num_small; ++s)
         write(small[s], select_small(table[small[s]], k[small[s]]));
 
@@ -267,8 +268,7 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
     }
 }
 
-void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out,
-                   int num_threads) {
+void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads) {
     check_table(table, n, false);
     GMP_CHECK(n == 0 || out != nullptr, "out pointer must not be null");
     GMP_CHECK(key_space == kNative || key_space == kWide, "unknown key space ", key_space);

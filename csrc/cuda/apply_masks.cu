@@ -15,9 +15,9 @@ constexpr int kThreads = 256;
 static_assert(kTileElems == 32 * 64, "a warp covers 32 64-bit mask words");
 
 template <int ElemBytes> __device__ void apply_tile_vector(uint4 *data, uint64_t my_word, int lane) {
-    constexpr int kPerVec = 16 / ElemBytes;        // elements per 16-byte vector
-    constexpr int kVecs = kTileElems / kPerVec;    // vectors per tile
-    constexpr int kVecsPerWord = 64 / kPerVec;     // vectors sharing one mask word
+    constexpr int kPerVec = 16 / ElemBytes;     // elements per 16-byte vector
+    constexpr int kVecs = kTileElems / kPerVec; // vectors per tile
+    constexpr int kVecsPerWord = 64 / kPerVec;  // vectors sharing one mask word
     constexpr uint32_t kVecBits = (1u << kPerVec) - 1;
 #pragma unroll
     for (int j = 0; j < kVecs / 32; ++j) {
