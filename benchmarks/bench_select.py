@@ -323,6 +323,7 @@ class Runner:
                             setup=setup,
                             slow_ms=self.args.slow_ms,
                             failure="error" if method.native else "refused",
+                            confirm_slow=method.native,
                         )
                     )
                 if row["status"] == "ok":

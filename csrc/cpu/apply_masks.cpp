@@ -7,6 +7,10 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define GMP_HAVE_AVX2_DISPATCH 1
+#endif
 
 namespace gmp::cpu {
 namespace {
@@ -64,6 +68,28 @@ template <typename Bits> void apply_tile(Bits *data, const uint8_t *mask, int64_
     }
 }
 
+#ifdef GMP_HAVE_AVX2_DISPATCH
+// 8 fp32 lanes per mask byte in one 256-bit operation; chosen at run time on CPUs with AVX2.
+__attribute__((target("avx2"))) void apply_tile_avx2(uint32_t *data, const uint8_t *mask, int64_t begin, int64_t end) {
+    const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    int64_t first = begin;
+    for (; first + 64 <= end; first += 64) {
+        uint64_t word;
+        std::memcpy(&word, mask + first / 8, 8);
+        if (word == ~uint64_t(0))
+            continue;
+        for (int byte = 0; byte < 8; ++byte) {
+            const __m256i b = _mm256_set1_epi32(static_cast<int>((word >> (8 * byte)) & 0xffu));
+            auto *p = reinterpret_cast<__m256i *>(data + first + 8 * byte);
+            const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(b, bits), bits);
+            _mm256_storeu_si256(p, _mm256_and_si256(_mm256_loadu_si256(p), keep));
+        }
+    }
+    if (first < end)
+        apply_tile(data, mask, first, end);
+}
+#endif
+
 } // namespace
 
 void apply_masks(const TensorEntry *table, int64_t n, int num_threads) {
@@ -76,7 +102,12 @@ void apply_masks(const TensorEntry *table, int64_t n, int num_threads) {
         const TensorEntry &entry = table[tile.entry];
         const auto *mask = reinterpret_cast<const uint8_t *>(entry.mask);
         if (entry.dtype == kFloat32)
-            apply_tile(reinterpret_cast<uint32_t *>(entry.data), mask, tile.begin, tile.end);
+#ifdef GMP_HAVE_AVX2_DISPATCH
+            if (__builtin_cpu_supports("avx2"))
+                apply_tile_avx2(reinterpret_cast<uint32_t *>(entry.data), mask, tile.begin, tile.end);
+            else
+#endif
+                apply_tile(reinterpret_cast<uint32_t *>(entry.data), mask, tile.begin, tile.end);
         else
             apply_tile(reinterpret_cast<uint16_t *>(entry.data), mask, tile.begin, tile.end);
     }
