@@ -71,8 +71,28 @@ PYBIND11_MODULE(_C, m) {
         py::arg("table"), py::arg("n"), py::arg("selection"), py::arg("threads"), nogil,
         "Write packed keep-masks from selection rows.");
     m.def(
+        "cpu_histogram",
+        [](uintptr_t table, int64_t n, int32_t key_space, int32_t shift, int64_t bins, int32_t prefix_shift,
+           uintptr_t prefixes, uintptr_t out, uintptr_t nan_counts, int threads) {
+            gmp::cpu::histogram(ptr<const TensorEntry>(table), n, key_space, shift, bins, prefix_shift,
+                                ptr<const int64_t>(prefixes), ptr<int64_t>(out), ptr<int64_t>(nan_counts), threads);
+        },
+        py::arg("table"), py::arg("n"), py::arg("key_space"), py::arg("shift"), py::arg("bins"),
+        py::arg("prefix_shift"), py::arg("prefixes"), py::arg("out"), py::arg("nan_counts"), py::arg("threads"), nogil,
+        "Per-entry digit histograms of the keys, optionally within a key prefix, and NaN counts.");
+    m.def(
+        "cpu_find_equal",
+        [](uintptr_t table, int64_t n, int32_t key_space, uintptr_t keys, uintptr_t ranks, uintptr_t out, int threads) {
+            gmp::cpu::find_equal(ptr<const TensorEntry>(table), n, key_space, ptr<const int64_t>(keys),
+                                 ptr<const int64_t>(ranks), ptr<int64_t>(out), threads);
+        },
+        py::arg("table"), py::arg("n"), py::arg("key_space"), py::arg("keys"), py::arg("ranks"), py::arg("out"),
+        py::arg("threads"), nogil, "Per entry, the flat index of the rank-th element equal to a key.");
+    m.def(
         "cpu_apply_masks",
-        [](uintptr_t table, int64_t n, int threads) { gmp::cpu::apply_masks(ptr<const TensorEntry>(table), n, threads); },
+        [](uintptr_t table, int64_t n, int threads) {
+            gmp::cpu::apply_masks(ptr<const TensorEntry>(table), n, threads);
+        },
         py::arg("table"), py::arg("n"), py::arg("threads"), nogil, "Zero pruned elements of all entries.");
     m.def(
         "cpu_pack_bits",

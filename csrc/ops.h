@@ -14,11 +14,23 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
 
 // One selection over the concatenation of all entries (never materialised): the k smallest
 // (key, elem_base + flat index) pairs are pruned. Writes one row per entry.
-void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out,
-                   int num_threads);
+void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads);
 
 // Writes the packed keep-mask of every entry from its selection row.
 void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads);
+
+// Radix-select passes driven from outside (csrc/cpu/histogram.cpp), for selections whose counts
+// are summed across processes. out[e * bins + d] = number of elements of entry e whose digit
+// (key >> shift) & (bins - 1) is d, among those with key >> prefix_shift == prefixes[e] when
+// `prefixes` is not null (entries with a negative prefix are skipped). When `nan_counts` is not
+// null it receives each entry's NaN count (keys above the infinity key; skipped entries: 0).
+void histogram(const TensorEntry *table, int64_t n, int32_t key_space, int32_t shift, int64_t bins,
+               int32_t prefix_shift, const int64_t *prefixes, int64_t *out, int64_t *nan_counts, int num_threads);
+
+// out[e] = flat index of the ranks[e]-th (1-based, in index order) element of entry e whose key
+// is keys[e], or -1 when ranks[e] <= 0. A rank beyond the number of such elements throws.
+void find_equal(const TensorEntry *table, int64_t n, int32_t key_space, const int64_t *keys, const int64_t *ranks,
+                int64_t *out, int num_threads);
 
 // Zeroes every element whose mask bit is 0, for all entries at once.
 void apply_masks(const TensorEntry *table, int64_t n, int num_threads);

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loaded before gmp_ext._C so both share torch's OpenMP runtime)
 
-from . import ops
+from . import distributed, ops
 from ._version import __version__
 from .controller import GMP
+from .distributed import verify_masks_across_ranks
 from .pruner import (
     SparsityReport,
     apply_masks,
@@ -34,10 +35,12 @@ __all__ = [
     "__version__",
     "apply_masks",
     "attach",
+    "distributed",
     "masks",
     "ops",
     "prune_step",
     "remove",
     "select_parameters",
     "sparsity_report",
+    "verify_masks_across_ranks",
 ]

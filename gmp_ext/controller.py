@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from .masks import MaskEntry, MaskStore, export_mask, get_store, import_mask
 from .pruner import ParamSpec, _matches, prune_step, remove, select_parameters
 from .schedule import GMPSchedule, Recipe, Stage, load_recipe
@@ -99,11 +99,8 @@ def _capped_global(
         budget = min(k - sum(caps[n] for n in fixed), sum(t.numel() for t in tensors))
         rows = ops._select_rows_global(tensors, [f"parameter '{n}'" for n in free], budget)
         masks = ops._build(tensors, rows, ops._wide64(tensors))
-        over = [
-            n
-            for n, t, m in zip(free, tensors, masks)
-            if n in caps and t.numel() - ops._popcount(m, t.numel()) > caps[n]
-        ]
+        kept = distributed.kept_counts(tensors, masks)
+        over = [n for n, t, c in zip(free, tensors, kept) if n in caps and t.numel() - c > caps[n]]
         if not over:
             # The threshold of a global selection is the cut over all of its layers.
             thresholds = ops._thresholds(rows, tensors, [1] * len(free))
@@ -127,7 +124,7 @@ def _recipe_params(model: nn.Module, patterns: Sequence[str] | None) -> ParamSpe
     and anything else an exact name. A regex matching no parameter is an error."""
     if patterns is None or not any(p.startswith("re:") for p in patterns):
         return None if patterns is None else list(patterns)
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names = [n for n, _ in distributed.unwrap(model)[0].named_parameters(remove_duplicate=False)]
     unmatched = [p for p in patterns if not any(_match(p, n) for n in names)]
     if unmatched:
         raise ValueError(f"recipe params {unmatched} match no parameter of the model")
@@ -380,7 +377,7 @@ class GMP:
         else:
             prune_step(self._model, target, scope="global", params=names)
         entries = get_store(self._model).entries  # type: ignore[union-attr]
-        zeros = {n: int((p.detach() == 0).sum()) for n, p in self._params.items()}
+        zeros = dict(zip(self._params, distributed.zero_counts(list(self._params.values()))))
         record = {
             "epoch": self.epoch,
             "step": self._steps,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from ._backend import backend_for
 from ._layout import mask_bytes
 
@@ -30,13 +30,15 @@ class MaskEntry:
 
     @property
     def numel(self) -> int:
-        return self.param.numel()
+        """Elements the mask covers: the parameter's, or its local shard's for a DTensor."""
+        return distributed.local_tensor(self.param).numel()
 
     def kept(self) -> int:
         return ops._popcount(self.mask, self.numel)
 
     def sparsity(self) -> float:
-        """Fraction of the parameter's elements the mask prunes."""
+        """Fraction of the parameter's elements the mask prunes (of a DTensor: in this rank's
+        shard; ``prune_step`` returns the whole tensor's)."""
         return 1.0 - self.kept() / self.numel if self.numel else 0.0
 
 
@@ -54,7 +56,8 @@ class MaskStore:
         """Re-zero every pruned weight: one fused native call per device.
 
         The table of pointers is cached per device and rebuilt only when a parameter's storage
-        moved (``.to()``, ``load_state_dict`` with ``assign=True``, FSDP resharding).
+        moved (``.to()``, ``load_state_dict`` with ``assign=True``, FSDP resharding); a DTensor's
+        local shard is looked up on every call.
         """
         with torch.no_grad():
             by_device: dict[torch.device, list[MaskEntry]] = {}
@@ -64,7 +67,7 @@ class MaskStore:
                 self._apply_device(device, entries)
 
     def _apply_device(self, device: torch.device, entries: list[MaskEntry]) -> None:
-        params = [e.param.detach() for e in entries]
+        params = [distributed.local_tensor(e.param).detach() for e in entries]
         masks = [e.mask if e.mask.device == device else e.mask.to(device) for e in entries]
         fast = all(p.is_contiguous() and p.dtype != torch.float64 for p in params)
         if not fast:
@@ -89,7 +92,9 @@ _STORES: weakref.WeakKeyDictionary[nn.Module, MaskStore] = weakref.WeakKeyDictio
 
 
 def get_store(model: nn.Module, create: bool = False) -> MaskStore | None:
-    """The model's mask store (created on demand when ``create``)."""
+    """The model's mask store (created on demand when ``create``); a DDP wrapper shares the
+    store of the model it wraps."""
+    model, _ = distributed.unwrap(model)
     store = _STORES.get(model)
     if store is None and create:
         store = _STORES[model] = MaskStore()
@@ -97,18 +102,23 @@ def get_store(model: nn.Module, create: bool = False) -> MaskStore | None:
 
 
 def drop_store(model: nn.Module) -> MaskStore | None:
-    return _STORES.pop(model, None)
+    return _STORES.pop(distributed.unwrap(model)[0], None)
 
 
 def export_mask(entry: MaskEntry) -> torch.Tensor:
     """The entry's packed mask for a checkpoint: a CPU copy of exactly ``ceil(numel / 8)`` bytes,
-    so it does not depend on the storage padding or on the device it was built on."""
+    so it does not depend on the storage padding or on the device it was built on (a sharded
+    parameter's: see ``distributed.export_sharded_mask``)."""
+    if distributed.is_dtensor(entry.param):
+        return distributed.export_sharded_mask(entry.param, entry.mask)
     return entry.mask[: mask_bytes(entry.numel)].cpu().clone()
 
 
 def import_mask(param: nn.Parameter, packed: object, name: str) -> torch.Tensor:
     """A mask saved by :func:`export_mask`, checked against ``param`` and copied into the mask
     storage layout on the parameter's device (raises ValueError naming ``name`` otherwise)."""
+    if distributed.is_dtensor(param):
+        return distributed.import_sharded_mask(param, packed, name)
     numel = param.numel()
     size = mask_bytes(numel)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:

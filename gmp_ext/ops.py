@@ -120,12 +120,24 @@ def _checked(
     labels = _names(tensors, names, label)
     for tensor, lab in zip(tensors, labels):
         _check_tensor(tensor, lab)
+    if _distributed().any_dtensor(tensors):
+        raise NotImplementedError(
+            f"{label} holds DTensors; the tensor-level ops take local tensors "
+            "(DTensor.to_local()); sharded parameters are pruned by gmp_ext.prune_step and GMP"
+        )
     return tensors, labels
 
 
+def _distributed():
+    from . import distributed  # imports ops: loaded on first use
+
+    return distributed
+
+
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous read-only view of the values (a copy only for non-contiguous tensors)."""
-    return tensor.detach().contiguous()
+    """A contiguous read-only view of the values (a copy only for non-contiguous tensors); a
+    DTensor's local shard."""
+    return _distributed().local_tensor(tensor).detach().contiguous()
 
 
 def _backend_of(tensors: Sequence[torch.Tensor], reference: bool = False):
@@ -163,7 +175,10 @@ def _raise_on_nan(rows: torch.Tensor, tensors: Sequence[torch.Tensor], labels: l
 def _select_rows_layerwise(
     tensors: list[torch.Tensor], labels: list[str], ks: list[int]
 ) -> list[torch.Tensor]:
-    """Selection rows per tensor (on the tensor's device); raises before returning on NaN."""
+    """Selection rows per tensor (on the tensor's device); raises before returning on NaN.
+    DTensors get rows of their local shards, selected together across their mesh."""
+    if _distributed().any_dtensor(tensors):
+        return _distributed().select_layerwise_sharded(tensors, labels, ks)
     rows: list[torch.Tensor | None] = [None] * len(tensors)
     for indices in _groups(tensors).values():
         group = [_flat(tensors[i]) for i in indices]
@@ -190,6 +205,8 @@ def _wide64(tensors: Sequence[torch.Tensor]) -> list[bool]:
 def _select_rows_global(
     tensors: list[torch.Tensor], labels: list[str], k: int
 ) -> list[torch.Tensor]:
+    if _distributed().any_dtensor(tensors):
+        return _distributed().select_global_sharded(tensors, labels, k)
     _check_one_device(tensors)
     flat = [_flat(t) for t in tensors]
     key_space = key_space_for({t.dtype for t in tensors})
@@ -279,7 +296,9 @@ def _popcount(mask: torch.Tensor, numel: int, chunk: int = 1 << 24) -> int:
 
 
 def _new_mask(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(mask_storage_bytes(tensor.numel()), dtype=torch.uint8, device=tensor.device)
+    """Zeroed mask storage for the tensor (a DTensor: for its local shard)."""
+    local = _distributed().local_tensor(tensor)
+    return torch.zeros(mask_storage_bytes(local.numel()), dtype=torch.uint8, device=local.device)
 
 
 def _build(

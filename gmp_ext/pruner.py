@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import ops
+from . import distributed, ops
 from .masks import MaskEntry, drop_store, get_store
 
 __all__ = [
@@ -53,6 +53,13 @@ def _matches(pattern: str, name: str) -> bool:
 
 def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
+
+
+def _bare(name: str, prefix: str, named: Mapping[str, nn.Parameter]) -> str:
+    """A name given for a wrapped model (DDP's ``module.x``) as the user's model names it."""
+    if prefix and name.startswith(prefix) and name not in named:
+        return name[len(prefix) :]
+    return name
 
 
 def _default_selection(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -107,15 +114,29 @@ def select_parameters(
     """The parameters gmp_ext prunes, by name, each tensor once (tied weights: first name)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    # A DDP-wrapped model is pruned under the names of the model it wraps; names and patterns
+    # may carry the wrapper's "module." prefix or not.
+    model, prefix = distributed.unwrap(model)
+    if (
+        not callable(params)
+        and isinstance(params, Iterable)
+        and not isinstance(params, (str, bytes))
+    ):
+        named = _named_params(model)
+        params = [_bare(p, prefix, named) if isinstance(p, str) else p for p in params]
     chosen = _from_spec(model, params)
     patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
+
+    def excluded(pattern: str, name: str) -> bool:
+        return _matches(pattern, name) or (bool(prefix) and _matches(pattern, prefix + name))
+
     for pattern in patterns:
-        if not any(_matches(pattern, name) for name, _ in chosen):
+        if not any(excluded(pattern, name) for name, _ in chosen):
             warnings.warn(f"exclude entry {pattern!r} matches no selected parameter", stacklevel=3)
     selected: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for name, param in chosen:
-        if any(_matches(p, name) for p in patterns) or id(param) in seen:
+        if any(excluded(p, name) for p in patterns) or id(param) in seen:
             continue
         seen.add(id(param))
         selected[name] = param
@@ -142,9 +163,13 @@ def _targets(
         return selected, dict.fromkeys(selected, value)
     if scope == "global":
         raise ValueError("a per-parameter sparsity dict needs scope='layer'")
-    targets = {name: ops.check_sparsity(v, f"sparsity[{name!r}]") for name, v in sparsity.items()}
+    inner, prefix = distributed.unwrap(model)
+    named = _named_params(inner)
+    targets = {
+        _bare(name, prefix, named): ops.check_sparsity(v, f"sparsity[{name!r}]")
+        for name, v in sparsity.items()
+    }
     if params is None and exclude is None:
-        named = _named_params(model)
         unknown = [name for name in targets if name not in named]
         if unknown:
             raise ValueError(f"sparsity names no parameter of the model: {unknown}")
@@ -196,16 +221,19 @@ def prune_step(
     store = get_store(model, create=True)
     store.set_masks(entries)
     store.apply()
-    return {name: entry.sparsity() for name, entry in entries.items()}
+    if distributed.debug_checks_enabled():
+        distributed.verify_masks_across_ranks(model)
+    return distributed.mask_sparsities(entries)
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name: bool tensor of the weight's shape, True = kept} for every masked parameter."""
+    """{name: bool tensor of the weight's shape, True = kept} for every masked parameter (a
+    DTensor parameter's: a bool DTensor sharded like it)."""
     store = get_store(model)
     if store is None:
         return {}
     return {
-        name: ops.unpack_mask(entry.mask, entry.param.shape)
+        name: distributed.keep_flags(entry.param, entry.mask)
         for name, entry in store.entries.items()
     }
 
@@ -293,8 +321,9 @@ def sparsity_report(
         chosen = {name: e.param for name, e in store.entries.items()}
     else:
         chosen = select_parameters(model, params, exclude)
+    zeros = distributed.zero_counts(list(chosen.values()))
     rows = tuple(
-        SparsityRow(name, tuple(p.shape), p.numel(), int((p.detach() == 0).sum()))
-        for name, p in chosen.items()
+        SparsityRow(name, tuple(p.shape), p.numel(), z)
+        for (name, p), z in zip(chosen.items(), zeros)
     )
     return SparsityReport(rows)
