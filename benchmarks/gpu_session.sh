@@ -9,7 +9,7 @@
 #
 # Run from the repository root. Logs and JSON rows go to $OUT (default ./out, git-ignored);
 # a short table is printed last. Every stage first builds and installs gmp_ext unless the
-# installed copy was built from exactly these sources (a hash of csrc/, gmp_ext/,
+# installed copy was built from exactly these sources (a hash of csrc/, src/gmp_ext/,
 # CMakeLists.txt, pyproject.toml and the architecture list, stored beside the package).
 #
 # Environment: GMP_EXT_CUDA_ARCHS (default 90), MODELS (default "resnet50 bert_base llama_7b"),
@@ -56,7 +56,7 @@ gpu_summary() {
 source_hash() {
     {
         echo "archs=$GMP_EXT_CUDA_ARCHS"
-        find csrc gmp_ext CMakeLists.txt pyproject.toml -type f \
+        find csrc src CMakeLists.txt pyproject.toml -type f \
             ! -path '*/__pycache__/*' ! -name '*.pyc' ! -name '*.so' -print0 |
             LC_ALL=C sort -z | xargs -0 sha256sum
     } | sha256sum | cut -c1-16
