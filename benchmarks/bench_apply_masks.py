@@ -28,6 +28,7 @@ from shapes import MODELS
 from torch import nn
 from torch.nn.utils import prune
 from utils import (
+    add_common_arguments,
     available_bytes,
     copy_gbps,
     free_memory,
@@ -193,11 +194,7 @@ def bench_model(model, dtype, device, repeats, copy, rows, save) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50"], choices=sorted(MODELS))
-    parser.add_argument(
-        "--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"]
-    )
-    parser.add_argument("--device", default="cpu")
+    add_common_arguments(parser)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--copy-gib", type=float, help="copy reference buffer (GiB)")
     args = parser.parse_args()

@@ -47,6 +47,7 @@ from shapes import MODELS
 from torch import nn
 from torch.nn.utils import prune
 from utils import (
+    add_common_arguments,
     available_bytes,
     copy_gbps,
     free_memory,
@@ -365,11 +366,7 @@ class Runner:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50"], choices=sorted(MODELS))
-    parser.add_argument(
-        "--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"]
-    )
-    parser.add_argument("--device", default="cpu")
+    add_common_arguments(parser)
     parser.add_argument("--scopes", nargs="+", default=["layer", "global"])
     parser.add_argument("--providers", nargs="*", help="substrings of the providers to run")
     parser.add_argument("--repeats", type=int, default=5)

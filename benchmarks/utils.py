@@ -11,6 +11,7 @@ these scripts is written down ahead of time.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -215,6 +216,17 @@ def _probe(
     extra = torch.cuda.max_memory_allocated() - base
     del out
     return start.elapsed_time(end), max(extra, 0) / 2**20
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--models, --dtype and --device, shared by the benchmark scripts."""
+    from shapes import MODELS
+
+    parser.add_argument("--models", nargs="+", default=["resnet50"], choices=sorted(MODELS))
+    parser.add_argument(
+        "--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"]
+    )
+    parser.add_argument("--device", default="cpu")
 
 
 def measure(
