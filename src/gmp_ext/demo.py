@@ -527,7 +527,7 @@ def run(args: argparse.Namespace) -> int:
     for line in results["verdicts"]:
         print(line)
     print(
-        f"wrote {args.out / 'results.json'} and {', '.join(results['figures'])} "
+        f"wrote {args.out / 'results.json'}, summary.md and {', '.join(results['figures'])} "
         f"in {args.out} ({results['wall_s']:.0f} s)"
     )
     return 0
