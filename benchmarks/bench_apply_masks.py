@@ -30,7 +30,7 @@ from torch.nn.utils import prune
 from utils import (
     add_common_arguments,
     available_bytes,
-    copy_gbps,
+    copy_reference,
     free_memory,
     measure,
     print_table,
@@ -199,9 +199,7 @@ def main() -> None:
     parser.add_argument("--copy-gib", type=float, help="copy reference buffer (GiB)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    nbytes = int(args.copy_gib * 2**30) if args.copy_gib else None
-    copy = copy_gbps(device, nbytes)
-    print(f"copy reference: {copy['gbps']:.1f} GB/s (read + write), p50 {copy['p50_ms']:.3f} ms")
+    copy = copy_reference(device, args.copy_gib)
     paths = []
     for dtype in args.dtype:
         rows: list[dict] = [{**copy, "dtype": dtype}]

@@ -49,7 +49,7 @@ from torch.nn.utils import prune
 from utils import (
     add_common_arguments,
     available_bytes,
-    copy_gbps,
+    copy_reference,
     free_memory,
     measure,
     peak_rss_mb,
@@ -392,9 +392,7 @@ def main() -> None:
         return
 
     device = torch.device(args.device)
-    nbytes = int(args.copy_gib * 2**30) if args.copy_gib else None
-    copy = copy_gbps(device, nbytes)
-    print(f"copy reference: {copy['gbps']:.1f} GB/s (read + write), p50 {copy['p50_ms']:.3f} ms")
+    copy = copy_reference(device, args.copy_gib)
     paths = []
     for dtype in args.dtype:
         runner = Runner(args, dtype, copy)

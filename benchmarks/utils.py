@@ -229,6 +229,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
+def copy_reference(device: torch.device, copy_gib: float | None) -> dict:
+    """The copy row every result is compared with, measured now and printed."""
+    copy = copy_gbps(device, int(copy_gib * 2**30) if copy_gib else None)
+    print(f"copy reference: {copy['gbps']:.1f} GB/s (read + write), p50 {copy['p50_ms']:.3f} ms")
+    return copy
+
+
 def measure(
     device: torch.device | str,
     fn: Callable[..., object],
