@@ -164,6 +164,16 @@ def test_plot_sparsity_history_with_schedule() -> None:
     assert [child.get_xlabel() for child in ax.child_axes] == ["epoch"]
 
 
+def test_plot_sparsity_history_until_step_shows_fine_tuning() -> None:
+    figure = plot_sparsity_history(_records(), schedule=SCHEDULE, until_step=50 * 4)
+    (ax,) = figure.axes
+    assert list(_line(ax, "target sparsity").get_xdata()) == list(range(50 * 4 + 1))
+    conv = _line(ax, "conv1")
+    assert list(conv.get_xdata()) == [0, 4, 8, 12, 200]  # held from the last update
+    assert conv.get_ydata()[-1] == conv.get_ydata()[-2]
+    assert "fine-tuning" in _legend(ax)
+
+
 def test_plot_sparsity_history_many_layers_has_no_layer_legend() -> None:
     layers = {f"layer{i}": {"achieved": 0.5, "threshold": 0.0} for i in range(11)}
     records = [{"epoch": 1.0, "step": 10, "target": 0.5, "layers": layers}]

@@ -449,7 +449,11 @@ class GMP:
         from .plotting import plot_sparsity_history
 
         return plot_sparsity_history(
-            self._history, path, schedule=self.schedule, steps_per_epoch=self.steps_per_epoch
+            self._history,
+            path,
+            schedule=self.schedule,
+            steps_per_epoch=self.steps_per_epoch,
+            until_step=self._steps,
         )
 
     def remove(self) -> None:

@@ -383,7 +383,13 @@ def write_figures(
     schedule = GMPSchedule.from_state_dict(first["schedule"])
     steps = first["steps_per_epoch"]
     path = out / "sparsity_per_layer.png"
-    plot_sparsity_history(first["history"], path, schedule=schedule, steps_per_epoch=steps)
+    plot_sparsity_history(
+        first["history"],
+        path,
+        schedule=schedule,
+        steps_per_epoch=steps,
+        until_step=plan.epochs * steps,
+    )
     paths.append(path)
     path = out / "schedule_lr.png"
     plot_schedule(

@@ -169,6 +169,7 @@ def plot_sparsity_history(
     path: str | os.PathLike[str] | None = None,
     schedule: GMPSchedule | None = None,
     steps_per_epoch: float | None = None,
+    until_step: int | None = None,
 ) -> Figure:
     """Draw the sparsity each layer actually reached against optimizer step.
 
@@ -176,11 +177,14 @@ def plot_sparsity_history(
     {name: {"achieved", "threshold"}}}``. Without ``schedule`` the recorded targets are drawn;
     with it, the stages are shaded and the planned target curve is drawn through ``end_epoch``
     (``steps_per_epoch`` is then inferred from the records' step / epoch if not given).
+    ``until_step`` extends the plot to that optimizer step (the run's current one), so the
+    sparsity held during fine-tuning shows too.
     """
     records = sorted(records, key=lambda record: record["step"])
     if not records:
         raise ValueError("records is empty: there is nothing to plot")
-    last_step = records[-1]["step"]
+    reached = max(records[-1]["step"], until_step or 0)
+    last_step = reached
     if steps_per_epoch is None and schedule is not None:
         ratios = [r["step"] / r["epoch"] for r in records if r["epoch"] > 0]
         if not ratios:
@@ -208,6 +212,8 @@ def plot_sparsity_history(
         points = [
             (r["step"], r["layers"][name]["achieved"]) for r in records if name in r["layers"]
         ]
+        if points[-1][0] < reached:  # the sparsity holds until the next update
+            points.append((reached, points[-1][1]))
         ax.plot(
             *zip(*points),
             drawstyle="steps-post",
