@@ -134,9 +134,7 @@ def test_diagnostics():
     info = collect()
     assert info["torch"] == torch.__version__
     assert "reference" in info["backends available"]
-    assert info["compiled module"] == (
-        "yes" if _backend.native() is not None else info["compiled module"]
-    )
+    assert (info["compiled module"] == "yes") == (_backend.native() is not None)
     result = subprocess.run(
         [sys.executable, "-m", "gmp_ext"],
         capture_output=True,
@@ -154,5 +152,8 @@ def test_cuda_module_imports_without_driver():
     if module is None or not module.build_info()["cuda"]:
         pytest.skip("built without CUDA")
     count = module.cuda_device_count()
-    assert count == (torch.cuda.device_count() if count >= 0 else -1)
+    if torch.cuda.is_available():
+        assert count == torch.cuda.device_count()
+    else:  # no driver (-1) or a driver without devices (0); either way the import worked
+        assert count in (-1, 0)
     assert isinstance(module.cuda_driver_status(), str)
