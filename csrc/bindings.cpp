@@ -131,10 +131,10 @@ PYBIND11_MODULE(_C, m) {
         "Per-entry k-th smallest (|w|, index) selection of a device-resident table.");
     m.def(
         "cuda_select_global",
-        [](uintptr_t table, int64_t n, int64_t k, int32_t key_space, uintptr_t out, uintptr_t scratch,
+        [](uintptr_t table, int64_t n, uintptr_t k, int32_t key_space, uintptr_t out, uintptr_t scratch,
            int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
-            gmp::cuda::select_global(ptr<const TensorEntry>(table), n, k, key_space, ptr<Selection>(out),
-                                     ptr<void>(scratch), scratch_bytes, total_tiles, stream);
+            gmp::cuda::select_global(ptr<const TensorEntry>(table), n, ptr<const int64_t>(k), key_space,
+                                     ptr<Selection>(out), ptr<void>(scratch), scratch_bytes, total_tiles, stream);
         },
         py::arg("table"), py::arg("n"), py::arg("k"), py::arg("key_space"), py::arg("out"), py::arg("scratch"),
         py::arg("scratch_bytes"), py::arg("total_tiles"), py::arg("stream"), nogil,

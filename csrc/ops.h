@@ -16,7 +16,8 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
 // (key, elem_base + flat index) pairs are pruned. Writes one row per entry.
 void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads);
 
-// Writes the packed keep-mask of every entry from its selection row.
+// Writes the packed keep-mask of every entry from its selection row; a row with NaNs (nan_count > 0)
+// leaves its mask as it was, so a selection void for NaN weights never corrupts masks.
 void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads);
 
 // Radix-select passes driven from outside (csrc/cpu/histogram.cpp), for selections whose counts
@@ -61,12 +62,14 @@ void apply_masks(const TensorEntry *table, int64_t n, int64_t total_tiles, uintp
 // entries of total_numel elements in all: per-entry state, histograms and candidate slots.
 int64_t select_scratch_bytes(int64_t n, int64_t total_numel, int32_t mode);
 
-// Same contracts as the gmp::cpu selections with `table`, `k` (one per entry), `out` and `scratch`
-// in device memory: a fixed sequence of launches on `stream`, no host synchronisation.
+// Same contracts as the gmp::cpu selections with `table`, `k` (layerwise: one per entry; global: one
+// count, clamped to [0, total elements]), `out` and `scratch` in device memory: a fixed sequence of
+// launches on `stream`, no host synchronisation. k is read on the device, so a captured CUDA graph
+// replays with whatever counts were last written there.
 void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, void *scratch,
                       int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream);
-void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, void *scratch,
-                   int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream);
+void select_global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_space, Selection *out,
+                   void *scratch, int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream);
 
 // Same contract as gmp::cpu::build_masks with `table` and `selection` in device memory, one launch.
 void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles,

@@ -61,3 +61,19 @@ def test_pack_unpack_bad_input():
         ops.unpack_mask(torch.zeros(2), (3,))
     with pytest.raises(ValueError, match="outside tensor"):
         ops.build_masks([torch.ones(3)], [ops.Threshold(1, 1.0, 0, 5, 0)])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_rows_with_nans_leave_their_masks_as_they_were(native, device, backend):
+    """A selection void for NaN weights must not corrupt masks: such rows build nothing."""
+    impl = native if backend == "native" else _reference
+    tensors = [torch.randn(1, device=device), torch.zeros(33, device=device)]
+    tensors.append(torch.randn(5000, device=device))
+    masks = [ops._new_mask(t).fill_(0xA5) for t in tensors]
+    rows = torch.tensor(
+        [[0, -1, 0, 1], [0, 10, 0, 0], [0, -1, 0, 7]], dtype=torch.int64, device=device
+    )
+    impl.build_masks(tensors, rows, masks)
+    assert bool((masks[0] == 0xA5).all()) and bool((masks[2] == 0xA5).all())
+    want = _reference.pack_bits(torch.arange(33, device=device) > 10)
+    assert_same(masks[1][: mask_bytes(33)], want[: mask_bytes(33)])

@@ -7,10 +7,11 @@ one backend at once:
 * CUDA == C++ CPU == reference, bit for bit, on the same values (rows and whole mask storage),
   for fp32/fp16/bf16, heavy bf16 ties, all-zero tensors, sizes 0, 1, 33 and 2^20 + 7, and
   mixed-dtype global selections;
-* a prune step's raw launches (select + build + apply on pre-allocated buffers) and the fused
-  apply (``run_apply(plan)``) captured in CUDA graphs and replayed on new weights;
-* no host synchronisation: the raw step and the per-optimizer-step apply return while the GPU
-  is still busy, under ``torch.cuda.set_sync_debug_mode("error")``;
+* a prune step as a prepared backend job (select + build + apply on pre-allocated buffers),
+  ``gmp_ext.PrunePlan.step`` on a model (mixed dtypes, channels_last) and the fused apply
+  (``run_apply(plan)``) captured in CUDA graphs and replayed on new weights at new sparsities;
+* no host synchronisation: the job, ``PrunePlan.step`` and the per-optimizer-step apply return
+  while the GPU is still busy, under ``torch.cuda.set_sync_debug_mode("error")``;
 * opt-in (``-m slow``): a bf16 tensor of more than 2^31 elements (~4.3 GB) against a chunked
   histogram reference.
 
@@ -19,6 +20,7 @@ Everything skips without a GPU, or when GMP_EXT_TEST_DEVICE names another device
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext import _backend, _reference, ops
+from gmp_ext import PrunePlan, _reference, ops
 from gmp_ext._layout import KEY_SPACE_NATIVE, key_space_for, mask_bytes
 
 from .conftest import native_backend
@@ -166,51 +168,31 @@ def test_bf16_heavy_ties_on_many_tiles(native, cpu, kind):
 
 
 class RawStep:
-    """One prune step as raw ``_C`` launches on pre-allocated buffers: select (layerwise with a
-    device k array, or global), build the masks from the device rows, apply them. Nothing is
-    allocated and nothing is read back, so the step can be captured in a CUDA graph."""
+    """One prune step as a prepared backend job (select + build + apply on buffers allocated
+    once): nothing is allocated and nothing is read back when it runs, so it can be captured in
+    a CUDA graph, and the counts it prunes can be rewritten between replays."""
 
     def __init__(self, native, tensors, ks=None, k=None, key_space=KEY_SPACE_NATIVE):
-        self.C = native._C
+        self.native = native
         self.tensors = tensors
-        self.n = len(tensors)
-        self.ks, self.k_host, self.key_space = ks, k, key_space
-        self.mode = 0 if ks is not None else 1
+        self.ks, self.k, self.key_space = ks, k, key_space
         self.masks = [ops._new_mask(t) for t in tensors]
-        tile = native.tile_elems
-        self.select_table = _backend.build_table(tensors, None, tile, CUDA)
-        self.mask_table = _backend.build_table(tensors, self.masks, tile, CUDA)
-        self.tiles = native._tiles(tensors)
-        self.k = torch.tensor(ks if ks is not None else [0], dtype=torch.int64).to(CUDA)
-        total = sum(t.numel() for t in tensors)
-        nbytes = int(self.C.cuda_select_scratch_bytes(self.n, total, self.mode))
-        self.scratch = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=CUDA)
-        self.rows = torch.empty((self.n, 4), dtype=torch.int64, device=CUDA)
+        scope = "layer" if ks is not None else "global"
+        self.job = native.prepare(tensors, self.masks, scope, key_space)
+        self.set_counts(ks=ks, k=k)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.job.rows
+
+    def set_counts(self, ks=None, k=None) -> None:
+        self.ks, self.k = ks, k
+        self.job.set_counts(ks if ks is not None else [k])
 
     def __call__(self) -> None:
-        stream = torch.cuda.current_stream().cuda_stream
-        scratch = (self.scratch.data_ptr(), self.scratch.numel(), self.tiles, stream)
-        if self.mode == 0:
-            self.C.cuda_select_layerwise(
-                self.select_table.data_ptr(),
-                self.n,
-                self.k.data_ptr(),
-                self.rows.data_ptr(),
-                *scratch,
-            )
-        else:
-            self.C.cuda_select_global(
-                self.select_table.data_ptr(),
-                self.n,
-                self.k_host,
-                self.key_space,
-                self.rows.data_ptr(),
-                *scratch,
-            )
-        self.C.cuda_build_masks(
-            self.mask_table.data_ptr(), self.n, self.rows.data_ptr(), self.tiles, stream
-        )
-        self.C.cuda_apply_masks(self.mask_table.data_ptr(), self.n, self.tiles, stream)
+        self.native.select(self.job)
+        self.native.build(self.job)
+        self.native.apply(self.job)
 
     def load(self, values) -> None:
         """New weights into the same storage; rows and masks poisoned."""
@@ -221,10 +203,10 @@ class RawStep:
             m.fill_(POISON)
 
     def check(self, values, what: str) -> None:
-        if self.mode == 0:
+        if self.ks is not None:
             rows = _reference.select_layerwise(values, self.ks)
         else:
-            rows = _reference.select_global(values, self.k_host, self.key_space)
+            rows = _reference.select_global(values, self.k, self.key_space)
         assert_same(self.rows, rows, f"{what}: rows")
         for i, (t, v, m) in enumerate(zip(self.tensors, values, self.masks)):
             want = ops._new_mask(v)
@@ -277,12 +259,17 @@ def test_prune_step_replays_from_a_cuda_graph(native, scope, dtypes):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    for seed in (1, 2, 3):
+    for seed, sparsity in ((1, 0.7), (2, 0.2), (3, 0.95)):
+        # The graph reads the counts from device memory: a new sparsity needs no new capture.
+        if scope == "layer":
+            step.set_counts(ks=[round(sparsity * n) for n in STEP_SIZES])
+        else:
+            step.set_counts(k=round(sparsity * sum(STEP_SIZES)))
         values = _step_values(dtypes, seed)
         step.load(values)
         graph.replay()
         torch.cuda.synchronize()
-        step.check(values, f"replay {seed}")
+        step.check(values, f"replay {seed} s={sparsity}")
 
 
 def test_fused_apply_replays_from_a_cuda_graph(native):
@@ -310,6 +297,45 @@ def test_fused_apply_replays_from_a_cuda_graph(native):
         _reference.apply_masks(values, masks)
         for i, (t, v) in enumerate(zip(tensors, values)):
             assert_same(t, v, f"replay {seed}: tensor {i}")
+
+
+class PlanNet(nn.Module):
+    """Mixed dtypes, a channels_last conv (staged through a contiguous copy) and odd sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 32, 3).to(memory_format=torch.channels_last)
+        self.fc = nn.Linear(1000, 333)
+        self.bf16 = nn.Linear(257, 129).to(torch.bfloat16)
+        self.fp16 = nn.Linear(33, 65).to(torch.float16)
+
+
+def _same_models(a: nn.Module, b: nn.Module, what: str) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert_same(p, q, f"{what}: {name}")
+    masks_a, masks_b = gmp_ext.masks(a), gmp_ext.masks(b)
+    for name, keep in masks_a.items():
+        assert torch.equal(keep, masks_b[name]), f"{what}: mask {name}"
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_prune_plan_replays_from_a_cuda_graph(scope):
+    model = PlanNet().to(CUDA)
+    plan = PrunePlan(model, 0.5, scope=scope)
+    _warm_up(plan.step)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan.step()
+    for seed, sparsity in ((1, 0.5), (2, 0.8), (3, 0.3)):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p))
+        twin = copy.deepcopy(model)
+        plan.set_sparsity(sparsity)
+        graph.replay()
+        assert plan.check() == gmp_ext.prune_step(twin, sparsity, scope=scope)
+        _same_models(model, twin, f"{scope} replay {seed}")
 
 
 # No host synchronisation ---------------------------------------------------------------------
@@ -359,6 +385,22 @@ def test_raw_prune_step_does_not_wait_for_the_gpu(native, scope):
     busy, host_ms = _returns_while_gpu_busy(step)
     assert busy, f"select + build + apply waited for the GPU ({host_ms:.1f} ms on the host)"
     step.check(values, "after the spin")
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_prune_plan_step_does_not_wait_for_the_gpu(scope):
+    model = PlanNet().to(CUDA)
+    twin = copy.deepcopy(model)
+    plan = PrunePlan(model, 0.6, scope=scope)
+    _warm_up(plan.step)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.copy_(torch.randn_like(p))
+            q.copy_(p)
+    busy, host_ms = _returns_while_gpu_busy(plan.step)
+    assert busy, f"PrunePlan.step waited for the GPU ({host_ms:.1f} ms on the host)"
+    assert plan.check() == gmp_ext.prune_step(twin, 0.6, scope=scope)
+    _same_models(model, twin, scope)
 
 
 def test_mask_store_apply_does_not_wait_for_the_gpu():

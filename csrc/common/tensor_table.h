@@ -25,7 +25,8 @@ struct Selection {
     int64_t key;       // threshold key (keys.h)
     int64_t index;     // flat index within the entry; -1: no element with this key is pruned
     int64_t key_space; // KeySpace (dtype.h)
-    int64_t nan_count; // NaN weights seen (selection is void when > 0; global: the total)
+    int64_t nan_count; // NaN weights seen (> 0: the selection is void and mask build skips the
+                       // entry; global: the total)
 };
 static_assert(sizeof(Selection) == 4 * sizeof(int64_t), "selection rows are four int64 columns");
 

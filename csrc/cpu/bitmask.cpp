@@ -92,6 +92,8 @@ void build_masks(const TensorEntry *table, int64_t n, const Selection *selection
         const Tile &tile = tiles[t];
         const TensorEntry &entry = table[tile.entry];
         const Selection &s = selection[tile.entry];
+        if (s.nan_count > 0)
+            continue;
         auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
         const uint64_t key = static_cast<uint64_t>(s.key);
         visit_keys(entry, static_cast<int32_t>(s.key_space), [&](auto key_of) {

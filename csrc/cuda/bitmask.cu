@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
         const TensorEntry entry = table[e];
         const Selection row = selection[e];
         const int count = tile_count(entry, tile);
-        if (count == 0 || entry.mask == 0)
+        if (count == 0 || entry.mask == 0 || row.nan_count > 0)
             continue;
         const int64_t first = (tile - entry.tile_base) * kTileElems;
         const Threshold t{static_cast<uint32_t>(row.key), row.index};

@@ -269,8 +269,9 @@ __global__ void __launch_bounds__(kThreads) kInitLayerwise(const TensorEntry *ta
     }
 }
 
-__global__ void __launch_bounds__(kThreads) kInitGlobal(const TensorEntry *table, int64_t n, int64_t k, int32_t space,
-                                                        SegState *state, int64_t total_tiles, int64_t slots) {
+__global__ void __launch_bounds__(kThreads) kInitGlobal(const TensorEntry *table, int64_t n, const int64_t *k,
+                                                        int32_t space, SegState *state, int64_t total_tiles,
+                                                        int64_t slots) {
     int64_t partial = 0;
     for (int64_t e = threadIdx.x; e < n; e += kThreads)
         partial += max(int64_t(0), table[e].numel);
@@ -282,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) kInitGlobal(const TensorEntry *table
     SegState s{};
     finish(s, 0, -1);
     if (total > 0 && total_tiles > 0 && is_valid_dtype(dtype)) {
-        s.rank = min(k, total);
+        s.rank = min(max(*k, int64_t(0)), total);
         s.tile_end = total_tiles;
         s.key_bits = key_bits(dtype, space);
         s.inf = inf_key(dtype, space);
@@ -752,14 +753,13 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
     GMP_CUDA_CHECK(cudaGetLastError());
 }
 
-void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, void *scratch,
-                   int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
+void select_global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_space, Selection *out,
+                   void *scratch, int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
     check_sizes(n, total_tiles);
     GMP_CHECK(key_space == kNative || key_space == kWide, "unknown key space ", key_space);
-    GMP_CHECK(k >= 0 && k <= total_tiles * kTileElems, "k must be in [0, total elements], got ", k);
     if (n == 0)
         return;
-    GMP_CHECK(table != nullptr && out != nullptr, "table and out pointers must not be null");
+    GMP_CHECK(table != nullptr && k != nullptr && out != nullptr, "table, k and out pointers must not be null");
     const Scratch sc = carve(scratch, scratch_bytes, 1, 1, total_tiles);
     const cudaStream_t s = as_stream(stream);
     GMP_CUDA_CHECK(cudaMemsetAsync(scratch, 0, static_cast<size_t>(sc.fixed), s));

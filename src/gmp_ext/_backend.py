@@ -11,12 +11,19 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
 from . import _reference
-from ._layout import DTYPE_CODES, SELECTION_COLUMNS, TABLE_COLUMNS, mask_storage_bytes
+from ._layout import (
+    DTYPE_CODES,
+    KEY_SPACE_NATIVE,
+    SELECTION_COLUMNS,
+    TABLE_COLUMNS,
+    mask_storage_bytes,
+)
 
 BACKENDS = ("cuda", "cpu", "reference")
 ENV_BACKEND = "GMP_EXT_BACKEND"
@@ -100,36 +107,90 @@ def build_table(
     return table if device is None else table.to(device)
 
 
-def _selection_rows(n: int, device: torch.device) -> torch.Tensor:
-    return torch.empty((n, SELECTION_COLUMNS), dtype=torch.int64, device=device)
+@dataclass(eq=False)
+class Job:
+    """Buffers of select -> build -> apply over a fixed list of tensors, made once by a
+    backend's ``prepare`` and run any number of times: the tensor table (device-resident on
+    CUDA), the counts to prune (``[n]`` for layer scope, ``[1]`` for global), the selection rows
+    and the CUDA scratch. ``scope`` is "layer", "global", or None for a job that only builds
+    or applies masks. The table holds raw addresses: ``tensors`` and ``masks`` keep them
+    alive, and a tensor whose storage moves needs a new job."""
+
+    tensors: list[torch.Tensor]
+    masks: list[torch.Tensor] | None
+    scope: str | None
+    key_space: int
+    counts: torch.Tensor
+    rows: torch.Tensor
+    table: torch.Tensor | None = None
+    tiles: int = 0
+    scratch: torch.Tensor | None = None
+
+    def set_counts(self, counts: Sequence[int]) -> None:
+        """Elements to prune, written without waiting for the device (read when select runs)."""
+        self.counts.copy_(torch.tensor(list(counts), dtype=torch.int64), non_blocking=True)
 
 
-class CpuBackend:
-    """Multi-threaded C++ kernels (csrc/cpu) on host memory; tensors must be contiguous."""
+def _new_job(
+    tensors: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor] | None,
+    scope: str | None,
+    key_space: int,
+    device: torch.device,
+    **native: object,
+) -> Job:
+    n = len(tensors)
+    counts = {"layer": n, "global": 1, None: 0}[scope]
+    return Job(
+        list(tensors),
+        None if masks is None else list(masks),
+        scope,
+        key_space,
+        counts=torch.zeros(counts, dtype=torch.int64, device=device),
+        rows=torch.zeros((n, SELECTION_COLUMNS), dtype=torch.int64, device=device),
+        **native,
+    )
 
-    name = "cpu"
 
-    def __init__(self, module: ModuleType) -> None:
-        self._C = module
+class Backend:
+    """The ops every backend offers, written once over its job primitives (``prepare``,
+    ``select``, ``build``, ``apply``)."""
+
+    name: str
+
+    def prepare(
+        self,
+        tensors: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor] | None = None,
+        scope: str | None = None,
+        key_space: int = KEY_SPACE_NATIVE,
+    ) -> Job:
+        raise NotImplementedError
+
+    def select(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def build(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def apply(self, job: Job) -> None:
+        raise NotImplementedError
 
     def select_layerwise(self, tensors: Sequence[torch.Tensor], ks: Sequence[int]) -> torch.Tensor:
-        table = build_table(tensors)
-        k = torch.tensor(list(ks), dtype=torch.int64)
-        out = _selection_rows(len(tensors), torch.device("cpu"))
-        self._C.cpu_select_layerwise(
-            table.data_ptr(), len(tensors), k.data_ptr(), out.data_ptr(), _threads()
-        )
-        return out
+        """Selection rows [n, 4]: tensor i prunes ks[i] elements."""
+        job = self.prepare(tensors, None, "layer", KEY_SPACE_NATIVE)
+        job.set_counts(ks)
+        self.select(job)
+        return job.rows
 
     def select_global(
         self, tensors: Sequence[torch.Tensor], k: int, key_space: int
     ) -> torch.Tensor:
-        table = build_table(tensors)
-        out = _selection_rows(len(tensors), torch.device("cpu"))
-        self._C.cpu_select_global(
-            table.data_ptr(), len(tensors), k, key_space, out.data_ptr(), _threads()
-        )
-        return out
+        """Selection rows [n, 4] of one selection of k elements over all tensors."""
+        job = self.prepare(tensors, None, "global", key_space)
+        job.set_counts([k])
+        self.select(job)
+        return job.rows
 
     def build_masks(
         self,
@@ -137,22 +198,49 @@ class CpuBackend:
         selection: torch.Tensor,
         masks: Sequence[torch.Tensor],
     ) -> None:
-        table = build_table(tensors, masks)
-        rows = selection.contiguous()
-        self._C.cpu_build_masks(table.data_ptr(), len(tensors), rows.data_ptr(), _threads())
+        job = self.prepare(tensors, masks)
+        job.rows = selection.to(job.rows.device).contiguous()
+        self.build(job)
 
-    def apply_plan(
-        self, tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, int]:
-        """The table of one fused apply; the mask store caches it between optimizer steps."""
-        return build_table(tensors, masks), 0
+    def apply_plan(self, tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> Job:
+        """The job of one fused apply; the mask store caches it between optimizer steps."""
+        return self.prepare(tensors, masks)
+
+    def run_apply(self, job: Job) -> None:
+        self.apply(job)
 
     def apply_masks(self, tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
-        self.run_apply(self.apply_plan(tensors, masks))
+        if tensors:
+            self.apply(self.prepare(tensors, masks))
 
-    def run_apply(self, plan: tuple[torch.Tensor, int]) -> None:
-        table, _ = plan
-        self._C.cpu_apply_masks(table.data_ptr(), table.shape[0], _threads())
+
+class CpuBackend(Backend):
+    """Multi-threaded C++ kernels (csrc/cpu) on host memory; tensors must be contiguous."""
+
+    name = "cpu"
+
+    def __init__(self, module: ModuleType) -> None:
+        self._C = module
+
+    def prepare(self, tensors, masks=None, scope=None, key_space=KEY_SPACE_NATIVE) -> Job:
+        cpu = torch.device("cpu")
+        return _new_job(tensors, masks, scope, key_space, cpu, table=build_table(tensors, masks))
+
+    def select(self, job: Job) -> None:
+        n, table, out = len(job.tensors), job.table.data_ptr(), job.rows.data_ptr()
+        if job.scope == "layer":
+            self._C.cpu_select_layerwise(table, n, job.counts.data_ptr(), out, _threads())
+        else:
+            k = int(job.counts[0])
+            self._C.cpu_select_global(table, n, k, job.key_space, out, _threads())
+
+    def build(self, job: Job) -> None:
+        self._C.cpu_build_masks(
+            job.table.data_ptr(), len(job.tensors), job.rows.data_ptr(), _threads()
+        )
+
+    def apply(self, job: Job) -> None:
+        self._C.cpu_apply_masks(job.table.data_ptr(), len(job.tensors), _threads())
 
     def pack_bits(self, flags: torch.Tensor) -> torch.Tensor:
         flat = flags.reshape(-1).to(torch.uint8).contiguous()
@@ -166,32 +254,37 @@ class CpuBackend:
         return flags.view(torch.bool)
 
 
-class ReferenceBackend:
-    """Pure PyTorch on any device (``_reference.py``)."""
+class ReferenceBackend(Backend):
+    """Pure PyTorch on any device (``_reference.py``); its jobs read the counts on the host."""
 
     name = "reference"
 
-    select_layerwise = staticmethod(_reference.select_layerwise)
-    select_global = staticmethod(_reference.select_global)
-    build_masks = staticmethod(_reference.build_masks)
-    apply_masks = staticmethod(_reference.apply_masks)
+    def prepare(self, tensors, masks=None, scope=None, key_space=KEY_SPACE_NATIVE) -> Job:
+        device = tensors[0].device if tensors else torch.device("cpu")
+        return _new_job(tensors, masks, scope, key_space, device)
+
+    def select(self, job: Job) -> None:
+        if job.scope == "layer":
+            rows = _reference.select_layerwise(job.tensors, job.counts.tolist())
+        else:
+            rows = _reference.select_global(job.tensors, int(job.counts[0]), job.key_space)
+        job.rows.copy_(rows.reshape(job.rows.shape))
+
+    def build(self, job: Job) -> None:
+        _reference.build_masks(job.tensors, job.rows, job.masks)
+
+    def apply(self, job: Job) -> None:
+        _reference.apply_masks(job.tensors, job.masks)
+
     pack_bits = staticmethod(_reference.pack_bits)
     unpack_bits = staticmethod(_reference.unpack_bits)
 
-    @staticmethod
-    def apply_plan(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]):
-        return list(tensors), list(masks)
-
-    @staticmethod
-    def run_apply(plan) -> None:
-        _reference.apply_masks(*plan)
-
 
 REFERENCE = ReferenceBackend()
-_instances: dict[str, object] = {}
+_instances: dict[str, Backend] = {}
 
 
-def _native_backend(name: str):
+def _native_backend(name: str) -> Backend:
     if name not in _instances:
         module = native()
         if module is None:
@@ -214,7 +307,7 @@ def forced_backend() -> str | None:
     return value
 
 
-def backend_for(device: torch.device):
+def backend_for(device: torch.device) -> Backend:
     """The backend that runs ops on tensors of ``device`` (honours GMP_EXT_BACKEND)."""
     global _warned_missing
     forced = forced_backend()

@@ -92,9 +92,12 @@ def keep_flags(tensor: torch.Tensor, key: int, index: int, key_space: int) -> to
 def build_masks(
     tensors: Sequence[torch.Tensor], selection: torch.Tensor, masks: Sequence[torch.Tensor]
 ) -> None:
-    """Writes each tensor's packed keep-mask into ``masks`` (uint8, padded storage)."""
+    """Writes each tensor's packed keep-mask into ``masks`` (uint8, padded storage); a row with
+    NaNs leaves its mask as it was."""
     for tensor, row, mask in zip(tensors, selection.tolist(), masks):
-        key, index, key_space, _ = row
+        key, index, key_space, nan_count = row
+        if nan_count > 0:
+            continue
         packed = pack_bits(keep_flags(tensor, key, index, key_space))
         mask.copy_(packed.to(mask.device))
 

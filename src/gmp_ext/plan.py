@@ -1,0 +1,230 @@
+"""A prune step prepared once and run many times without waiting for the device.
+
+``prune_step`` validates, reads NaN counts back and allocates fresh masks on every call, which
+is right for a call once per epoch. :class:`PrunePlan` does that work once: tensor tables,
+counts, selection rows and scratch are allocated when the plan is made, the masks are the
+model's own (written in place), and :meth:`PrunePlan.step` is a fixed sequence of launches
+(select, build, apply per device) with nothing read back. On CUDA it can be captured in a CUDA
+graph; :meth:`PrunePlan.set_sparsity` changes the counts the graph reads between replays, and
+:meth:`PrunePlan.check` reports NaN weights after the fact. A NaN weight voids its selection:
+mask build leaves the affected masks as they were (every mask, in global scope).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import distributed, ops
+from ._backend import REFERENCE, Backend, Job, backend_for
+from ._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE64, key_space_for
+from .masks import MaskEntry, get_store
+from .pruner import ParamSpec, SparsitySpec, _targets
+
+__all__ = ["PrunePlan"]
+
+
+@dataclass(eq=False)
+class _Group:
+    """Parameters of one device (and backend) and the job that prunes them."""
+
+    indices: list[int]
+    backend: Backend
+    job: Job
+    staged: list[tuple[torch.Tensor, torch.Tensor]]  # (parameter, contiguous copy) pairs
+
+
+class PrunePlan:
+    """Select -> build -> apply for a fixed set of parameters, prepared once.
+
+    ``scope``, ``params`` and ``exclude`` choose and group the parameters as in
+    :func:`gmp_ext.prune_step`; ``sparsity`` (a number, or {name: sparsity} in layer scope) sets
+    the first counts. The plan writes the masks kept in the model's mask store in place, so
+    :func:`gmp_ext.attach`, :func:`gmp_ext.masks` and :func:`gmp_ext.apply_masks` see every
+    update; parameters without a mask yet start with all weights kept.
+
+    Memory held while the plan lives: the CUDA selection scratch (one bit per weight), a
+    contiguous copy of each non-contiguous parameter, and a few bytes per parameter.
+    Sharded (DTensor) parameters need collectives between passes and are pruned by
+    :func:`gmp_ext.prune_step` instead.
+
+    Example (a CUDA graph that prunes at a sparsity set outside it)::
+
+        plan = gmp_ext.PrunePlan(model, 0.5, scope="global")
+        plan.step()                       # warm-up, eager
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            plan.step()
+        plan.set_sparsity(0.7)
+        graph.replay()
+        plan.check()                      # {name: sparsity}; raises on NaN weights
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: SparsitySpec = 0.0,
+        *,
+        scope: str = "layer",
+        params: ParamSpec = None,
+        exclude: Sequence[str] | str | None = None,
+    ) -> None:
+        selected, _ = _targets(model, sparsity, params, exclude, scope)
+        if distributed.any_dtensor(list(selected.values())):
+            raise NotImplementedError(
+                "PrunePlan does not take sharded (DTensor) parameters: their selection "
+                "all-reduces histograms between passes; use gmp_ext.prune_step"
+            )
+        self._model = model
+        self._scope = scope
+        self._names = list(selected)
+        self._params = [selected[n] for n in self._names]
+        self._labels = [f"parameter '{n}'" for n in self._names]
+        if scope == "global":
+            ops._check_one_device(self._params)
+        store = get_store(model, create=True)
+        self._entries = {
+            name: MaskEntry(param, self._mask_for(store.entries.get(name), param))
+            for name, param in zip(self._names, self._params)
+        }
+        store.set_masks(self._entries)
+        self._counts: list[int] = [0] * len(self._params)
+        self._prepare()
+        self.set_sparsity(sparsity)
+
+    @staticmethod
+    def _mask_for(entry: MaskEntry | None, param: torch.Tensor) -> torch.Tensor:
+        """The parameter's current mask, or a new one keeping every weight."""
+        if entry is not None and entry.param is param and entry.mask.device == param.device:
+            return entry.mask
+        mask = ops._new_mask(param)
+        full, rest = divmod(param.numel(), 8)
+        mask[:full] = 0xFF
+        if rest:
+            mask[full] = (1 << rest) - 1
+        return mask
+
+    def _prepare(self) -> None:
+        """Jobs per (device, backend) group, bound to the parameters' current storage."""
+        masks = [self._entries[n].mask for n in self._names]
+        wide64 = self._scope == "global" and self._key_space() == KEY_SPACE_WIDE64
+        self._groups: list[_Group] = []
+        for (_, on_reference), indices in ops._groups(self._params, [wide64] * len(masks)).items():
+            staged, work = [], []
+            for i in indices:
+                param = self._params[i].detach()
+                if not param.is_contiguous():
+                    staged.append((param, param.contiguous()))
+                    param = staged[-1][1]
+                work.append(param)
+            group_masks = [masks[i] for i in indices]
+            backend = REFERENCE if on_reference else backend_for(work[0].device)
+            job = backend.prepare(work, group_masks, self._scope, self._key_space())
+            self._groups.append(_Group(indices, backend, job, staged))
+        self._addresses = self._storage()
+
+    def _key_space(self) -> int:
+        if self._scope == "layer":
+            return KEY_SPACE_NATIVE
+        return key_space_for({p.dtype for p in self._params})
+
+    def _storage(self) -> list[tuple[int, torch.dtype, torch.device]]:
+        return [(p.data_ptr(), p.dtype, p.device) for p in self._params]
+
+    @property
+    def names(self) -> list[str]:
+        """The pruned parameters, in selection order."""
+        return list(self._names)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Elements each parameter prunes at the next step (global scope: the total, under the
+        first name; its split between parameters is known after the step)."""
+        if self._scope == "global":
+            return {self._names[0]: self._counts[0]}
+        return dict(zip(self._names, self._counts))
+
+    def set_sparsity(self, sparsity: SparsitySpec) -> None:
+        """Counts for the next steps: ``round(sparsity * numel)`` per parameter (layer scope,
+        a number or {name: sparsity} naming every parameter) or ``round(sparsity * total)``
+        (global scope). Written to the device without waiting; call it outside graph capture."""
+        if isinstance(sparsity, Mapping):
+            if self._scope == "global":
+                raise ValueError("a per-parameter sparsity dict needs scope='layer'")
+            missing = sorted(set(self._names) - set(sparsity))
+            extra = sorted(set(sparsity) - set(self._names))
+            if missing or extra:
+                raise ValueError(
+                    "the sparsity dict must name exactly the plan's parameters: "
+                    f"missing {missing}, not in the plan {extra}"
+                )
+            targets = [ops.check_sparsity(sparsity[n], f"sparsity[{n!r}]") for n in self._names]
+        else:
+            targets = [ops.check_sparsity(sparsity)] * len(self._names)
+        if self._scope == "global":
+            total = sum(p.numel() for p in self._params)
+            counts = [ops.prune_count(total, targets[0])]
+        else:
+            counts = [ops.prune_count(p.numel(), s) for p, s in zip(self._params, targets)]
+        for group in self._groups:
+            if self._scope == "global":  # one group: the selection spans every parameter
+                group.job.set_counts(counts)
+            else:
+                group.job.set_counts([counts[i] for i in group.indices])
+        self._counts = counts
+        self._sparsity = sparsity
+        for name, target in zip(self._names, targets):
+            self._entries[name].target = target
+
+    def step(self) -> None:
+        """Fresh masks from the current weights, and the pruned weights zeroed in place: launches
+        only on CUDA (nothing allocated, nothing read back). A parameter whose storage moved
+        since the last step (``.to()``, ``.half()``) gets new tables first, outside any graph."""
+        if self._storage() != self._addresses:
+            if [a[2] for a in self._storage()] != [a[2] for a in self._addresses]:
+                raise RuntimeError(
+                    "the plan's parameters moved to another device; make a new PrunePlan"
+                )
+            self._prepare()
+            self.set_sparsity(self._sparsity)
+        with torch.no_grad():
+            for group in self._groups:
+                for param, work in group.staged:
+                    work.copy_(param)
+                group.backend.select(group.job)
+                group.backend.build(group.job)
+                group.backend.apply(group.job)
+                for param, work in group.staged:
+                    param.copy_(work)
+
+    def check(self) -> dict[str, float]:
+        """Waits for the last step and returns {name: sparsity of its mask}; raises ValueError
+        naming the parameters that held NaN weights (their masks were left as they were)."""
+        nan_params = []  # counted by the selection: apply may since have zeroed pruned NaNs
+        for group in self._groups:
+            counts = group.job.rows[:, 3].tolist()
+            if self._scope == "global" and counts and counts[0]:
+                holders = [self._labels[i] for i in group.indices if self._has_nan(i)]
+                raise ValueError(
+                    f"{counts[0]} NaN weight(s) among the plan's parameters"
+                    f"{' (in ' + ', '.join(holders) + ')' if holders else ''}: magnitudes of NaN "
+                    "weights cannot be ranked, so the last step left every mask as before"
+                )
+            nan_params += [f"{self._labels[i]} ({c})" for i, c in zip(group.indices, counts) if c]
+        if nan_params:
+            raise ValueError(
+                f"NaN weights in {', '.join(nan_params)}: magnitudes of NaN weights cannot be "
+                "ranked, so the last step left their masks as before"
+            )
+        for group in self._groups:
+            rows = list(group.job.rows)
+            tensors = [self._params[i] for i in group.indices]
+            for i, th in zip(group.indices, ops._thresholds(rows, tensors, [1] * len(rows))):
+                self._entries[self._names[i]].threshold = th.value
+        return distributed.mask_sparsities(self._entries)
+
+    def _has_nan(self, i: int) -> bool:
+        return bool(torch.isnan(self._params[i].detach()).any())
