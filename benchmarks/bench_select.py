@@ -5,8 +5,10 @@
 
 Providers, at 90% sparsity (k = round(0.9 * n), the count torch.nn.utils.prune uses):
 
-* gmp_ext: ``ops.select_layerwise`` / ``ops._select_rows_global`` (thresholds), and
-  ``ops.magnitude_masks`` (thresholds + packed masks);
+* gmp_ext: ``ops.select_layerwise`` / ``ops._select_rows_global`` (thresholds),
+  ``ops.magnitude_masks`` (thresholds + packed masks, validated, NaN counts read back), and
+  ``prepared``: select + mask build of a backend job made once (the launches
+  ``gmp_ext.PrunePlan.step`` runs before its apply: no allocation, nothing read back);
 * per layer: loops of ``torch.kthvalue``, ``torch.topk(sorted=False)``, ``torch.sort`` and
   ``torch.quantile`` over |w| (each keeps only the threshold), and
   ``torch.nn.utils.prune.l1_unstructured`` on fresh modules;
@@ -60,7 +62,8 @@ from utils import (
     write_rows,
 )
 
-from gmp_ext import ops
+from gmp_ext import _backend, ops
+from gmp_ext._layout import key_space_for
 
 SPARSITY = 0.9
 MEMORY_HEADROOM = 0.92  # of the free memory a method may be expected to take
@@ -128,6 +131,30 @@ def _cat_abs(ws: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([w.reshape(-1) for w in ws]).abs_()
 
 
+class _Prepared:
+    """Select + build of a job prepared at the first call (and again if the weights move)."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+        self.addresses: tuple[int, ...] = ()
+
+    def __call__(self, ws: list[torch.Tensor]) -> torch.Tensor:
+        addresses = tuple(w.data_ptr() for w in ws)
+        if addresses != self.addresses:
+            self.backend = _backend.backend_for(ws[0].device)
+            masks = [ops._new_mask(w) for w in ws]
+            key_space = key_space_for({w.dtype for w in ws}) if self.scope == "global" else 0
+            self.job = self.backend.prepare(ws, masks, self.scope, key_space)
+            if self.scope == "global":
+                self.job.set_counts([_k(sum(w.numel() for w in ws))])
+            else:
+                self.job.set_counts([_k(w.numel()) for w in ws])
+            self.addresses = addresses
+        self.backend.select(self.job)
+        self.backend.build(self.job)
+        return self.job.rows
+
+
 def _names(ws: list[torch.Tensor]) -> list[str]:
     return [f"w{i}" for i in range(len(ws))]
 
@@ -142,6 +169,12 @@ def _methods(scope: str) -> dict[str, Method]:
             ),
             "gmp_ext + masks": Method(
                 lambda ws: ops.magnitude_masks(ws, SPARSITY),
+                lambda s: s.n / 4 + s.count * 2**16,
+                masks=True,
+                native=True,
+            ),
+            "gmp_ext prepared (+ masks)": Method(
+                _Prepared("layer"),
                 lambda s: s.n / 4 + s.count * 2**16,
                 masks=True,
                 native=True,
@@ -182,6 +215,12 @@ def _methods(scope: str) -> dict[str, Method]:
         ),
         "gmp_ext + masks": Method(
             lambda ws: ops.magnitude_masks(ws, SPARSITY, scope="global"),
+            lambda s: s.n / 4 + 2**20,
+            masks=True,
+            native=True,
+        ),
+        "gmp_ext prepared (+ masks)": Method(
+            _Prepared("global"),
             lambda s: s.n / 4 + 2**20,
             masks=True,
             native=True,
