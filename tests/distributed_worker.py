@@ -357,6 +357,56 @@ def ddp_masks_identical_and_names_unprefixed(ctx: dict) -> None:
         distributed.verify_masks_across_ranks(model)
 
 
+@check
+def optimizer_state_of_pruned_weights_is_zeroed_per_shard(ctx: dict) -> None:
+    """FSDP2 + AdamW: with mask_gradients the sharded moments of pruned weights are zero in
+    every local shard, the kept entries and all weights equal a run without the options; DDP:
+    the wrapper's model takes zero_pruned_state under its own names."""
+    runs = []
+    for options in ({"mask_optimizer_state": False}, {"mask_gradients": True}):
+        model, _ = fsdp_model(ctx)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+        GMP(model, opt, SCHEDULE, steps_per_epoch=2, **options)
+        train(model, opt, range(7), ctx["rank"])
+        runs.append((model, opt))
+    (plain, plain_opt), (model, opt) = runs
+    plain_params = dict(plain.named_parameters())
+    stale = 0
+    for name, p in model.named_parameters():
+        same(p.to_local(), plain_params[name].to_local(), f"weights of {name}")
+        if name not in LAYERS:
+            continue
+        keep = gmp_ext.masks(model)[name].to_local()
+        for key in ("exp_avg", "exp_avg_sq"):
+            state, plain_state = opt.state[p][key], plain_opt.state[plain_params[name]][key]
+            assert isinstance(state, DTensor), f"{name} {key} is not a DTensor"
+            local, expected = state.to_local(), plain_state.to_local()
+            same(local[keep], expected[keep], f"kept {key} of {name}")
+            same(local[~keep], torch.zeros_like(local[~keep]), f"pruned {key} of {name}")
+            stale += int(expected[~keep].count_nonzero())
+    assert stale > 0, "without the options the pruned moments should not be zero"
+    assert gmp_ext.zero_pruned_state(plain, plain_opt) == 2 * len(LAYERS)
+    for name in LAYERS:
+        keep = gmp_ext.masks(plain)[name].to_local()
+        local = plain_opt.state[plain_params[name]]["exp_avg"].to_local()
+        same(local[~keep], torch.zeros_like(local[~keep]), f"zero_pruned_state {name}")
+
+    torch.manual_seed(0)
+    ddp = nn.parallel.DistributedDataParallel(Net())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    gmp_ext.prune_step(ddp, 0.5, params=["module.fc1.weight", "fc2.weight"])
+    gmp_ext.attach(ddp, opt)
+    train(ddp, opt, range(2), ctx["rank"])
+    assert gmp_ext.zero_pruned_state(ddp, opt) == 2
+    for name, param in (
+        ("fc1.weight", ddp.module.fc1.weight),
+        ("fc2.weight", ddp.module.fc2.weight),
+    ):
+        keep = gmp_ext.masks(ddp)[name]
+        buf = opt.state[param]["momentum_buffer"]
+        same(buf[~keep], torch.zeros_like(buf[~keep]), f"DDP momentum of {name}")
+
+
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
 
 

@@ -25,6 +25,8 @@ from .pruner import (
     remove,
     select_parameters,
     sparsity_report,
+    zero_pruned_grads,
+    zero_pruned_state,
 )
 from .schedule import GMPSchedule
 
@@ -43,4 +45,6 @@ __all__ = [
     "select_parameters",
     "sparsity_report",
     "verify_masks_across_ranks",
+    "zero_pruned_grads",
+    "zero_pruned_state",
 ]

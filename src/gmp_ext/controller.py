@@ -36,7 +36,16 @@ from torch import nn
 
 from . import distributed, ops
 from .masks import MaskEntry, MaskStore, export_mask, get_store, import_mask
-from .pruner import ParamSpec, _matches, prune_step, remove, select_parameters
+from .pruner import (
+    ParamSpec,
+    _check_flag,
+    _mask_grads_hook,
+    _matches,
+    _state_of,
+    prune_step,
+    remove,
+    select_parameters,
+)
 from .schedule import GMPSchedule, Recipe, Stage, load_recipe
 
 __all__ = ["GMP", "GMPWarning"]
@@ -44,6 +53,9 @@ __all__ = ["GMP", "GMPWarning"]
 logger = logging.getLogger("gmp_ext")
 
 _FORMAT = 1
+# Options recorded in the config but not checked on resume: they never change the weights (nor
+# the masks), only the optimizer state and gradients of pruned weights.
+_UNCHECKED = ("mask_optimizer_state", "mask_gradients")
 
 
 class GMPWarning(UserWarning):
@@ -152,6 +164,13 @@ class GMP:
 
     ``fine_tune_weight_decay`` replaces every param group's weight decay once fine-tuning
     starts; ``total_epochs`` (if given) must leave the schedule room to finish.
+
+    ``mask_optimizer_state`` (default on) zeroes, at every mask update and when
+    :meth:`load_state_dict` restores masks, the optimizer state of the pruned weights (see
+    :func:`gmp_ext.zero_pruned_state`), so no stale momentum or second moment survives pruning.
+    ``mask_gradients`` zeroes the pruned weights' ``.grad`` entries before every optimizer
+    step, so that state stays zero between updates and pruned weights never move. Neither
+    changes the kept weights: a run is bit-identical with or without them.
     """
 
     def __init__(
@@ -168,11 +187,15 @@ class GMP:
         max_sparsity: Mapping[str, float] | None = None,
         fine_tune_weight_decay: float | None = None,
         total_epochs: float | None = None,
+        mask_optimizer_state: bool = True,
+        mask_gradients: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
+        _check_flag(mask_optimizer_state, "mask_optimizer_state")
+        _check_flag(mask_gradients, "mask_gradients")
         if not isinstance(schedule, GMPSchedule):
             raise TypeError(
                 f"schedule must be a gmp_ext.GMPSchedule, got {type(schedule).__name__}"
@@ -219,6 +242,8 @@ class GMP:
         self.scope = scope
         self.fine_tune_weight_decay = fine_tune_weight_decay
         self.total_epochs = None if total_epochs is None else float(total_epochs)
+        self.mask_optimizer_state = mask_optimizer_state
+        self.mask_gradients = mask_gradients
         self._model = model
         self._optimizer = optimizer
         self._params = selected
@@ -244,6 +269,10 @@ class GMP:
         self._store: MaskStore = get_store(model, create=True)  # type: ignore[assignment]
         self._handle = optimizer.register_step_post_hook(self._after_step)
         self._store.hooks.append(self._handle)
+        self._grad_handle = None
+        if mask_gradients:
+            self._grad_handle = optimizer.register_step_pre_hook(_mask_grads_hook(self._store))
+            self._store.hooks.append(self._grad_handle)
 
     @staticmethod
     def _check_decay(optimizer: torch.optim.Optimizer, value: object) -> float:
@@ -376,7 +405,10 @@ class GMP:
             store.apply()
         else:
             prune_step(self._model, target, scope="global", params=names)
-        entries = get_store(self._model).entries  # type: ignore[union-attr]
+        store: MaskStore = get_store(self._model)  # type: ignore[assignment]
+        if self.mask_optimizer_state:
+            store.apply_to(_state_of(self._optimizer), names=names)
+        entries = store.entries
         zeros = dict(zip(self._params, distributed.zero_counts(list(self._params.values()))))
         record = {
             "epoch": self.epoch,
@@ -460,6 +492,8 @@ class GMP:
         """Stop pruning: drop the step hook, the masks and every hook of the model's mask store
         (:func:`gmp_ext.remove`); the weights stay as they are."""
         self._handle.remove()
+        if self._grad_handle is not None:
+            self._grad_handle.remove()
         remove(self._model)
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -472,6 +506,8 @@ class GMP:
             "layer_sparsity": dict(self._finals),
             "max_sparsity": dict(self._cap_fractions),
             "fine_tune_weight_decay": self.fine_tune_weight_decay,
+            "mask_optimizer_state": self.mask_optimizer_state,
+            "mask_gradients": self.mask_gradients,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -503,7 +539,9 @@ class GMP:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue a saved run. Raises ValueError, with nothing modified, when the state
-        belongs to another model (names, shapes) or another configuration."""
+        belongs to another model (names, shapes) or another configuration (``mask_*`` options
+        may differ: they do not change the weights). Load the optimizer's state first: with
+        ``mask_optimizer_state`` its pruned entries are zeroed here."""
         keys = ("format", "config", "step", "epoch_mark", "last_update", "shapes", "masks")
         keys += ("weight_decay", "history")
         if (
@@ -515,7 +553,7 @@ class GMP:
         if state["format"] != _FORMAT:
             raise ValueError(f"GMP state format {state['format']!r} is not supported")
         config = self._config()
-        differ = [k for k in config if state["config"].get(k) != config[k]]
+        differ = [k for k in config if k not in _UNCHECKED and state["config"].get(k) != config[k]]
         if differ:
             raise ValueError(
                 "the GMP state was saved with a different "
@@ -572,3 +610,5 @@ class GMP:
                 self._store.entries.pop(name, None)
         self._store.set_masks(entries)
         self._store.apply()
+        if self.mask_optimizer_state:
+            self._store.apply_to(_state_of(self._optimizer), names=list(entries))

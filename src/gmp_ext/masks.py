@@ -7,6 +7,7 @@ Masks live in a weak mapping keyed by the model, never as module buffers or para
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from . import distributed, ops
 from ._backend import backend_for
 from ._layout import mask_bytes
 
-__all__ = ["MaskEntry", "MaskStore", "export_mask", "get_store", "import_mask"]
+__all__ = ["MaskEntry", "MaskStore", "export_mask", "get_store", "import_mask", "maskable"]
 
 
 @dataclass
@@ -82,10 +83,70 @@ class MaskStore:
         _, backend, plan = cached
         backend.run_apply(plan)
 
+    def apply_to(
+        self,
+        tensors_of: Callable[[MaskEntry], Iterable[object]],
+        names: Iterable[str] | None = None,
+    ) -> int:
+        """Zero, in the tensors tied to each parameter (its gradient, its optimizer state), the
+        elements its mask prunes: one fused call per device for all of them.
+
+        ``tensors_of(entry)`` names the candidates of one entry (of the entries ``names``
+        lists, default all); only those :func:`maskable` accepts are masked, the others (a
+        scalar ``step``, factored rows, integer buffers) are left alone. Returns how many
+        tensors were masked.
+        """
+        chosen = self.entries.values() if names is None else [self.entries[n] for n in names]
+        targets: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        for entry in chosen:
+            moved: dict[torch.device, torch.Tensor] = {entry.mask.device: entry.mask}
+            for tensor in tensors_of(entry):
+                local = maskable(entry.param, tensor)
+                if local is None:
+                    continue
+                if local.device not in moved:  # e.g. optimizer state offloaded to the CPU
+                    moved[local.device] = entry.mask.to(local.device)
+                targets.append(local)
+                masks.append(moved[local.device])
+        if targets:
+            ops.apply_in_place(targets, masks)
+        return len(targets)
+
     def remove_hooks(self) -> None:
         for handle in self.hooks:
             handle.remove()
         self.hooks.clear()
+
+
+def maskable(param: torch.Tensor, tensor: object) -> torch.Tensor | None:
+    """The storage to mask of ``tensor`` (a DTensor's local shard) if it is tied element for
+    element to ``param``: a dense floating tensor of a dtype gmp_ext supports, shaped like the
+    parameter (a DTensor: sharded like it, so its local shard is shaped like the parameter's);
+    None otherwise."""
+    if (
+        not isinstance(tensor, torch.Tensor)
+        or tensor.layout != torch.strided
+        or tensor.dtype not in ops.SUPPORTED_DTYPES
+        or tensor.device.type == "meta"
+        or tensor.shape != param.shape
+    ):
+        return None
+    sharded = distributed.is_dtensor(param)
+    if distributed.is_dtensor(tensor) != sharded:
+        return None
+    if sharded and (
+        tensor.device_mesh != param.device_mesh  # type: ignore[attr-defined]
+        or tuple(tensor.placements) != tuple(param.placements)  # type: ignore[attr-defined]
+    ):
+        return None
+    local = distributed.local_tensor(tensor)
+    if local.shape != distributed.local_tensor(param).shape:
+        return None
+    # An expanded tensor (stride 0) has no element of its own to zero.
+    if any(stride == 0 and size > 1 for stride, size in zip(local.stride(), local.shape)):
+        return None
+    return local
 
 
 _STORES: weakref.WeakKeyDictionary[nn.Module, MaskStore] = weakref.WeakKeyDictionary()

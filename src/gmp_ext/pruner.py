@@ -13,10 +13,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import distributed, ops
-from .masks import MaskEntry, drop_store, get_store
+from .masks import MaskEntry, MaskStore, drop_store, get_store
 
 __all__ = [
     "DEFAULT_PRUNABLE",
+    "AttachHandle",
     "SparsityReport",
     "apply_masks",
     "attach",
@@ -25,6 +26,8 @@ __all__ = [
     "remove",
     "select_parameters",
     "sparsity_report",
+    "zero_pruned_grads",
+    "zero_pruned_state",
 ]
 
 # Weight matrices and kernels; never biases, norms or embeddings.
@@ -193,15 +196,19 @@ def prune_step(
     scope: str = "layer",
     params: ParamSpec = None,
     exclude: Sequence[str] | str | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
     """Compute fresh masks from the current weights and zero the pruned weights in place.
 
     ``scope="layer"`` prunes ``round(sparsity * numel)`` of every selected tensor;
     ``scope="global"`` prunes ``round(sparsity * total)`` of all of them with one threshold.
     ``sparsity`` may be a dict {parameter name: sparsity} (layer scope). Default selection:
-    the weight of every Linear, Conv and ConvTranspose module. Returns {name: sparsity of the
-    new mask}. On any error nothing is modified.
+    the weight of every Linear, Conv and ConvTranspose module. With ``optimizer``, the pruned
+    entries of its state for these parameters are zeroed too (see :func:`zero_pruned_state`).
+    Returns {name: sparsity of the new mask}. On any error nothing is modified.
     """
+    if optimizer is not None:
+        _check_optimizer(optimizer)
     selected, targets = _targets(model, sparsity, params, exclude, scope)
     names = list(selected)
     tensors = [selected[n] for n in names]
@@ -221,6 +228,8 @@ def prune_step(
     store = get_store(model, create=True)
     store.set_masks(entries)
     store.apply()
+    if optimizer is not None:
+        store.apply_to(_state_of(optimizer), names=entries)
     if distributed.debug_checks_enabled():
         distributed.verify_masks_across_ranks(model)
     return distributed.mask_sparsities(entries)
@@ -245,19 +254,119 @@ def apply_masks(model: nn.Module) -> None:
         store.apply()
 
 
-def attach(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-    """Re-apply the model's masks after every ``optimizer.step()`` (a step post-hook).
-
-    Returns the hook's handle; ``remove(model)`` also removes it.
-    """
+def _check_optimizer(optimizer: object) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
+    return optimizer
+
+
+def _check_flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _state_of(optimizer: torch.optim.Optimizer) -> Callable[[MaskEntry], Iterable[object]]:
+    """The optimizer's state tensors of an entry's parameter, never creating a state (``state``
+    is a defaultdict) and never the step counter."""
+
+    def tensors(entry: MaskEntry) -> Iterable[object]:
+        state = optimizer.state.get(entry.param)
+        return [] if state is None else [v for k, v in state.items() if k != "step"]
+
+    return tensors
+
+
+def _grad_of(entry: MaskEntry) -> Iterable[object]:
+    grad = entry.param.grad
+    return [] if grad is None else [grad]
+
+
+def _mask_grads_hook(store: MaskStore) -> Callable[..., None]:
+    """An optimizer step pre-hook zeroing the gradients of the store's pruned weights."""
+
+    def hook(_optimizer: torch.optim.Optimizer, _args: object, _kwargs: object) -> None:
+        store.apply_to(_grad_of)
+
+    return hook
+
+
+def zero_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Zero, in every tensor of ``optimizer``'s state shaped like a masked parameter of
+    ``model`` (SGD's ``momentum_buffer``; Adam's ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq``; RMSprop's ``square_avg``; Adagrad's ``sum``; ...), the entries of the
+    pruned weights: one fused call per device.
+
+    The ``step`` counter (even of a 0-dim parameter), tensors of another shape or dtype
+    (factored second moments, integer buffers) and parameters with no state yet are left
+    alone; a DTensor parameter's state is masked shard by shard. Kept entries are untouched,
+    so the kept weights train exactly as they would have. Returns the number of state tensors
+    masked (0 before the first ``prune_step``).
+    """
+    _check_model(model)
+    _check_optimizer(optimizer)
+    store = get_store(model)
+    return 0 if store is None else store.apply_to(_state_of(optimizer))
+
+
+def zero_pruned_grads(model: nn.Module) -> int:
+    """Zero the ``.grad`` entries of the model's pruned weights (parameters without a gradient
+    are skipped), e.g. before ``clip_grad_norm_`` so that the norm counts only kept weights.
+    Returns the number of gradients masked."""
+    _check_model(model)
+    store = get_store(model)
+    return 0 if store is None else store.apply_to(_grad_of)
+
+
+class AttachHandle:
+    """The hooks :func:`attach` registered: ``remove()`` removes them all (as does
+    ``gmp_ext.remove(model)``); also a context manager that removes them on exit."""
+
+    def __init__(self, *handles: RemovableHandle) -> None:
+        self.handles: tuple[RemovableHandle, ...] = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def __enter__(self) -> AttachHandle:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.remove()
+
+
+def attach(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, mask_gradients: bool = False
+) -> AttachHandle:
+    """Re-apply the model's masks after every ``optimizer.step()`` (a step post-hook).
+
+    With ``mask_gradients=True`` a step pre-hook also zeroes the ``.grad`` entries of the
+    pruned weights before every step, so they add nothing to the optimizer state (momentum,
+    Adam moments): after :func:`zero_pruned_state` that state stays zero for pruned weights.
+    The kept weights train exactly as without it.
+
+    Returns an :class:`AttachHandle` whose ``remove()`` removes the hooks; ``remove(model)``
+    also removes them.
+    """
+    _check_model(model)
+    _check_optimizer(optimizer)
+    _check_flag(mask_gradients, "mask_gradients")
     store = get_store(model, create=True)
-    handle = optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: store.apply())
-    store.hooks.append(handle)
-    return handle
+    handles = []
+    if mask_gradients:
+        handles.append(optimizer.register_step_pre_hook(_mask_grads_hook(store)))
+    handles.append(optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: store.apply()))
+    store.hooks.extend(handles)
+    return AttachHandle(*handles)
 
 
 def remove(model: nn.Module) -> None:
