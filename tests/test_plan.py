@@ -198,3 +198,16 @@ def test_set_sparsity_rejects_bad_values_and_keeps_the_counts():
         with pytest.raises(ValueError, match=match):
             plan.set_sparsity(bad)
         assert plan.counts == counts
+
+
+def test_step_takes_the_masks_back_after_prune_step_replaced_them(device):
+    planned, stepped = _pair(device)
+    plan = PrunePlan(planned, 0.5)
+    gmp_ext.prune_step(planned, 0.2)  # new mask tensors in the store
+    gmp_ext.prune_step(stepped, 0.2)
+    _perturb(planned, stepped, seed=1)
+    plan.step()
+    assert plan.check() == gmp_ext.prune_step(stepped, 0.5)
+    _assert_models_equal(planned, stepped, "after prune_step")
+    gmp_ext.apply_masks(planned)  # the store applies the plan's masks
+    _assert_models_equal(planned, stepped, "after apply_masks")

@@ -182,7 +182,11 @@ class PrunePlan:
     def step(self) -> None:
         """Fresh masks from the current weights, and the pruned weights zeroed in place: launches
         only on CUDA (nothing allocated, nothing read back). A parameter whose storage moved
-        since the last step (``.to()``, ``.half()``) gets new tables first, outside any graph."""
+        since the last step (``.to()``, ``.half()``) gets new tables first, outside any graph;
+        masks that ``prune_step`` or ``remove`` replaced in the store are the plan's again."""
+        store = get_store(self._model, create=True)
+        if any(store.entries.get(n) is not e for n, e in self._entries.items()):
+            store.set_masks(self._entries)  # prune_step or remove() replaced them since
         if self._storage() != self._addresses:
             if [a[2] for a in self._storage()] != [a[2] for a in self._addresses]:
                 raise RuntimeError(
