@@ -16,6 +16,7 @@ from . import distributed, ops
 from ._version import __version__
 from .controller import GMP
 from .distributed import verify_masks_across_ranks
+from .plan import PrunePlan
 from .pruner import (
     SparsityReport,
     apply_masks,
@@ -33,6 +34,7 @@ from .schedule import GMPSchedule
 __all__ = [
     "GMP",
     "GMPSchedule",
+    "PrunePlan",
     "SparsityReport",
     "__version__",
     "apply_masks",
