@@ -338,6 +338,35 @@ def test_prune_plan_replays_from_a_cuda_graph(scope):
         _same_models(model, twin, f"{scope} replay {seed}")
 
 
+@pytest.mark.parametrize("repeat", ["prune_step", "PrunePlan"])
+def test_global_prune_step_memory_under_a_tenth_of_the_weights(repeat):
+    """Issue #3: the peak extra memory of a global prune step (selection scratch, rows, tables,
+    counting) stays under 10% of the bf16 weights' bytes once masks exist."""
+    model = nn.Sequential(*[nn.Linear(4096, 4096, bias=False) for _ in range(4)])
+    model = model.to(CUDA, torch.bfloat16)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    plan = PrunePlan(model, 0.5, scope="global") if repeat == "PrunePlan" else None
+    gmp_ext.prune_step(model, 0.5, scope="global")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    if plan is None:
+        gmp_ext.prune_step(model, 0.9, scope="global")
+    else:
+        plan.set_sparsity(0.9)
+        plan.step()
+        plan.check()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 0.10 * weight_bytes, (
+        f"{extra / 2**20:.1f} MiB extra for {weight_bytes / 2**20:.0f} MiB"
+    )
+    assert gmp_ext.sparsity_report(model).sparsity == pytest.approx(0.9, abs=1e-6)
+
+
 # No host synchronisation ---------------------------------------------------------------------
 
 _cycles_per_ms: list[float] = []

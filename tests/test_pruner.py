@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import gmp_ext
+from gmp_ext.masks import get_store
 
 from .utils import assert_same
 
@@ -262,3 +263,26 @@ def test_k_edges_zero_and_one(device):
     assert all(v == 0.0 for v in gmp_ext.prune_step(model, 0.0).values())
     assert all(v == 1.0 for v in gmp_ext.prune_step(model, 1.0).values())
     assert all(int((p != 0).sum()) == 0 for n, p in model.named_parameters() if n in PRUNABLE)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_repeated_prune_step_writes_over_the_old_masks(device, scope):
+    """A second prune step allocates no masks (the old storage is overwritten) and gives what a
+    first prune step on the same weights gives."""
+    model = Net().to(device)
+    gmp_ext.prune_step(model, 0.3, scope=scope)
+    store = get_store(model)
+    addresses = {name: entry.mask.data_ptr() for name, entry in store.entries.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    fresh = copy.deepcopy(model)
+    assert gmp_ext.prune_step(model, 0.7, scope=scope) == gmp_ext.prune_step(
+        fresh, 0.7, scope=scope
+    )
+    assert {n: e.mask.data_ptr() for n, e in store.entries.items()} == addresses
+    fresh_masks = gmp_ext.masks(fresh)
+    for name, keep in gmp_ext.masks(model).items():
+        assert torch.equal(keep, fresh_masks[name]), name
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert_same(p, q)

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import distributed, ops
 from ._backend import backend_for
-from ._layout import mask_bytes
+from ._layout import mask_bytes, mask_storage_bytes
 
 __all__ = ["MaskEntry", "MaskStore", "export_mask", "get_store", "import_mask", "maskable"]
 
@@ -48,6 +48,19 @@ class MaskStore:
     entries: dict[str, MaskEntry] = field(default_factory=dict)
     hooks: list = field(default_factory=list)
     _plans: dict = field(default_factory=dict)  # device -> (pointer key, backend, plan)
+
+    def reusable_mask(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
+        """The mask held for ``param`` under ``name`` when a new mask may be written over it
+        (same parameter, device and size), so a repeated prune step allocates no masks."""
+        entry = self.entries.get(name)
+        if entry is None or entry.param is not param:
+            return None
+        local = distributed.local_tensor(param)
+        if entry.mask.device != local.device or entry.mask.numel() != mask_storage_bytes(
+            local.numel()
+        ):
+            return None
+        return entry.mask
 
     def set_masks(self, entries: dict[str, MaskEntry]) -> None:
         self.entries.update(entries)

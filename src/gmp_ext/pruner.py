@@ -219,13 +219,16 @@ def prune_step(
     else:
         total = sum(t.numel() for t in tensors)
         rows = ops._select_rows_global(tensors, labels, ops.prune_count(total, targets[names[0]]))
-    new_masks = ops._build(tensors, rows, ops._wide64(tensors) if scope == "global" else None)
+    # Nothing can fail from here on: the new masks may overwrite the old ones in place.
+    store = get_store(model, create=True)
+    reuse = [store.reusable_mask(n, t) for n, t in zip(names, tensors)]
+    wide64 = ops._wide64(tensors) if scope == "global" else None
+    new_masks = ops._build(tensors, rows, wide64, reuse)
     thresholds = ops._thresholds(rows, tensors, [1] * len(tensors))
     entries = {
         name: MaskEntry(param, mask, targets[name], th.value)
         for name, param, mask, th in zip(names, tensors, new_masks, thresholds)
     }
-    store = get_store(model, create=True)
     store.set_masks(entries)
     store.apply()
     if optimizer is not None:
