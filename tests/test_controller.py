@@ -16,6 +16,8 @@ from gmp_ext.controller import GMP, GMPWarning
 from gmp_ext.masks import MaskEntry, export_mask, import_mask
 from gmp_ext.schedule import GMPSchedule, load_recipe
 
+from .utils import batch, train
+
 LAYERS = ["conv.weight", "fc1.weight", "fc2.weight"]
 
 
@@ -28,20 +30,6 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
-
-
-def batch(step: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Data fixed by the step index, so an interrupted run sees what an uninterrupted one does."""
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(size, 2, 6, 6, generator=g), torch.randint(0, 3, (size,), generator=g)
-
-
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
-    for step in steps:
-        x, y = batch(step)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
 
 
 def make(seed: int = 0, optimizer: str = "sgd") -> tuple[Net, torch.optim.Optimizer]:

@@ -20,7 +20,7 @@ import gmp_ext
 from gmp_ext.controller import GMP, GMPWarning
 from gmp_ext.schedule import GMPSchedule
 
-from .utils import assert_same
+from .utils import assert_same, train
 
 LAYERS = ["conv.weight", "fc1.weight", "fc2.weight"]
 
@@ -35,19 +35,6 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(8, 2, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
-
-
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
-    for step in steps:
-        x, y = batch(step)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
 
 
 OPTIMIZERS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -72,3 +73,17 @@ def check_pruned_set(tensor: torch.Tensor, keep: torch.Tensor, k: int) -> None:
         tie_kept = ((flat == cut) & keep).nonzero().reshape(-1)
         if tie_pruned.numel() and tie_kept.numel():
             assert tie_pruned.max() < tie_kept.min()
+
+
+def batch(step: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data fixed by the step index, so an interrupted run sees what an uninterrupted one does."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(size, 2, 6, 6, generator=g), torch.randint(0, 3, (size,), generator=g)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        x, y = batch(step)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
