@@ -211,3 +211,11 @@ def test_step_takes_the_masks_back_after_prune_step_replaced_them(device):
     _assert_models_equal(planned, stepped, "after prune_step")
     gmp_ext.apply_masks(planned)  # the store applies the plan's masks
     _assert_models_equal(planned, stepped, "after apply_masks")
+
+
+def test_a_plan_that_cannot_be_prepared_registers_no_masks(monkeypatch):
+    model = Mixed()
+    monkeypatch.setenv("GMP_EXT_BACKEND", "cuda")  # no backend for the CPU parameters
+    with pytest.raises(RuntimeError, match="GMP_EXT_BACKEND=cuda cannot run tensors on device cpu"):
+        PrunePlan(model, 0.5)
+    assert gmp_ext.masks(model) == {}

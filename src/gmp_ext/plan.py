@@ -85,21 +85,19 @@ class PrunePlan:
         self._labels = [f"parameter '{n}'" for n in self._names]
         if scope == "global":
             ops._check_one_device(self._params)
-        store = get_store(model, create=True)
-        self._entries = {
-            name: MaskEntry(param, self._mask_for(store.entries.get(name), param))
-            for name, param in zip(self._names, self._params)
-        }
-        store.set_masks(self._entries)
+        store = get_store(model)
+        self._entries = {}
+        for name, param in zip(self._names, self._params):
+            mask = None if store is None else store.reusable_mask(name, param)
+            self._entries[name] = MaskEntry(param, self._all_kept(param) if mask is None else mask)
         self._counts: list[int] = [0] * len(self._params)
         self._prepare()
         self.set_sparsity(sparsity)
+        get_store(model, create=True).set_masks(self._entries)
 
     @staticmethod
-    def _mask_for(entry: MaskEntry | None, param: torch.Tensor) -> torch.Tensor:
-        """The parameter's current mask, or a new one keeping every weight."""
-        if entry is not None and entry.param is param and entry.mask.device == param.device:
-            return entry.mask
+    def _all_kept(param: torch.Tensor) -> torch.Tensor:
+        """A mask keeping every weight (the bits past the last element stay 0)."""
         mask = ops._new_mask(param)
         full, rest = divmod(param.numel(), 8)
         mask[:full] = 0xFF
