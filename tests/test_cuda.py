@@ -367,6 +367,29 @@ def test_global_prune_step_memory_under_a_tenth_of_the_weights(repeat):
     assert gmp_ext.sparsity_report(model).sparsity == pytest.approx(0.9, abs=1e-6)
 
 
+def test_mask_store_apply_of_a_channels_last_model_replays_from_a_cuda_graph():
+    """attach's per-step apply with a channels_last conv (staged through a cached contiguous
+    copy) captured once and replayed after weight updates."""
+    model = PlanNet().to(CUDA)
+    gmp_ext.prune_step(model, 0.7)
+    keep = gmp_ext.masks(model)
+    params = dict(model.named_parameters())
+    _warm_up(lambda: gmp_ext.apply_masks(model))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gmp_ext.apply_masks(model)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name in keep:
+                params[name].add_(torch.randn_like(params[name]))
+        want = {n: torch.where(k, params[n].detach(), 0) for n, k in keep.items()}
+        graph.replay()
+        torch.cuda.synchronize()
+        for name in keep:
+            assert_same(params[name], want[name], f"replay {seed}: {name}")
+
+
 # No host synchronisation ---------------------------------------------------------------------
 
 _cycles_per_ms: list[float] = []

@@ -128,6 +128,31 @@ def test_channels_last_conv(device):
     assert not model[0].weight.is_contiguous()
 
 
+def test_channels_last_apply_reuses_its_staging_buffers(device):
+    """Re-masking a channels_last weight after each step goes through a contiguous copy cached
+    with the apply job: equal to masking in plain PyTorch, with no new buffer per step."""
+    model = nn.Sequential(nn.Conv2d(4, 16, 3), nn.Linear(3, 5)).to(device)
+    model[0].to(memory_format=torch.channels_last)
+    gmp_ext.prune_step(model, 0.6)
+    keep = gmp_ext.masks(model)
+    store = get_store(model)
+    staging = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        params = dict(model.named_parameters())
+        want = {n: torch.where(k, params[n].detach(), 0) for n, k in keep.items()}
+        gmp_ext.apply_masks(model)
+        for name in keep:
+            assert_same(params[name], want[name], name)
+        ((_, _, _, staged),) = store._plans.values()
+        staging.append([work.data_ptr() for _, work in staged])
+    assert len(staging[0]) == 1 and staging[0] == staging[1] == staging[2]
+    assert not model[0].weight.is_contiguous()
+
+
 OPTIMIZERS = {
     "sgd_momentum_wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2),

@@ -47,7 +47,8 @@ class MaskEntry:
 class MaskStore:
     entries: dict[str, MaskEntry] = field(default_factory=dict)
     hooks: list = field(default_factory=list)
-    _plans: dict = field(default_factory=dict)  # device -> (pointer key, backend, plan)
+    # device -> (pointer key, backend, apply job, [(parameter, contiguous copy)])
+    _plans: dict = field(default_factory=dict)
 
     def reusable_mask(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
         """The mask held for ``param`` under ``name`` when a new mask may be written over it
@@ -83,18 +84,27 @@ class MaskStore:
     def _apply_device(self, device: torch.device, entries: list[MaskEntry]) -> None:
         params = [distributed.local_tensor(e.param).detach() for e in entries]
         masks = [e.mask if e.mask.device == device else e.mask.to(device) for e in entries]
-        fast = all(p.is_contiguous() and p.dtype != torch.float64 for p in params)
-        if not fast:
-            ops.apply_in_place(params, masks)
+        if any(p.dtype == torch.float64 for p in params):
+            ops.apply_in_place(params, masks)  # the reference backend: nothing to cache
             return
-        key = tuple(p.data_ptr() for p in params) + tuple(m.data_ptr() for m in masks)
+        key = tuple((p.data_ptr(), p.stride()) for p in params) + tuple(m.data_ptr() for m in masks)
         cached = self._plans.get(device)
         if cached is None or cached[0] != key:
+            # A non-contiguous parameter (channels_last) is staged through a contiguous copy
+            # kept with the plan, so a step allocates nothing and builds no table (and can be
+            # captured in a CUDA graph); the mask, in flat index order, needs no permutation.
+            staged = [(p, p.contiguous()) for p in params if not p.is_contiguous()]
+            copies = {id(param): work for param, work in staged}
+            work = [copies.get(id(p), p) for p in params]
             backend = backend_for(device)
-            cached = (key, backend, backend.apply_plan(params, masks))
+            cached = (key, backend, backend.apply_plan(work, masks), staged)
             self._plans[device] = cached
-        _, backend, plan = cached
+        _, backend, plan, staged = cached
+        for param, work in staged:
+            work.copy_(param)
         backend.run_apply(plan)
+        for param, work in staged:
+            param.copy_(work)
 
     def apply_to(
         self,
