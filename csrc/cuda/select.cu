@@ -269,9 +269,9 @@ __global__ void __launch_bounds__(kThreads) kInitLayerwise(const TensorEntry *ta
     }
 }
 
-__global__ void __launch_bounds__(kThreads) kInitGlobal(const TensorEntry *table, int64_t n, const int64_t *k,
-                                                        int32_t space, SegState *state, int64_t total_tiles,
-                                                        int64_t slots) {
+__global__ void __launch_bounds__(kThreads)
+    kInitGlobal(const TensorEntry *table, int64_t n, const int64_t *k, int32_t space, SegState *state,
+                int64_t total_tiles, int64_t slots) {
     int64_t partial = 0;
     for (int64_t e = threadIdx.x; e < n; e += kThreads)
         partial += max(int64_t(0), table[e].numel);
