@@ -4,7 +4,7 @@
         [--dtype float32 bfloat16] [--device cpu|cuda] [--repeats 20]
 
 gmp_ext applies 1-bit masks to every tensor in one native call: the table is built once with
-``backend.apply_plan`` and each step is ``backend.run_apply(plan)``, as ``gmp_ext.attach`` does
+``backend.prepare`` and each step is ``backend.apply(job)``, as ``gmp_ext.attach`` does
 (on CUDA also as a CUDA-graph replay of that call). Baselines: dense masks of the weights'
 dtype with ``torch._foreach_mul_`` and with a per-tensor ``mul_`` loop, and the forward
 pre-hook of ``torch.nn.utils.prune`` (``weight = weight_orig * weight_mask`` per module, the
@@ -111,17 +111,17 @@ def bench_model(model, dtype, device, repeats, copy, rows, save) -> None:
     common = {"numel": numel, "tensors": len(weights)}
     packed = ops.magnitude_masks(weights, SPARSITY)
     backend = _backend.backend_for(device)
-    plan = backend.apply_plan(weights, packed)
+    job = backend.prepare(weights, packed)
     bits = sum(mask_bytes(w.numel()) for w in weights)
     floor = 2 * numel * size + bits  # read + write W, read the bits
     dense_bytes = 3 * numel * size  # read W and mask, write W
     bench = Bench(model, dtype, device, repeats, copy, rows, save)
 
     start = len(rows)
-    bench.run("gmp_ext fused (packed)", lambda: backend.run_apply(plan), floor, floor, **common)
+    bench.run("gmp_ext fused (packed)", lambda: backend.apply(job), floor, floor, **common)
     if device.type == "cuda":
         try:
-            graph = _graph_of(lambda: backend.run_apply(plan))
+            graph = _graph_of(lambda: backend.apply(job))
             bench.run("gmp_ext fused (packed), CUDA graph", graph.replay, floor, floor, **common)
             del graph
         except RuntimeError as error:
@@ -188,7 +188,7 @@ def bench_model(model, dtype, device, repeats, copy, rows, save) -> None:
         if baseline and row["status"] == "ok":
             row["speedup_vs_foreach_mul"] = baseline / row["p50_ms"]
     save()
-    weights = packed = plan = None
+    weights = packed = job = None
     free_memory(device)
 
 

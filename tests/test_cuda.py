@@ -9,7 +9,7 @@ one backend at once:
   mixed-dtype global selections;
 * a prune step as a prepared backend job (select + build + apply on pre-allocated buffers),
   ``gmp_ext.PrunePlan.step`` on a model (mixed dtypes, channels_last) and the fused apply
-  (``run_apply(plan)``) captured in CUDA graphs and replayed on new weights at new sparsities;
+  (``backend.apply(job)``) captured in CUDA graphs and replayed on new weights at new sparsities;
 * no host synchronisation: the job, ``PrunePlan.step`` and the per-optimizer-step apply return
   while the GPU is still busy, under ``torch.cuda.set_sync_debug_mode("error")``;
 * opt-in (``-m slow``): a bf16 tensor of more than 2^31 elements (~4.3 GB) against a chunked
@@ -276,7 +276,7 @@ def test_fused_apply_replays_from_a_cuda_graph(native):
     dtypes = MIXED
     tensors = [torch.empty(n, dtype=dt, device=CUDA) for n, dt in zip(STEP_SIZES, dtypes)]
     masks = [ops._new_mask(t) for t in tensors]
-    plan = native.apply_plan(tensors, masks)
+    job = native.prepare(tensors, masks)
 
     def load(seed: int):
         values = _step_values(dtypes, seed)
@@ -286,10 +286,10 @@ def test_fused_apply_replays_from_a_cuda_graph(native):
         return values
 
     load(0)
-    _warm_up(lambda: native.run_apply(plan))
+    _warm_up(lambda: native.apply(job))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        native.run_apply(plan)
+        native.apply(job)
     for seed in (1, 2):
         values = load(seed)
         graph.replay()
@@ -341,11 +341,11 @@ def test_prune_plan_replays_from_a_cuda_graph(scope):
 @pytest.mark.parametrize("repeat", ["prune_step", "PrunePlan"])
 def test_global_prune_step_memory_under_a_tenth_of_the_weights(repeat):
     """Issue #3: the peak extra memory of a global prune step (selection scratch, rows, tables,
-    counting) stays under 10% of the bf16 weights' bytes once masks exist."""
+    counting; for PrunePlan also making the plan) stays under 10% of the bf16 weights' bytes
+    once masks exist."""
     model = nn.Sequential(*[nn.Linear(4096, 4096, bias=False) for _ in range(4)])
     model = model.to(CUDA, torch.bfloat16)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    plan = PrunePlan(model, 0.5, scope="global") if repeat == "PrunePlan" else None
     gmp_ext.prune_step(model, 0.5, scope="global")
     with torch.no_grad():
         for p in model.parameters():
@@ -353,10 +353,10 @@ def test_global_prune_step_memory_under_a_tenth_of_the_weights(repeat):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    if plan is None:
+    if repeat == "prune_step":
         gmp_ext.prune_step(model, 0.9, scope="global")
     else:
-        plan.set_sparsity(0.9)
+        plan = PrunePlan(model, 0.9, scope="global")
         plan.step()
         plan.check()
     torch.cuda.synchronize()

@@ -90,7 +90,6 @@ def build_table(
     tensors: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor] | None = None,
     tile_elems: int = 0,
-    device: torch.device | None = None,
 ) -> torch.Tensor:
     """int64 [n, 6] rows of csrc/common/tensor_table.h: TensorEntry."""
     rows, elem_base, tile_base = [], 0, 0
@@ -103,8 +102,7 @@ def build_table(
         elem_base += numel
         if tile_elems:
             tile_base += -(-numel // tile_elems)
-    table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), TABLE_COLUMNS)
-    return table if device is None else table.to(device)
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), TABLE_COLUMNS)
 
 
 @dataclass(eq=False)
@@ -201,13 +199,6 @@ class Backend:
         job = self.prepare(tensors, masks)
         job.rows = selection.to(job.rows.device).contiguous()
         self.build(job)
-
-    def apply_plan(self, tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> Job:
-        """The job of one fused apply; the mask store caches it between optimizer steps."""
-        return self.prepare(tensors, masks)
-
-    def run_apply(self, job: Job) -> None:
-        self.apply(job)
 
     def apply_masks(self, tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
         if tensors:

@@ -93,16 +93,15 @@ class MaskStore:
             # A non-contiguous parameter (channels_last) is staged through a contiguous copy
             # kept with the plan, so a step allocates nothing and builds no table (and can be
             # captured in a CUDA graph); the mask, in flat index order, needs no permutation.
-            staged = [(p, p.contiguous()) for p in params if not p.is_contiguous()]
-            copies = {id(param): work for param, work in staged}
-            work = [copies.get(id(p), p) for p in params]
+            work = [p.contiguous() for p in params]  # the parameter itself when contiguous
+            staged = [(p, w) for p, w in zip(params, work) if w is not p]
             backend = backend_for(device)
-            cached = (key, backend, backend.apply_plan(work, masks), staged)
+            cached = (key, backend, backend.prepare(work, masks), staged)
             self._plans[device] = cached
-        _, backend, plan, staged = cached
+        _, backend, job, staged = cached
         for param, work in staged:
             work.copy_(param)
-        backend.run_apply(plan)
+        backend.apply(job)
         for param, work in staged:
             param.copy_(work)
 

@@ -182,16 +182,17 @@ class PrunePlan:
         only on CUDA (nothing allocated, nothing read back). A parameter whose storage moved
         since the last step (``.to()``, ``.half()``) gets new tables first, outside any graph;
         masks that ``prune_step`` or ``remove`` replaced in the store are the plan's again."""
-        store = get_store(self._model, create=True)
-        if any(store.entries.get(n) is not e for n, e in self._entries.items()):
-            store.set_masks(self._entries)  # prune_step or remove() replaced them since
-        if self._storage() != self._addresses:
-            if [a[2] for a in self._storage()] != [a[2] for a in self._addresses]:
+        storage = self._storage()
+        if storage != self._addresses:
+            if [a[2] for a in storage] != [a[2] for a in self._addresses]:
                 raise RuntimeError(
                     "the plan's parameters moved to another device; make a new PrunePlan"
                 )
             self._prepare()
             self.set_sparsity(self._sparsity)
+        store = get_store(self._model, create=True)
+        if any(store.entries.get(n) is not e for n, e in self._entries.items()):
+            store.set_masks(self._entries)  # prune_step or remove() replaced them since
         with torch.no_grad():
             for group in self._groups:
                 for param, work in group.staged:
