@@ -270,8 +270,8 @@ def test_saved_masks_round_trip_and_are_checked():
 def test_gradient_accumulation_counts_optimizer_steps():
     schedule = GMPSchedule(0.2, 0.6, 1, 3)
     model, opt = make()
-    gmp = GMP(model, opt, schedule, steps_per_epoch=2)
     accumulate = 4
+    gmp = GMP(model, opt, schedule, steps_per_epoch=2, gradient_accumulation_steps=accumulate)
     for step in range(6):
         opt.zero_grad()
         for micro in range(accumulate):
@@ -421,7 +421,9 @@ def test_bad_input_names_the_problem_and_attaches_nothing():
     model, _ = make()
     partial = torch.optim.SGD(model.fc2.parameters(), lr=0.1)
     with pytest.raises(
-        ValueError, match=r"parameter 'conv.weight' is not in any param group of the optimizer"
+        ValueError,
+        match=r"\['conv.weight', 'fc1.weight'\] are pruned and trainable but in no param group of "
+        r"the optimizer: add them to the optimizer, or leave them out with exclude=",
     ):
         GMP(model, partial, constant(0.5), steps_per_epoch=2)
     assert gmp_ext.masks(model) == {} and not partial._optimizer_step_post_hooks
@@ -545,7 +547,7 @@ def test_from_recipe(tmp_path):
     gmp = GMP.from_recipe(model, opt, path, steps_per_epoch=2, exclude=["fc2.weight"])
     assert gmp.scope == "layer" and set(gmp_ext.masks(model)) == {"conv.weight"}
     assert gmp.schedule == load_recipe(path).schedule
-    with pytest.raises(ValueError, match=r"recipe params \['re:head.*'\] match no parameter"):
+    with pytest.raises(ValueError, match=r"params entry 're:head.\*' matches no parameter"):
         GMP.from_recipe(model, opt, dict(recipe, params=["re:head.*"]), steps_per_epoch=2)
 
 

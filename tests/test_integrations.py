@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from gmp_ext import ops
+from gmp_ext import GMPWarning, ops
 from gmp_ext.schedule import GMPSchedule
 
 SCHEDULE = GMPSchedule(0.1, 0.6, 0, 2, 0.5)
@@ -104,7 +104,10 @@ def test_lightning_prunes_to_the_schedule(tmp_path):
 def test_lightning_checkpoint_resume_is_bit_identical(tmp_path):
     reference, _, reference_callback = lightning_run(tmp_path, max_epochs=3)
     path = tmp_path / "epoch1.ckpt"
-    lightning_run(tmp_path, max_epochs=1, save_as=path)
+    with pytest.warns(GMPWarning, match="the run takes 3 optimizer steps") as caught:
+        lightning_run(tmp_path, max_epochs=1, save_as=path)
+    # Told twice: the planned steps at the start, the steps taken at the end.
+    assert sum(issubclass(w.category, GMPWarning) for w in caught) == 2
     assert "gmp_ext" in torch.load(path, weights_only=True)
     resumed, _, callback = lightning_run(tmp_path, max_epochs=3, ckpt_path=path)
     assert callback.gmp.history == reference_callback.gmp.history
@@ -116,7 +119,8 @@ def test_lightning_checkpoint_resume_is_bit_identical(tmp_path):
 def test_lightning_remove_on_fit_end(tmp_path):
     import gmp_ext
 
-    model, _, callback = lightning_run(tmp_path, max_epochs=1, remove_on_fit_end=True)
+    with pytest.warns(GMPWarning, match=r"stops at sparsity 0.5375, in the pruning stage"):
+        model, _, callback = lightning_run(tmp_path, max_epochs=1, remove_on_fit_end=True)
     assert callback.gmp is None and gmp_ext.masks(model) == {}
 
 

@@ -228,7 +228,7 @@ def test_sparsity_report(device):
         (
             {"sparsity": 0.5, "params": ["nope.weight"]},
             ValueError,
-            "'nope.weight' names no parameter",
+            "'nope.weight' matches no parameter",
         ),
         ({"sparsity": {"fc1.weight": 0.5, "missing": 0.2}}, ValueError, "missing"),
         ({"sparsity": {"fc1.weight": 0.5}, "scope": "global"}, ValueError, "scope='layer'"),
@@ -277,10 +277,12 @@ def test_non_float_and_meta_parameters(device):
         gmp_ext.prune_step(meta, 0.5)
 
 
-def test_exclude_matching_nothing_warns(device):
+def test_pattern_matching_nothing_is_an_error(device):
     model = Net().to(device)
-    with pytest.warns(UserWarning, match="matches no selected parameter"):
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"exclude entries \['classifier.weight'\] match no"):
         gmp_ext.prune_step(model, 0.5, exclude=["classifier.weight"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_k_edges_zero_and_one(device):

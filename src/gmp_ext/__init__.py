@@ -16,6 +16,7 @@ from . import distributed, ops
 from ._version import __version__
 from .controller import GMP
 from .distributed import verify_masks_across_ranks
+from .exceptions import GMPWarning
 from .plan import PrunePlan
 from .pruner import (
     SparsityReport,
@@ -34,6 +35,7 @@ from .schedule import GMPSchedule
 __all__ = [
     "GMP",
     "GMPSchedule",
+    "GMPWarning",
     "PrunePlan",
     "SparsityReport",
     "__version__",

@@ -26,8 +26,8 @@ import logging
 import math
 import numbers
 import os
-import re
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,18 +35,24 @@ import torch
 from torch import nn
 
 from . import distributed, ops
+from .exceptions import GMPWarning
 from .masks import MaskEntry, MaskStore, export_mask, get_store, import_mask
 from .pruner import (
-    ParamSpec,
     _check_flag,
     _mask_grads_hook,
-    _matches,
     _state_of,
     prune_step,
     remove,
-    select_parameters,
 )
 from .schedule import GMPSchedule, Recipe, Stage, load_recipe
+from .selection import (
+    ParamSpec,
+    check_patterns,
+    matches,
+    parameter_by_name,
+    select_parameters,
+    unwrap,
+)
 
 __all__ = ["GMP", "GMPWarning"]
 
@@ -56,17 +62,6 @@ _FORMAT = 1
 # Options recorded in the config but not checked on resume: they never change the weights (nor
 # the masks), only the optimizer state and gradients of pruned weights.
 _UNCHECKED = ("mask_optimizer_state", "mask_gradients")
-
-
-class GMPWarning(UserWarning):
-    """A GMP run is legal but probably not what was meant (a category so it can be filtered)."""
-
-
-def _match(pattern: str, name: str) -> bool:
-    """SparseML style: ``re:<regex>`` is a regex; otherwise an exact name or a full regex."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return _matches(pattern, name)
 
 
 def _per_layer(
@@ -80,12 +75,10 @@ def _per_layer(
     if not isinstance(spec, Mapping):
         raise TypeError(f"{what} must be a mapping {{name or regex: sparsity}}, got {spec!r}")
     values = {key: ops.check_sparsity(v, f"{what}[{key!r}]") for key, v in spec.items()}
-    unmatched = [key for key in values if not any(_match(key, n) for n in names)]
-    if unmatched:
-        raise ValueError(f"{what} entries {unmatched} match no selected parameter of {list(names)}")
+    check_patterns(values, names, f"{what} entries")
     result = {}
     for name in names:
-        key = name if name in values else next((k for k in values if _match(k, name)), None)
+        key = name if name in values else next((k for k in values if matches(k, name)), None)
         if key is not None:
             result[name] = values[key]
     return result
@@ -131,20 +124,6 @@ def _capped_global(
     return {n: entries[n] for n in names}
 
 
-def _recipe_params(model: nn.Module, patterns: Sequence[str] | None) -> ParamSpec:
-    """A recipe's ``params`` as a selection: SparseML's convention, ``re:<regex>`` is a regex
-    and anything else an exact name. A regex matching no parameter is an error."""
-    if patterns is None or not any(p.startswith("re:") for p in patterns):
-        return None if patterns is None else list(patterns)
-    names = [n for n, _ in distributed.unwrap(model)[0].named_parameters(remove_duplicate=False)]
-    unmatched = [p for p in patterns if not any(_match(p, n) for n in names)]
-    if unmatched:
-        raise ValueError(f"recipe params {unmatched} match no parameter of the model")
-    return lambda name, _param: any(
-        re.fullmatch(p[3:], name) if p.startswith("re:") else p == name for p in patterns
-    )
-
-
 class GMP:
     """Gradual magnitude pruning of ``model`` while ``optimizer`` trains it.
 
@@ -159,11 +138,20 @@ class GMP:
     ``layer_final / schedule.final_sparsity`` (its initial sparsity scaled alike), reaching its
     own final exactly at ``end_epoch``. ``max_sparsity`` ({name or regex: cap}, global scope)
     keeps a layer from pruning more than ``round(cap * numel)`` elements; the budget it cannot
-    take goes to the other layers. Keys are exact names or regexes (``re:`` prefix allowed); an
-    exact name wins over patterns, otherwise the first matching key.
+    take goes to the other layers. Keys are names or patterns (the rule of
+    :func:`gmp_ext.selection.matches`; each must match a selected parameter); an exact name
+    wins over patterns, otherwise the first matching key.
 
     ``fine_tune_weight_decay`` replaces every param group's weight decay once fine-tuning
     starts; ``total_epochs`` (if given) must leave the schedule room to finish.
+
+    ``gradient_accumulation_steps`` states how many training forward passes of the model make
+    one optimizer step. GMP counts them (a forward pre-hook) and warns once, naming the
+    ``steps_per_epoch`` that fits, when it sees more than stated: with gradient accumulation,
+    ``steps_per_epoch=len(loader)`` counts micro-batches and the run ends long before the
+    schedule does. Parameters that are frozen (``requires_grad=False``) may be outside the
+    optimizer; trainable ones must be in it. A second ``GMP`` on the same model replaces this
+    one (it is detached, with a GMPWarning); ``attach`` hooks on the same optimizer are removed.
 
     ``mask_optimizer_state`` (default on) zeroes, at every mask update and when
     :meth:`load_state_dict` restores masks, the optimizer state of the pruned weights (see
@@ -189,6 +177,7 @@ class GMP:
         total_epochs: float | None = None,
         mask_optimizer_state: bool = True,
         mask_gradients: bool = False,
+        gradient_accumulation_steps: int | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -228,14 +217,21 @@ class GMP:
                 f"total_epochs must be a finite number >= the schedule's end_epoch "
                 f"({schedule.end_epoch}), got {total_epochs!r}"
             )
+        if gradient_accumulation_steps is not None and (
+            isinstance(gradient_accumulation_steps, bool)
+            or not isinstance(gradient_accumulation_steps, numbers.Integral)
+            or gradient_accumulation_steps < 1
+        ):
+            raise ValueError(
+                "gradient_accumulation_steps must be an integer >= 1 (training forward passes "
+                f"per optimizer step), got {gradient_accumulation_steps!r}"
+            )
         selected = select_parameters(model, params, exclude)
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for name, param in selected.items():
-            if id(param) not in owned:
-                raise ValueError(f"parameter '{name}' is not in any param group of the optimizer")
+        self._check_in_optimizer(optimizer, selected)
         names = list(selected)
         finals = _per_layer(layer_sparsity, names, "layer_sparsity")
         caps = _per_layer(max_sparsity, names, "max_sparsity")
+        store: MaskStore = get_store(model, create=True)  # type: ignore[assignment]
 
         self.schedule = schedule
         self.steps_per_epoch = int(steps_per_epoch)
@@ -244,9 +240,10 @@ class GMP:
         self.total_epochs = None if total_epochs is None else float(total_epochs)
         self.mask_optimizer_state = mask_optimizer_state
         self.mask_gradients = mask_gradients
+        self.gradient_accumulation_steps = gradient_accumulation_steps
         self._model = model
         self._optimizer = optimizer
-        self._params = selected
+        self._names = names
         self._finals = finals
         self._caps = {n: ops.prune_count(selected[n].numel(), c) for n, c in caps.items()}
         self._cap_fractions = caps
@@ -255,6 +252,11 @@ class GMP:
         self._last_update: dict[str, Any] | None = None
         self._history: list[dict[str, Any]] = []
         self._original_decay: list[float] | None = None
+        self._forwards = 0  # training forward passes since the last optimizer step
+        self._forwards_before = 0  # ... before the last optimizer step
+        self._accumulation_checked = False
+        self._store = store
+        self._take_over(store)
 
         if len(optimizer.state):
             warnings.warn(
@@ -266,13 +268,62 @@ class GMP:
             )
         if schedule.crossed_update(-math.inf, 0.0):
             self._update()
-        self._store: MaskStore = get_store(model, create=True)  # type: ignore[assignment]
-        self._handle = optimizer.register_step_post_hook(self._after_step)
-        self._store.hooks.append(self._handle)
-        self._grad_handle = None
+        self._handles = [optimizer.register_step_post_hook(self._after_step)]
         if mask_gradients:
-            self._grad_handle = optimizer.register_step_pre_hook(_mask_grads_hook(self._store))
-            self._store.hooks.append(self._grad_handle)
+            self._handles.append(optimizer.register_step_pre_hook(_mask_grads_hook(store)))
+        self._handles.append(unwrap(model)[0].register_forward_pre_hook(self._count_forward))
+        store.hooks.extend(self._handles)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose steps drive the schedule."""
+        return self._optimizer
+
+    @property
+    def sharded(self) -> bool:
+        """Whether some pruned parameter is sharded (FSDP2 / DTensor): then
+        :meth:`state_dict` holds this rank's masks only, and every rank saves its own."""
+        return distributed.any_dtensor(list(self._current_params().values()))
+
+    @staticmethod
+    def _check_in_optimizer(
+        optimizer: torch.optim.Optimizer, selected: Mapping[str, nn.Parameter]
+    ) -> None:
+        """A trainable pruned parameter must be stepped by ``optimizer``, or its masks would be
+        re-applied after steps that never train it. A frozen one (``requires_grad=False``) may
+        stay out: it is pruned at every update like any other, as ``prune_step`` does."""
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, p in selected.items() if id(p) not in owned and p.requires_grad]
+        if missing:
+            raise ValueError(
+                f"parameters {missing} are pruned and trainable but in no param group of the "
+                f"optimizer: add them to the optimizer, or leave them out with exclude={missing}"
+            )
+
+    def _take_over(self, store: MaskStore) -> None:
+        """Become the model's one controller: a live one (a notebook cell run twice) is
+        detached with a GMPWarning, and attach() hooks on the same optimizer are removed, since
+        this controller re-applies the masks itself."""
+        previous = store.controller() if callable(store.controller) else None
+        if isinstance(previous, GMP) and previous is not self:
+            warnings.warn(
+                f"this model already had a GMP controller (at step {previous.step_count}, "
+                f"target {previous.sparsity:.4g}); it is detached and this one replaces it. Its "
+                "masks stay until this controller's first update (gmp_ext.remove(model) drops "
+                "them)",
+                GMPWarning,
+                stacklevel=3,
+            )
+            previous._detach()
+        attached = store.attachments.pop(id(self._optimizer), None)
+        if attached is not None:
+            attached.remove()  # type: ignore[attr-defined]
+        store.controller = weakref.ref(self)
+
+    def _count_forward(self, module: nn.Module, _args: Any) -> None:
+        # Compiled regions skip the count: a Python side effect there would break the graph.
+        if module.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._forwards += 1
 
     @staticmethod
     def _check_decay(optimizer: torch.optim.Optimizer, value: object) -> float:
@@ -310,7 +361,7 @@ class GMP:
         )
         options: dict[str, Any] = {
             "scope": "global" if recipe.global_sparsity else "layer",
-            "params": _recipe_params(model, recipe.params),
+            "params": None if recipe.params is None else list(recipe.params),
             "fine_tune_weight_decay": recipe.fine_tune_weight_decay,
             "total_epochs": recipe.total_epochs,
         }
@@ -355,7 +406,7 @@ class GMP:
         """{name: target} for a schedule value (default: the current one)."""
         value = self.sparsity if sparsity is None else sparsity
         final = self.schedule.final_sparsity
-        targets = dict.fromkeys(self._params, value)
+        targets = dict.fromkeys(self._names, value)
         for name, layer_final in self._finals.items():
             # At the schedule's final value use the layer's final as given, free of rounding.
             targets[name] = (
@@ -368,6 +419,7 @@ class GMP:
     def _after_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         previous = self.epoch
         self._steps += 1
+        self._check_accumulation()
         # Re-zero first, also before an update: momentum and weight decay may have moved pruned
         # weights off zero in this step, and they must not outrank kept weights in the new masks.
         self._store.apply()
@@ -396,12 +448,13 @@ class GMP:
         """Fresh masks at the scheduled target, applied; then record and check the result."""
         target = self.sparsity
         targets = self.layer_targets(target)
-        names = list(self._params)
+        names = self._names
+        params = self._current_params()
         if self.scope == "layer":
             prune_step(self._model, targets, params=names)
         elif self._caps:
             store = get_store(self._model, create=True)
-            store.set_masks(_capped_global(self._params, target, self._caps))
+            store.set_masks(_capped_global(params, target, self._caps))
             store.apply()
         else:
             prune_step(self._model, target, scope="global", params=names)
@@ -409,7 +462,7 @@ class GMP:
         if self.mask_optimizer_state:
             store.apply_to(_state_of(self._optimizer), names=names)
         entries = store.entries
-        zeros = dict(zip(self._params, distributed.zero_counts(list(self._params.values()))))
+        zeros = dict(zip(names, distributed.zero_counts(list(params.values()))))
         record = {
             "epoch": self.epoch,
             "step": self._steps,
@@ -421,7 +474,7 @@ class GMP:
                     "achieved": zeros[n] / p.numel() if p.numel() else 0.0,
                     "threshold": entries[n].threshold,
                 }
-                for n, p in self._params.items()
+                for n, p in params.items()
             },
         }
         self._history.append(record)
@@ -434,21 +487,25 @@ class GMP:
             target,
             ", ".join(f"{n} {v['achieved']:.4f}" for n, v in record["layers"].items()),
         )
-        self._check_counts(target, targets, zeros)
+        self._check_counts(params, target, targets, zeros)
 
     def _check_counts(
-        self, target: float, targets: Mapping[str, float], zeros: Mapping[str, int]
+        self,
+        params: Mapping[str, nn.Parameter],
+        target: float,
+        targets: Mapping[str, float],
+        zeros: Mapping[str, int],
     ) -> None:
         """Warn when the weights' zeros are not ``round(target * numel)``: kept weights that are
         exactly zero (layer scope), or caps leaving too little room (global scope)."""
         if self.scope == "layer":
             off = [
                 f"{n} ({zeros[n]} zeros, expected {ops.prune_count(p.numel(), targets[n])})"
-                for n, p in self._params.items()
+                for n, p in params.items()
                 if zeros[n] != ops.prune_count(p.numel(), targets[n])
             ]
         else:
-            total = sum(p.numel() for p in self._params.values())
+            total = sum(p.numel() for p in params.values())
             expected = ops.prune_count(total, target)
             found = sum(zeros.values())
             off = [] if found == expected else [f"all layers ({found} zeros, expected {expected})"]
@@ -459,6 +516,68 @@ class GMP:
                 GMPWarning,
                 stacklevel=4,
             )
+
+    def _current_params(self) -> dict[str, nn.Parameter]:
+        """The pruned parameters as the model holds them now, looked up by name: loading a
+        state_dict with ``assign=True`` or a dtype conversion may have replaced them."""
+        inner = unwrap(self._model)[0]
+        try:
+            return {name: parameter_by_name(inner, name) for name in self._names}
+        except KeyError as error:
+            raise ValueError(f"GMP: the model no longer has the pruned parameter {error}") from None
+
+    def _check_accumulation(self) -> None:
+        """Warn once when the model runs several training forward passes per optimizer step
+        (gradient accumulation) that ``gradient_accumulation_steps`` did not announce: then
+        ``steps_per_epoch`` is easily given in micro-batches, and the run ends long before its
+        schedule does."""
+        observed, before = self._forwards, self._forwards_before
+        self._forwards, self._forwards_before = 0, observed
+        expected = self.gradient_accumulation_steps or 1
+        # Two steps in a row with the same count: one odd step (a last partial window) is none.
+        if self._accumulation_checked or observed <= 1 or observed == expected:
+            return
+        if observed != before:
+            return
+        self._accumulation_checked = True
+        spe = self.steps_per_epoch
+        end = self.schedule.end_epoch
+        stated = (
+            ""
+            if self.gradient_accumulation_steps is None
+            else f" (gradient_accumulation_steps={self.gradient_accumulation_steps})"
+        )
+        warnings.warn(
+            f"GMP: the model runs {observed} training forward passes per optimizer step{stated}, "
+            f"and steps_per_epoch={spe} counts optimizer steps. If {spe} is the number of "
+            f"batches per epoch (len(loader)), pass steps_per_epoch={math.ceil(spe / observed)}: "
+            f"as set, the schedule's end_epoch {end:g} comes only after {end * observed:g} real "
+            f"epochs. If {spe} already counts optimizer steps, pass "
+            f"gradient_accumulation_steps={observed} to say so.",
+            GMPWarning,
+            stacklevel=4,
+        )
+
+    def check_run_length(self, total_steps: int) -> bool:
+        """Whether a run of ``total_steps`` optimizer steps reaches the schedule's ``end_epoch``;
+        a GMPWarning saying where it would stop when not. The Lightning and Hugging Face
+        callbacks call it with the trainer's planned steps at the start and with the steps
+        taken at the end."""
+        needed = math.ceil(self.schedule.end_epoch * self.steps_per_epoch)
+        if total_steps >= needed:
+            return True
+        epoch = total_steps / self.steps_per_epoch
+        warnings.warn(
+            f"GMP: the run takes {total_steps} optimizer steps (schedule epoch {epoch:.4g}), but "
+            f"the schedule reaches its final sparsity {self.schedule.final_sparsity:g} at "
+            f"end_epoch {self.schedule.end_epoch:g} = step {needed}: it stops at sparsity "
+            f"{self.schedule.sparsity_at(epoch):.4g}, in the {self.schedule.stage_at(epoch)} "
+            "stage. Check steps_per_epoch (optimizer steps per epoch; with gradient "
+            "accumulation, batches / accumulation steps) and the schedule's end_epoch.",
+            GMPWarning,
+            stacklevel=2,
+        )
+        return False
 
     # -- user hooks -------------------------------------------------------------------------
 
@@ -491,10 +610,15 @@ class GMP:
     def remove(self) -> None:
         """Stop pruning: drop the step hook, the masks and every hook of the model's mask store
         (:func:`gmp_ext.remove`); the weights stay as they are."""
-        self._handle.remove()
-        if self._grad_handle is not None:
-            self._grad_handle.remove()
+        self._detach()
         remove(self._model)
+
+    def _detach(self) -> None:
+        """Remove this controller's hooks (the masks stay in the model's store)."""
+        for handle in self._handles:
+            handle.remove()
+        if callable(self._store.controller) and self._store.controller() is self:
+            self._store.controller = None
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -515,6 +639,8 @@ class GMP:
         so it loads with ``torch.load(weights_only=True)``. Save the model's and the
         optimizer's state beside it."""
         store = get_store(self._model)
+        if store is not None:
+            store.resolve()
         entries = {} if store is None else store.entries
         return {
             "format": _FORMAT,
@@ -523,14 +649,14 @@ class GMP:
             "stage": self.stage,
             "epoch_mark": self._epoch_mark,
             "last_update": self.last_update,
-            "shapes": {n: list(p.shape) for n, p in self._params.items()},
+            "shapes": {n: list(p.shape) for n, p in self._current_params().items()},
             "masks": {
                 n: {
                     "mask": export_mask(entries[n]),
                     "target": entries[n].target,
                     "threshold": entries[n].threshold,
                 }
-                for n in self._params
+                for n in self._names
                 if n in entries
             },
             "weight_decay": {"original": copy.copy(self._original_decay)},
@@ -559,7 +685,8 @@ class GMP:
                 "the GMP state was saved with a different "
                 + "; ".join(f"{k} ({state['config'].get(k)!r}, now {config[k]!r})" for k in differ)
             )
-        shapes = {n: list(p.shape) for n, p in self._params.items()}
+        params = self._current_params()
+        shapes = {n: list(p.shape) for n, p in params.items()}
         saved = state["shapes"]
         missing = [n for n in shapes if n not in saved]
         unexpected = [n for n in saved if n not in shapes]
@@ -581,8 +708,8 @@ class GMP:
             raise ValueError(f"GMP state: step must be an integer >= 0, got {step!r}")
         entries = {
             n: MaskEntry(
-                self._params[n],
-                import_mask(self._params[n], saved_mask["mask"], n),
+                params[n],
+                import_mask(params[n], saved_mask["mask"], n),
                 float(saved_mask["target"]),
                 float(saved_mask["threshold"]),
             )
@@ -605,7 +732,7 @@ class GMP:
         self._original_decay = None if original is None else list(original)
         if self._original_decay is not None:
             self._set_decay(self.fine_tune_weight_decay)  # type: ignore[arg-type]
-        for name in self._params:  # a state saved before the first update holds no masks
+        for name in self._names:  # a state saved before the first update holds no masks
             if name not in entries:
                 self._store.entries.pop(name, None)
         self._store.set_masks(entries)

@@ -56,12 +56,10 @@ __all__ = [
     "local_tensor",
     "select_global_sharded",
     "select_layerwise_sharded",
-    "unwrap",
     "verify_masks_across_ranks",
 ]
 
 DEBUG_ENV = "GMP_EXT_DEBUG_DISTRIBUTED"
-DDP_PREFIX = "module."
 
 # Digits of at most 11 bits: a 31-bit key takes three passes of 11, 10 and 10 bits, so a
 # per-layer selection all-reduces 2048 + 1024 + 1024 int64 counts (32 KiB) per parameter.
@@ -96,14 +94,6 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     with torch.no_grad():
         return tensor.to_local()  # type: ignore[attr-defined]
-
-
-def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
-    """The user's model inside a DistributedDataParallel wrapper, and the prefix the wrapper
-    adds to its parameter names (``""`` for any other module)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module, DDP_PREFIX
-    return model, ""
 
 
 # -- meshes and collectives --------------------------------------------------------------------

@@ -16,8 +16,17 @@ from torch import nn
 from . import distributed, ops
 from ._backend import backend_for
 from ._layout import mask_bytes, mask_storage_bytes
+from .selection import parameter_by_name, unwrap
 
-__all__ = ["MaskEntry", "MaskStore", "export_mask", "get_store", "import_mask", "maskable"]
+__all__ = [
+    "MaskEntry",
+    "MaskStore",
+    "export_mask",
+    "find_store",
+    "get_store",
+    "import_mask",
+    "maskable",
+]
 
 
 @dataclass
@@ -45,10 +54,58 @@ class MaskEntry:
 
 @dataclass
 class MaskStore:
+    """The masks of one model's pruned parameters, by the model's parameter names, and the
+    hooks and controller that keep them applied."""
+
     entries: dict[str, MaskEntry] = field(default_factory=dict)
     hooks: list = field(default_factory=list)
+    # The model the names refer to (weakly: the store must not keep it alive).
+    model: weakref.ReferenceType[nn.Module] | None = None
+    # The live GMP controller and attach() handles by optimizer, so none is registered twice.
+    controller: object | None = None
+    attachments: dict[int, object] = field(default_factory=dict)
     # device -> (pointer key, backend, apply job, [(parameter, contiguous copy)])
     _plans: dict = field(default_factory=dict)
+
+    def resolve(self, skip: Iterable[str] = ()) -> None:
+        """Bind every entry (but those in ``skip``) to the parameter the model holds under its
+        name now: ``load_state_dict(..., assign=True)``, ``module.weight = nn.Parameter(...)``
+        or ``.to()`` with ``torch.__future__.set_overwrite_module_params_on_conversion(True)``
+        replace parameter objects, and a mask must follow the model, never the orphaned tensor.
+        The mask moves with a parameter moved to another device. Raises ValueError, binding
+        nothing, when a name is gone or its parameter changed shape."""
+        model = None if self.model is None else self.model()
+        if model is None:
+            return
+        skipped = set(skip)
+        rebound: list[tuple[MaskEntry, torch.Tensor]] = []
+        for name, entry in self.entries.items():
+            if name in skipped:
+                continue
+            try:
+                current = parameter_by_name(model, name)
+            except KeyError:
+                raise ValueError(
+                    f"the model no longer has the parameter '{name}' that gmp_ext masks; "
+                    "gmp_ext.remove(model) drops every mask"
+                ) from None
+            if current is entry.param:
+                continue
+            old, new = distributed.local_tensor(entry.param), distributed.local_tensor(current)
+            if current.shape != entry.param.shape or old.shape != new.shape:
+                raise ValueError(
+                    f"parameter '{name}' was replaced by one of shape {list(new.shape)}, but its "
+                    f"mask covers {list(old.shape)}: prune it again (prune_step) or drop the "
+                    "masks (gmp_ext.remove(model))"
+                )
+            rebound.append((entry, current))
+        for entry, current in rebound:
+            entry.param = current
+            device = distributed.local_tensor(current).device
+            if entry.mask.device != device:
+                entry.mask = entry.mask.to(device)
+        if rebound:
+            self._plans.clear()
 
     def reusable_mask(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
         """The mask held for ``param`` under ``name`` when a new mask may be written over it
@@ -70,10 +127,12 @@ class MaskStore:
     def apply(self) -> None:
         """Re-zero every pruned weight: one fused native call per device.
 
-        The table of pointers is cached per device and rebuilt only when a parameter's storage
-        moved (``.to()``, ``load_state_dict`` with ``assign=True``, FSDP resharding); a DTensor's
-        local shard is looked up on every call.
+        Entries are first bound to the model's current parameters (:meth:`resolve`). The table
+        of pointers is cached per device and rebuilt only when a parameter's storage moved
+        (``.to()``, ``load_state_dict``, FSDP resharding); a DTensor's local shard is looked up
+        on every call.
         """
+        self.resolve()
         with torch.no_grad():
             by_device: dict[torch.device, list[MaskEntry]] = {}
             for entry in self.entries.values():
@@ -118,6 +177,7 @@ class MaskStore:
         scalar ``step``, factored rows, integer buffers) are left alone. Returns how many
         tensors were masked.
         """
+        self.resolve()
         chosen = self.entries.values() if names is None else [self.entries[n] for n in names]
         targets: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
@@ -174,18 +234,58 @@ def maskable(param: torch.Tensor, tensor: object) -> torch.Tensor | None:
 _STORES: weakref.WeakKeyDictionary[nn.Module, MaskStore] = weakref.WeakKeyDictionary()
 
 
+def _nesting(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """The model whose store masks ``model``'s parameters when that is an enclosing model, and
+    ``model``'s name prefix in it; None when no enclosing model has a store."""
+    for root in list(_STORES.keys()):
+        if root is model:
+            continue
+        for name, module in root.named_modules(remove_duplicate=False):
+            if module is model and name:
+                return root, name + "."
+    return None
+
+
+def find_store(model: nn.Module) -> tuple[MaskStore, str] | None:
+    """For reading masks: the store holding ``model``'s masks (its own, or an enclosing
+    model's when ``model`` is a submodule of a pruned model) and ``model``'s name prefix in it
+    (``""`` for its own), or None when nothing masks it."""
+    model, _ = unwrap(model)
+    store = _STORES.get(model)
+    if store is not None:
+        return store, ""
+    nested = _nesting(model)
+    return None if nested is None else (_STORES[nested[0]], nested[1])
+
+
 def get_store(model: nn.Module, create: bool = False) -> MaskStore | None:
-    """The model's mask store (created on demand when ``create``); a DDP wrapper shares the
-    store of the model it wraps."""
-    model, _ = distributed.unwrap(model)
+    """The model's own mask store (created on demand when ``create``); wrappers (DDP,
+    DataParallel, torch.compile) share the store of the model they wrap.
+
+    Creating a store for a submodule of a pruned model, or for a model one of whose
+    submodules holds a store, is a ValueError: the same parameter would have two masks.
+    """
+    model, _ = unwrap(model)
     store = _STORES.get(model)
     if store is None and create:
-        store = _STORES[model] = MaskStore()
+        nested = _nesting(model)
+        if nested is not None:
+            raise ValueError(
+                f"this module is '{nested[1][:-1]}' of a model whose masks gmp_ext holds; "
+                "prune, attach and control that model (params= and exclude= choose layers)"
+            )
+        inner = [n for n, m in model.named_modules(remove_duplicate=False) if n and m in _STORES]
+        if inner:
+            raise ValueError(
+                f"submodule '{inner[0]}' of this model already holds gmp_ext masks; keep "
+                f"using it, or drop them first with gmp_ext.remove(model.{inner[0]})"
+            )
+        store = _STORES[model] = MaskStore(model=weakref.ref(model))
     return store
 
 
 def drop_store(model: nn.Module) -> MaskStore | None:
-    return _STORES.pop(distributed.unwrap(model)[0], None)
+    return _STORES.pop(unwrap(model)[0], None)
 
 
 def export_mask(entry: MaskEntry) -> torch.Tensor:

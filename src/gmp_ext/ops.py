@@ -69,7 +69,15 @@ class Threshold(NamedTuple):
 
 
 def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
-    """``sparsity`` as a float, or ValueError unless it is a finite real number in [0, 1]."""
+    """``sparsity`` as a float, or ValueError unless it is a finite real number in [0, 1] (a
+    0-d real tensor counts as its value; reading it waits for its device)."""
+    if isinstance(sparsity, torch.Tensor):
+        if sparsity.dim() != 0 or sparsity.is_complex() or sparsity.dtype == torch.bool:
+            raise ValueError(
+                f"{name} must be a number in [0, 1] or a 0-d real tensor, got a tensor of "
+                f"shape {list(sparsity.shape)} and dtype {sparsity.dtype}"
+            )
+        sparsity = sparsity.item()
     if (
         isinstance(sparsity, bool)
         or not isinstance(sparsity, numbers.Real)

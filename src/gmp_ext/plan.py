@@ -180,8 +180,14 @@ class PrunePlan:
     def step(self) -> None:
         """Fresh masks from the current weights, and the pruned weights zeroed in place: launches
         only on CUDA (nothing allocated, nothing read back). A parameter whose storage moved
-        since the last step (``.to()``, ``.half()``) gets new tables first, outside any graph;
+        since the last step (``.to()``, ``.half()``), or that the model replaced by another
+        (``load_state_dict(..., assign=True)``), gets new tables first, outside any graph;
         masks that ``prune_step`` or ``remove`` replaced in the store are the plan's again."""
+        store = get_store(self._model, create=True)
+        if any(store.entries.get(n) is not e for n, e in self._entries.items()):
+            store.set_masks(self._entries)  # prune_step or remove() replaced them since
+        store.resolve()  # parameters the model replaced (load_state_dict(assign=True), ...)
+        self._params = [self._entries[n].param for n in self._names]
         storage = self._storage()
         if storage != self._addresses:
             if [a[2] for a in storage] != [a[2] for a in self._addresses]:
@@ -190,9 +196,6 @@ class PrunePlan:
                 )
             self._prepare()
             self.set_sparsity(self._sparsity)
-        store = get_store(self._model, create=True)
-        if any(store.entries.get(n) is not e for n, e in self._entries.items()):
-            store.set_masks(self._entries)  # prune_step or remove() replaced them since
         with torch.no_grad():
             for group in self._groups:
                 for param, work in group.staged:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -13,7 +11,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import distributed, ops
-from .masks import MaskEntry, MaskStore, drop_store, get_store
+from .masks import MaskEntry, MaskStore, drop_store, find_store, get_store
+from .selection import DEFAULT_PRUNABLE, ParamSpec, bare_name, select_parameters, unwrap
 
 __all__ = [
     "DEFAULT_PRUNABLE",
@@ -30,129 +29,7 @@ __all__ = [
     "zero_pruned_state",
 ]
 
-# Weight matrices and kernels; never biases, norms or embeddings.
-DEFAULT_PRUNABLE: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-
-ParamSpec = Union[
-    None,
-    Sequence[str],
-    Sequence[tuple[nn.Module, str]],
-    Callable[[str, nn.Parameter], bool],
-]
 SparsitySpec = Union[float, Mapping[str, float]]
-
-
-def _matches(pattern: str, name: str) -> bool:
-    return pattern == name or re.fullmatch(pattern, name) is not None
-
-
-def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    return dict(model.named_parameters(remove_duplicate=False))
-
-
-def _bare(name: str, prefix: str, named: Mapping[str, nn.Parameter]) -> str:
-    """A name given for a wrapped model (DDP's ``module.x``) as the user's model names it."""
-    if prefix and name.startswith(prefix) and name not in named:
-        return name[len(prefix) :]
-    return name
-
-
-def _default_selection(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    chosen = []
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        weight = getattr(module, "weight", None)
-        if isinstance(module, DEFAULT_PRUNABLE) and isinstance(weight, nn.Parameter):
-            chosen.append((f"{module_name}.weight" if module_name else "weight", weight))
-    return chosen
-
-
-def _from_spec(model: nn.Module, params: ParamSpec) -> list[tuple[str, nn.Parameter]]:
-    named = _named_params(model)
-    if params is None:
-        return _default_selection(model)
-    if callable(params):
-        return [(n, p) for n, p in named.items() if params(n, p)]
-    if isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
-        raise TypeError(
-            "params must be None, a list of parameter names, a list of (module, name) pairs "
-            f"or a predicate (name, param) -> bool, got {params!r}"
-        )
-    module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    chosen = []
-    for item in params:
-        if isinstance(item, str):
-            if item not in named:
-                raise ValueError(f"params entry {item!r} names no parameter of the model")
-            chosen.append((item, named[item]))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], nn.Module):
-            module, attr = item
-            if id(module) not in module_names:
-                raise ValueError(
-                    f"params entry ({type(module).__name__}, {attr!r}): "
-                    "the module is not part of the model"
-                )
-            param = getattr(module, attr, None)
-            if not isinstance(param, nn.Parameter):
-                raise ValueError(
-                    f"params entry ({type(module).__name__}, {attr!r}) names no parameter"
-                )
-            prefix = module_names[id(module)]
-            chosen.append((f"{prefix}.{attr}" if prefix else attr, param))
-        else:
-            raise TypeError(f"params entries must be names or (module, name) pairs, got {item!r}")
-    return chosen
-
-
-def select_parameters(
-    model: nn.Module, params: ParamSpec = None, exclude: Sequence[str] | str | None = None
-) -> dict[str, nn.Parameter]:
-    """The parameters gmp_ext prunes, by name, each tensor once (tied weights: first name)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    # A DDP-wrapped model is pruned under the names of the model it wraps; names and patterns
-    # may carry the wrapper's "module." prefix or not.
-    model, prefix = distributed.unwrap(model)
-    if (
-        not callable(params)
-        and isinstance(params, Iterable)
-        and not isinstance(params, (str, bytes))
-    ):
-        named = _named_params(model)
-        params = [_bare(p, prefix, named) if isinstance(p, str) else p for p in params]
-    chosen = _from_spec(model, params)
-    patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
-
-    def excluded(pattern: str, name: str) -> bool:
-        return _matches(pattern, name) or (bool(prefix) and _matches(pattern, prefix + name))
-
-    for pattern in patterns:
-        if not any(excluded(pattern, name) for name, _ in chosen):
-            warnings.warn(f"exclude entry {pattern!r} matches no selected parameter", stacklevel=3)
-    selected: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
-    for name, param in chosen:
-        if any(excluded(p, name) for p in patterns) or id(param) in seen:
-            continue
-        seen.add(id(param))
-        selected[name] = param
-    if not selected:
-        raise ValueError(
-            "no prunable parameter selected: the model has no nn.Linear/nn.Conv*/"
-            "nn.ConvTranspose* weight left after `exclude`; pass `params=` to choose some"
-        )
-    for name, param in selected.items():
-        ops._check_tensor(param, f"parameter '{name}'")
-        if not param.is_floating_point():
-            raise TypeError(f"parameter '{name}' is not floating point ({param.dtype})")
-    return selected
 
 
 def _targets(
@@ -166,10 +43,10 @@ def _targets(
         return selected, dict.fromkeys(selected, value)
     if scope == "global":
         raise ValueError("a per-parameter sparsity dict needs scope='layer'")
-    inner, prefix = distributed.unwrap(model)
-    named = _named_params(inner)
+    inner, prefix = unwrap(model)
+    named = dict(inner.named_parameters(remove_duplicate=False))
     targets = {
-        _bare(name, prefix, named): ops.check_sparsity(v, f"sparsity[{name!r}]")
+        bare_name(name, prefix, named): ops.check_sparsity(v, f"sparsity[{name!r}]")
         for name, v in sparsity.items()
     }
     if params is None and exclude is None:
@@ -210,7 +87,9 @@ def prune_step(
     if optimizer is not None:
         _check_optimizer(optimizer)
     selected, targets = _targets(model, sparsity, params, exclude, scope)
+    store = get_store(model, create=True)
     names = list(selected)
+    store.resolve(skip=names)
     tensors = [selected[n] for n in names]
     labels = [f"parameter '{n}'" for n in names]
     if scope == "layer":
@@ -220,7 +99,6 @@ def prune_step(
         total = sum(t.numel() for t in tensors)
         rows = ops._select_rows_global(tensors, labels, ops.prune_count(total, targets[names[0]]))
     # Nothing can fail from here on: the new masks may overwrite the old ones in place.
-    store = get_store(model, create=True)
     reuse = [store.reusable_mask(n, t) for n, t in zip(names, tensors)]
     wide64 = ops._wide64(tensors) if scope == "global" else None
     new_masks = ops._build(tensors, rows, wide64, reuse)
@@ -238,23 +116,49 @@ def prune_step(
     return distributed.mask_sparsities(entries)
 
 
+def _masked_entries(model: nn.Module) -> tuple[MaskStore | None, str, dict[str, MaskEntry]]:
+    """The store masking ``model`` and its entries under ``model``'s own parameter names (a
+    submodule of a pruned model: the entries of its parameters), bound to the model's current
+    parameters, with ``model``'s name prefix in the store."""
+    found = find_store(model)
+    if found is None:
+        return None, "", {}
+    store, prefix = found
+    store.resolve()
+    entries = {
+        name[len(prefix) :]: entry
+        for name, entry in store.entries.items()
+        if name.startswith(prefix)
+    }
+    return store, prefix, entries
+
+
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name: bool tensor of the weight's shape, True = kept} for every masked parameter (a
-    DTensor parameter's: a bool DTensor sharded like it)."""
-    store = get_store(model)
-    if store is None:
-        return {}
+    """{name: bool tensor of the weight's shape, True = kept} for every masked parameter of
+    ``model`` (a submodule of a pruned model: its own parameters, by their names in it; a
+    DTensor parameter's: a bool DTensor sharded like it). Empty when nothing is masked."""
+    _check_model(model)
     return {
         name: distributed.keep_flags(entry.param, entry.mask)
-        for name, entry in store.entries.items()
+        for name, entry in _masked_entries(model)[2].items()
     }
 
 
 def apply_masks(model: nn.Module) -> None:
-    """Re-zero every pruned weight of the model (a no-op before the first prune_step)."""
-    store = get_store(model)
-    if store is not None:
-        store.apply()
+    """Re-zero every pruned weight of the model (a submodule of a pruned model: of its own
+    parameters); a no-op before the first prune_step."""
+    _check_model(model)
+    store, _, entries = _masked_entries(model)
+    if store is None or not entries:
+        return
+    if len(entries) == len(store.entries):
+        store.apply()  # the cached fused apply
+    else:
+        with torch.no_grad():
+            ops.apply_in_place(
+                [distributed.local_tensor(e.param).detach() for e in entries.values()],
+                [e.mask for e in entries.values()],
+            )
 
 
 def _check_optimizer(optimizer: object) -> torch.optim.Optimizer:
@@ -316,8 +220,7 @@ def zero_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> int
     """
     _check_model(model)
     _check_optimizer(optimizer)
-    store = get_store(model)
-    return 0 if store is None else store.apply_to(_state_of(optimizer))
+    return _apply_to_masked(model, _state_of(optimizer))
 
 
 def zero_pruned_grads(model: nn.Module) -> int:
@@ -325,8 +228,14 @@ def zero_pruned_grads(model: nn.Module) -> int:
     are skipped), e.g. before ``clip_grad_norm_`` so that the norm counts only kept weights.
     Returns the number of gradients masked."""
     _check_model(model)
-    store = get_store(model)
-    return 0 if store is None else store.apply_to(_grad_of)
+    return _apply_to_masked(model, _grad_of)
+
+
+def _apply_to_masked(model: nn.Module, tensors_of: Callable[[MaskEntry], Iterable[object]]) -> int:
+    store, prefix, entries = _masked_entries(model)
+    if store is None:
+        return 0
+    return store.apply_to(tensors_of, names=[prefix + name for name in entries])
 
 
 class AttachHandle:
@@ -339,6 +248,7 @@ class AttachHandle:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self.handles = ()
 
     def __enter__(self) -> AttachHandle:
         return self
@@ -357,6 +267,10 @@ def attach(
     Adam moments): after :func:`zero_pruned_state` that state stays zero for pruned weights.
     The kept weights train exactly as without it.
 
+    Attaching the same model to the same optimizer again replaces the earlier hooks (never
+    two sets). Raises ValueError when a :class:`gmp_ext.GMP` controller already drives this
+    model with this optimizer (it re-applies the masks itself).
+
     Returns an :class:`AttachHandle` whose ``remove()`` removes the hooks; ``remove(model)``
     also removes them.
     """
@@ -364,12 +278,22 @@ def attach(
     _check_optimizer(optimizer)
     _check_flag(mask_gradients, "mask_gradients")
     store = get_store(model, create=True)
+    controller = store.controller
+    if controller is not None and getattr(controller, "optimizer", None) is optimizer:
+        raise ValueError(
+            "a GMP controller already re-applies this model's masks after every step of this "
+            "optimizer; attach() is not needed (call gmp.remove() first to use attach alone)"
+        )
+    previous = store.attachments.pop(id(optimizer), None)
+    if previous is not None:
+        previous.remove()
     handles = []
     if mask_gradients:
         handles.append(optimizer.register_step_pre_hook(_mask_grads_hook(store)))
     handles.append(optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: store.apply()))
     store.hooks.extend(handles)
-    return AttachHandle(*handles)
+    handle = store.attachments[id(optimizer)] = AttachHandle(*handles)
+    return handle
 
 
 def remove(model: nn.Module) -> None:
@@ -427,10 +351,12 @@ class SparsityReport:
 def sparsity_report(
     model: nn.Module, params: ParamSpec = None, exclude: Sequence[str] | str | None = None
 ) -> SparsityReport:
-    """Per-parameter zeros of the masked parameters (or of the default selection)."""
-    store = get_store(model)
-    if store is not None and store.entries and params is None and exclude is None:
-        chosen = {name: e.param for name, e in store.entries.items()}
+    """Per-parameter zeros, counted in the weights: of the model's masked parameters (a
+    submodule of a pruned model: of its own), or of :func:`select_parameters`' selection when
+    nothing is masked or ``params``/``exclude`` is given (its errors included)."""
+    _, _, entries = _masked_entries(_check_model(model))
+    if entries and params is None and exclude is None:
+        chosen = {name: e.param for name, e in entries.items()}
     else:
         chosen = select_parameters(model, params, exclude)
     zeros = distributed.zero_counts(list(chosen.values()))

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..controller import GMP, GMPWarning
+from ..controller import GMP
+from ..exceptions import GMPWarning
 from ..schedule import GMPSchedule
 
 
@@ -24,8 +25,10 @@ def start_gmp(
     steps_per_epoch: int,
     saved: Mapping[str, Any] | None,
     gmp_kwargs: Mapping[str, Any],
+    resuming: bool = False,
 ) -> GMP:
-    """The controller of a trainer's run, continuing ``saved`` (a GMP state) if given.
+    """The controller of a trainer's run, continuing ``saved`` (a GMP state) if given (or
+    about to be loaded by the caller, ``resuming``).
 
     When resuming, frameworks restore the weights and the optimizer's state before a callback
     can build the controller, so its step-0 work meets an optimizer that has stepped and weights
@@ -33,7 +36,7 @@ def start_gmp(
     zero). That step 0 is then replaced by ``saved``, so its warnings are silenced.
     """
     with warnings.catch_warnings():
-        if saved is not None:
+        if saved is not None or resuming:
             warnings.simplefilter("ignore", GMPWarning)
         gmp = GMP(model, optimizer, schedule, steps_per_epoch=steps_per_epoch, **gmp_kwargs)
     if saved is not None:

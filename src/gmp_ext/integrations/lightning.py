@@ -45,7 +45,11 @@ class GMPCallback(Callback):
     The controller (``self.gmp``) is built in ``on_train_start``, once the dataloader's length
     is known; ``steps_per_epoch`` defaults to :func:`optimizer_steps_per_epoch`. Its state is
     saved in checkpoints under ``checkpoint["gmp_ext"]`` and restored by ``Trainer.fit(...,
-    ckpt_path=...)``. ``gmp_kwargs`` go to :class:`gmp_ext.controller.GMP`.
+    ckpt_path=...)``. ``gradient_accumulation_steps`` is the trainer's
+    ``accumulate_grad_batches``; the planned steps (``estimated_stepping_batches``) are checked
+    against the schedule at the start, the steps taken at the end
+    (:meth:`gmp_ext.GMP.check_run_length`). ``gmp_kwargs`` go to
+    :class:`gmp_ext.controller.GMP`.
     """
 
     def __init__(
@@ -66,10 +70,15 @@ class GMPCallback(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         steps = self.steps_per_epoch or optimizer_steps_per_epoch(trainer)
+        kwargs = {"gradient_accumulation_steps": trainer.accumulate_grad_batches}
+        kwargs.update(self.gmp_kwargs)
         self.gmp = start_gmp(
-            pl_module, trainer.optimizers[0], self.schedule, steps, self._saved, self.gmp_kwargs
+            pl_module, trainer.optimizers[0], self.schedule, steps, self._saved, kwargs
         )
         self._saved = None
+        planned = trainer.estimated_stepping_batches
+        if math.isfinite(planned):
+            self.gmp.check_run_length(int(planned))
 
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -84,6 +93,8 @@ class GMPCallback(Callback):
         self._saved = checkpoint.get(CHECKPOINT_KEY)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.gmp is not None:
+            self.gmp.check_run_length(self.gmp.step_count)
         if self.remove_on_fit_end and self.gmp is not None:
             self.gmp.remove()
             self.gmp = None

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -20,9 +21,19 @@ from ..controller import GMP
 from ..schedule import GMPSchedule
 from . import start_gmp
 
-__all__ = ["CHECKPOINT_FILE", "GMPCallback", "optimizer_steps_per_epoch"]
+__all__ = ["CHECKPOINT_FILE", "GMPCallback", "checkpoint_file", "optimizer_steps_per_epoch"]
 
 CHECKPOINT_FILE = "gmp_ext.pt"
+
+
+def checkpoint_file(gmp: GMP | None = None) -> str:
+    """The GMP state's file name in a checkpoint folder: ``gmp_ext.pt``, or
+    ``gmp_ext-rank<r>.pt`` on every rank when the pruned parameters are sharded (FSDP2 /
+    DTensor), since each rank then holds the masks of its own shards."""
+    sharded = gmp.sharded if gmp is not None else False
+    if sharded and dist.is_available() and dist.is_initialized():
+        return f"gmp_ext-rank{dist.get_rank()}.pt"
+    return CHECKPOINT_FILE
 
 
 def optimizer_steps_per_epoch(args: TrainingArguments, train_dataloader: Any) -> int:
@@ -51,10 +62,14 @@ class GMPCallback(TrainerCallback):
 
     The controller (``self.gmp``) is built in ``on_train_begin``, after the Trainer created the
     optimizer; ``steps_per_epoch`` defaults to :func:`optimizer_steps_per_epoch`. Every
-    checkpoint folder gets a ``gmp_ext.pt``; a resumed run (``state.global_step > 0``) loads it
-    from ``args.resume_from_checkpoint`` if that folder has one, else from
-    ``<output_dir>/checkpoint-<global_step>`` (``Trainer.train(resume_from_checkpoint=...)``
-    does not pass its folder to callbacks). ``gmp_kwargs`` go to
+    checkpoint folder gets a ``gmp_ext.pt`` (written by the main process), or with sharded
+    parameters (FSDP2) a ``gmp_ext-rank<r>.pt`` from every rank; a resumed run
+    (``state.global_step > 0``) loads it from ``args.resume_from_checkpoint`` if that folder
+    has one, else from ``<output_dir>/checkpoint-<global_step>``
+    (``Trainer.train(resume_from_checkpoint=...)`` does not pass its folder to callbacks).
+    ``gradient_accumulation_steps`` is taken from the Trainer's arguments, and the run's
+    planned length (``state.max_steps``) is checked against the schedule at the start, the
+    steps taken at the end (:meth:`gmp_ext.GMP.check_run_length`). ``gmp_kwargs`` go to
     :class:`gmp_ext.controller.GMP`.
     """
 
@@ -85,37 +100,51 @@ class GMPCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise ValueError("GMPCallback needs the model and the optimizer from the Trainer")
         steps = self.steps_per_epoch or optimizer_steps_per_epoch(args, train_dataloader)
-        saved = self._saved_state(args, state) if state.global_step > 0 else None
+        kwargs = {"gradient_accumulation_steps": args.gradient_accumulation_steps}
+        kwargs.update(self.gmp_kwargs)
+        # The saved state is read once the controller exists: its file name depends on whether
+        # the parameters are sharded.
+        resuming = state.global_step > 0
         self.gmp = start_gmp(
-            model, _torch_optimizer(optimizer), self.schedule, steps, saved, self.gmp_kwargs
+            model, _torch_optimizer(optimizer), self.schedule, steps, None, kwargs, resuming
         )
+        if resuming:
+            self.gmp.load_state_dict(self._saved_state(args, state, checkpoint_file(self.gmp)))
+        if state.max_steps and state.max_steps > 0:
+            self.gmp.check_run_length(state.max_steps)
 
     @staticmethod
-    def _saved_state(args: TrainingArguments, state: TrainerState) -> dict[str, Any]:
+    def _saved_state(args: TrainingArguments, state: TrainerState, name: str) -> dict[str, Any]:
         folders = [os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
         if isinstance(args.resume_from_checkpoint, str):
             folders.insert(0, args.resume_from_checkpoint)
         for folder in folders:
-            path = os.path.join(folder, CHECKPOINT_FILE)
+            path = os.path.join(folder, name)
             if os.path.isfile(path):
                 return torch.load(path, map_location="cpu", weights_only=True)
         raise FileNotFoundError(
-            f"resuming at step {state.global_step}, but no {CHECKPOINT_FILE} with the GMP state "
-            f"is in {folders}; Trainer.train(resume_from_checkpoint=...) does not tell callbacks "
-            "its folder, so for one outside output_dir set "
+            f"resuming at step {state.global_step}, but no {name} with the GMP state is in "
+            f"{folders}; Trainer.train(resume_from_checkpoint=...) does not tell callbacks its "
+            "folder, so for one outside output_dir set "
             "TrainingArguments(resume_from_checkpoint=folder) too"
         )
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.gmp is not None and state.is_world_process_zero:
+        if self.gmp is None:
+            return
+        name = checkpoint_file(self.gmp)
+        if name != CHECKPOINT_FILE or state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            torch.save(self.gmp.state_dict(), os.path.join(folder, CHECKPOINT_FILE))
+            os.makedirs(folder, exist_ok=True)
+            torch.save(self.gmp.state_dict(), os.path.join(folder, name))
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self.gmp is not None:
+            self.gmp.check_run_length(self.gmp.step_count)
         if self.remove_on_train_end and self.gmp is not None:
             self.gmp.remove()
             self.gmp = None

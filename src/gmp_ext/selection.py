@@ -1,0 +1,389 @@
+"""Which parameters gmp_ext prunes: the default selection, the name-and-pattern rule, wrappers.
+
+One rule matches a name or pattern against a parameter name everywhere (``params``,
+``exclude``, ``layer_sparsity``, ``max_sparsity``, recipes), see :func:`matches`. Names given
+for a wrapped model (``DistributedDataParallel``/``DataParallel``'s ``module.``,
+``torch.compile``'s ``_orig_mod.``) are accepted with or without the wrappers' prefixes.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Union
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import ops
+from .exceptions import GMPWarning
+
+__all__ = [
+    "DEFAULT_PRUNABLE",
+    "ParamSpec",
+    "bare_name",
+    "check_patterns",
+    "matches",
+    "parameter_by_name",
+    "select_parameters",
+    "unwrap",
+]
+
+# Weight matrices and kernels; never biases, norms or embeddings.
+DEFAULT_PRUNABLE: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+ParamSpec = Union[
+    None,
+    Sequence[str],
+    Sequence[tuple[nn.Module, str]],
+    Callable[[str, nn.Parameter], bool],
+]
+
+
+# -- wrappers ----------------------------------------------------------------------------------
+
+
+def _wrapped_attribute(model: nn.Module) -> str | None:
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return "module"
+    # torch.compile's OptimizedModule (importing torch._dynamo to check the class is slow).
+    if type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    ):
+        return "_orig_mod"
+    return None
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """The user's model inside DDP / DataParallel / ``torch.compile`` wrappers (nested in any
+    order), and the prefix they add to its parameter names (``""`` for a plain module)."""
+    prefix = ""
+    attribute = _wrapped_attribute(model)
+    while attribute is not None:
+        model = getattr(model, attribute)
+        prefix += attribute + "."
+        attribute = _wrapped_attribute(model)
+    return model, prefix
+
+
+def _prefix_tails(prefix: str) -> list[str]:
+    """``"_orig_mod.module."`` -> ``["_orig_mod.module.", "module."]``: each wrapper's view."""
+    parts = prefix.split(".")[:-1]
+    return [".".join(parts[i:]) + "." for i in range(len(parts))]
+
+
+def bare_name(name: str, prefix: str, known: Iterable[str] = ()) -> str:
+    """A name given for a wrapped model (``module.fc.weight``) as the inner model names it;
+    names the inner model has (``known``) are kept as they are."""
+    if name in known:
+        return name
+    for tail in _prefix_tails(prefix):
+        if name.startswith(tail):
+            return name[len(tail) :]
+    return name
+
+
+# -- names and patterns ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1024)
+def _regex(pattern: str, strict: bool) -> re.Pattern[str] | None:
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        if strict:
+            message = f"pattern 're:{pattern}' is not a regular expression: {error}"
+            raise ValueError(message) from None
+        return None
+
+
+def matches(pattern: str, name: str) -> bool:
+    """The rule for every name or pattern a user gives: ``pattern`` matches the parameter
+    ``name`` when it is the name itself, names a module holding it (``"classifier"`` matches
+    ``"classifier.weight"``), or, as a regular expression, matches the whole name;
+    ``"re:<regex>"`` (SparseML's recipe convention) is only a regular expression."""
+    if pattern.startswith("re:"):
+        regex = _regex(pattern[3:], True)
+        return regex is not None and regex.fullmatch(name) is not None
+    if pattern == name or name.startswith(pattern + "."):
+        return True
+    regex = _regex(pattern, False)
+    return regex is not None and regex.fullmatch(name) is not None
+
+
+def _matches_wrapped(pattern: str, name: str, prefix: str) -> bool:
+    return matches(pattern, name) or any(matches(pattern, t + name) for t in _prefix_tails(prefix))
+
+
+def check_patterns(
+    patterns: Iterable[str], names: Sequence[str], what: str, prefix: str = ""
+) -> None:
+    """ValueError naming the patterns that match none of ``names`` (with or without the
+    wrappers' ``prefix``): a typo would otherwise silently change what is pruned."""
+    unmatched = [p for p in patterns if not any(_matches_wrapped(p, n, prefix) for n in names)]
+    if unmatched:
+        shown = list(names[:8]) + (["..."] if len(names) > 8 else [])
+        raise ValueError(f"{what} {unmatched} match no parameter name (names: {shown})")
+
+
+# -- re-parametrized and tied weights ----------------------------------------------------------
+
+
+def parameter_by_name(model: nn.Module, name: str) -> nn.Parameter:
+    """The parameter ``model`` holds now under its ``named_parameters`` name (KeyError when
+    there is none). Walks the module tree's registries: ``getattr`` would find methods first
+    for submodules named like them (``half``, ``float``, ``train``)."""
+    *path, attr = name.split(".")
+    module = model
+    for part in path:
+        module = module._modules[part]  # type: ignore[assignment]
+    param = module._parameters[attr]
+    if param is None:
+        raise KeyError(name)
+    return param
+
+
+def _hook_reparametrization(module: nn.Module) -> str | None:
+    """How a forward pre-hook recomputes ``module.weight`` (legacy weight/spectral norm,
+    torch.nn.utils.prune), with the call that makes it a plain parameter again."""
+    from torch.nn.utils import prune
+    from torch.nn.utils import spectral_norm as legacy_spectral
+    from torch.nn.utils import weight_norm as legacy_weight
+
+    for hook in module._forward_pre_hooks.values():
+        if getattr(hook, "name", None) != "weight":
+            continue
+        if isinstance(hook, legacy_weight.WeightNorm):
+            return "legacy weight_norm hook; torch.nn.utils.remove_weight_norm(module)"
+        if isinstance(hook, legacy_spectral.SpectralNorm):
+            return "legacy spectral_norm hook; torch.nn.utils.remove_spectral_norm(module)"
+        if isinstance(hook, prune.BasePruningMethod):
+            return (
+                "torch.nn.utils.prune's weight_orig * weight_mask; "
+                "torch.nn.utils.prune.remove(module, 'weight')"
+            )
+    return None
+
+
+def _reparametrization(module: nn.Module) -> str | None:
+    """Why ``module.weight`` is not a parameter gmp_ext can mask, or None when it is one."""
+    if parametrize.is_parametrized(module, "weight"):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        return (
+            f"torch.nn.utils.parametrize ({kinds}); "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
+        )
+    if isinstance(dict(module.named_parameters(recurse=False)).get("weight"), nn.Parameter):
+        return None
+    reason = _hook_reparametrization(module)
+    weight = getattr(module, "weight", None)
+    if reason is None and weight is not None:
+        reason = f"its weight is a {type(weight).__name__}, not an nn.Parameter"
+    return reason
+
+
+def _join(module_name: str, attr: str) -> str:
+    return f"{module_name}.{attr}" if module_name else attr
+
+
+class _Holders:
+    """Every (module, attribute) holding each parameter: a tied tensor has several."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.by_id: dict[int, list[tuple[str, nn.Module, str]]] = {}
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            for attr, param in module.named_parameters(recurse=False):
+                entry = (_join(module_name, attr), module, attr)
+                self.by_id.setdefault(id(param), []).append(entry)
+
+    def names(self, param: nn.Parameter) -> list[str]:
+        return [name for name, _, _ in self.by_id.get(id(param), [])]
+
+    def outside_default(self, param: nn.Parameter) -> list[str]:
+        """Names under which ``param`` is held by a module the default selection leaves alone
+        (an embedding, a norm, a bias slot)."""
+        return [
+            f"'{name}' of {type(module).__name__}"
+            for name, module, attr in self.by_id.get(id(param), [])
+            if not (isinstance(module, DEFAULT_PRUNABLE) and attr == "weight")
+        ]
+
+
+# -- selection ---------------------------------------------------------------------------------
+
+
+def _reparametrized_error(found: list[tuple[str, str]]) -> ValueError:
+    listed = "; ".join(f"'{name}' ({reason})" for name, reason in found)
+    return ValueError(
+        f"cannot prune re-parametrized weights: {listed}. gmp_ext zeroes a parameter's own "
+        "storage, and these weights are recomputed from other tensors at every forward, so "
+        "their zeros would not hold. Make them plain parameters first (the calls above), or "
+        "leave them out with exclude=; to mask the stored tensor itself, name it in params= "
+        "(e.g. '<module>.parametrizations.weight.original')"
+    )
+
+
+def _default_candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list]:
+    chosen: list[tuple[str, nn.Parameter]] = []
+    reparametrized: list[tuple[str, str]] = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, DEFAULT_PRUNABLE):
+            continue
+        name = _join(module_name, "weight")
+        reason = _reparametrization(module)
+        if reason is not None:
+            reparametrized.append((name, reason))
+        elif module.weight is not None:
+            chosen.append((name, module.weight))
+    return chosen, reparametrized
+
+
+def _module_reparametrization(model: nn.Module, name: str) -> str | None:
+    """The re-parametrization of ``<module>.weight`` when ``name`` is such a weight."""
+    module_name, _, attr = name.rpartition(".")
+    if attr != "weight":
+        return None
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    return _reparametrization(module)
+
+
+def _from_names(
+    model: nn.Module, entries: Sequence[object], named: dict[str, nn.Parameter]
+) -> list[tuple[str, nn.Parameter]]:
+    module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    chosen: list[tuple[str, nn.Parameter]] = []
+    reparametrized: list[tuple[str, str]] = []
+    for item in entries:
+        if isinstance(item, str):
+            hits = [(n, p) for n, p in named.items() if matches(item, n)]
+            reason = _module_reparametrization(model, item)
+            if reason is not None and not hits:
+                reparametrized.append((item, reason))
+            elif not hits:
+                raise ValueError(f"params entry {item!r} matches no parameter of the model")
+            chosen += hits
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], nn.Module):
+            module, attr = item
+            if id(module) not in module_names:
+                raise ValueError(
+                    f"params entry ({type(module).__name__}, {attr!r}): "
+                    "the module is not part of the model"
+                )
+            name = _join(module_names[id(module)], attr)
+            param = dict(module.named_parameters(recurse=False)).get(attr)
+            reason = _reparametrization(module) if attr == "weight" else None
+            if reason is not None:
+                reparametrized.append((name, reason))
+            elif not isinstance(param, nn.Parameter):
+                raise ValueError(
+                    f"params entry ({type(module).__name__}, {attr!r}) names no parameter"
+                )
+            else:
+                chosen.append((name, param))
+        else:
+            raise TypeError(f"params entries must be names or (module, name) pairs, got {item!r}")
+    if reparametrized:
+        raise _reparametrized_error(reparametrized)
+    return chosen
+
+
+def select_parameters(
+    model: nn.Module, params: ParamSpec = None, exclude: Sequence[str] | str | None = None
+) -> dict[str, nn.Parameter]:
+    """The parameters gmp_ext prunes, by name, each tensor once (a tied tensor under its first
+    name).
+
+    ``params=None`` (the default selection): the ``weight`` of every ``nn.Linear``,
+    ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d``, never biases, norms or embeddings. A
+    weight tied to a module outside that list (an output layer sharing the embedding matrix,
+    as in most language models) is left out, with a :class:`GMPWarning`; name it in ``params``
+    to prune it. A re-parametrized weight (``torch.nn.utils.parametrize``, the legacy
+    ``weight_norm``/``spectral_norm`` hooks, ``torch.nn.utils.prune``) is a ValueError naming
+    every such layer and the call that makes it a plain parameter, unless ``exclude`` leaves it
+    out: masking it would not keep its zeros.
+
+    ``params`` may list names or patterns (the rule of :func:`matches`; each must match), or
+    ``(module, "weight")`` pairs like ``torch.nn.utils.prune``, or be a predicate ``(name,
+    param) -> bool``. ``exclude`` takes names or patterns (the same rule; each must match a
+    parameter of the model) and drops a tensor whichever of its tied names it matches.
+    Raises TypeError for a non-Module ``model`` or a non-floating parameter, ValueError when
+    nothing is left to prune.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model, prefix = unwrap(model)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    holders = _Holders(model)
+    reparametrized: list[tuple[str, str]] = []
+    if params is None:
+        chosen, reparametrized = _default_candidates(model)
+    elif callable(params):
+        chosen = [(n, p) for n, p in named.items() if params(n, p)]
+    elif isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
+        raise TypeError(
+            "params must be None, a list of parameter names or patterns, a list of (module, "
+            f"name) pairs or a predicate (name, param) -> bool, got {params!r}"
+        )
+    else:
+        entries = [bare_name(p, prefix, named) if isinstance(p, str) else p for p in params]
+        chosen = _from_names(model, entries, named)
+
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"exclude must be a name or pattern, or a list of them, got {exclude!r}")
+    check_patterns(patterns, [*named, *(n for n, _ in reparametrized)], "exclude entries", prefix)
+
+    def excluded(names: Iterable[str]) -> bool:
+        return any(_matches_wrapped(p, n, prefix) for p in patterns for n in names)
+
+    reparametrized = [(n, r) for n, r in reparametrized if not excluded([n])]
+    if reparametrized:
+        raise _reparametrized_error(reparametrized)
+
+    selected: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    tied_out: list[str] = []
+    for name, param in chosen:
+        if id(param) in seen or excluded([name, *holders.names(param)]):
+            continue
+        seen.add(id(param))
+        others = holders.outside_default(param) if params is None else []
+        if others:
+            tied_out.append(f"'{name}' (also {', '.join(others)})")
+            continue
+        selected[name] = param
+    if tied_out:
+        warnings.warn(
+            f"tied weights left out of the default selection: {'; '.join(tied_out)}. The "
+            "default selection never prunes embeddings or norms, nor the tensors they share; "
+            "to prune one, name it in params=",
+            GMPWarning,
+            stacklevel=3,
+        )
+    if not selected:
+        why = "the model has no nn.Linear/nn.Conv*/nn.ConvTranspose* weight"
+        if params is not None:
+            why = "`params` selects no parameter"
+        if patterns:
+            why += " left after `exclude`"
+        if tied_out:
+            why += " that is not tied to an embedding or norm"
+        raise ValueError(f"no prunable parameter selected: {why}; pass `params=` to choose some")
+    for name, param in selected.items():
+        ops._check_tensor(param, f"parameter '{name}'")
+        if not param.is_floating_point():
+            raise TypeError(f"parameter '{name}' is not floating point ({param.dtype})")
+    return selected
