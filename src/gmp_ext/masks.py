@@ -16,7 +16,7 @@ from torch import nn
 from . import distributed, ops
 from ._backend import backend_for
 from ._layout import mask_bytes, mask_storage_bytes
-from .selection import parameter_by_name, unwrap
+from .selection import owner_of, unwrap
 
 __all__ = [
     "MaskEntry",
@@ -66,6 +66,10 @@ class MaskStore:
     attachments: dict[int, object] = field(default_factory=dict)
     # device -> (pointer key, backend, apply job, [(parameter, contiguous copy)])
     _plans: dict = field(default_factory=dict)
+    # name -> (module holding the parameter, attribute), valid while no module or parameter
+    # was registered anywhere since _REGISTRATIONS[0] was _resolved_at.
+    _owners: dict = field(default_factory=dict)
+    _resolved_at: int = -1
 
     def resolve(self, skip: Iterable[str] = ()) -> None:
         """Bind every entry (but those in ``skip``) to the parameter the model holds under its
@@ -78,17 +82,30 @@ class MaskStore:
         if model is None:
             return
         skipped = set(skip)
+        # Registering a module or a parameter anywhere invalidates every cached owner; between
+        # registrations only a direct write to a holder's registry (``.to()`` with overwrite,
+        # FSDP) replaces a parameter, which the holder check sees.
+        fresh = self._resolved_at != _REGISTRATIONS[0]
         rebound: list[tuple[MaskEntry, torch.Tensor]] = []
+        owners: dict[str, tuple[nn.Module, str]] = {}
         for name, entry in self.entries.items():
             if name in skipped:
                 continue
+            owner = None if fresh else self._owners.get(name)
+            if owner is not None and owner[0]._parameters.get(owner[1]) is entry.param:
+                owners[name] = owner
+                continue
             try:
-                current = parameter_by_name(model, name)
+                owner = owner_of(model, name)
+                current = owner[0]._parameters[owner[1]]
             except KeyError:
+                current = None
+            if current is None:
                 raise ValueError(
                     f"the model no longer has the parameter '{name}' that gmp_ext masks; "
                     "gmp_ext.remove(model) drops every mask"
-                ) from None
+                )
+            owners[name] = owner
             if current is entry.param:
                 continue
             old, new = distributed.local_tensor(entry.param), distributed.local_tensor(current)
@@ -99,6 +116,8 @@ class MaskStore:
                     "masks (gmp_ext.remove(model))"
                 )
             rebound.append((entry, current))
+        self._owners = owners
+        self._resolved_at = _REGISTRATIONS[0]
         for entry, current in rebound:
             entry.param = current
             device = distributed.local_tensor(current).device
@@ -232,6 +251,19 @@ def maskable(param: torch.Tensor, tensor: object) -> torch.Tensor | None:
 
 
 _STORES: weakref.WeakKeyDictionary[nn.Module, MaskStore] = weakref.WeakKeyDictionary()
+
+# Counts module and parameter registrations in the process (``module.weight = Parameter``,
+# ``load_state_dict(assign=True)``, ``model.fc = nn.Linear(...)``): a store re-walks the module
+# tree to its parameters only after one.
+_REGISTRATIONS = [0]
+
+
+def _count_registration(*_args: object) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 def _nesting(model: nn.Module) -> tuple[nn.Module, str] | None:

@@ -9,8 +9,8 @@ for a wrapped model (``DistributedDataParallel``/``DataParallel``'s ``module.``,
 from __future__ import annotations
 
 import functools
+import importlib
 import re
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import ops
-from .exceptions import GMPWarning
+from .exceptions import warn
 
 __all__ = [
     "DEFAULT_PRUNABLE",
@@ -26,6 +26,7 @@ __all__ = [
     "bare_name",
     "check_patterns",
     "matches",
+    "owner_of",
     "parameter_by_name",
     "select_parameters",
     "unwrap",
@@ -139,14 +140,21 @@ def check_patterns(
 # -- re-parametrized and tied weights ----------------------------------------------------------
 
 
-def parameter_by_name(model: nn.Module, name: str) -> nn.Parameter:
-    """The parameter ``model`` holds now under its ``named_parameters`` name (KeyError when
-    there is none). Walks the module tree's registries: ``getattr`` would find methods first
-    for submodules named like them (``half``, ``float``, ``train``)."""
+def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module that holds the parameter ``name`` (a ``named_parameters`` name) now, and its
+    attribute there (KeyError when a module on the path is gone). Walks the module tree's
+    registries: ``getattr`` would find methods first for submodules named like them
+    (``half``, ``float``, ``train``)."""
     *path, attr = name.split(".")
     module = model
     for part in path:
         module = module._modules[part]  # type: ignore[assignment]
+    return module, attr
+
+
+def parameter_by_name(model: nn.Module, name: str) -> nn.Parameter:
+    """The parameter ``model`` holds now under ``name`` (KeyError when there is none)."""
+    module, attr = owner_of(model, name)
     param = module._parameters[attr]
     if param is None:
         raise KeyError(name)
@@ -156,18 +164,16 @@ def parameter_by_name(model: nn.Module, name: str) -> nn.Parameter:
 def _hook_reparametrization(module: nn.Module) -> str | None:
     """How a forward pre-hook recomputes ``module.weight`` (legacy weight/spectral norm,
     torch.nn.utils.prune), with the call that makes it a plain parameter again."""
-    from torch.nn.utils import prune
-    from torch.nn.utils import spectral_norm as legacy_spectral
-    from torch.nn.utils import weight_norm as legacy_weight
-
+    # The modules, not the functions torch.nn.utils exports under the same names.
+    legacy_weight = importlib.import_module("torch.nn.utils.weight_norm")
+    legacy_spectral = importlib.import_module("torch.nn.utils.spectral_norm")
+    prune = importlib.import_module("torch.nn.utils.prune")
     for hook in module._forward_pre_hooks.values():
-        if getattr(hook, "name", None) != "weight":
-            continue
-        if isinstance(hook, legacy_weight.WeightNorm):
+        if isinstance(hook, legacy_weight.WeightNorm) and hook.name == "weight":
             return "legacy weight_norm hook; torch.nn.utils.remove_weight_norm(module)"
-        if isinstance(hook, legacy_spectral.SpectralNorm):
+        if isinstance(hook, legacy_spectral.SpectralNorm) and hook.name == "weight":
             return "legacy spectral_norm hook; torch.nn.utils.remove_spectral_norm(module)"
-        if isinstance(hook, prune.BasePruningMethod):
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
             return (
                 "torch.nn.utils.prune's weight_orig * weight_mask; "
                 "torch.nn.utils.prune.remove(module, 'weight')"
@@ -175,12 +181,17 @@ def _hook_reparametrization(module: nn.Module) -> str | None:
     return None
 
 
-def _reparametrization(module: nn.Module) -> str | None:
+def _reparametrization(module: nn.Module, module_name: str) -> str | None:
     """Why ``module.weight`` is not a parameter gmp_ext can mask, or None when it is one."""
     if parametrize.is_parametrized(module, "weight"):
-        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        parametrization = module.parametrizations["weight"]
+        kinds = ", ".join(type(p).__name__ for p in parametrization)
+        stored = ", ".join(
+            f"'{_join(module_name, 'parametrizations.weight.' + n)}'"
+            for n, _ in parametrization.named_parameters(recurse=False)
+        )
         return (
-            f"torch.nn.utils.parametrize ({kinds}); "
+            f"torch.nn.utils.parametrize {kinds} over {stored}; "
             "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
         )
     if isinstance(dict(module.named_parameters(recurse=False)).get("weight"), nn.Parameter):
@@ -228,8 +239,8 @@ def _reparametrized_error(found: list[tuple[str, str]]) -> ValueError:
         f"cannot prune re-parametrized weights: {listed}. gmp_ext zeroes a parameter's own "
         "storage, and these weights are recomputed from other tensors at every forward, so "
         "their zeros would not hold. Make them plain parameters first (the calls above), or "
-        "leave them out with exclude=; to mask the stored tensor itself, name it in params= "
-        "(e.g. '<module>.parametrizations.weight.original')"
+        "leave them out with exclude=; to mask a stored tensor itself (its zeros then hold in "
+        "the weight, ranked by its own magnitudes), name it in params="
     )
 
 
@@ -240,7 +251,7 @@ def _default_candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]
         if not isinstance(module, DEFAULT_PRUNABLE):
             continue
         name = _join(module_name, "weight")
-        reason = _reparametrization(module)
+        reason = _reparametrization(module, module_name)
         if reason is not None:
             reparametrized.append((name, reason))
         elif module.weight is not None:
@@ -257,7 +268,7 @@ def _module_reparametrization(model: nn.Module, name: str) -> str | None:
         module = model.get_submodule(module_name)
     except AttributeError:
         return None
-    return _reparametrization(module)
+    return _reparametrization(module, module_name)
 
 
 def _from_names(
@@ -284,7 +295,9 @@ def _from_names(
                 )
             name = _join(module_names[id(module)], attr)
             param = dict(module.named_parameters(recurse=False)).get(attr)
-            reason = _reparametrization(module) if attr == "weight" else None
+            reason = (
+                _reparametrization(module, name[: -len(attr) - 1]) if attr == "weight" else None
+            )
             if reason is not None:
                 reparametrized.append((name, reason))
             elif not isinstance(param, nn.Parameter):
@@ -366,12 +379,10 @@ def select_parameters(
             continue
         selected[name] = param
     if tied_out:
-        warnings.warn(
+        warn(
             f"tied weights left out of the default selection: {'; '.join(tied_out)}. The "
             "default selection never prunes embeddings or norms, nor the tensors they share; "
-            "to prune one, name it in params=",
-            GMPWarning,
-            stacklevel=3,
+            "to prune one, name it in params="
         )
     if not selected:
         why = "the model has no nn.Linear/nn.Conv*/nn.ConvTranspose* weight"
