@@ -12,6 +12,7 @@ import gmp_ext
 from gmp_ext import _backend, ops
 from gmp_ext.info import collect
 
+from .conftest import native_backend
 from .utils import weights
 
 
@@ -48,6 +49,7 @@ def test_env_override_errors(monkeypatch):
 
 
 def test_backends_agree_on_a_model(monkeypatch):
+    native_backend(torch.device("cpu"))  # skips without the compiled kernels
     model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 7))
     with torch.no_grad():
         model[0].weight[:, ::3] = 0.0  # ties at zero across rows
@@ -64,7 +66,9 @@ def test_backends_agree_on_a_model(monkeypatch):
             assert torch.equal(a, b)
 
 
-def test_thread_count_does_not_change_results():
+def test_thread_count_does_not_change_results(monkeypatch):
+    native_backend(torch.device("cpu"))  # skips without the compiled kernels
+    monkeypatch.setenv("GMP_EXT_BACKEND", "cpu")  # the native kernels, or an error
     t = weights((1 << 20) + 3, torch.float32, kind="few_values")
     before = torch.get_num_threads()
     try:

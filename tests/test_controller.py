@@ -283,6 +283,64 @@ def test_gradient_accumulation_counts_optimizer_steps():
     assert zeros(model)["fc1.weight"] == round(0.6 * 1024)
 
 
+def accumulate_steps(model, opt, steps: int, accumulate: int) -> None:
+    for step in range(steps):
+        opt.zero_grad()
+        for micro in range(accumulate):
+            x, y = batch(step * accumulate + micro, size=2)
+            (nn.functional.cross_entropy(model(x), y) / accumulate).backward()
+        opt.step()
+
+
+def test_gradient_accumulation_given_in_micro_batches_warns_early_naming_the_fit():
+    # The quick start with 4 micro-batches per step and steps_per_epoch=len(loader)=8.
+    model, opt = make()
+    gmp = GMP(model, opt, GMPSchedule(0.2, 0.9, 1, 8), steps_per_epoch=8)
+    with pytest.warns(GMPWarning, match="runs 4 training forward passes per optimizer step") as w:
+        accumulate_steps(model, opt, 2, 4)
+    message = str(w[0].message)
+    assert "pass steps_per_epoch=2" in message and "comes only after 32 real epochs" in message
+    assert "gradient_accumulation_steps=4" in message
+    assert w[0].filename == __file__  # attributed to the user's optimizer.step()
+    accumulate_steps(model, opt, 4, 4)  # said once
+    with torch.no_grad():
+        model(batch(0)[0])  # evaluation passes are not counted
+    gmp.remove()
+
+
+def test_one_forward_per_step_or_announced_accumulation_is_quiet():
+    model, opt = make()
+    gmp = GMP(model, opt, GMPSchedule(0.2, 0.9, 1, 8), steps_per_epoch=8)
+    train(model, opt, range(4))
+    model.eval()
+    for step in range(4):  # eval-mode forwards do not count either
+        model(batch(step)[0])
+    model.train()
+    train(model, opt, range(4, 6))
+    gmp.remove()
+    model, opt = make()
+    gmp = GMP(
+        model, opt, GMPSchedule(0.2, 0.9, 1, 8), steps_per_epoch=2, gradient_accumulation_steps=4
+    )
+    accumulate_steps(model, opt, 4, 4)
+    with pytest.warns(GMPWarning, match=r"runs 2 training .* \(gradient_accumulation_steps=4\)"):
+        accumulate_steps(model, opt, 2, 2)
+    gmp.remove()
+
+
+def test_run_length_check_says_where_the_run_stops():
+    model, opt = make()
+    gmp = GMP(model, opt, GMPSchedule(0.2, 0.9, 1, 8, interpolation="linear"), steps_per_epoch=4)
+    assert gmp.check_run_length(32) is True
+    with pytest.warns(
+        GMPWarning,
+        match=r"takes 8 optimizer steps \(schedule epoch 2\), .* end_epoch 8 = step 32: it stops "
+        r"at sparsity 0.3, in the pruning stage",
+    ):
+        assert gmp.check_run_length(8) is False
+    gmp.remove()
+
+
 def test_skipped_steps_are_not_counted():
     schedule = GMPSchedule(0.2, 0.6, 1, 2)
     model, opt = make()

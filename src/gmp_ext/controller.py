@@ -304,7 +304,7 @@ class GMP:
         """Become the model's one controller: a live one (a notebook cell run twice) is
         detached with a GMPWarning, and attach() hooks on the same optimizer are removed, since
         this controller re-applies the masks itself."""
-        previous = store.controller() if callable(store.controller) else None
+        previous = None if store.controller is None else store.controller()
         if isinstance(previous, GMP) and previous is not self:
             warnings.warn(
                 f"this model already had a GMP controller (at step {previous.step_count}, "
@@ -617,7 +617,7 @@ class GMP:
         """Remove this controller's hooks (the masks stay in the model's store)."""
         for handle in self._handles:
             handle.remove()
-        if callable(self._store.controller) and self._store.controller() is self:
+        if self._store.controller is not None and self._store.controller() is self:
             self._store.controller = None
 
     # -- checkpoints ------------------------------------------------------------------------

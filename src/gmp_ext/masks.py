@@ -62,7 +62,7 @@ class MaskStore:
     # The model the names refer to (weakly: the store must not keep it alive).
     model: weakref.ReferenceType[nn.Module] | None = None
     # The live GMP controller and attach() handles by optimizer, so none is registered twice.
-    controller: object | None = None
+    controller: weakref.ReferenceType | None = None
     attachments: dict[int, object] = field(default_factory=dict)
     # device -> (pointer key, backend, apply job, [(parameter, contiguous copy)])
     _plans: dict = field(default_factory=dict)
@@ -310,7 +310,8 @@ def get_store(model: nn.Module, create: bool = False) -> MaskStore | None:
         if inner:
             raise ValueError(
                 f"submodule '{inner[0]}' of this model already holds gmp_ext masks; keep "
-                f"using it, or drop them first with gmp_ext.remove(model.{inner[0]})"
+                "using it, or drop them first with "
+                f"gmp_ext.remove(model.get_submodule({inner[0]!r}))"
             )
         store = _STORES[model] = MaskStore(model=weakref.ref(model))
     return store

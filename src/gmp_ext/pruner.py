@@ -278,7 +278,7 @@ def attach(
     _check_optimizer(optimizer)
     _check_flag(mask_gradients, "mask_gradients")
     store = get_store(model, create=True)
-    controller = store.controller
+    controller = None if store.controller is None else store.controller()
     if controller is not None and getattr(controller, "optimizer", None) is optimizer:
         raise ValueError(
             "a GMP controller already re-applies this model's masks after every step of this "
