@@ -487,7 +487,9 @@ def test_bad_input_names_the_problem_and_attaches_nothing():
     assert gmp_ext.masks(model) == {} and not partial._optimizer_step_post_hooks
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="schedule must be a gmp_ext.GMPSchedule, got dict"):
+    with pytest.raises(
+        TypeError, match=r"schedule must be a gmp_ext.GMPSchedule \(or .*, got dict"
+    ):
         GMP(model, opt, {"final_sparsity": 0.5}, steps_per_epoch=2)
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         GMP(model, model.parameters(), constant(0.5), steps_per_epoch=2)
@@ -583,8 +585,8 @@ def test_from_recipe(tmp_path):
         "total_epochs": 3,
     }
     gmp = GMP.from_recipe(model, opt, recipe, steps_per_epoch=2)
-    assert gmp.scope == "global" and gmp.fine_tune_weight_decay == 0.0
-    assert gmp.total_epochs == 3.0
+    assert gmp.scope == "global" and gmp.config.fine_tune_weight_decay == 0.0
+    assert gmp.config.total_epochs == 3.0
     assert set(gmp_ext.masks(model)) == {"fc1.weight", "fc2.weight"}
     train(model, opt, range(2))
     assert opt.param_groups[0]["weight_decay"] == 0.0
@@ -634,3 +636,45 @@ def test_pruned_weights_cannot_revive_at_an_update():
     assert gmp.history[-1]["step"] == 2
     assert not gmp_ext.masks(model)["fc1.weight"].reshape(-1)[pruned]
     assert model.fc1.weight.reshape(-1)[pruned] == 0
+
+
+class StepSchedule:
+    """Not a GMPSchedule: 0 until epoch 1, then 0.5 (fine-tuning from epoch 2)."""
+
+    final_sparsity = 0.5
+    end_epoch = 2.0
+
+    def sparsity_at(self, epoch: float) -> float:
+        return 0.0 if epoch < 1 else 0.5
+
+    def stage_at(self, epoch: float) -> str:
+        return "stabilization" if epoch < 1 else "pruning" if epoch < 2 else "fine_tuning"
+
+    def crossed_update(self, previous: float, current: float) -> bool:
+        return previous < 1 <= current
+
+    def state_dict(self) -> dict:
+        return {"kind": "step", "at": 1, "sparsity": 0.5}
+
+
+def test_any_object_with_the_schedule_protocol_drives_gmp():
+    model, opt = make()
+    gmp = GMP(model, opt, StepSchedule(), steps_per_epoch=2)
+    train(model, opt, range(5))
+    assert [r["step"] for r in gmp.history] == [2] and gmp.stage == "fine_tuning"
+    assert zeros(model)["fc1.weight"] == 512
+    assert gmp.state_dict()["config"]["schedule"] == {"kind": "step", "at": 1, "sparsity": 0.5}
+
+
+def test_config_is_validated_once_frozen_and_recorded():
+    import dataclasses
+
+    model, opt = make()
+    gmp = GMP(model, opt, constant(0.5), steps_per_epoch=2, gradient_accumulation_steps=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        gmp.config.scope = "global"
+    recorded = gmp.state_dict()["config"]
+    assert recorded == gmp.config.to_dict() and recorded["gradient_accumulation_steps"] == 2
+    # Options that never change the weights may differ on resume.
+    model2, opt2 = make()
+    GMP(model2, opt2, constant(0.5), steps_per_epoch=2).load_state_dict(gmp.state_dict())

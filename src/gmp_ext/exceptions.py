@@ -1,4 +1,4 @@
-"""Warning categories of gmp_ext (a leaf module: every layer may import it)."""
+"""gmp_ext's warning category and how it is issued (a leaf module: every layer may import it)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,15 @@ import os
 import sys
 import warnings
 
+import torch
+
 __all__ = ["GMPWarning", "warn"]
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Frames in these folders are skipped when attributing a warning: gmp_ext's own, and torch's
+# (an optimizer step hook is called from inside torch.optim).
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__)
+)
 
 
 class GMPWarning(UserWarning):
@@ -18,11 +24,11 @@ class GMPWarning(UserWarning):
 
 
 def warn(message: str) -> None:
-    """Issue a :class:`GMPWarning` attributed to the first caller outside gmp_ext (the line of
-    user code that led to it, however deep in the package it was noticed)."""
+    """Issue a :class:`GMPWarning` attributed to the first caller outside gmp_ext and torch
+    (the line of user code that led to it, however deep it was noticed)."""
     level, frame = 1, sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
-        _PACKAGE_DIR + os.sep
+        _INTERNAL_DIRS
     ):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, GMPWarning, stacklevel=level + 1)

@@ -214,6 +214,21 @@ class MaskStore:
             ops.apply_in_place(targets, masks)
         return len(targets)
 
+    def replace_controller(self, controller: object, optimizer: object) -> object | None:
+        """Make ``controller`` (driven by ``optimizer``) the model's one controller; returns the
+        live one it replaces, if any. attach() hooks on the same optimizer are removed: the
+        controller re-applies the masks itself."""
+        previous = None if self.controller is None else self.controller()
+        attached = self.attachments.pop(id(optimizer), None)
+        if attached is not None:
+            attached.remove()  # type: ignore[attr-defined]
+        self.controller = weakref.ref(controller)
+        return None if previous is controller else previous
+
+    def release_controller(self, controller: object) -> None:
+        if self.controller is not None and self.controller() is controller:
+            self.controller = None
+
     def remove_hooks(self) -> None:
         for handle in self.hooks:
             handle.remove()

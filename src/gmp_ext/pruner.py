@@ -20,7 +20,10 @@ __all__ = [
     "SparsityReport",
     "apply_masks",
     "attach",
+    "mask_gradients_hook",
     "masks",
+    "optimizer_state_of",
+    "prune_parameters",
     "prune_step",
     "remove",
     "select_parameters",
@@ -87,6 +90,22 @@ def prune_step(
     if optimizer is not None:
         _check_optimizer(optimizer)
     selected, targets = _targets(model, sparsity, params, exclude, scope)
+    entries = prune_parameters(model, selected, targets, scope)
+    if optimizer is not None:
+        get_store(model).apply_to(optimizer_state_of(optimizer), names=entries)  # type: ignore[union-attr]
+    return distributed.mask_sparsities(entries)
+
+
+def prune_parameters(
+    model: nn.Module,
+    selected: Mapping[str, nn.Parameter],
+    targets: Mapping[str, float],
+    scope: str,
+) -> dict[str, MaskEntry]:
+    """The prune step of parameters already chosen and checked (``selected``, by the model's
+    names, each with its target; in global scope one target for all): fresh masks from the
+    current weights, stored and applied. Returns the new entries. Raises ValueError on NaN
+    weights before anything is modified."""
     store = get_store(model, create=True)
     names = list(selected)
     store.resolve(skip=names)
@@ -109,11 +128,9 @@ def prune_step(
     }
     store.set_masks(entries)
     store.apply()
-    if optimizer is not None:
-        store.apply_to(_state_of(optimizer), names=entries)
     if distributed.debug_checks_enabled():
         distributed.verify_masks_across_ranks(model)
-    return distributed.mask_sparsities(entries)
+    return entries
 
 
 def _masked_entries(model: nn.Module) -> tuple[MaskStore | None, str, dict[str, MaskEntry]]:
@@ -181,7 +198,7 @@ def _check_model(model: object) -> nn.Module:
     return model
 
 
-def _state_of(optimizer: torch.optim.Optimizer) -> Callable[[MaskEntry], Iterable[object]]:
+def optimizer_state_of(optimizer: torch.optim.Optimizer) -> Callable[[MaskEntry], Iterable[object]]:
     """The optimizer's state tensors of an entry's parameter, never creating a state (``state``
     is a defaultdict) and never the step counter."""
 
@@ -197,7 +214,7 @@ def _grad_of(entry: MaskEntry) -> Iterable[object]:
     return [] if grad is None else [grad]
 
 
-def _mask_grads_hook(store: MaskStore) -> Callable[..., None]:
+def mask_gradients_hook(store: MaskStore) -> Callable[..., None]:
     """An optimizer step pre-hook zeroing the gradients of the store's pruned weights."""
 
     def hook(_optimizer: torch.optim.Optimizer, _args: object, _kwargs: object) -> None:
@@ -220,7 +237,7 @@ def zero_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> int
     """
     _check_model(model)
     _check_optimizer(optimizer)
-    return _apply_to_masked(model, _state_of(optimizer))
+    return _apply_to_masked(model, optimizer_state_of(optimizer))
 
 
 def zero_pruned_grads(model: nn.Module) -> int:
@@ -289,7 +306,7 @@ def attach(
         previous.remove()
     handles = []
     if mask_gradients:
-        handles.append(optimizer.register_step_pre_hook(_mask_grads_hook(store)))
+        handles.append(optimizer.register_step_pre_hook(mask_gradients_hook(store)))
     handles.append(optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: store.apply()))
     store.hooks.extend(handles)
     handle = store.attachments[id(optimizer)] = AttachHandle(*handles)

@@ -13,15 +13,49 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import yaml
 
-__all__ = ["INTERPOLATIONS", "GMPSchedule", "LRSteps", "Recipe", "Stage", "load_recipe"]
+__all__ = [
+    "INTERPOLATIONS",
+    "GMPSchedule",
+    "LRSteps",
+    "Recipe",
+    "Schedule",
+    "Stage",
+    "load_recipe",
+]
 
 Stage = Literal["stabilization", "pruning", "fine_tuning"]
 Interpolation = Callable[[float], float]
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """What :class:`gmp_ext.GMP` reads of a schedule: :class:`GMPSchedule` is one; any object
+    with these members can drive the controller (epochs are optimizer steps divided by
+    ``steps_per_epoch``)."""
+
+    @property
+    def final_sparsity(self) -> float: ...
+
+    @property
+    def end_epoch(self) -> float: ...
+
+    def sparsity_at(self, epoch: float) -> float: ...
+
+    def stage_at(self, epoch: float) -> Stage: ...
+
+    def crossed_update(self, previous: float, current: float) -> bool:
+        """Whether an update point t with ``previous < t <= current`` exists."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Builtins that identify the schedule (a checkpoint compares them on resume)."""
+        ...
+
 
 # Tolerance, in units of update intervals and relative to the magnitudes involved, so that an
 # epoch computed as step / steps_per_epoch still reaches an update point computed as
@@ -356,6 +390,15 @@ class Recipe:
     lr: LRSteps | None = None
     total_epochs: float | None = None
     fine_tune_weight_decay: float | None = None
+
+    def gmp_options(self) -> dict[str, Any]:
+        """The :class:`gmp_ext.GMP` keyword arguments the recipe sets besides the schedule."""
+        return {
+            "scope": "global" if self.global_sparsity else "layer",
+            "params": None if self.params is None else list(self.params),
+            "fine_tune_weight_decay": self.fine_tune_weight_decay,
+            "total_epochs": self.total_epochs,
+        }
 
 
 _SCHEDULE_KEYS = (

@@ -1,0 +1,223 @@
+"""The GMP controller's options, validated once: what a run is, and what its checkpoint records."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import ops
+from .schedule import Schedule
+from .selection import check_patterns, matches
+
+__all__ = ["GMPConfig", "check_in_optimizer", "per_layer"]
+
+# Options recorded in a checkpoint but not checked on resume: they never change the weights (nor
+# the masks), only the optimizer state and gradients of pruned weights, or what is warned about.
+UNCHECKED = ("mask_optimizer_state", "mask_gradients", "gradient_accumulation_steps")
+
+
+def _positive_int(value: object, name: str, meaning: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 ({meaning}), got {value!r}")
+    return int(value)
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def per_layer(
+    spec: Mapping[str, float] | None, names: Sequence[str], what: str
+) -> dict[str, float]:
+    """{name: value} for the selected names a spec entry matches: an exact name wins, otherwise
+    the first matching pattern (:func:`gmp_ext.selection.matches`). An entry matching nothing
+    is an error: a typo would otherwise silently change the run."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"{what} must be a mapping {{name or pattern: sparsity}}, got {spec!r}")
+    values = {key: ops.check_sparsity(v, f"{what}[{key!r}]") for key, v in spec.items()}
+    check_patterns(values, names, f"{what} entries")
+    result = {}
+    for name in names:
+        key = name if name in values else next((k for k in values if matches(k, name)), None)
+        if key is not None:
+            result[name] = values[key]
+    return result
+
+
+def check_in_optimizer(
+    optimizer: torch.optim.Optimizer, selected: Mapping[str, nn.Parameter]
+) -> None:
+    """A trainable pruned parameter must be stepped by ``optimizer``, or its masks would be
+    re-applied after steps that never train it. A frozen one (``requires_grad=False``) may
+    stay out: it is pruned at every update like any other, as ``prune_step`` does."""
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in selected.items() if id(p) not in owned and p.requires_grad]
+    if missing:
+        raise ValueError(
+            f"parameters {missing} are pruned and trainable but in no param group of the "
+            f"optimizer: add them to the optimizer, or leave them out with exclude={missing}"
+        )
+
+
+@dataclass(frozen=True)
+class GMPConfig:
+    """A GMP run's options after validation; ``layer_sparsity`` and ``max_sparsity`` are
+    resolved to the selected parameter names.
+
+    ``steps_per_epoch`` converts the optimizer's step count into the schedule's epochs (see
+    :mod:`gmp_ext.controller` for the exact timing). ``scope="layer"`` prunes every selected
+    parameter to the target; ``scope="global"`` prunes ``round(target * total)`` of all of them
+    with one threshold.
+
+    ``layer_sparsity`` ({name or pattern: final sparsity}, layer scope) gives some layers their
+    own final target: such a layer follows the schedule's curve scaled by
+    ``layer_final / schedule.final_sparsity`` (its initial sparsity scaled alike), reaching its
+    own final exactly at ``end_epoch``. ``max_sparsity`` ({name or pattern: cap}, global scope)
+    keeps a layer from pruning more than ``round(cap * numel)`` elements; the budget it cannot
+    take goes to the other layers. Keys follow :func:`gmp_ext.selection.matches` and each must
+    match a selected parameter; an exact name wins over patterns, otherwise the first match.
+
+    ``fine_tune_weight_decay`` replaces every param group's weight decay once fine-tuning
+    starts; ``total_epochs`` (if given) must leave the schedule room to finish.
+
+    ``gradient_accumulation_steps`` states how many training forward passes of the model make
+    one optimizer step. GMP counts them (a forward pre-hook) and warns once, naming the
+    ``steps_per_epoch`` that fits, when it sees more than stated: with gradient accumulation,
+    ``steps_per_epoch=len(loader)`` counts micro-batches and the run ends long before the
+    schedule does.
+
+    ``mask_optimizer_state`` (default on) zeroes, at every mask update and when a checkpoint
+    restores masks, the optimizer state of the pruned weights (see
+    :func:`gmp_ext.zero_pruned_state`), so no stale momentum or second moment survives pruning.
+    ``mask_gradients`` zeroes the pruned weights' ``.grad`` entries before every optimizer
+    step, so that state stays zero between updates and pruned weights never move. Neither
+    changes the kept weights: a run is bit-identical with or without them.
+    """
+
+    schedule: Schedule
+    steps_per_epoch: int
+    scope: str = "layer"
+    layer_sparsity: Mapping[str, float] = field(default_factory=dict)
+    max_sparsity: Mapping[str, float] = field(default_factory=dict)
+    fine_tune_weight_decay: float | None = None
+    total_epochs: float | None = None
+    mask_optimizer_state: bool = True
+    mask_gradients: bool = False
+    gradient_accumulation_steps: int | None = None
+
+    @classmethod
+    def create(
+        cls,
+        schedule: object,
+        optimizer: torch.optim.Optimizer,
+        names: Sequence[str],
+        *,
+        steps_per_epoch: object,
+        scope: object = "layer",
+        layer_sparsity: Mapping[str, float] | None = None,
+        max_sparsity: Mapping[str, float] | None = None,
+        fine_tune_weight_decay: object = None,
+        total_epochs: object = None,
+        mask_optimizer_state: object = True,
+        mask_gradients: object = False,
+        gradient_accumulation_steps: object = None,
+    ) -> GMPConfig:
+        """Validate the options against the schedule, the optimizer and the selected parameter
+        ``names``: TypeError / ValueError naming the option and the value otherwise."""
+        if not isinstance(schedule, Schedule):
+            raise TypeError(
+                "schedule must be a gmp_ext.GMPSchedule (or an object with its methods "
+                f"sparsity_at, stage_at, crossed_update, state_dict), got {type(schedule).__name__}"
+            )
+        spe = _positive_int(
+            steps_per_epoch,
+            "steps_per_epoch",
+            "optimizer steps per epoch; 1 to give the schedule in steps",
+        )
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if layer_sparsity is not None and scope != "layer":
+            raise ValueError("layer_sparsity needs scope='layer' (use max_sparsity for global)")
+        if max_sparsity is not None and scope != "global":
+            raise ValueError("max_sparsity needs scope='global' (use layer_sparsity for layer)")
+        if layer_sparsity and schedule.final_sparsity == 0:
+            raise ValueError("layer_sparsity scales the schedule: it needs final_sparsity > 0")
+        decay = None
+        if fine_tune_weight_decay is not None:
+            decay = cls._check_decay(optimizer, fine_tune_weight_decay)
+        if total_epochs is not None and not (
+            isinstance(total_epochs, numbers.Real)
+            and not isinstance(total_epochs, bool)
+            and schedule.end_epoch <= total_epochs < math.inf
+        ):
+            raise ValueError(
+                f"total_epochs must be a finite number >= the schedule's end_epoch "
+                f"({schedule.end_epoch}), got {total_epochs!r}"
+            )
+        accumulation = None
+        if gradient_accumulation_steps is not None:
+            accumulation = _positive_int(
+                gradient_accumulation_steps,
+                "gradient_accumulation_steps",
+                "training forward passes per optimizer step",
+            )
+        return cls(
+            schedule=schedule,
+            steps_per_epoch=spe,
+            scope=scope,  # type: ignore[arg-type]
+            layer_sparsity=per_layer(layer_sparsity, names, "layer_sparsity"),
+            max_sparsity=per_layer(max_sparsity, names, "max_sparsity"),
+            fine_tune_weight_decay=decay,
+            total_epochs=None if total_epochs is None else float(total_epochs),  # type: ignore[arg-type]
+            mask_optimizer_state=_flag(mask_optimizer_state, "mask_optimizer_state"),
+            mask_gradients=_flag(mask_gradients, "mask_gradients"),
+            gradient_accumulation_steps=accumulation,
+        )
+
+    @staticmethod
+    def _check_decay(optimizer: torch.optim.Optimizer, value: object) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not 0 <= float(value) < math.inf
+        ):
+            raise ValueError(f"fine_tune_weight_decay must be a finite number >= 0, got {value!r}")
+        if not all("weight_decay" in group for group in optimizer.param_groups):
+            raise ValueError(
+                f"fine_tune_weight_decay={value!r}, but {type(optimizer).__name__} has no "
+                "weight_decay option"
+            )
+        return float(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Builtins only (the schedule as its ``state_dict``), as checkpoints record it."""
+        return {
+            "schedule": self.schedule.state_dict(),
+            "steps_per_epoch": self.steps_per_epoch,
+            "scope": self.scope,
+            "layer_sparsity": dict(self.layer_sparsity),
+            "max_sparsity": dict(self.max_sparsity),
+            "fine_tune_weight_decay": self.fine_tune_weight_decay,
+            "mask_optimizer_state": self.mask_optimizer_state,
+            "mask_gradients": self.mask_gradients,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+        }
+
+    def differences(self, saved: Mapping[str, Any]) -> list[str]:
+        """The options that change the weights and differ from a saved ``to_dict()``."""
+        mine = self.to_dict()
+        return [
+            f"{k} ({saved.get(k)!r}, now {mine[k]!r})"
+            for k in mine
+            if k not in UNCHECKED and saved.get(k) != mine[k]
+        ]
