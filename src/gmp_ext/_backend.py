@@ -105,6 +105,9 @@ def build_table(
     return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), TABLE_COLUMNS)
 
 
+_NONE = torch.empty(0, dtype=torch.uint8)
+
+
 @dataclass(eq=False)
 class Job:
     """Buffers of select -> build -> apply over a fixed list of tensors, made once by a
@@ -115,38 +118,43 @@ class Job:
     alive, and a tensor whose storage moves needs a new job."""
 
     tensors: list[torch.Tensor]
-    masks: list[torch.Tensor] | None
+    masks: list[torch.Tensor]  # empty for a job that only selects
     scope: str | None
     key_space: int
     counts: torch.Tensor
     rows: torch.Tensor
-    table: torch.Tensor | None = None
+    table: torch.Tensor = _NONE  # empty for the reference backend, which needs none
     tiles: int = 0
-    scratch: torch.Tensor | None = None
+    scratch: torch.Tensor = _NONE  # empty for a job that only builds or applies masks
 
     def set_counts(self, counts: Sequence[int]) -> None:
         """Elements to prune, written without waiting for the device (read when select runs)."""
         self.counts.copy_(torch.tensor(list(counts), dtype=torch.int64), non_blocking=True)
 
 
-def _new_job(
+def new_job(
     tensors: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor] | None,
     scope: str | None,
     key_space: int,
     device: torch.device,
-    **native: object,
+    table: torch.Tensor = _NONE,
+    tiles: int = 0,
+    scratch: torch.Tensor = _NONE,
 ) -> Job:
+    """A job's buffers on ``device``: counts sized for ``scope``, zeroed selection rows."""
     n = len(tensors)
     counts = {"layer": n, "global": 1, None: 0}[scope]
     return Job(
         list(tensors),
-        None if masks is None else list(masks),
+        [] if masks is None else list(masks),
         scope,
         key_space,
         counts=torch.zeros(counts, dtype=torch.int64, device=device),
         rows=torch.zeros((n, SELECTION_COLUMNS), dtype=torch.int64, device=device),
-        **native,
+        table=table,
+        tiles=tiles,
+        scratch=scratch,
     )
 
 
@@ -204,6 +212,14 @@ class Backend:
         if tensors:
             self.apply(self.prepare(tensors, masks))
 
+    def pack_bits(self, flags: torch.Tensor) -> torch.Tensor:
+        """bool flags -> packed mask storage (bit i of byte i // 8 = flags[i], 1 = kept)."""
+        raise NotImplementedError
+
+    def unpack_bits(self, packed: torch.Tensor, numel: int) -> torch.Tensor:
+        """Packed mask storage -> ``numel`` bool flags."""
+        raise NotImplementedError
+
 
 class CpuBackend(Backend):
     """Multi-threaded C++ kernels (csrc/cpu) on host memory; tensors must be contiguous."""
@@ -215,7 +231,7 @@ class CpuBackend(Backend):
 
     def prepare(self, tensors, masks=None, scope=None, key_space=KEY_SPACE_NATIVE) -> Job:
         cpu = torch.device("cpu")
-        return _new_job(tensors, masks, scope, key_space, cpu, table=build_table(tensors, masks))
+        return new_job(tensors, masks, scope, key_space, cpu, table=build_table(tensors, masks))
 
     def select(self, job: Job) -> None:
         n, table, out = len(job.tensors), job.table.data_ptr(), job.rows.data_ptr()
@@ -252,7 +268,7 @@ class ReferenceBackend(Backend):
 
     def prepare(self, tensors, masks=None, scope=None, key_space=KEY_SPACE_NATIVE) -> Job:
         device = tensors[0].device if tensors else torch.device("cpu")
-        return _new_job(tensors, masks, scope, key_space, device)
+        return new_job(tensors, masks, scope, key_space, device)
 
     def select(self, job: Job) -> None:
         if job.scope == "layer":

@@ -14,7 +14,7 @@ from types import ModuleType
 import torch
 
 from . import _reference
-from ._backend import Backend, Job, _new_job, build_table
+from ._backend import Backend, Job, build_table, new_job
 from ._layout import KEY_SPACE_NATIVE
 
 _SCRATCH_MODE = {"layer": 0, "global": 1}
@@ -38,13 +38,13 @@ class CudaBackend(Backend):
         with torch.cuda.device(device):
             table = build_table(tensors, masks, self.tile_elems).to(device, non_blocking=True)
             tiles = sum(-(-t.numel() // self.tile_elems) for t in tensors)
-            scratch = None
+            scratch = torch.empty(0, dtype=torch.uint8, device=device)
             if scope is not None:  # a job that only builds or applies masks needs none
                 total = sum(t.numel() for t in tensors)
                 mode = _SCRATCH_MODE[scope]
                 nbytes = int(self._C.cuda_select_scratch_bytes(len(tensors), total, mode))
                 scratch = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
-        return _new_job(
+        return new_job(
             tensors, masks, scope, key_space, device, table=table, tiles=tiles, scratch=scratch
         )
 

@@ -158,7 +158,7 @@ class GMPConfig:
         if total_epochs is not None and not (
             isinstance(total_epochs, numbers.Real)
             and not isinstance(total_epochs, bool)
-            and schedule.end_epoch <= total_epochs < math.inf
+            and schedule.end_epoch <= float(total_epochs) < math.inf
         ):
             raise ValueError(
                 f"total_epochs must be a finite number >= the schedule's end_epoch "

@@ -31,7 +31,7 @@ from torch import nn
 from . import checkpoint, distributed, ops
 from .config import GMPConfig, check_in_optimizer
 from .exceptions import GMPWarning, warn
-from .masks import MaskStore, get_store
+from .masks import MaskStore, ensure_store, get_store
 from .pruner import mask_gradients_hook, optimizer_state_of, prune_parameters, remove
 from .run_checks import ForwardCounter, check_counts, check_run_length
 from .schedule import Recipe, Schedule, Stage, load_recipe
@@ -73,7 +73,7 @@ class GMP:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        options = {
+        options: dict[str, Any] = {
             "steps_per_epoch": steps_per_epoch,
             "scope": scope,
             "layer_sparsity": layer_sparsity,
@@ -90,7 +90,7 @@ class GMP:
         self.schedule: Schedule = self.config.schedule
         self.steps_per_epoch = self.config.steps_per_epoch
         self.scope = self.config.scope
-        store: MaskStore = get_store(model, create=True)  # type: ignore[assignment]
+        store = ensure_store(model)
 
         self._model = model
         self._optimizer = optimizer

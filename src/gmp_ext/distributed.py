@@ -412,10 +412,10 @@ def select_layerwise_sharded(
                 rows[i] = result[j]
     plain = [i for i, t in enumerate(tensors) if not is_dtensor(t)]
     if plain:
-        result = ops._select_rows_layerwise(
+        plain_rows = ops._select_rows_layerwise(
             [tensors[i] for i in plain], [labels[i] for i in plain], [ks[i] for i in plain]
         )
-        for i, row in zip(plain, result):
+        for i, row in zip(plain, plain_rows):
             rows[i] = row
     return rows  # type: ignore[return-value]
 
@@ -517,7 +517,12 @@ def export_sharded_mask(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     row = torch.zeros((1, width), dtype=torch.uint8, device=_comm_device(mesh.device_type))
     row[0, :used] = mask[:used]
     return DTensor.from_local(
-        row, mesh, [Shard(0)], run_check=False, shape=(mesh.size(), width), stride=(width, 1)
+        row,
+        mesh,
+        [Shard(0)],
+        run_check=False,
+        shape=torch.Size((mesh.size(), width)),
+        stride=(width, 1),
     )
 
 
@@ -584,6 +589,8 @@ def verify_masks_across_ranks(model: nn.Module, group: dist.ProcessGroup | None 
     if group is None and isinstance(model, nn.parallel.DistributedDataParallel):
         group = model.process_group
     group = group or dist.group.WORLD
+    if group is None:
+        raise RuntimeError("verify_masks_across_ranks needs an initialized process group")
     store = get_store(model)
     entries = {} if store is None else store.entries
     names = [n for n, e in entries.items() if not is_dtensor(e.param)]

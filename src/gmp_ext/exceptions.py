@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
 
 import torch
 
@@ -26,7 +27,8 @@ class GMPWarning(UserWarning):
 def warn(message: str) -> None:
     """Issue a :class:`GMPWarning` attributed to the first caller outside gmp_ext and torch
     (the line of user code that led to it, however deep it was noticed)."""
-    level, frame = 1, sys._getframe(1)
+    level = 1
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
         _INTERNAL_DIRS
     ):

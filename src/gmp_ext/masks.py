@@ -21,6 +21,7 @@ from .selection import owner_of, unwrap
 __all__ = [
     "MaskEntry",
     "MaskStore",
+    "ensure_store",
     "export_mask",
     "find_store",
     "get_store",
@@ -86,20 +87,21 @@ class MaskStore:
         # registrations only a direct write to a holder's registry (``.to()`` with overwrite,
         # FSDP) replaces a parameter, which the holder check sees.
         fresh = self._resolved_at != _REGISTRATIONS[0]
-        rebound: list[tuple[MaskEntry, torch.Tensor]] = []
+        rebound: list[tuple[MaskEntry, nn.Parameter]] = []
         owners: dict[str, tuple[nn.Module, str]] = {}
         for name, entry in self.entries.items():
             if name in skipped:
                 continue
-            owner = None if fresh else self._owners.get(name)
-            if owner is not None and owner[0]._parameters.get(owner[1]) is entry.param:
-                owners[name] = owner
+            cached = None if fresh else self._owners.get(name)
+            if cached is not None and cached[0]._parameters.get(cached[1]) is entry.param:
+                owners[name] = cached
                 continue
+            current: nn.Parameter | None = None
             try:
                 owner = owner_of(model, name)
                 current = owner[0]._parameters[owner[1]]
             except KeyError:
-                current = None
+                pass
             if current is None:
                 raise ValueError(
                     f"the model no longer has the parameter '{name}' that gmp_ext masks; "
@@ -177,11 +179,11 @@ class MaskStore:
             cached = (key, backend, backend.prepare(work, masks), staged)
             self._plans[device] = cached
         _, backend, job, staged = cached
-        for param, work in staged:
-            work.copy_(param)
+        for param, copy in staged:
+            copy.copy_(param)
         backend.apply(job)
-        for param, work in staged:
-            param.copy_(work)
+        for param, copy in staged:
+            param.copy_(copy)
 
     def apply_to(
         self,
@@ -329,6 +331,13 @@ def get_store(model: nn.Module, create: bool = False) -> MaskStore | None:
                 f"gmp_ext.remove(model.get_submodule({inner[0]!r}))"
             )
         store = _STORES[model] = MaskStore(model=weakref.ref(model))
+    return store
+
+
+def ensure_store(model: nn.Module) -> MaskStore:
+    """The model's own mask store, created on demand (see :func:`get_store`)."""
+    store = get_store(model, create=True)
+    assert store is not None  # create=True never answers None
     return store
 
 

@@ -64,7 +64,7 @@ class Threshold(NamedTuple):
     k: int
     value: float
     key: int
-    index: int
+    index: int  # type: ignore[assignment]  # the field shadows tuple.index, by design
     key_space: int
 
 
@@ -167,7 +167,9 @@ def _groups(
     return groups
 
 
-def _raise_on_nan(rows: torch.Tensor, tensors: Sequence[torch.Tensor], labels: list[str]) -> None:
+def _raise_on_nan(
+    rows: torch.Tensor, tensors: Sequence[torch.Tensor], labels: Sequence[str]
+) -> None:
     nan_counts = rows[:, 3].tolist()
     if not any(nan_counts):
         return
@@ -181,7 +183,7 @@ def _raise_on_nan(rows: torch.Tensor, tensors: Sequence[torch.Tensor], labels: l
 
 
 def _select_rows_layerwise(
-    tensors: list[torch.Tensor], labels: list[str], ks: list[int]
+    tensors: Sequence[torch.Tensor], labels: Sequence[str], ks: Sequence[int]
 ) -> list[torch.Tensor]:
     """Selection rows per tensor (on the tensor's device); raises before returning on NaN.
     DTensors get rows of their local shards, selected together across their mesh."""
@@ -211,7 +213,7 @@ def _wide64(tensors: Sequence[torch.Tensor]) -> list[bool]:
 
 
 def _select_rows_global(
-    tensors: list[torch.Tensor], labels: list[str], k: int
+    tensors: Sequence[torch.Tensor], labels: Sequence[str], k: int
 ) -> list[torch.Tensor]:
     if _distributed().any_dtensor(tensors):
         return _distributed().select_global_sharded(tensors, labels, k)
@@ -265,7 +267,7 @@ def _layer_counts(
     tensors: Sequence[torch.Tensor], sparsities: float | Sequence[float]
 ) -> list[int]:
     if isinstance(sparsities, numbers.Real) and not isinstance(sparsities, bool):
-        sparsities = [sparsities] * len(tensors)
+        sparsities = [float(sparsities)] * len(tensors)
     if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence):
         raise ValueError(f"sparsity must be a number or a sequence of numbers, got {sparsities!r}")
     if len(sparsities) != len(tensors):
@@ -324,7 +326,8 @@ def _build(
     on the host, so no device sync is needed to route them to the reference). ``out[i]``, when
     given, is mask storage of tensor i to overwrite instead of allocating."""
     masks = [
-        _new_mask(t) if out is None or out[i] is None else out[i] for i, t in enumerate(tensors)
+        given if out is not None and (given := out[i]) is not None else _new_mask(t)
+        for i, t in enumerate(tensors)
     ]
     for (_, on_reference), indices in _groups(tensors, wide64).items():
         group = [_flat(tensors[i]) for i in indices]

@@ -21,7 +21,7 @@ from torch import nn
 from . import distributed, ops
 from ._backend import REFERENCE, Backend, Job, backend_for
 from ._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE64, key_space_for
-from .masks import MaskEntry, get_store
+from .masks import MaskEntry, ensure_store, get_store
 from .pruner import ParamSpec, SparsitySpec, _targets
 
 __all__ = ["PrunePlan"]
@@ -93,7 +93,7 @@ class PrunePlan:
         self._counts: list[int] = [0] * len(self._params)
         self._prepare()
         self.set_sparsity(sparsity)
-        get_store(model, create=True).set_masks(self._entries)
+        ensure_store(model).set_masks(self._entries)
 
     @staticmethod
     def _all_kept(param: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,7 @@ class PrunePlan:
         since the last step (``.to()``, ``.half()``), or that the model replaced by another
         (``load_state_dict(..., assign=True)``), gets new tables first, outside any graph;
         masks that ``prune_step`` or ``remove`` replaced in the store are the plan's again."""
-        store = get_store(self._model, create=True)
+        store = ensure_store(self._model)
         if any(store.entries.get(n) is not e for n, e in self._entries.items()):
             store.set_masks(self._entries)  # prune_step or remove() replaced them since
         store.resolve()  # parameters the model replaced (load_state_dict(assign=True), ...)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import distributed, ops
-from .masks import MaskEntry, MaskStore, drop_store, find_store, get_store
+from .masks import MaskEntry, MaskStore, drop_store, ensure_store, find_store, get_store
 from .selection import DEFAULT_PRUNABLE, ParamSpec, bare_name, select_parameters, unwrap
 
 __all__ = [
@@ -106,7 +106,7 @@ def prune_parameters(
     names, each with its target; in global scope one target for all): fresh masks from the
     current weights, stored and applied. Returns the new entries. Raises ValueError on NaN
     weights before anything is modified."""
-    store = get_store(model, create=True)
+    store = ensure_store(model)
     names = list(selected)
     store.resolve(skip=names)
     tensors = [selected[n] for n in names]
@@ -294,7 +294,7 @@ def attach(
     _check_model(model)
     _check_optimizer(optimizer)
     _check_flag(mask_gradients, "mask_gradients")
-    store = get_store(model, create=True)
+    store = ensure_store(model)
     controller = None if store.controller is None else store.controller()
     if controller is not None and getattr(controller, "optimizer", None) is optimizer:
         raise ValueError(
@@ -302,7 +302,7 @@ def attach(
             "optimizer; attach() is not needed (call gmp.remove() first to use attach alone)"
         )
     previous = store.attachments.pop(id(optimizer), None)
-    if previous is not None:
+    if isinstance(previous, AttachHandle):
         previous.remove()
     handles = []
     if mask_gradients:

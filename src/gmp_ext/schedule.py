@@ -119,7 +119,7 @@ def _exponential(init: float, final: float) -> Interpolation:
 
 def _check_callable(f: Interpolation) -> None:
     """Sample the user's f: a non-monotone or unnormalised f would make sparsity go backwards."""
-    values = []
+    values: list[float] = []
     for i in range(101):
         x = i / 100
         y = f(x)
@@ -200,7 +200,9 @@ class GMPSchedule:
                     )
                 f = _exponential(init, final)
             else:
-                f = _BUILTIN[interpolation]
+                builtin = _BUILTIN[interpolation]
+                assert builtin is not None  # only "exponential" has none, made above
+                f = builtin
         elif callable(interpolation):
             _check_callable(interpolation)
             f = interpolation

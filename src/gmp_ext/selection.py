@@ -184,8 +184,8 @@ def _hook_reparametrization(module: nn.Module) -> str | None:
 def _reparametrization(module: nn.Module, module_name: str) -> str | None:
     """Why ``module.weight`` is not a parameter gmp_ext can mask, or None when it is one."""
     if parametrize.is_parametrized(module, "weight"):
-        parametrization = module.parametrizations["weight"]
-        kinds = ", ".join(type(p).__name__ for p in parametrization)
+        parametrization = module.get_submodule("parametrizations.weight")
+        kinds = ", ".join(type(p).__name__ for p in parametrization.children())
         stored = ", ".join(
             f"'{_join(module_name, 'parametrizations.weight.' + n)}'"
             for n, _ in parametrization.named_parameters(recurse=False)
@@ -252,10 +252,11 @@ def _default_candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]
             continue
         name = _join(module_name, "weight")
         reason = _reparametrization(module, module_name)
+        weight = module.get_parameter("weight") if reason is None else None
         if reason is not None:
             reparametrized.append((name, reason))
-        elif module.weight is not None:
-            chosen.append((name, module.weight))
+        elif weight is not None:
+            chosen.append((name, weight))
     return chosen, reparametrized
 
 

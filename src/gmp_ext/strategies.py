@@ -26,7 +26,8 @@ def capped_global_masks(
     names = list(params)
     k = ops.prune_count(sum(p.numel() for p in params.values()), target)
     entries: dict[str, MaskEntry] = {}
-    free, fixed = names, []
+    free: list[str] = names
+    fixed: list[str] = []
     while free:
         tensors = [params[n] for n in free]
         budget = min(k - sum(caps[n] for n in fixed), sum(t.numel() for t in tensors))

@@ -12,7 +12,11 @@ try:
     from lightning.pytorch import Callback, LightningModule, Trainer
 except ImportError:
     try:
-        from pytorch_lightning import Callback, LightningModule, Trainer
+        from pytorch_lightning import (  # type: ignore[assignment]  # the same API, older name
+            Callback,
+            LightningModule,
+            Trainer,
+        )
     except ImportError as exc:
         raise ImportError(
             "gmp_ext.integrations.lightning needs Lightning: pip install lightning"

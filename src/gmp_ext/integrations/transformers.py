@@ -50,6 +50,11 @@ def optimizer_steps_per_epoch(args: TrainingArguments, train_dataloader: Any) ->
     return max(1, math.ceil(batches / args.gradient_accumulation_steps))
 
 
+def _output_dir(args: TrainingArguments) -> str:
+    # TrainingArguments always sets one (its default is "trainer_output").
+    return str(args.output_dir)
+
+
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """accelerate's AcceleratedOptimizer wraps the torch optimizer and steps it (or skips it on
     inf gradients); the step hook must sit on the wrapped one, which really steps."""
@@ -115,7 +120,7 @@ class GMPCallback(TrainerCallback):
 
     @staticmethod
     def _saved_state(args: TrainingArguments, state: TrainerState, name: str) -> dict[str, Any]:
-        folders = [os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
+        folders = [os.path.join(_output_dir(args), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
         if isinstance(args.resume_from_checkpoint, str):
             folders.insert(0, args.resume_from_checkpoint)
         for folder in folders:
@@ -136,7 +141,7 @@ class GMPCallback(TrainerCallback):
             return
         name = checkpoint_file(self.gmp)
         if name != CHECKPOINT_FILE or state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            folder = os.path.join(_output_dir(args), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
             torch.save(self.gmp.state_dict(), os.path.join(folder, name))
 
