@@ -12,8 +12,9 @@ from torch import nn
 
 import gmp_ext
 from gmp_ext import ops
+from gmp_ext.checkpoint import export_mask, import_mask
 from gmp_ext.controller import GMP, GMPWarning
-from gmp_ext.masks import MaskEntry, export_mask, import_mask
+from gmp_ext.masks import MaskEntry
 from gmp_ext.schedule import GMPSchedule, load_recipe
 
 from .utils import batch, train

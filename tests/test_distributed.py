@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gmp_ext import _backend, _reference, distributed
+from gmp_ext import _backend, _reference, distributed, dtensors
 from gmp_ext._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE, KEY_SPACE_WIDE64
 
 from .utils import weights
@@ -171,6 +171,6 @@ def test_digit_plan_covers_the_key_bits_in_few_small_digits():
 
 def test_single_process_tensors_are_not_dtensors():
     t = torch.zeros(3)
-    assert not distributed.is_dtensor(t)
-    assert distributed.local_tensor(t) is t
+    assert not dtensors.is_dtensor(t)
+    assert dtensors.local_tensor(t) is t
     assert not distributed.debug_checks_enabled()

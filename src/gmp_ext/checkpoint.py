@@ -12,10 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed, ops
+from ._layout import mask_bytes
 from .config import GMPConfig
-from .masks import MaskEntry, export_mask, import_mask
+from .dtensors import is_dtensor
+from .masks import MaskEntry
 
-__all__ = ["FORMAT", "Progress", "decode", "encode"]
+__all__ = ["FORMAT", "Progress", "decode", "encode", "export_mask", "import_mask"]
 
 FORMAT = 1
 logger = logging.getLogger("gmp_ext")
@@ -176,3 +179,34 @@ def decode(
         original_decay=None if original is None else list(original),
     )
     return progress, entries
+
+
+def export_mask(entry: MaskEntry) -> torch.Tensor:
+    """The entry's packed mask for a checkpoint: a CPU copy of exactly ``ceil(numel / 8)`` bytes,
+    so it does not depend on the storage padding or on the device it was built on (a sharded
+    parameter's: see ``distributed.export_sharded_mask``)."""
+    if is_dtensor(entry.param):
+        return distributed.export_sharded_mask(entry.param, entry.mask)
+    return entry.mask[: mask_bytes(entry.numel)].cpu().clone()
+
+
+def import_mask(param: nn.Parameter, packed: object, name: str) -> torch.Tensor:
+    """A mask saved by :func:`export_mask`, checked against ``param`` and copied into the mask
+    storage layout on the parameter's device (raises ValueError naming ``name`` otherwise)."""
+    if is_dtensor(param):
+        return distributed.import_sharded_mask(param, packed, name)
+    numel = param.numel()
+    size = mask_bytes(numel)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"mask of parameter '{name}' must be a 1-D uint8 tensor of packed bits")
+    if packed.numel() != size:
+        raise ValueError(
+            f"mask of parameter '{name}' has {packed.numel()} bytes; its {numel} elements "
+            f"need {size}"
+        )
+    # Bits past the last element would be counted as kept elements by the popcount.
+    if numel % 8 and int(packed[-1]) >> (numel % 8):
+        raise ValueError(f"mask of parameter '{name}' has bits set past its {numel} elements")
+    mask = ops._new_mask(param)
+    mask[:size] = packed.to(mask.device)
+    return mask

@@ -30,6 +30,7 @@ from torch import nn
 
 from . import checkpoint, distributed, ops
 from .config import GMPConfig, check_in_optimizer
+from .dtensors import any_dtensor
 from .exceptions import GMPWarning, warn
 from .masks import MaskStore, ensure_store, get_store
 from .pruner import mask_gradients_hook, optimizer_state_of, prune_parameters, remove
@@ -197,7 +198,7 @@ class GMP:
     @property
     def sharded(self) -> bool:
         """Whether some pruned parameter is sharded (FSDP2): each rank saves its own state."""
-        return distributed.any_dtensor(list(self._current_params().values()))
+        return any_dtensor(list(self._current_params().values()))
 
     def layer_targets(self, sparsity: float | None = None) -> dict[str, float]:
         """{name: target} for a schedule value (default: the current one)."""

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -44,16 +42,13 @@ from . import ops
 from ._backend import _threads, backend_for, build_table, native
 from ._layout import KEY_SPACE_WIDE, KEY_SPACE_WIDE64, mask_bytes
 from ._reference import magnitude_keys
-
-if TYPE_CHECKING:
-    from .masks import MaskEntry
+from .dtensors import is_dtensor, local_tensor
+from .masks import MaskEntry, get_store
 
 __all__ = [
     "COMM_STATS",
     "DEBUG_ENV",
     "CommStats",
-    "is_dtensor",
-    "local_tensor",
     "select_global_sharded",
     "select_layerwise_sharded",
     "verify_masks_across_ranks",
@@ -66,34 +61,6 @@ DEBUG_ENV = "GMP_EXT_DEBUG_DISTRIBUTED"
 # The single-process kernels' 16-bit first digit would save one round-trip but cost 768 KiB per
 # parameter, hundreds of MB per update for hundreds of layers; 8-bit digits add a fourth pass.
 _DIGIT_BITS = 11
-
-
-# -- detection ---------------------------------------------------------------------------------
-
-
-def _dtensor_class() -> type | None:
-    """DTensor, if torch.distributed.tensor was imported: no DTensor can exist before, and
-    importing it here would cost every single-process user half a second."""
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-
-
-def is_dtensor(tensor: object) -> bool:
-    cls = _dtensor_class()
-    return cls is not None and isinstance(tensor, cls)
-
-
-def any_dtensor(tensors: Sequence[object]) -> bool:
-    cls = _dtensor_class()
-    return cls is not None and any(isinstance(t, cls) for t in tensors)
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard, without autograd history: the storage the kernels read and
-    write, looked up on every call because FSDP2 may swap it. Other tensors as they are."""
-    if not is_dtensor(tensor):
-        return tensor
-    with torch.no_grad():
-        return tensor.to_local()  # type: ignore[attr-defined]
 
 
 # -- meshes and collectives --------------------------------------------------------------------
@@ -584,8 +551,6 @@ def verify_masks_across_ranks(model: nn.Module, group: dist.ProcessGroup | None 
     hash per mask. Masks of sharded (DTensor) parameters differ per rank by design and are not
     compared. A collective: every rank calls it. ``group`` defaults to the DDP wrapper's process
     group, else the default group."""
-    from .masks import get_store
-
     if group is None and isinstance(model, nn.parallel.DistributedDataParallel):
         group = model.process_group
     group = group or dist.group.WORLD

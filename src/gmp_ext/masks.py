@@ -13,19 +13,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import ops
 from ._backend import backend_for
-from ._layout import mask_bytes, mask_storage_bytes
+from ._layout import mask_storage_bytes
+from .dtensors import is_dtensor, local_tensor
 from .selection import owner_of, unwrap
 
 __all__ = [
     "MaskEntry",
     "MaskStore",
     "ensure_store",
-    "export_mask",
     "find_store",
     "get_store",
-    "import_mask",
     "maskable",
 ]
 
@@ -42,7 +41,7 @@ class MaskEntry:
     @property
     def numel(self) -> int:
         """Elements the mask covers: the parameter's, or its local shard's for a DTensor."""
-        return distributed.local_tensor(self.param).numel()
+        return local_tensor(self.param).numel()
 
     def kept(self) -> int:
         return ops._popcount(self.mask, self.numel)
@@ -110,7 +109,7 @@ class MaskStore:
             owners[name] = owner
             if current is entry.param:
                 continue
-            old, new = distributed.local_tensor(entry.param), distributed.local_tensor(current)
+            old, new = local_tensor(entry.param), local_tensor(current)
             if current.shape != entry.param.shape or old.shape != new.shape:
                 raise ValueError(
                     f"parameter '{name}' was replaced by one of shape {list(new.shape)}, but its "
@@ -122,7 +121,7 @@ class MaskStore:
         self._resolved_at = _REGISTRATIONS[0]
         for entry, current in rebound:
             entry.param = current
-            device = distributed.local_tensor(current).device
+            device = local_tensor(current).device
             if entry.mask.device != device:
                 entry.mask = entry.mask.to(device)
         if rebound:
@@ -134,7 +133,7 @@ class MaskStore:
         entry = self.entries.get(name)
         if entry is None or entry.param is not param:
             return None
-        local = distributed.local_tensor(param)
+        local = local_tensor(param)
         if entry.mask.device != local.device or entry.mask.numel() != mask_storage_bytes(
             local.numel()
         ):
@@ -162,7 +161,7 @@ class MaskStore:
                 self._apply_device(device, entries)
 
     def _apply_device(self, device: torch.device, entries: list[MaskEntry]) -> None:
-        params = [distributed.local_tensor(e.param).detach() for e in entries]
+        params = [local_tensor(e.param).detach() for e in entries]
         masks = [e.mask if e.mask.device == device else e.mask.to(device) for e in entries]
         if any(p.dtype == torch.float64 for p in params):
             ops.apply_in_place(params, masks)  # the reference backend: nothing to cache
@@ -250,16 +249,16 @@ def maskable(param: torch.Tensor, tensor: object) -> torch.Tensor | None:
         or tensor.shape != param.shape
     ):
         return None
-    sharded = distributed.is_dtensor(param)
-    if distributed.is_dtensor(tensor) != sharded:
+    sharded = is_dtensor(param)
+    if is_dtensor(tensor) != sharded:
         return None
     if sharded and (
         tensor.device_mesh != param.device_mesh  # type: ignore[attr-defined]
         or tuple(tensor.placements) != tuple(param.placements)  # type: ignore[attr-defined]
     ):
         return None
-    local = distributed.local_tensor(tensor)
-    if local.shape != distributed.local_tensor(param).shape:
+    local = local_tensor(tensor)
+    if local.shape != local_tensor(param).shape:
         return None
     # An expanded tensor (stride 0) has no element of its own to zero.
     if any(stride == 0 and size > 1 for stride, size in zip(local.stride(), local.shape)):
@@ -343,34 +342,3 @@ def ensure_store(model: nn.Module) -> MaskStore:
 
 def drop_store(model: nn.Module) -> MaskStore | None:
     return _STORES.pop(unwrap(model)[0], None)
-
-
-def export_mask(entry: MaskEntry) -> torch.Tensor:
-    """The entry's packed mask for a checkpoint: a CPU copy of exactly ``ceil(numel / 8)`` bytes,
-    so it does not depend on the storage padding or on the device it was built on (a sharded
-    parameter's: see ``distributed.export_sharded_mask``)."""
-    if distributed.is_dtensor(entry.param):
-        return distributed.export_sharded_mask(entry.param, entry.mask)
-    return entry.mask[: mask_bytes(entry.numel)].cpu().clone()
-
-
-def import_mask(param: nn.Parameter, packed: object, name: str) -> torch.Tensor:
-    """A mask saved by :func:`export_mask`, checked against ``param`` and copied into the mask
-    storage layout on the parameter's device (raises ValueError naming ``name`` otherwise)."""
-    if distributed.is_dtensor(param):
-        return distributed.import_sharded_mask(param, packed, name)
-    numel = param.numel()
-    size = mask_bytes(numel)
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(f"mask of parameter '{name}' must be a 1-D uint8 tensor of packed bits")
-    if packed.numel() != size:
-        raise ValueError(
-            f"mask of parameter '{name}' has {packed.numel()} bytes; its {numel} elements "
-            f"need {size}"
-        )
-    # Bits past the last element would be counted as kept elements by the popcount.
-    if numel % 8 and int(packed[-1]) >> (numel % 8):
-        raise ValueError(f"mask of parameter '{name}' has bits set past its {numel} elements")
-    mask = ops._new_mask(param)
-    mask[:size] = packed.to(mask.device)
-    return mask

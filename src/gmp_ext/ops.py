@@ -34,6 +34,7 @@ from ._layout import (
     mask_bytes,
     mask_storage_bytes,
 )
+from .dtensors import any_dtensor, local_tensor
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -128,7 +129,7 @@ def _checked(
     labels = _names(tensors, names, label)
     for tensor, lab in zip(tensors, labels):
         _check_tensor(tensor, lab)
-    if _distributed().any_dtensor(tensors):
+    if any_dtensor(tensors):
         raise NotImplementedError(
             f"{label} holds DTensors; the tensor-level ops take local tensors "
             "(DTensor.to_local()); sharded parameters are pruned by gmp_ext.prune_step and GMP"
@@ -136,16 +137,10 @@ def _checked(
     return tensors, labels
 
 
-def _distributed():
-    from . import distributed  # imports ops: loaded on first use
-
-    return distributed
-
-
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous read-only view of the values (a copy only for non-contiguous tensors); a
     DTensor's local shard."""
-    return _distributed().local_tensor(tensor).detach().contiguous()
+    return local_tensor(tensor).detach().contiguous()
 
 
 def _backend_of(tensors: Sequence[torch.Tensor], reference: bool = False):
@@ -186,9 +181,7 @@ def _select_rows_layerwise(
     tensors: Sequence[torch.Tensor], labels: Sequence[str], ks: Sequence[int]
 ) -> list[torch.Tensor]:
     """Selection rows per tensor (on the tensor's device); raises before returning on NaN.
-    DTensors get rows of their local shards, selected together across their mesh."""
-    if _distributed().any_dtensor(tensors):
-        return _distributed().select_layerwise_sharded(tensors, labels, ks)
+    Single-process tensors only (sharded ones: :mod:`gmp_ext.engine`)."""
     rows: list[torch.Tensor | None] = [None] * len(tensors)
     for indices in _groups(tensors).values():
         group = [_flat(tensors[i]) for i in indices]
@@ -215,8 +208,6 @@ def _wide64(tensors: Sequence[torch.Tensor]) -> list[bool]:
 def _select_rows_global(
     tensors: Sequence[torch.Tensor], labels: Sequence[str], k: int
 ) -> list[torch.Tensor]:
-    if _distributed().any_dtensor(tensors):
-        return _distributed().select_global_sharded(tensors, labels, k)
     _check_one_device(tensors)
     flat = [_flat(t) for t in tensors]
     key_space = key_space_for({t.dtype for t in tensors})
@@ -312,7 +303,7 @@ def _popcount(mask: torch.Tensor, numel: int, chunk: int = 1 << 18) -> int:
 
 def _new_mask(tensor: torch.Tensor) -> torch.Tensor:
     """Zeroed mask storage for the tensor (a DTensor: for its local shard)."""
-    local = _distributed().local_tensor(tensor)
+    local = local_tensor(tensor)
     return torch.zeros(mask_storage_bytes(local.numel()), dtype=torch.uint8, device=local.device)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from . import distributed, ops
 from ._backend import REFERENCE, Backend, Job, backend_for
 from ._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE64, key_space_for
+from .dtensors import any_dtensor
 from .masks import MaskEntry, ensure_store, get_store
 from .pruner import ParamSpec, SparsitySpec, _targets
 
@@ -73,7 +74,7 @@ class PrunePlan:
         exclude: Sequence[str] | str | None = None,
     ) -> None:
         selected, _ = _targets(model, sparsity, params, exclude, scope)
-        if distributed.any_dtensor(list(selected.values())):
+        if any_dtensor(list(selected.values())):
             raise NotImplementedError(
                 "PrunePlan does not take sharded (DTensor) parameters: their selection "
                 "all-reduces histograms between passes; use gmp_ext.prune_step"

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import distributed, ops
+from . import distributed, engine, ops
+from .dtensors import local_tensor
 from .masks import MaskEntry, MaskStore, drop_store, ensure_store, find_store, get_store
 from .selection import DEFAULT_PRUNABLE, ParamSpec, bare_name, select_parameters, unwrap
 
@@ -113,10 +114,11 @@ def prune_parameters(
     labels = [f"parameter '{n}'" for n in names]
     if scope == "layer":
         ks = [ops.prune_count(t.numel(), targets[n]) for n, t in zip(names, tensors)]
-        rows = ops._select_rows_layerwise(tensors, labels, ks)
+        rows = engine.select_rows_layerwise(tensors, labels, ks)
     else:
         total = sum(t.numel() for t in tensors)
-        rows = ops._select_rows_global(tensors, labels, ops.prune_count(total, targets[names[0]]))
+        k = ops.prune_count(total, targets[names[0]])
+        rows = engine.select_rows_global(tensors, labels, k)
     # Nothing can fail from here on: the new masks may overwrite the old ones in place.
     reuse = [store.reusable_mask(n, t) for n, t in zip(names, tensors)]
     wide64 = ops._wide64(tensors) if scope == "global" else None
@@ -173,7 +175,7 @@ def apply_masks(model: nn.Module) -> None:
     else:
         with torch.no_grad():
             ops.apply_in_place(
-                [distributed.local_tensor(e.param).detach() for e in entries.values()],
+                [local_tensor(e.param).detach() for e in entries.values()],
                 [e.mask for e in entries.values()],
             )
 

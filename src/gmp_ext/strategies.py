@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, engine, ops
 from .masks import MaskEntry
 
 __all__ = ["capped_global_masks"]
@@ -31,7 +31,7 @@ def capped_global_masks(
     while free:
         tensors = [params[n] for n in free]
         budget = min(k - sum(caps[n] for n in fixed), sum(t.numel() for t in tensors))
-        rows = ops._select_rows_global(tensors, [f"parameter '{n}'" for n in free], budget)
+        rows = engine.select_rows_global(tensors, [f"parameter '{n}'" for n in free], budget)
         masks = ops._build(tensors, rows, ops._wide64(tensors))
         kept = distributed.kept_counts(tensors, masks)
         over = [n for n, t, c in zip(free, tensors, kept) if n in caps and t.numel() - c > caps[n]]
@@ -46,7 +46,7 @@ def capped_global_masks(
     if fixed:
         tensors = [params[n] for n in fixed]
         ks = [caps[n] for n in fixed]
-        rows = ops._select_rows_layerwise(tensors, [f"parameter '{n}'" for n in fixed], ks)
+        rows = engine.select_rows_layerwise(tensors, [f"parameter '{n}'" for n in fixed], ks)
         thresholds = ops._thresholds(rows, tensors, ks)
         for n, m, th in zip(fixed, ops._build(tensors, rows), thresholds):
             entries[n] = MaskEntry(params[n], m, target, th.value)
