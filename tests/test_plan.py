@@ -173,7 +173,7 @@ def test_storage_moved_by_half_gets_new_tables(device):
         (1.5, "layer", ValueError, r"sparsity must be a finite number in \[0, 1\], got 1.5"),
         ({"nope.weight": 0.5}, "layer", ValueError, r"names no parameter .*\['nope.weight'\]"),
         ({"big.weight": 0.5}, "global", ValueError, "needs scope='layer'"),
-        (0.5, "rows", ValueError, "scope must be 'layer' or 'global', got 'rows'"),
+        (0.5, "rows", ValueError, "scope must be 'layer', 'global' or a Selection, got 'rows'"),
     ],
 )
 def test_bad_arguments_name_the_value_and_change_nothing(sparsity, scope, error, match):

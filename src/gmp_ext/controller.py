@@ -37,7 +37,7 @@ from .pruner import mask_gradients_hook, optimizer_state_of, prune_parameters, r
 from .run_checks import ForwardCounter, check_counts, check_run_length
 from .schedule import Recipe, Schedule, Stage, load_recipe
 from .selection import ParamSpec, parameter_by_name, select_parameters, unwrap
-from .strategies import capped_global_masks
+from .strategies import GlobalSelection, LayerSelection
 
 __all__ = ["GMP", "GMPWarning"]
 
@@ -96,9 +96,10 @@ class GMP:
         self._model = model
         self._optimizer = optimizer
         self._names = list(selected)
-        self._caps = {
+        caps = {
             n: ops.prune_count(selected[n].numel(), c) for n, c in self.config.max_sparsity.items()
         }
+        self._selection = GlobalSelection(caps) if self.scope == "global" else LayerSelection()
         self._progress = checkpoint.Progress()
         self._forwards = ForwardCounter(
             self.schedule, self.steps_per_epoch, self.config.gradient_accumulation_steps
@@ -246,11 +247,7 @@ class GMP:
         target = self.sparsity
         targets = self.layer_targets(target)
         params = self._current_params()
-        if self._caps:
-            self._store.set_masks(capped_global_masks(params, target, self._caps))
-            self._store.apply()
-        else:
-            prune_parameters(self._model, params, targets, self.scope)
+        prune_parameters(self._model, params, targets, self._selection)
         if self.config.mask_optimizer_state:
             self._store.apply_to(optimizer_state_of(self._optimizer), names=self._names)
         zeros = dict(zip(self._names, distributed.zero_counts(list(params.values()))))
@@ -267,7 +264,7 @@ class GMP:
                 for n, p in params.items()
             },
         )
-        check_counts(self._progress.step, self.scope, params, target, targets, zeros)
+        check_counts(self._progress.step, self._selection, params, targets, zeros)
 
     # -- user hooks -------------------------------------------------------------------------
 

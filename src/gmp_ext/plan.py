@@ -20,10 +20,11 @@ from torch import nn
 
 from . import distributed, ops
 from ._backend import REFERENCE, Backend, Job, backend_for
-from ._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE64, key_space_for
+from ._layout import KEY_SPACE_WIDE64
 from .dtensors import any_dtensor
 from .masks import MaskEntry, ensure_store, get_store
-from .pruner import ParamSpec, SparsitySpec, _targets
+from .pruner import ParamSpec, SparsitySpec, targets_of
+from .strategies import Selection, selection_for
 
 __all__ = ["PrunePlan"]
 
@@ -69,23 +70,22 @@ class PrunePlan:
         model: nn.Module,
         sparsity: SparsitySpec = 0.0,
         *,
-        scope: str = "layer",
+        scope: str | Selection = "layer",
         params: ParamSpec = None,
         exclude: Sequence[str] | str | None = None,
     ) -> None:
-        selected, _ = _targets(model, sparsity, params, exclude, scope)
+        self._selection = selection_for(scope)
+        selected, _ = targets_of(model, sparsity, params, exclude, self._selection)
         if any_dtensor(list(selected.values())):
             raise NotImplementedError(
                 "PrunePlan does not take sharded (DTensor) parameters: their selection "
                 "all-reduces histograms between passes; use gmp_ext.prune_step"
             )
         self._model = model
-        self._scope = scope
         self._names = list(selected)
         self._params = [selected[n] for n in self._names]
         self._labels = [f"parameter '{n}'" for n in self._names]
-        if scope == "global":
-            ops._check_one_device(self._params)
+        self._selection.check(self._params)
         store = get_store(model)
         self._entries = {}
         for name, param in zip(self._names, self._params):
@@ -109,7 +109,7 @@ class PrunePlan:
     def _prepare(self) -> None:
         """Jobs per (device, backend) group, bound to the parameters' current storage."""
         masks = [self._entries[n].mask for n in self._names]
-        wide64 = self._scope == "global" and self._key_space() == KEY_SPACE_WIDE64
+        wide64 = self._key_space() == KEY_SPACE_WIDE64
         self._groups: list[_Group] = []
         for (_, on_reference), indices in ops._groups(self._params, [wide64] * len(masks)).items():
             staged, work = [], []
@@ -121,14 +121,12 @@ class PrunePlan:
                 work.append(param)
             group_masks = [masks[i] for i in indices]
             backend = REFERENCE if on_reference else backend_for(work[0].device)
-            job = backend.prepare(work, group_masks, self._scope, self._key_space())
+            job = backend.prepare(work, group_masks, self._selection.scope, self._key_space())
             self._groups.append(_Group(indices, backend, job, staged))
         self._addresses = self._storage()
 
     def _key_space(self) -> int:
-        if self._scope == "layer":
-            return KEY_SPACE_NATIVE
-        return key_space_for({p.dtype for p in self._params})
+        return self._selection.key_space({p.dtype for p in self._params})
 
     def _storage(self) -> list[tuple[int, torch.dtype, torch.device]]:
         return [(p.data_ptr(), p.dtype, p.device) for p in self._params]
@@ -142,8 +140,6 @@ class PrunePlan:
     def counts(self) -> dict[str, int]:
         """Elements each parameter prunes at the next step (global scope: the total, under the
         first name; its split between parameters is known after the step)."""
-        if self._scope == "global":
-            return {self._names[0]: self._counts[0]}
         return dict(zip(self._names, self._counts))
 
     def set_sparsity(self, sparsity: SparsitySpec) -> None:
@@ -151,7 +147,7 @@ class PrunePlan:
         a number or {name: sparsity} naming every parameter) or ``round(sparsity * total)``
         (global scope). Written to the device without waiting; call it outside graph capture."""
         if isinstance(sparsity, Mapping):
-            if self._scope == "global":
+            if not self._selection.per_tensor_targets:
                 raise ValueError("a per-parameter sparsity dict needs scope='layer'")
             missing = sorted(set(self._names) - set(sparsity))
             extra = sorted(set(sparsity) - set(self._names))
@@ -163,16 +159,12 @@ class PrunePlan:
             targets = [ops.check_sparsity(sparsity[n], f"sparsity[{n!r}]") for n in self._names]
         else:
             targets = [ops.check_sparsity(sparsity)] * len(self._names)
-        if self._scope == "global":
-            total = sum(p.numel() for p in self._params)
-            counts = [ops.prune_count(total, targets[0])]
-        else:
-            counts = [ops.prune_count(p.numel(), s) for p, s in zip(self._params, targets)]
+        counts = self._selection.counts([p.numel() for p in self._params], targets)
         for group in self._groups:
-            if self._scope == "global":  # one group: the selection spans every parameter
-                group.job.set_counts(counts)
-            else:
+            if self._selection.per_tensor_targets:
                 group.job.set_counts([counts[i] for i in group.indices])
+            else:  # one group: the selection spans every parameter
+                group.job.set_counts(counts)
         self._counts = counts
         self._sparsity = sparsity
         for name, target in zip(self._names, targets):
@@ -213,7 +205,7 @@ class PrunePlan:
         nan_params = []  # counted by the selection: apply may since have zeroed pruned NaNs
         for group in self._groups:
             counts = group.job.rows[:, 3].tolist()
-            if self._scope == "global" and counts and counts[0]:
+            if not self._selection.per_tensor_targets and counts and counts[0]:
                 holders = [self._labels[i] for i in group.indices if self._has_nan(i)]
                 raise ValueError(
                     f"{counts[0]} NaN weight(s) among the plan's parameters"

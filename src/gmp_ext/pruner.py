@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import distributed, engine, ops
+from . import distributed, ops
 from .dtensors import local_tensor
 from .masks import MaskEntry, MaskStore, drop_store, ensure_store, find_store, get_store
 from .selection import DEFAULT_PRUNABLE, ParamSpec, bare_name, select_parameters, unwrap
+from .strategies import Selection, selection_for
 
 __all__ = [
     "DEFAULT_PRUNABLE",
@@ -29,6 +30,7 @@ __all__ = [
     "remove",
     "select_parameters",
     "sparsity_report",
+    "targets_of",
     "zero_pruned_grads",
     "zero_pruned_state",
 ]
@@ -36,16 +38,20 @@ __all__ = [
 SparsitySpec = Union[float, Mapping[str, float]]
 
 
-def _targets(
-    model: nn.Module, sparsity: SparsitySpec, params: ParamSpec, exclude, scope: str
+def targets_of(
+    model: nn.Module,
+    sparsity: SparsitySpec,
+    params: ParamSpec,
+    exclude: Sequence[str] | str | None,
+    selection: Selection,
 ) -> tuple[dict[str, nn.Parameter], dict[str, float]]:
-    if scope not in ("layer", "global"):
-        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    """The selected parameters and each one's target, from a sparsity (a number, or a dict
+    {name: sparsity} when the strategy takes one target per tensor)."""
     if not isinstance(sparsity, Mapping):
         value = ops.check_sparsity(sparsity)
         selected = select_parameters(model, params, exclude)
         return selected, dict.fromkeys(selected, value)
-    if scope == "global":
+    if not selection.per_tensor_targets:
         raise ValueError("a per-parameter sparsity dict needs scope='layer'")
     inner, prefix = unwrap(model)
     named = dict(inner.named_parameters(remove_duplicate=False))
@@ -74,7 +80,7 @@ def prune_step(
     model: nn.Module,
     sparsity: SparsitySpec,
     *,
-    scope: str = "layer",
+    scope: str | Selection = "layer",
     params: ParamSpec = None,
     exclude: Sequence[str] | str | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -82,7 +88,8 @@ def prune_step(
     """Compute fresh masks from the current weights and zero the pruned weights in place.
 
     ``scope="layer"`` prunes ``round(sparsity * numel)`` of every selected tensor;
-    ``scope="global"`` prunes ``round(sparsity * total)`` of all of them with one threshold.
+    ``scope="global"`` prunes ``round(sparsity * total)`` of all of them with one threshold;
+    ``scope`` may also be a :class:`gmp_ext.strategies.Selection`.
     ``sparsity`` may be a dict {parameter name: sparsity} (layer scope). Default selection:
     the weight of every Linear, Conv and ConvTranspose module. With ``optimizer``, the pruned
     entries of its state for these parameters are zeroed too (see :func:`zero_pruned_state`).
@@ -90,8 +97,9 @@ def prune_step(
     """
     if optimizer is not None:
         _check_optimizer(optimizer)
-    selected, targets = _targets(model, sparsity, params, exclude, scope)
-    entries = prune_parameters(model, selected, targets, scope)
+    selection = selection_for(scope)
+    selected, targets = targets_of(model, sparsity, params, exclude, selection)
+    entries = prune_parameters(model, selected, targets, selection)
     if optimizer is not None:
         get_store(model).apply_to(optimizer_state_of(optimizer), names=entries)  # type: ignore[union-attr]
     return distributed.mask_sparsities(entries)
@@ -101,32 +109,21 @@ def prune_parameters(
     model: nn.Module,
     selected: Mapping[str, nn.Parameter],
     targets: Mapping[str, float],
-    scope: str,
+    selection: Selection,
 ) -> dict[str, MaskEntry]:
     """The prune step of parameters already chosen and checked (``selected``, by the model's
-    names, each with its target; in global scope one target for all): fresh masks from the
-    current weights, stored and applied. Returns the new entries. Raises ValueError on NaN
-    weights before anything is modified."""
+    names, each with its target; one target for all when the strategy takes one): fresh masks
+    from the current weights, stored and applied. Returns the new entries. Raises ValueError on
+    NaN weights before anything is modified (selection runs before any mask is written)."""
     store = ensure_store(model)
     names = list(selected)
     store.resolve(skip=names)
     tensors = [selected[n] for n in names]
-    labels = [f"parameter '{n}'" for n in names]
-    if scope == "layer":
-        ks = [ops.prune_count(t.numel(), targets[n]) for n, t in zip(names, tensors)]
-        rows = engine.select_rows_layerwise(tensors, labels, ks)
-    else:
-        total = sum(t.numel() for t in tensors)
-        k = ops.prune_count(total, targets[names[0]])
-        rows = engine.select_rows_global(tensors, labels, k)
-    # Nothing can fail from here on: the new masks may overwrite the old ones in place.
     reuse = [store.reusable_mask(n, t) for n, t in zip(names, tensors)]
-    wide64 = ops._wide64(tensors) if scope == "global" else None
-    new_masks = ops._build(tensors, rows, wide64, reuse)
-    thresholds = ops._thresholds(rows, tensors, [1] * len(tensors))
+    new_masks, thresholds = selection.masks(names, tensors, [targets[n] for n in names], reuse)
     entries = {
-        name: MaskEntry(param, mask, targets[name], th.value)
-        for name, param, mask, th in zip(names, tensors, new_masks, thresholds)
+        name: MaskEntry(param, mask, targets[name], threshold)
+        for name, param, mask, threshold in zip(names, tensors, new_masks, thresholds)
     }
     store.set_masks(entries)
     store.apply()

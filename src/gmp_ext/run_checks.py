@@ -9,9 +9,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from . import ops
 from .exceptions import warn
 from .schedule import Schedule
+from .strategies import Selection
 
 __all__ = ["ForwardCounter", "check_counts", "check_run_length"]
 
@@ -75,25 +75,28 @@ def check_run_length(schedule: Schedule, steps_per_epoch: int, total_steps: int)
 
 def check_counts(
     step: int,
-    scope: str,
+    selection: Selection,
     params: Mapping[str, nn.Parameter],
-    target: float,
     targets: Mapping[str, float],
     zeros: Mapping[str, int],
 ) -> None:
-    """Warn when an update's zeros in the weights are not ``round(target * numel)``: kept
-    weights that are exactly zero (layer scope), or caps leaving too little room (global)."""
-    if scope == "layer":
+    """Warn when an update's zeros in the weights are not what the strategy pruned: kept
+    weights that are exactly zero, or caps leaving too little room (global scope)."""
+    names = list(params)
+    expected = selection.expected_zeros(
+        [params[n].numel() for n in names], [targets[n] for n in names]
+    )
+    if selection.per_tensor_targets:
         off = [
-            f"{n} ({zeros[n]} zeros, expected {ops.prune_count(p.numel(), targets[n])})"
-            for n, p in params.items()
-            if zeros[n] != ops.prune_count(p.numel(), targets[n])
+            f"{n} ({zeros[n]} zeros, expected {e})"
+            for n, e in zip(names, expected)
+            if zeros[n] != e
         ]
     else:
-        total = sum(p.numel() for p in params.values())
-        expected = ops.prune_count(total, target)
         found = sum(zeros.values())
-        off = [] if found == expected else [f"all layers ({found} zeros, expected {expected})"]
+        off = (
+            [] if found == expected[0] else [f"all layers ({found} zeros, expected {expected[0]})"]
+        )
     if off:
         warn(
             f"GMP step {step}: achieved sparsity differs from the target for "

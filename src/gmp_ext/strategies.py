@@ -1,53 +1,161 @@
-"""Selection strategies beyond one threshold per layer or per model."""
+"""Selection strategies: which elements of a list of tensors a prune step removes.
+
+``scope="layer"`` and ``scope="global"`` are shorthands for :class:`LayerSelection` and
+:class:`GlobalSelection`. A strategy turns targets into counts, selects (eagerly, for single-
+process or sharded tensors alike, through :mod:`gmp_ext.engine`) and builds masks; prepared
+jobs (:class:`gmp_ext.PrunePlan`) read its ``scope``, ``counts`` and ``key_space``. A new
+pattern is a new strategy plus its kernels: callers hold a strategy, never a scope string.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from torch import nn
+import torch
 
 from . import distributed, engine, ops
-from .masks import MaskEntry
+from ._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE64, key_space_for
 
-__all__ = ["capped_global_masks"]
+__all__ = ["GlobalSelection", "LayerSelection", "Selection", "selection_for"]
 
 
-def capped_global_masks(
-    params: Mapping[str, nn.Parameter], target: float, caps: Mapping[str, int]
-) -> dict[str, MaskEntry]:
-    """Global magnitude masks where layer ``name`` prunes at most ``caps[name]`` elements.
+class Selection:
+    """The base of every strategy; subclasses set ``scope`` (the kind of backend job that
+    selects for them) and ``per_tensor_targets``."""
 
-    A global selection over the uncapped layers; every layer above its cap is fixed at its cap
-    and the selection is re-run over the rest with the budget reduced by what the fixed layers
-    prune, until no cap is violated. Fixing a layer only raises the others' threshold, so a
-    layer over its cap stays over it: the result is one threshold over the uncapped layers and
-    exactly ``round(target * total)`` pruned in all, unless the caps leave too little room.
+    scope: str
+    per_tensor_targets: bool  # one target per tensor, or one for all of them
+
+    def counts(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
+        """The counts a job prunes: one per tensor, or one for all."""
+        raise NotImplementedError
+
+    def key_space(self, dtypes: set[torch.dtype]) -> int:
+        return KEY_SPACE_NATIVE
+
+    def check(self, tensors: Sequence[torch.Tensor]) -> None:
+        """ValueError when the tensors cannot be selected together (before any work)."""
+
+    def rows(
+        self, tensors: Sequence[torch.Tensor], labels: Sequence[str], counts: Sequence[int]
+    ) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def masks(
+        self,
+        names: Sequence[str],
+        tensors: Sequence[torch.Tensor],
+        targets: Sequence[float],
+        reuse: Sequence[torch.Tensor | None] | None = None,
+    ) -> tuple[list[torch.Tensor], list[float]]:
+        """Fresh masks from the current weights (written over ``reuse[i]`` when given) and the
+        threshold |w| of each; ValueError naming the tensor on NaN weights, before any mask is
+        written."""
+        self.check(tensors)
+        counts = self.counts([t.numel() for t in tensors], targets)
+        return self.masks_for_counts(names, tensors, counts, reuse)
+
+    def masks_for_counts(
+        self,
+        names: Sequence[str],
+        tensors: Sequence[torch.Tensor],
+        counts: Sequence[int],
+        reuse: Sequence[torch.Tensor | None] | None = None,
+    ) -> tuple[list[torch.Tensor], list[float]]:
+        """:meth:`masks` for counts already known."""
+        rows = self.rows(tensors, [f"parameter '{n}'" for n in names], counts)
+        wide64 = [self.key_space({t.dtype for t in tensors}) == KEY_SPACE_WIDE64] * len(tensors)
+        masks = ops._build(tensors, rows, wide64, reuse)
+        # In global scope every tensor's threshold is the cut over all of them.
+        thresholds = ops._thresholds(rows, tensors, [1] * len(tensors))
+        return masks, [th.value for th in thresholds]
+
+    def expected_zeros(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
+        """The zeros an update leaves: per tensor, or one total."""
+        return self.counts(numels, targets)
+
+
+class LayerSelection(Selection):
+    """``round(target * numel)`` of every tensor, each by its own threshold."""
+
+    scope = "layer"
+    per_tensor_targets = True
+
+    def counts(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
+        return [ops.prune_count(n, t) for n, t in zip(numels, targets)]
+
+    def rows(self, tensors, labels, counts):  # type: ignore[no-untyped-def]
+        return engine.select_rows_layerwise(tensors, labels, counts)
+
+
+class GlobalSelection(Selection):
+    """``round(target * total)`` of all tensors together, by one threshold (ties: tensor
+    position, then flat index), on one device.
+
+    ``caps`` ({name: count}) keeps a tensor from pruning more than its count: every tensor
+    above its cap is fixed at its cap and the selection is re-run over the rest with the
+    budget reduced by what the fixed ones prune, until no cap is violated. Fixing a tensor only
+    raises the others' threshold, so a tensor over its cap stays over it: the result is one
+    threshold over the uncapped tensors and exactly ``round(target * total)`` pruned in all,
+    unless the caps leave too little room.
     """
-    names = list(params)
-    k = ops.prune_count(sum(p.numel() for p in params.values()), target)
-    entries: dict[str, MaskEntry] = {}
-    free: list[str] = names
-    fixed: list[str] = []
-    while free:
-        tensors = [params[n] for n in free]
-        budget = min(k - sum(caps[n] for n in fixed), sum(t.numel() for t in tensors))
-        rows = engine.select_rows_global(tensors, [f"parameter '{n}'" for n in free], budget)
-        masks = ops._build(tensors, rows, ops._wide64(tensors))
-        kept = distributed.kept_counts(tensors, masks)
-        over = [n for n, t, c in zip(free, tensors, kept) if n in caps and t.numel() - c > caps[n]]
-        if not over:
-            # The threshold of a global selection is the cut over all of its layers.
-            thresholds = ops._thresholds(rows, tensors, [1] * len(free))
-            for n, m, th in zip(free, masks, thresholds):
-                entries[n] = MaskEntry(params[n], m, target, th.value)
-            break
-        fixed += over
-        free = [n for n in free if n not in over]
-    if fixed:
-        tensors = [params[n] for n in fixed]
-        ks = [caps[n] for n in fixed]
-        rows = engine.select_rows_layerwise(tensors, [f"parameter '{n}'" for n in fixed], ks)
-        thresholds = ops._thresholds(rows, tensors, ks)
-        for n, m, th in zip(fixed, ops._build(tensors, rows), thresholds):
-            entries[n] = MaskEntry(params[n], m, target, th.value)
-    return {n: entries[n] for n in names}
+
+    scope = "global"
+    per_tensor_targets = False
+
+    def __init__(self, caps: Mapping[str, int] | None = None) -> None:
+        self.caps = dict(caps or {})
+
+    def counts(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
+        return [ops.prune_count(sum(numels), targets[0])] if numels else [0]
+
+    def key_space(self, dtypes: set[torch.dtype]) -> int:
+        return key_space_for(dtypes)
+
+    def check(self, tensors: Sequence[torch.Tensor]) -> None:
+        ops._check_one_device(tensors)
+
+    def rows(self, tensors, labels, counts):  # type: ignore[no-untyped-def]
+        return engine.select_rows_global(tensors, labels, counts[0])
+
+    def masks(self, names, tensors, targets, reuse=None):  # type: ignore[no-untyped-def]
+        if not self.caps:
+            return super().masks(names, tensors, targets, reuse)
+        k = self.counts([t.numel() for t in tensors], targets)[0]
+        by_name = dict(zip(names, tensors))
+        result: dict[str, tuple[torch.Tensor, float]] = {}
+        free: list[str] = list(names)
+        fixed: list[str] = []
+        while free:
+            members = [by_name[n] for n in free]
+            budget = min(k - sum(self.caps[n] for n in fixed), sum(t.numel() for t in members))
+            masks, thresholds = self.masks_for_counts(free, members, [budget])
+            kept = distributed.kept_counts(members, masks)
+            over = [
+                n
+                for n, t, c in zip(free, members, kept)
+                if n in self.caps and t.numel() - c > self.caps[n]
+            ]
+            if not over:
+                result.update(zip(free, zip(masks, thresholds)))
+                break
+            fixed += over
+            free = [n for n in free if n not in over]
+        if fixed:
+            members = [by_name[n] for n in fixed]
+            ks = [self.caps[n] for n in fixed]
+            rows = engine.select_rows_layerwise(members, [f"parameter '{n}'" for n in fixed], ks)
+            thresholds = [th.value for th in ops._thresholds(rows, members, ks)]
+            result.update(zip(fixed, zip(ops._build(members, rows), thresholds)))
+        return [result[n][0] for n in names], [result[n][1] for n in names]
+
+
+def selection_for(scope: str | Selection) -> Selection:
+    """The strategy a ``scope`` argument names (``"layer"``, ``"global"``, or a strategy)."""
+    if isinstance(scope, Selection):
+        return scope
+    if scope == "layer":
+        return LayerSelection()
+    if scope == "global":
+        return GlobalSelection()
+    raise ValueError(f"scope must be 'layer', 'global' or a Selection, got {scope!r}")
