@@ -160,6 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds",
         type=int,
         default=3,
+        metavar="N",
         help="seeds per arm; a verdict needs at least 2 (default: 3)",
     )
     parser.add_argument(
@@ -172,12 +173,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epochs",
         type=int,
+        metavar="N",
         help="retraining epochs per arm (default: 30 for digits, 2 for fashion-mnist)",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=Path("gmp_demo"),
+        metavar="DIR",
         help="output directory (default: gmp_demo)",
     )
     parser.add_argument(
