@@ -136,6 +136,38 @@ def test_verdicts_with_a_spread():
     ]
 
 
+def test_table_and_summary_show_the_spread_over_seeds():
+    runs = [
+        {"arm": arm, "target": 0.9, "seed": seed, "accuracy": acc, "achieved": 0.9, "wall_s": 1.0}
+        for arm, accs in (
+            ("gmp", (0.96, 0.94)),
+            ("oneshot_ft", (0.90, 0.92)),
+            ("oneshot", (0.5, 0.3)),
+        )
+        for seed, acc in enumerate(accs)
+    ]
+    dense = {0: 0.99, 1: 0.97}
+    rows = demo.summarize(runs, dense)
+    assert rows[0]["accuracy_std"] == pytest.approx(0.0141421, rel=1e-5)
+    table = demo.format_table(rows, dense).splitlines()
+    assert table[0] == "dense: 98.00 ± 1.41% test accuracy"
+    assert "95.00 ± 1.41%" in table[2] and "+3.00" in table[2]
+    results = {
+        "command": "gmp-ext demo --seeds 2",
+        "config": {"data": "digits", "seeds": 2, "epochs": 30},
+        "threads": 1,
+        "wall_s": 12.0,
+        "versions": {"gmp_ext": "0.1.0", "torch": "2.13.0"},
+        "dense_accuracy": dense,
+        "summary": rows,
+        "verdicts": demo.verdicts(rows),
+    }
+    summary = demo.markdown_summary(results)
+    assert "| arm | target | achieved | test accuracy (mean ± std) |" in summary
+    assert "| GMP (gradual) | 0.9 | 0.9000 | 95.00 ± 1.41% | +3.00 |" in summary
+    assert "- sparsity 0.9: GMP wins by 4.0 points" in summary
+
+
 def test_log_gets_lines_not_progress_bars(quick_run):
     _, _, _, stderr = quick_run
     assert "\r" not in stderr

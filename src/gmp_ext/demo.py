@@ -104,9 +104,9 @@ def _digits_plan(epochs: int, quick: bool) -> Plan:
 
 
 def _fashion_plan(epochs: int, quick: bool) -> Plan:
-    """Epochs are long here (469 steps): stabilize for the first eighth of retraining, prune
-    until half-way in 6 steps (dozens of optimizer steps apart even in --quick), decay the
-    learning rate at 75% and 90%."""
+    """Epochs are long here (469 steps), so the schedule runs in fractions of retraining:
+    stabilization for the first eighth, then 6 updates until half-way (59 optimizer steps apart
+    with the default 2 epochs), learning-rate drops at 75% and 90%."""
     start, end = epochs / 8, epochs / 2
     return Plan(
         dense_epochs=1 if quick else 3,
