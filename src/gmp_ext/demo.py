@@ -35,10 +35,17 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy
+    import torch
+    from matplotlib.figure import Figure
+
+    Split = tuple[torch.Tensor, torch.Tensor]  # images (N, 1, H, W) in [0, 1], labels (N,)
 
 ARMS = ("gmp", "oneshot_ft", "oneshot")
 ARM_LABELS = {
@@ -129,8 +136,8 @@ class DataSpec:
     quick_epochs: int
     min_epochs: int
     plan: Callable[[int, bool], Plan]
-    load: Callable[[argparse.Namespace], tuple[Any, Any]]
-    make_model: Callable[[], Any]
+    load: Callable[[argparse.Namespace], tuple[Split, Split]]
+    make_model: Callable[[], torch.nn.Module]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,7 +240,7 @@ def _check(args: argparse.Namespace) -> tuple[DataSpec, list[float], int, Plan]:
     return spec, sorted(set(args.sparsity)), seeds, spec.plan(epochs, args.quick)
 
 
-def load_digits_split():
+def load_digits_split() -> tuple[Split, Split]:
     """Fixed stratified 70/30 split of sklearn's digits, as float tensors in [0, 1]."""
     import torch
 
@@ -245,7 +252,7 @@ def load_digits_split():
         x, digits.target, test_size=0.3, stratify=digits.target, random_state=0
     )
 
-    def as_tensors(images, labels):
+    def as_tensors(images: numpy.ndarray, labels: numpy.ndarray) -> Split:
         return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
 
     return as_tensors(x_train, y_train), as_tensors(x_test, y_test)
@@ -258,7 +265,7 @@ def fashion_mnist_dir(data_dir: Path | None) -> Path:
     return Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
 
 
-def read_idx(path: Path):
+def read_idx(path: Path) -> numpy.ndarray:
     """A gzip-compressed idx file of unsigned bytes (the MNIST format) as a numpy array."""
     import numpy as np
 
@@ -277,7 +284,7 @@ def read_idx(path: Path):
     return values.reshape(shape)
 
 
-def load_fashion_mnist(data_dir: Path | None, quick: bool):
+def load_fashion_mnist(data_dir: Path | None, quick: bool) -> tuple[Split, Split]:
     """Fashion-MNIST's training and test sets as float tensors in [0, 1]; ``quick`` keeps the
     first 10,000 training and 2,000 test images (the files' order is shuffled, so the classes
     stay balanced)."""
@@ -308,7 +315,7 @@ def load_fashion_mnist(data_dir: Path | None, quick: bool):
     return splits[0], splits[1]
 
 
-def make_model():
+def make_model() -> torch.nn.Module:
     from torch import nn
 
     return nn.Sequential(
@@ -324,7 +331,7 @@ def make_model():
     )
 
 
-def make_fashion_model():
+def make_fashion_model() -> torch.nn.Module:
     from torch import nn
 
     return nn.Sequential(
@@ -365,7 +372,7 @@ DATASETS = {
 }
 
 
-def _batches(data, seed: int, epoch: int, batch: int):
+def _batches(data: Split, seed: int, epoch: int, batch: int) -> Iterator[Split]:
     import torch
 
     x, y = data
@@ -375,11 +382,11 @@ def _batches(data, seed: int, epoch: int, batch: int):
         yield x[index], y[index]
 
 
-def _steps_per_epoch(data, batch: int) -> int:
+def _steps_per_epoch(data: Split, batch: int) -> int:
     return math.ceil(len(data[1]) / batch)
 
 
-def accuracy(model, data, chunk: int = 1000) -> float:
+def accuracy(model: torch.nn.Module, data: Split, chunk: int = 1000) -> float:
     import torch
 
     x, y = data
@@ -394,14 +401,14 @@ def accuracy(model, data, chunk: int = 1000) -> float:
 
 
 def _train(
-    model,
-    optimizer,
-    train,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: Split,
     seed: int,
     epochs: int,
     batch: int,
     lr_milestones: tuple[float, ...],
-    bar,
+    bar: Any,
     before_step: Callable[[int], None] | None = None,
     after_step: Callable[[int], None] | None = None,
 ) -> None:
@@ -430,7 +437,7 @@ def _train(
 
 
 @contextlib.contextmanager
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str) -> Iterator[Any]:
     """A tqdm bar on a terminal. In a log (stderr not a terminal) a bar's carriage-return
     redraws would pile up, so there is one line per finished job instead."""
     tqdm = _require("tqdm", "tqdm").tqdm
@@ -449,7 +456,7 @@ def _progress(total: int, desc: str):
         print(f"{desc}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
 
-def train_dense(seed: int, plan: Plan, spec: DataSpec, train):
+def train_dense(seed: int, plan: Plan, spec: DataSpec, train: Split) -> torch.nn.Module:
     import torch
 
     torch.manual_seed(seed)
@@ -463,7 +470,7 @@ def train_dense(seed: int, plan: Plan, spec: DataSpec, train):
     return model
 
 
-def _layer_record(model) -> dict[str, dict[str, Any]]:
+def _layer_record(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """Per pruned layer: size, zeros counted in the weights, and a digest of the packed mask
     (numpy.packbits little-endian of gmp_ext.masks) that tests compare with the weights."""
     import numpy as np
@@ -488,7 +495,7 @@ def _achieved(layers: dict[str, dict[str, Any]]) -> float:
     return sum(v["zeros"] for v in layers.values()) / sum(v["numel"] for v in layers.values())
 
 
-def _retrain_optimizer(model):
+def _retrain_optimizer(model: torch.nn.Module) -> torch.optim.SGD:
     import torch
 
     return torch.optim.SGD(
@@ -498,14 +505,14 @@ def _retrain_optimizer(model):
 
 def run_arm(
     arm: str,
-    dense,
+    dense: torch.nn.Module,
     target: float,
     seed: int,
     plan: Plan,
     spec: DataSpec,
     scope: str,
-    train,
-    test,
+    train: Split,
+    test: Split,
     out: Path,
 ) -> dict[str, Any]:
     """One arm from a copy of the dense checkpoint; returns its measured record."""
@@ -695,7 +702,7 @@ def write_figures(
     return paths
 
 
-def plot_accuracy(runs: list[dict], plan: Plan, dense_acc: dict[int, float], data: str):
+def plot_accuracy(runs: list[dict], plan: Plan, dense_acc: dict[int, float], data: str) -> Figure:
     """Test accuracy against retraining epoch, mean over seeds, a panel per target; the stages
     shaded in the colours of every other figure (gmp_ext.plotting.STAGE_COLORS)."""
     from .plotting import new_figure, shade_stages
@@ -760,7 +767,14 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-def _execute(args, spec: DataSpec, sparsities, seeds, plan: Plan, started) -> dict[str, Any]:
+def _execute(
+    args: argparse.Namespace,
+    spec: DataSpec,
+    sparsities: list[float],
+    seeds: int,
+    plan: Plan,
+    started: float,
+) -> dict[str, Any]:
     import torch
 
     import gmp_ext

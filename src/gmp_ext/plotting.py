@@ -260,9 +260,9 @@ def plot_sparsity_history(
         named = grouped
     else:
         named = _draw_spread(ax, records, names, reached, grouped)
-    for i, (points, members) in enumerate(named):
+    for i, (drawn, members) in enumerate(named):
         ax.plot(
-            *zip(*points),
+            *zip(*drawn),
             drawstyle="steps-post",
             marker=_MARKERS[i % len(_MARKERS)],
             markersize=4,
