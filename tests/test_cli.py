@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import importlib.abc
 import importlib.machinery
 import sys
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gmp_ext.cli import main
+from gmp_ext.cli import _parser, main
 
 EXAMPLE_RECIPE = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "gmp_resnet.yaml"
 RECIPE = """\
@@ -182,7 +183,7 @@ def test_demo_plugin_is_registered(
     demo.run = lambda args: print(f"demo for {args.epochs} epochs") or 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "gmp_ext.demo", demo)
     assert main(["--help"]) == 0
-    assert "Train a small model with GMP." in capsys.readouterr().out
+    assert "train a small model with GMP\n" in capsys.readouterr().out
     assert main(["demo", "--epochs", "3"]) == 0
     assert capsys.readouterr().out == "demo for 3 epochs\n"
 
@@ -213,3 +214,109 @@ def test_broken_demo_does_not_break_other_commands(
     assert "(unavailable: No module named 'sklearn')" in capsys.readouterr().out
     assert main(["demo", "--epochs", "3"]) == 2
     _assert_one_line_error(capsys.readouterr().err, "demo is unavailable", "sklearn")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from gmp_ext._version import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"gmp-ext {__version__}\n"
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["plot"], ["demo"]])
+def test_help_is_plain_text_with_every_option_explained(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    if command == ["demo"]:
+        pytest.importorskip("gmp_ext.demo")
+    assert main([*command, "--help"]) == 0
+    text = capsys.readouterr().out
+    for markup in ("`", "%%", "**", ":class:", ":func:"):
+        assert markup not in text, markup
+    parser, _ = _parser()
+    if command:
+        parser = parser._subparsers._group_actions[0].choices[command[0]]  # type: ignore[union-attr]
+    for action in parser._actions:
+        assert action.help, action.option_strings or action.dest
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            assert "(default: " in action.help, action.option_strings
+
+
+def test_demo_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("gmp_ext.demo")
+    assert main(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out DIR output directory (default: gmp_demo)" in text
+    assert "--scope {layer,global} layer: every layer pruned to the target" in text
+    assert "usage: gmp-ext demo" in text and "compare gradual magnitude pruning" in text
+
+
+class _FakeNative:
+    """The compiled module's driver-facing surface, for builds and machines not at hand."""
+
+    def __init__(self, cuda: bool, driver_status: str = "ok") -> None:
+        self._cuda = cuda
+        self._driver_status = driver_status
+
+    def build_info(self) -> dict[str, Any]:
+        return {
+            "openmp": True,
+            "cuda": self._cuda,
+            "cuda_architectures": "90" if self._cuda else "",
+            "cuda_compiler_version": "12.4" if self._cuda else "",
+        }
+
+    def cuda_device_count(self) -> int:
+        return 1 if self._driver_status == "ok" else -1
+
+    def cuda_driver_status(self) -> str:
+        return self._driver_status
+
+
+INSUFFICIENT = "CUDA driver version is insufficient for CUDA runtime version"
+
+
+@pytest.mark.parametrize(
+    ("native", "driver_found", "kernels", "driver"),
+    [
+        # nvcc at build time, no driver on this machine: the runtime's "insufficient" is wrong
+        (_FakeNative(True, INSUFFICIENT), False, "yes (CUDA 12.4)", "no NVIDIA driver found"),
+        # a driver older than the CUDA runtime: the runtime's message is the right one
+        (_FakeNative(True, INSUFFICIENT), True, "yes (CUDA 12.4)", INSUFFICIENT),
+        (_FakeNative(True), True, "yes (CUDA 12.4)", "ok"),
+        (_FakeNative(False), False, "no: CPU-only build", "not used by this build (no NVIDIA"),
+        (_FakeNative(False), True, "no: CPU-only build", "not used by this build (NVIDIA"),
+    ],
+)
+def test_info_driver_status(
+    monkeypatch: pytest.MonkeyPatch,
+    native: _FakeNative,
+    driver_found: bool,
+    kernels: str,
+    driver: str,
+) -> None:
+    from gmp_ext import _backend, info
+
+    monkeypatch.setattr(_backend, "native", lambda: native)
+    monkeypatch.setattr(info, "nvidia_driver_found", lambda: driver_found)
+    collected = info.collect()
+    assert str(collected["CUDA kernels compiled"]).startswith(kernels)
+    assert str(collected["CUDA driver"]).startswith(driver)
+    assert "insufficient" not in str(collected["CUDA driver"]) or driver_found
+
+
+@pytest.mark.parametrize("loads", [True, False])
+def test_nvidia_driver_found_loads_libcuda(monkeypatch: pytest.MonkeyPatch, loads: bool) -> None:
+    from gmp_ext import info
+
+    tried = []
+
+    def cdll(name: str) -> object:
+        tried.append(name)
+        if not loads:
+            raise OSError(f"{name}: cannot open shared object file")
+        return object()
+
+    monkeypatch.setattr(info.ctypes, "CDLL", cdll)
+    assert info.nvidia_driver_found() is loads
+    assert tried == ["nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"]

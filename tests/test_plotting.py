@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,9 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
 
-from gmp_ext.plotting import plot_schedule, plot_sparsity_history
+from gmp_ext.plotting import STAGE_COLORS, plot_schedule, plot_sparsity_history
 from gmp_ext.schedule import GMPSchedule, LRSteps
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -174,17 +176,104 @@ def test_plot_sparsity_history_until_step_shows_fine_tuning() -> None:
     assert "fine-tuning" in _legend(ax)
 
 
-def test_plot_sparsity_history_many_layers_has_no_layer_legend() -> None:
-    layers = {f"layer{i}": {"achieved": 0.5, "threshold": 0.0} for i in range(11)}
+def test_plot_sparsity_history_groups_coinciding_layers() -> None:
+    # Layers pruned to the same target differ only by rounding k = round(s * n) per layer:
+    # drawn separately they would hide each other, so they share one named line.
+    layers = {f"layer{i}": {"achieved": 0.5 + 0.0005 * i, "threshold": 0.0} for i in range(9)}
+    layers["odd"] = {"achieved": 0.25, "threshold": 0.0}
     records = [{"epoch": 1.0, "step": 10, "target": 0.5, "layers": layers}]
     (ax,) = plot_sparsity_history(records).axes
-    assert len(ax.get_lines()) == 12
-    assert _legend(ax) == {"target sparsity"}
+    label = "9 layers (same curve): layer0, layer1, layer2, ..., layer8"
+    assert _legend(ax) == {"target sparsity", textwrap.fill(label, 36), "odd"}
+    assert len(ax.get_lines()) == 3
+    assert ax.get_title() == "Sparsity per layer (10 layers)"
+
+
+def test_plot_sparsity_history_identical_layers_named_together() -> None:
+    layers = {name: {"achieved": 0.3, "threshold": 0.0} for name in ("conv", "fc")}
+    records = [{"epoch": 1.0, "step": 4, "target": 0.3, "layers": layers}]
+    figure = plot_sparsity_history(records, until_step=8, title="digits: GMP to 0.3, seed 1")
+    (ax,) = figure.axes
+    line = _line(ax, "all 2 layers (same curve): conv, fc")
+    assert list(line.get_xdata()) == [4, 8]
+    assert line.get_marker() != "None"  # the points show even where the target line lies on top
+    assert ax.get_title() == "digits: GMP to 0.3, seed 1 (2 layers)"
+
+
+def _hundred_layer_history() -> tuple[list[str], list[dict[str, Any]]]:
+    """A global-scope-like run: 98 layers near the median, a classifier pruned far less and an
+    embedding pruned more."""
+    names = [f"blocks.{i}.weight" for i in range(98)] + ["embed.weight", "classifier.weight"]
+    records = []
+    for epoch in range(1, 11):
+        target = SCHEDULE.sparsity_at(epoch)
+        achieved = {name: target * (0.9 + 0.002 * i) for i, name in enumerate(names)}
+        achieved["classifier.weight"] = 0.4 * target
+        achieved["embed.weight"] = min(1.0, 1.1 * target)
+        layers = {n: {"achieved": a, "threshold": 0.0} for n, a in achieved.items()}
+        records.append(
+            {"epoch": float(epoch), "step": 4 * epoch, "target": target, "layers": layers}
+        )
+    return names, records
+
+
+def test_plot_sparsity_history_hundred_layers(tmp_path: Path) -> None:
+    names, records = _hundred_layer_history()
+    path = tmp_path / "many.png"
+    figure = plot_sparsity_history(
+        records, path, schedule=SCHEDULE, until_step=200, title="synthetic, seed 0, global"
+    )
+    ax, heat_ax, colorbar_ax = figure.axes
+    legend = _legend(ax)
+    assert {"classifier.weight", "embed.weight"} <= legend  # the outliers are named
+    assert {"median of the 100 layers", "range of the 100 layers", "target sparsity"} <= legend
+    assert legend >= STAGES
+    assert len(legend) <= 3 + 2 + 3 + 5  # stages, median and range, target, 5 outliers
+    assert ax.get_title() == "synthetic, seed 0, global (100 layers)"
+    # The heat map names every layer, in model order, first on top.
+    assert [label.get_text() for label in heat_ax.get_yticklabels()] == names
+    assert heat_ax.get_ylim() == (100, 0)
+    (mesh,) = heat_ax.collections
+    values = mesh.get_array().reshape(100, 10)
+    assert values[99, 9] == pytest.approx(0.4 * SCHEDULE.sparsity_at(10))
+    assert heat_ax.get_xlabel() == "optimizer step"
+    assert colorbar_ax.get_ylabel() == "achieved sparsity"
+    _assert_png(path)
+
+
+def test_plot_sparsity_history_without_records_draws_the_schedule() -> None:
+    # GMP.plot() before the first mask update: the plan alone, said so in the title.
+    figure = plot_sparsity_history([], schedule=SCHEDULE, steps_per_epoch=4, until_step=3)
+    (ax,) = figure.axes
+    target = _line(ax, "target sparsity")
+    assert list(target.get_xdata()) == list(range(35 * 4 + 1))
+    assert list(target.get_ydata()) == [SCHEDULE.sparsity_at(s / 4) for s in range(35 * 4 + 1)]
+    assert ax.get_title() == (
+        "Sparsity per layer: no mask update yet (step 3), scheduled target only"
+    )
+    assert _legend(ax) == {"stabilization", "pruning", "target sparsity"}
+
+
+def test_stage_colours_are_one_definition() -> None:
+    figures = [
+        plot_schedule(SCHEDULE, 40, 2),
+        plot_sparsity_history(_records(), schedule=SCHEDULE, until_step=160),
+    ]
+    for figure in figures:
+        ax = figure.axes[0]
+        spans = {
+            patch.get_label(): patch.get_facecolor()
+            for patch in ax.patches
+            if patch.get_label() in STAGES
+        }
+        assert spans == {name: to_rgba(STAGE_COLORS[name], 0.15) for name in STAGES}
 
 
 def test_plot_sparsity_history_errors() -> None:
-    with pytest.raises(ValueError, match="records is empty"):
+    with pytest.raises(ValueError, match="records is empty and no schedule was given"):
         plot_sparsity_history([])
+    with pytest.raises(ValueError, match="pass steps_per_epoch"):
+        plot_sparsity_history([], schedule=SCHEDULE)
     records = [{"epoch": 0.0, "step": 0, "target": 0.0, "layers": {}}]
     with pytest.raises(ValueError, match="pass steps_per_epoch"):
         plot_sparsity_history(records, schedule=SCHEDULE)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gmp_ext._version import __version__
 from gmp_ext.schedule import GMPSchedule, Recipe, load_recipe
 
 __all__ = ["main"]
@@ -48,17 +49,22 @@ def _positive(kind: type[float] | type[int]) -> Callable[[str], float]:
 def _add_plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", type=Path, help="YAML recipe (SparseML GMPruningModifier fields)")
     parser.add_argument(
-        "--out", type=Path, help="PNG to write (default: RECIPE_schedule.png in the current dir)"
+        "--out",
+        type=Path,
+        metavar="PNG",
+        help="PNG to write (default: RECIPE_schedule.png in the current directory)",
     )
     parser.add_argument(
         "--steps-per-epoch",
         type=_positive(int),
         default=100,
+        metavar="N",
         help="optimizer steps per epoch, which the x axis counts (default: 100)",
     )
     parser.add_argument(
         "--total-epochs",
         type=_positive(float),
+        metavar="EPOCHS",
         help="epochs to draw (default: the recipe's total_epochs, else end_epoch + 10%%, >= 1)",
     )
 
@@ -123,7 +129,8 @@ def _plugin(name: str) -> Command | str | None:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         return str(exc)
-    summary = (module.__doc__ or name).strip().splitlines()[0]
+    first_line = (module.__doc__ or name).strip().splitlines()[0].rstrip(".")
+    summary = first_line[:1].lower() + first_line[1:]  # in the style of the other commands
     return (summary, module.add_arguments, module.run)
 
 
@@ -136,7 +143,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Gradual magnitude pruning for PyTorch."
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", help=f"one of these; {PROG} COMMAND --help explains it"
+    )
     commands: dict[str, Command] = {
         "info": ("print version, build and device information", lambda parser: None, _info),
         "plot": ("plot a recipe's sparsity and learning-rate schedule", _add_plot_arguments, _plot),

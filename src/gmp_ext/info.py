@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import platform
+import sys
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -10,10 +14,40 @@ from . import _backend
 from ._version import __version__
 
 
+def nvidia_driver_found() -> bool:
+    """Whether the NVIDIA driver's library loads. Without it the CUDA runtime reports "CUDA
+    driver version is insufficient for CUDA runtime version" although there is no driver at
+    all, so the driver status below says so plainly instead."""
+    library = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        return False
+    return True
+
+
+def _cuda_driver(module: ModuleType | None, build: dict[str, Any]) -> str:
+    found = nvidia_driver_found()
+    if module is None or not build.get("cuda"):
+        return f"not used by this build ({'' if found else 'no '}NVIDIA driver found)"
+    status = module.cuda_driver_status()
+    if status == "ok":
+        return "ok"
+    if not found:
+        return "no NVIDIA driver found: the CUDA kernels cannot run here"
+    return status  # a driver is installed but unusable, e.g. older than the CUDA runtime
+
+
 def collect() -> dict[str, object]:
     """Versions, the compiled module's build, backends and visible GPUs."""
     module = _backend.native()
     build = dict(module.build_info()) if module is not None else {}
+    if module is None:
+        kernels = "-"
+    elif build.get("cuda"):
+        kernels = f"yes (CUDA {build.get('cuda_compiler_version') or 'version unknown'})"
+    else:
+        kernels = "no: CPU-only build (GMP_EXT_CPU_ONLY, or no nvcc when it was built)"
     info: dict[str, object] = {
         "gmp_ext": __version__,
         "python": platform.python_version(),
@@ -23,9 +57,9 @@ def collect() -> dict[str, object]:
         if module is not None
         else f"missing ({_backend.native_error()!r})",
         "OpenMP": build.get("openmp", False),
-        "CUDA kernels compiled": build.get("cuda", False),
+        "CUDA kernels compiled": kernels,
         "CUDA architectures": build.get("cuda_architectures") or "-",
-        "CUDA driver": module.cuda_driver_status() if build.get("cuda") else "-",
+        "CUDA driver": _cuda_driver(module, build),
         "CPU threads (torch)": torch.get_num_threads(),
         "backends available": ", ".join(_backend.available_backends()),
         "backend override": _backend.forced_backend() or f"none ({_backend.ENV_BACKEND} unset)",

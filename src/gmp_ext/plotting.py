@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import statistics
+import textwrap
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,17 +22,24 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_schedule", "plot_sparsity_history"]
+__all__ = ["STAGE_COLORS", "new_figure", "plot_schedule", "plot_sparsity_history", "shade_stages"]
 
-_STAGES = (
-    ("stabilization", "tab:blue"),
-    ("pruning", "tab:red"),
-    ("fine-tuning", "tab:green"),
-)
-_MAX_LEGEND_LAYERS = 10
+# The one definition of the stage colours, so a stage looks the same in every figure (the
+# demo's accuracy figure included); they avoid the blues and purples of the demo's curves.
+STAGE_COLORS = {"stabilization": "tab:gray", "pruning": "tab:red", "fine-tuning": "tab:green"}
+_MAX_NAMED_CURVES = 10  # beyond that a legend would hide the plot
+_OUTLIERS = 5
+_LEGEND_WIDTH = 36  # characters per line of a legend entry naming several layers
+_HEAT_ROW_INCHES = 0.13  # room for one layer name per row
+_COLORBAR_INCHES = 0.2
+_SAME_CURVE = 0.005  # sparsities this close are one line on the plot (k is rounded per layer)
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+Curve = tuple[tuple[int, float], ...]  # (optimizer step, achieved sparsity) points
 
 
-def _figure(**kwargs: Any) -> Figure:
+def new_figure(**kwargs: Any) -> Figure:
+    """A figure on the Agg canvas with constrained layout; ImportError without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -55,14 +64,17 @@ def _positive(name: str, value: object) -> float:
     raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def _shade_stages(
-    ax: Axes, schedule: GMPSchedule, steps_per_epoch: float, last_step: float, label: bool
+def shade_stages(
+    ax: Axes, schedule: GMPSchedule, last: float, *, per_epoch: float = 1.0, label: bool = True
 ) -> None:
-    bounds = (0.0, schedule.start_epoch * steps_per_epoch, schedule.end_epoch * steps_per_epoch)
-    for (name, color), lo, hi in zip(_STAGES, bounds, (*bounds[1:], last_step)):
-        hi = min(hi, last_step)
+    """Shade the schedule's stages from x = 0 to ``last``, x counting ``per_epoch`` units per
+    epoch (1 for an epoch axis, the steps per epoch for an optimizer-step axis); ``label``
+    names them in the legend."""
+    bounds = (0.0, schedule.start_epoch * per_epoch, schedule.end_epoch * per_epoch)
+    for (name, color), lo, hi in zip(STAGE_COLORS.items(), bounds, (*bounds[1:], last)):
+        hi = min(hi, last)
         if hi > lo:
-            ax.axvspan(lo, hi, color=color, alpha=0.12, linewidth=0, label=name if label else None)
+            ax.axvspan(lo, hi, color=color, alpha=0.15, linewidth=0, label=name if label else None)
 
 
 def _epoch_axis(ax: Axes, steps_per_epoch: float) -> None:
@@ -136,11 +148,11 @@ def plot_schedule(
     else:
         lrs = None
 
-    figure = _figure(figsize=(8.0, 6.0 if lrs is not None else 4.0))
+    figure = new_figure(figsize=(8.0, 6.0 if lrs is not None else 4.0))
     axes = figure.subplots(2 if lrs is not None else 1, 1, sharex=True, squeeze=False)[:, 0]
     ax = axes[0]
     for i, panel in enumerate(axes):
-        _shade_stages(panel, schedule, steps_per_epoch, steps, label=i == 0)
+        shade_stages(panel, schedule, steps, per_epoch=steps_per_epoch, label=i == 0)
     sparsity = [schedule.sparsity_at(s / steps_per_epoch) for s in xs]
     ax.plot(xs, sparsity, drawstyle="steps-post", color="black", label="target sparsity")
     ax.set_ylim(-0.02, 1.02)
@@ -170,6 +182,8 @@ def plot_sparsity_history(
     schedule: GMPSchedule | None = None,
     steps_per_epoch: float | None = None,
     until_step: int | None = None,
+    *,
+    title: str | None = None,
 ) -> Figure:
     """Draw the sparsity each layer actually reached against optimizer step.
 
@@ -178,13 +192,20 @@ def plot_sparsity_history(
     with it, the stages are shaded and the planned target curve is drawn through ``end_epoch``
     (``steps_per_epoch`` is then inferred from the records' step / epoch if not given).
     ``until_step`` extends the plot to that optimizer step (the run's current one), so the
-    sparsity held during fine-tuning shows too.
+    sparsity held during fine-tuning shows too. Before the first mask update (no records) the
+    scheduled target is drawn alone, which needs ``schedule``.
+
+    Layers whose curves coincide (same update steps, sparsities within 0.005) share one line
+    and one legend entry naming them. Up to 10 such curves are drawn and named; beyond that,
+    the median and range over the layers are drawn, with the 5 layers furthest from the median
+    named. With more than 10 layers a heat map
+    below, one named row per layer, shows every layer's sparsity. ``title`` replaces
+    "Sparsity per layer" at the start of the title.
     """
     records = sorted(records, key=lambda record: record["step"])
-    if not records:
-        raise ValueError("records is empty: there is nothing to plot")
-    reached = max(records[-1]["step"], until_step or 0)
-    last_step = reached
+    if not records and schedule is None:
+        raise ValueError("records is empty and no schedule was given: there is nothing to plot")
+    reached = max(records[-1]["step"] if records else 0, until_step or 0)
     if steps_per_epoch is None and schedule is not None:
         ratios = [r["step"] / r["epoch"] for r in records if r["epoch"] > 0]
         if not ratios:
@@ -193,40 +214,162 @@ def plot_sparsity_history(
     elif steps_per_epoch is not None:
         steps_per_epoch = _positive("steps_per_epoch", steps_per_epoch)
 
-    figure = _figure(figsize=(8.0, 4.5))
-    ax = figure.subplots()
+    names = list(dict.fromkeys(name for r in records for name in r["layers"]))
+    heat_map = len(names) > _MAX_NAMED_CURVES
+    heat_height = _HEAT_ROW_INCHES * len(names) + 1.0
+    figure = new_figure(figsize=(9.0, 4.5 + heat_height if heat_map else 4.5))
+    if heat_map:
+        ax, heat_ax = figure.subplots(
+            2, 1, sharex=True, gridspec_kw={"height_ratios": [4.5, heat_height]}
+        )
+    else:
+        ax = figure.subplots()
+    last_step = reached
     if schedule is not None:
         last_step = max(last_step, math.ceil(schedule.end_epoch * steps_per_epoch))
-        _shade_stages(ax, schedule, steps_per_epoch, last_step, label=True)
+        shade_stages(ax, schedule, last_step, per_epoch=steps_per_epoch)
         xs = list(range(last_step + 1))
         target = [schedule.sparsity_at(s / steps_per_epoch) for s in xs]
     else:
         xs = [r["step"] for r in records]
         target = [r["target"] for r in records]
     ax.plot(
-        xs, target, drawstyle="steps-post", color="black", linestyle="--", label="target sparsity"
+        xs,
+        target,
+        drawstyle="steps-post",
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        zorder=3,  # above the layers, which often lie exactly on it
+        label="target sparsity",
     )
-    names = list(dict.fromkeys(name for r in records for name in r["layers"]))
-    few = len(names) <= _MAX_LEGEND_LAYERS  # beyond that a legend would hide the plot
+    grouped: list[tuple[Curve, list[str]]] = []  # (curve, layers drawn by it)
     for name in names:
         points = [
             (r["step"], r["layers"][name]["achieved"]) for r in records if name in r["layers"]
         ]
         if points[-1][0] < reached:  # the sparsity holds until the next update
             points.append((reached, points[-1][1]))
+        for curve, members in grouped:
+            if _coincide(curve, points):
+                members.append(name)
+                break
+        else:
+            grouped.append((tuple(points), [name]))
+    if len(grouped) <= _MAX_NAMED_CURVES:
+        named = grouped
+    else:
+        named = _draw_spread(ax, records, names, reached, grouped)
+    for i, (drawn, members) in enumerate(named):
         ax.plot(
-            *zip(*points),
+            *zip(*drawn),
             drawstyle="steps-post",
-            marker=".",
-            linewidth=1,
-            label=name if few else None,
+            marker=_MARKERS[i % len(_MARKERS)],
+            markersize=4,
+            linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+            linewidth=1.2,
+            label=_group_label(members, len(names)),
         )
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("achieved sparsity")
-    ax.set_title(f"Sparsity per layer ({len(names)} layers)")
-    ax.legend(loc="lower right", fontsize="small")
+    heading = title or "Sparsity per layer"
+    if records:
+        ax.set_title(f"{heading} ({len(names)} layers)")
+    else:
+        ax.set_title(f"{heading}: no mask update yet (step {reached}), scheduled target only")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    if heat_map:
+        _draw_heat_map(figure, heat_ax, records, names, reached, heat_height)
+        heat_ax.set_xlabel("optimizer step")
+    else:
+        ax.set_xlabel("optimizer step")
     if steps_per_epoch is not None:
         _epoch_axis(ax, steps_per_epoch)
     _save(figure, path)
     return figure
+
+
+def _coincide(curve: Curve, points: list[tuple[int, float]]) -> bool:
+    """Same update steps and sparsities within half a percent: on the plot one line would hide
+    the other, so they are drawn once and named together."""
+    return len(curve) == len(points) and all(
+        step == other_step and abs(value - other_value) <= _SAME_CURVE
+        for (step, value), (other_step, other_value) in zip(curve, points)
+    )
+
+
+def _group_label(members: list[str], total: int) -> str:
+    if len(members) == 1:
+        return members[0]
+    shown = members if len(members) <= 4 else [*members[:3], "...", members[-1]]
+    every = "all " if len(members) == total else ""
+    label = f"{every}{len(members)} layers (same curve): {', '.join(shown)}"
+    return textwrap.fill(label, _LEGEND_WIDTH, break_long_words=False)
+
+
+def _draw_spread(
+    ax: Axes,
+    records: list[Mapping[str, Any]],
+    names: list[str],
+    reached: int,
+    groups: list[tuple[Curve, list[str]]],
+) -> list[tuple[Curve, list[str]]]:
+    """Median and range over the layers at each update; returns the groups of layers furthest
+    from the median (mean absolute distance over their updates), to be drawn and named."""
+    steps = [r["step"] for r in records]
+    values = [[layer["achieved"] for layer in r["layers"].values()] for r in records]
+    median = dict(zip(steps, map(statistics.median, values)))
+    edge = [*steps, reached] if reached > steps[-1] else steps
+    hold = [*values, values[-1]] if reached > steps[-1] else values
+    ax.fill_between(
+        edge,
+        [min(v) for v in hold],
+        [max(v) for v in hold],
+        step="post",
+        color="tab:blue",
+        alpha=0.2,
+        linewidth=0,
+        label=f"range of the {len(names)} layers",
+    )
+    ax.plot(
+        edge,
+        [statistics.median(v) for v in hold],
+        drawstyle="steps-post",
+        color="tab:blue",
+        linewidth=2,
+        label=f"median of the {len(names)} layers",
+    )
+
+    def distance(points: Curve) -> float:
+        recorded = [(step, value) for step, value in points if step in median]
+        return statistics.fmean(abs(value - median[step]) for step, value in recorded)
+
+    ranked = sorted(groups, key=lambda item: distance(item[0]), reverse=True)
+    return [item for item in ranked[:_OUTLIERS] if distance(item[0]) > 0]
+
+
+def _draw_heat_map(
+    figure: Figure,
+    ax: Axes,
+    records: list[Mapping[str, Any]],
+    names: list[str],
+    reached: int,
+    height: float,
+) -> None:
+    """One row per layer (first layer on top), one column per update, held until the next;
+    ``height`` in inches keeps the colour bar slim however many rows there are."""
+    import numpy as np
+
+    steps = [r["step"] for r in records]
+    edges = [*steps, max(reached, steps[-1] + 1)]
+    sparsity = np.full((len(names), len(records)), np.nan)
+    for column, record in enumerate(records):
+        for row, name in enumerate(names):
+            if name in record["layers"]:
+                sparsity[row, column] = record["layers"][name]["achieved"]
+    mesh = ax.pcolormesh(edges, np.arange(len(names) + 1), sparsity, vmin=0.0, vmax=1.0)
+    ax.set_yticks(np.arange(len(names)) + 0.5)
+    ax.set_yticklabels(names, fontsize=7 if len(names) <= 40 else 5)
+    ax.set_ylim(len(names), 0)
+    ax.set_ylabel("layer")
+    figure.colorbar(mesh, ax=ax, label="achieved sparsity", aspect=height / _COLORBAR_INCHES)
