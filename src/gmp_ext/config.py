@@ -174,11 +174,11 @@ class GMPConfig:
         return cls(
             schedule=schedule,
             steps_per_epoch=spe,
-            scope=scope,  # type: ignore[arg-type]
+            scope=str(scope),
             layer_sparsity=per_layer(layer_sparsity, names, "layer_sparsity"),
             max_sparsity=per_layer(max_sparsity, names, "max_sparsity"),
             fine_tune_weight_decay=decay,
-            total_epochs=None if total_epochs is None else float(total_epochs),  # type: ignore[arg-type]
+            total_epochs=None if total_epochs is None else float(total_epochs),
             mask_optimizer_state=_flag(mask_optimizer_state, "mask_optimizer_state"),
             mask_gradients=_flag(mask_gradients, "mask_gradients"),
             gradient_accumulation_steps=accumulation,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,9 +35,12 @@ from .exceptions import GMPWarning, warn
 from .masks import MaskStore, ensure_store, get_store
 from .pruner import mask_gradients_hook, optimizer_state_of, prune_parameters, remove
 from .run_checks import ForwardCounter, check_counts, check_run_length
-from .schedule import Recipe, Schedule, Stage, load_recipe
+from .schedule import GMPSchedule, Recipe, Schedule, Stage, load_recipe
 from .selection import ParamSpec, parameter_by_name, select_parameters, unwrap
 from .strategies import GlobalSelection, LayerSelection
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["GMP", "GMPWarning"]
 
@@ -279,15 +282,17 @@ class GMP:
                 f"{self.steps_per_epoch}; the schedule's epochs will drift from the real ones"
             )
 
-    def plot(self, path: str | os.PathLike[str] | None = None):
-        """Per-layer achieved sparsity over the run against the schedule (needs matplotlib);
-        returns the matplotlib Figure and saves a PNG to ``path`` if given."""
+    def plot(self, path: str | os.PathLike[str] | None = None) -> Figure:
+        """Per-layer achieved sparsity over the run against the schedule (needs matplotlib;
+        before the first update, the scheduled target alone; a schedule other than a
+        GMPSchedule is drawn from the update records); returns the matplotlib Figure and
+        saves a PNG to ``path`` if given."""
         from .plotting import plot_sparsity_history
 
         return plot_sparsity_history(
             self._progress.history,
             path,
-            schedule=self.schedule,
+            schedule=self.schedule if isinstance(self.schedule, GMPSchedule) else None,
             steps_per_epoch=self.steps_per_epoch,
             until_step=self._progress.step,
         )

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ._backend import REFERENCE, backend_for
+from ._backend import REFERENCE, Backend, backend_for
 from ._layout import (
     KEY_SPACE_WIDE,
     KEY_SPACE_WIDE64,
@@ -143,7 +143,7 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return local_tensor(tensor).detach().contiguous()
 
 
-def _backend_of(tensors: Sequence[torch.Tensor], reference: bool = False):
+def _backend_of(tensors: Sequence[torch.Tensor], reference: bool = False) -> Backend:
     """The device's backend; float64 work always runs on the reference."""
     if reference or any(t.dtype == torch.float64 for t in tensors):
         return REFERENCE

@@ -78,9 +78,13 @@ def shade_stages(
 
 
 def _epoch_axis(ax: Axes, steps_per_epoch: float) -> None:
-    top = ax.secondary_xaxis(
-        "top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch)
-    )
+    def to_epochs(steps: Any) -> Any:  # matplotlib passes floats and arrays
+        return steps / steps_per_epoch
+
+    def to_steps(epochs: Any) -> Any:
+        return epochs * steps_per_epoch
+
+    top = ax.secondary_xaxis("top", functions=(to_epochs, to_steps))
     top.set_xlabel("epoch")
 
 
@@ -226,6 +230,7 @@ def plot_sparsity_history(
         ax = figure.subplots()
     last_step = reached
     if schedule is not None:
+        assert steps_per_epoch is not None  # given, or inferred above
         last_step = max(last_step, math.ceil(schedule.end_epoch * steps_per_epoch))
         shade_stages(ax, schedule, last_step, per_epoch=steps_per_epoch)
         xs = list(range(last_step + 1))

@@ -84,7 +84,9 @@ class LayerSelection(Selection):
     def counts(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
         return [ops.prune_count(n, t) for n, t in zip(numels, targets)]
 
-    def rows(self, tensors, labels, counts):  # type: ignore[no-untyped-def]
+    def rows(
+        self, tensors: Sequence[torch.Tensor], labels: Sequence[str], counts: Sequence[int]
+    ) -> list[torch.Tensor]:
         return engine.select_rows_layerwise(tensors, labels, counts)
 
 
@@ -115,10 +117,18 @@ class GlobalSelection(Selection):
     def check(self, tensors: Sequence[torch.Tensor]) -> None:
         ops._check_one_device(tensors)
 
-    def rows(self, tensors, labels, counts):  # type: ignore[no-untyped-def]
+    def rows(
+        self, tensors: Sequence[torch.Tensor], labels: Sequence[str], counts: Sequence[int]
+    ) -> list[torch.Tensor]:
         return engine.select_rows_global(tensors, labels, counts[0])
 
-    def masks(self, names, tensors, targets, reuse=None):  # type: ignore[no-untyped-def]
+    def masks(
+        self,
+        names: Sequence[str],
+        tensors: Sequence[torch.Tensor],
+        targets: Sequence[float],
+        reuse: Sequence[torch.Tensor | None] | None = None,
+    ) -> tuple[list[torch.Tensor], list[float]]:
         if not self.caps:
             return super().masks(names, tensors, targets, reuse)
         k = self.counts([t.numel() for t in tensors], targets)[0]
