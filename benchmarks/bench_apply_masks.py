@@ -39,7 +39,7 @@ from utils import (
     write_rows,
 )
 
-from gmp_ext import _backend, ops
+from gmp_ext import backends, ops
 from gmp_ext._layout import mask_bytes
 
 SPARSITY = 0.9
@@ -110,7 +110,7 @@ def bench_model(model, dtype, device, repeats, copy, rows, save) -> None:
     size = weights[0].element_size()
     common = {"numel": numel, "tensors": len(weights)}
     packed = ops.magnitude_masks(weights, SPARSITY)
-    backend = _backend.backend_for(device)
+    backend = backends.backend_for(device)
     job = backend.prepare(weights, packed)
     bits = sum(mask_bytes(w.numel()) for w in weights)
     floor = 2 * numel * size + bits  # read + write W, read the bits

@@ -62,7 +62,7 @@ from utils import (
     write_rows,
 )
 
-from gmp_ext import _backend, ops
+from gmp_ext import backends, ops
 from gmp_ext._layout import key_space_for
 
 SPARSITY = 0.9
@@ -141,7 +141,7 @@ class _Prepared:
     def __call__(self, ws: list[torch.Tensor]) -> torch.Tensor:
         addresses = tuple(w.data_ptr() for w in ws)
         if addresses != self.addresses:
-            self.backend = _backend.backend_for(ws[0].device)
+            self.backend = backends.backend_for(ws[0].device)
             masks = [ops._new_mask(w) for w in ws]
             key_space = key_space_for({w.dtype for w in ws}) if self.scope == "global" else 0
             self.job = self.backend.prepare(ws, masks, self.scope, key_space)

@@ -367,9 +367,9 @@ def environment() -> dict[str, object]:
         env["gpu_sms"] = props.multi_processor_count
         env["gpu_l2_mb"] = round(getattr(props, "L2_cache_size", 0) / 2**20, 1)
     try:
-        from gmp_ext import _backend
+        from gmp_ext import backends
 
-        module = _backend.native()
+        module = backends.native()
         if module is not None:
             info = module.build_info()
             env["gmp_ext_cuda_archs"] = info.get("cuda_architectures", "")

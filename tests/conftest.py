@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from gmp_ext import _backend
+from gmp_ext import backends
 
 # GMP_EXT_TEST_DEVICE=cpu|cuda restricts the device grid (default: every device present).
 _DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -26,13 +26,13 @@ def device(request) -> torch.device:
 
 def native_backend(device: torch.device):
     """The native backend for the device, skipping when it is not built or has no kernels."""
-    if _backend.native() is None:
+    if backends.native() is None:
         pytest.skip("gmp_ext._C is not built")
     if device.type == "cuda":
-        if not _backend.cuda_kernels_available():
+        if not backends.cuda_kernels_available():
             pytest.skip("CUDA kernels unavailable")
-        return _backend._native_backend("cuda")
-    return _backend._native_backend("cpu")
+        return backends.native_backend("cuda")
+    return backends.native_backend("cpu")
 
 
 @pytest.fixture

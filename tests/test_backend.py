@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gmp_ext
-from gmp_ext import _backend, ops
+from gmp_ext import backends, ops
 from gmp_ext.info import collect
 
 from .conftest import native_backend
@@ -32,9 +32,9 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_env_override_selects_reference(monkeypatch):
     monkeypatch.setenv("GMP_EXT_BACKEND", "reference")
-    assert _backend.backend_for(torch.device("cpu")) is _backend.REFERENCE
+    assert backends.backend_for(torch.device("cpu")) is backends.REFERENCE
     monkeypatch.setenv("GMP_EXT_BACKEND", "CPU ")
-    assert _backend.backend_for(torch.device("cpu")).name == "cpu"
+    assert backends.backend_for(torch.device("cpu")).name == "cpu"
 
 
 def test_env_override_errors(monkeypatch):
@@ -86,7 +86,7 @@ def test_missing_compiled_module_falls_back_with_one_warning():
 import sys, warnings
 sys.modules["gmp_ext._C"] = None  # makes `from . import _C` raise ImportError
 import torch, gmp_ext
-from gmp_ext import _backend
+from gmp_ext import backends
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     model = torch.nn.Linear(10, 10)
@@ -97,7 +97,7 @@ messages = [str(w.message) for w in caught if "gmp_ext._C" in str(w.message)]
 assert len(messages) == 1, messages
 assert "pip install ." in messages[0]
 try:
-    _backend._native_backend("cpu")
+    backends.native_backend("cpu")
 except RuntimeError as error:
     assert "GMP_EXT_BACKEND=reference" in str(error)
 else:
@@ -138,7 +138,7 @@ def test_diagnostics():
     info = collect()
     assert info["torch"] == torch.__version__
     assert "reference" in info["backends available"]
-    assert (info["compiled module"] == "yes") == (_backend.native() is not None)
+    assert (info["compiled module"] == "yes") == (backends.native() is not None)
     result = subprocess.run(
         [sys.executable, "-m", "gmp_ext"],
         capture_output=True,
@@ -152,7 +152,7 @@ def test_diagnostics():
 
 
 def test_cuda_module_imports_without_driver():
-    module = _backend.native()
+    module = backends.native()
     if module is None or not module.build_info()["cuda"]:
         pytest.skip("built without CUDA")
     count = module.cuda_device_count()

@@ -295,9 +295,9 @@ def test_info_driver_status(
     kernels: str,
     driver: str,
 ) -> None:
-    from gmp_ext import _backend, info
+    from gmp_ext import backends, info
 
-    monkeypatch.setattr(_backend, "native", lambda: native)
+    monkeypatch.setattr(backends, "native", lambda: native)
     monkeypatch.setattr(info, "nvidia_driver_found", lambda: driver_found)
     collected = info.collect()
     assert str(collected["CUDA kernels compiled"]).startswith(kernels)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gmp_ext import _backend, _reference, distributed, dtensors
+from gmp_ext import _reference, backends, distributed, dtensors
 from gmp_ext._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE, KEY_SPACE_WIDE64
 
 from .utils import weights
@@ -86,7 +86,7 @@ def test_distributed(group_results, check):
 
 # -- the native passes against their PyTorch twin, in this process ------------------------------
 
-native = pytest.mark.skipif(_backend.native() is None, reason="gmp_ext._C is not built")
+native = pytest.mark.skipif(backends.native() is None, reason="gmp_ext._C is not built")
 
 
 def _tensors(dtype: torch.dtype) -> list[torch.Tensor]:
@@ -104,9 +104,14 @@ def _tensors(dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def _passes(tensors, key_space):
+    """The compiled CPU backend's radix passes and the reference's, over the same tensors."""
     shards = [t.contiguous() for t in tensors]
-    cpu = distributed._NativePasses(_backend.native(), shards, key_space)
-    return cpu, distributed._TorchPasses(shards, key_space, torch.device("cpu"))
+    cpu, reference = backends.native_backend("cpu"), backends.REFERENCE
+    host = torch.device("cpu")
+    return (
+        distributed._Passes(cpu, cpu.prepare(shards, None, None, key_space), host),
+        distributed._Passes(reference, reference.prepare(shards, None, None, key_space), host),
+    )
 
 
 @native
@@ -114,7 +119,7 @@ def _passes(tensors, key_space):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("key_space", [KEY_SPACE_NATIVE, KEY_SPACE_WIDE])
 def test_native_histogram_matches_torch(dtype, key_space, threads, monkeypatch):
-    monkeypatch.setattr(distributed, "_threads", lambda: threads)
+    monkeypatch.setattr(backends.cpu, "thread_count", lambda: threads)
     tensors = _tensors(dtype)
     cpu, reference = _passes(tensors, key_space)
     bits = 31 if key_space == KEY_SPACE_WIDE or dtype == torch.float32 else 15
@@ -136,7 +141,7 @@ def test_native_histogram_matches_torch(dtype, key_space, threads, monkeypatch):
 @native
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_find_equal_matches_torch(threads, monkeypatch):
-    monkeypatch.setattr(distributed, "_threads", lambda: threads)
+    monkeypatch.setattr(backends.cpu, "thread_count", lambda: threads)
     tensors = [weights(n, torch.bfloat16, kind="few_values") for n in (140_000, 5, 0, 999)]
     cpu, reference = _passes(tensors, KEY_SPACE_WIDE)
     keys = torch.tensor([int(_reference.magnitude_keys(tensors[0], KEY_SPACE_WIDE)[3]), 0, 0, 0])
@@ -151,9 +156,9 @@ def test_native_find_equal_matches_torch(threads, monkeypatch):
 
 @native
 def test_native_histogram_rejects_bad_arguments():
-    table = _backend.build_table([torch.zeros(4)])
+    table = backends.base.build_table([torch.zeros(4)])
     out = torch.empty(8, dtype=torch.int64)
-    module = _backend.native()
+    module = backends.native()
     with pytest.raises(ValueError, match="bins must be a power of two"):
         module.cpu_histogram(table.data_ptr(), 1, KEY_SPACE_WIDE, 0, 6, 6, 0, out.data_ptr(), 0, 1)
     with pytest.raises(ValueError, match="shifts must be in"):

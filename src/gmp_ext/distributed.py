@@ -39,9 +39,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from ._backend import _threads, backend_for, build_table, native
 from ._layout import KEY_SPACE_WIDE, KEY_SPACE_WIDE64, mask_bytes
-from ._reference import magnitude_keys
+from .backends import REFERENCE, Backend, Job, backend_for
 from .dtensors import is_dtensor, local_tensor
 from .masks import MaskEntry, get_store
 
@@ -158,100 +157,44 @@ def _all_gather(buffer: torch.Tensor, mesh: _Mesh) -> torch.Tensor:
 # -- the passes over local shards --------------------------------------------------------------
 
 
+@dataclass(eq=False)
 class _Passes:
-    """The local shards of one selection and the key space they are ranked in."""
+    """The local shards of one selection, the key space they are ranked in, and the backend
+    job whose radix passes histogram them (the compiled CPU passes for 31-bit keys on the
+    host; the reference's PyTorch passes for CUDA shards and float64 keys)."""
 
-    def __init__(self, shards: list[torch.Tensor], key_space: int, device: torch.device) -> None:
-        self.shards = shards
-        self.key_space = key_space
-        self.device = device
+    backend: Backend
+    job: Job
+    device: torch.device
+
+    @property
+    def key_space(self) -> int:
+        return self.job.key_space
 
     def numels(self) -> torch.Tensor:
-        return torch.tensor([s.numel() for s in self.shards], dtype=torch.int64, device=self.device)
-
-
-class _NativePasses(_Passes):
-    """The compiled CPU passes (csrc/cpu/histogram.cpp) over 31-bit keys."""
-
-    def __init__(self, module, shards: list[torch.Tensor], key_space: int) -> None:
-        super().__init__(shards, key_space, torch.device("cpu"))
-        self._C = module
-        self._table = build_table(shards)  # self.shards keeps its addresses alive
+        counts = [t.numel() for t in self.job.tensors]
+        return torch.tensor(counts, dtype=torch.int64, device=self.device)
 
     def histogram(
         self, shift: int, width: int, prefixes: torch.Tensor | None, count_nan: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(self.shards)
-        out = torch.empty((n, 1 << width), dtype=torch.int64)
-        nans = torch.zeros(n, dtype=torch.int64)
-        self._C.cpu_histogram(
-            self._table.data_ptr(),
-            n,
-            self.key_space,
-            shift,
-            1 << width,
-            shift + width,
-            0 if prefixes is None else prefixes.data_ptr(),
-            out.data_ptr(),
-            nans.data_ptr() if count_nan else 0,
-            _threads(),
-        )
-        return out, nans
+        return self.backend.histogram(self.job, shift, width, prefixes, count_nan)
 
     def find_equal(self, keys: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(len(self.shards), dtype=torch.int64)
-        self._C.cpu_find_equal(
-            self._table.data_ptr(),
-            len(self.shards),
-            self.key_space,
-            keys.data_ptr(),
-            ranks.data_ptr(),
-            out.data_ptr(),
-            _threads(),
-        )
-        return out
+        return self.backend.find_equal(self.job, keys, ranks)
 
 
-class _TorchPasses(_Passes):
-    """The same passes in PyTorch on the shards' device (CUDA shards, float64 keys, or the
-    reference backend): a bincount of the digits per tensor."""
-
-    def histogram(
-        self, shift: int, width: int, prefixes: torch.Tensor | None, count_nan: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        bins = 1 << width
-        wanted = None if prefixes is None else prefixes.tolist()
-        rows, nans = [], []
-        for i, shard in enumerate(self.shards):
-            keys = magnitude_keys(shard, self.key_space)
-            if wanted is not None:  # prefix -1 (a skipped row) matches no key
-                keys = keys[(keys >> (shift + width)) == wanted[i]]
-            rows.append(torch.bincount((keys >> shift) & (bins - 1), minlength=bins))
-            nans.append(
-                torch.isnan(shard).sum() if count_nan else torch.zeros((), device=shard.device)
-            )
-        return torch.stack(rows).long(), torch.stack(nans).long()
-
-    def find_equal(self, keys: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-        found = []
-        for shard, key, rank in zip(self.shards, keys.tolist(), ranks.tolist()):
-            if rank <= 0:
-                found.append(-1)
-                continue
-            matches = (magnitude_keys(shard, self.key_space) == key).nonzero().reshape(-1)
-            found.append(int(matches[rank - 1]))
-        return torch.tensor(found, dtype=torch.int64, device=self.device)
-
-
-def _passes(tensors: Sequence[torch.Tensor], key_space: int) -> _NativePasses | _TorchPasses:
+def _passes(tensors: Sequence[torch.Tensor], key_space: int, native: bool = True) -> _Passes:
+    """The passes over the tensors' local shards; ``native=False`` forces the reference's."""
     shards = [ops._flat(t) for t in tensors]
     devices = {s.device for s in shards}
     if len(devices) > 1:
         raise ValueError(f"sharded parameters have local shards on several devices: {devices}")
     device = devices.pop()
-    if key_space == KEY_SPACE_WIDE and device.type == "cpu" and backend_for(device).name == "cpu":
-        return _NativePasses(native(), shards, key_space)
-    return _TorchPasses(shards, key_space, device)
+    backend: Backend = REFERENCE
+    if native and key_space == KEY_SPACE_WIDE and device.type == "cpu":
+        backend = backend_for(device)
+    return _Passes(backend, backend.prepare(shards, None, None, key_space), device)
 
 
 def _plan(key_space: int) -> list[tuple[int, int]]:
@@ -296,7 +239,7 @@ def _check_first_pass(
 
 
 def _select(
-    passes: _NativePasses | _TorchPasses,
+    passes: _Passes,
     mesh: _Mesh,
     ks: list[int],
     labels: Sequence[str],

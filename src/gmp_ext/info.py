@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import _backend
+from . import backends
 from ._version import __version__
 
 
@@ -40,7 +40,7 @@ def _cuda_driver(module: ModuleType | None, build: dict[str, Any]) -> str:
 
 def collect() -> dict[str, object]:
     """Versions, the compiled module's build, backends and visible GPUs."""
-    module = _backend.native()
+    module = backends.native()
     build = dict(module.build_info()) if module is not None else {}
     if module is None:
         kernels = "-"
@@ -55,14 +55,14 @@ def collect() -> dict[str, object]:
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "compiled module": "yes"
         if module is not None
-        else f"missing ({_backend.native_error()!r})",
+        else f"missing ({backends.native_error()!r})",
         "OpenMP": build.get("openmp", False),
         "CUDA kernels compiled": kernels,
         "CUDA architectures": build.get("cuda_architectures") or "-",
         "CUDA driver": _cuda_driver(module, build),
         "CPU threads (torch)": torch.get_num_threads(),
-        "backends available": ", ".join(_backend.available_backends()),
-        "backend override": _backend.forced_backend() or f"none ({_backend.ENV_BACKEND} unset)",
+        "backends available": ", ".join(backends.available_backends()),
+        "backend override": backends.forced_backend() or f"none ({backends.ENV_BACKEND} unset)",
     }
     gpus = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

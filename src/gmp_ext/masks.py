@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from . import ops
-from ._backend import backend_for
 from ._layout import mask_storage_bytes
+from .backends import backend_for
 from .dtensors import is_dtensor, local_tensor
 from .selection import owner_of, unwrap
 

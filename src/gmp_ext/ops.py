@@ -10,7 +10,7 @@ Contract (README "The contract"):
   layout of ``numpy.packbits(..., bitorder="little")``; gmp_ext allocates ``ceil(n / 8)``
   bytes padded with zeros to a multiple of 16.
 
-Every function dispatches to the backend of the tensors' device (``_backend.backend_for``);
+Every function dispatches to the backend of the tensors' device (``backends.backend_for``);
 the backends return bit-identical results.
 """
 
@@ -25,7 +25,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ._backend import REFERENCE, Backend, backend_for
 from ._layout import (
     KEY_SPACE_WIDE,
     KEY_SPACE_WIDE64,
@@ -34,6 +33,7 @@ from ._layout import (
     mask_bytes,
     mask_storage_bytes,
 )
+from .backends import REFERENCE, Backend, backend_for
 from .dtensors import any_dtensor, local_tensor
 
 __all__ = [

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import distributed, ops
-from ._backend import REFERENCE, Backend, Job, backend_for
 from ._layout import KEY_SPACE_WIDE64
+from .backends import REFERENCE, Backend, Job, backend_for
 from .dtensors import any_dtensor
 from .masks import MaskEntry, ensure_store, get_store
 from .pruner import ParamSpec, SparsitySpec, targets_of

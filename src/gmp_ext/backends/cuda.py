@@ -13,9 +13,9 @@ from types import ModuleType
 
 import torch
 
-from . import _reference
-from ._backend import Backend, Job, build_table, new_job
-from ._layout import KEY_SPACE_NATIVE
+from .. import _reference
+from .._layout import KEY_SPACE_NATIVE
+from .base import Backend, Job, build_table, new_job
 
 _SCRATCH_MODE = {"layer": 0, "global": 1}
 

@@ -1,0 +1,168 @@
+"""What every backend offers: jobs (buffers prepared once, run many times) and the
+``Backend`` interface, whose ops are written once over its job primitives."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .._layout import DTYPE_CODES, KEY_SPACE_NATIVE, SELECTION_COLUMNS, TABLE_COLUMNS
+
+__all__ = ["Backend", "Job", "build_table", "new_job", "thread_count"]
+
+
+def thread_count() -> int:
+    """Threads the CPU kernels use: torch's."""
+    return torch.get_num_threads()
+
+
+def build_table(
+    tensors: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor] | None = None,
+    tile_elems: int = 0,
+) -> torch.Tensor:
+    """int64 [n, 6] rows of csrc/common/tensor_table.h: TensorEntry."""
+    rows, elem_base, tile_base = [], 0, 0
+    for i, tensor in enumerate(tensors):
+        numel = tensor.numel()
+        mask_ptr = masks[i].data_ptr() if masks is not None else 0
+        rows.append(
+            [tensor.data_ptr(), mask_ptr, numel, DTYPE_CODES[tensor.dtype], elem_base, tile_base]
+        )
+        elem_base += numel
+        if tile_elems:
+            tile_base += -(-numel // tile_elems)
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), TABLE_COLUMNS)
+
+
+_NONE = torch.empty(0, dtype=torch.uint8)
+
+
+@dataclass(eq=False)
+class Job:
+    """Buffers of select -> build -> apply over a fixed list of tensors, made once by a
+    backend's ``prepare`` and run any number of times: the tensor table (device-resident on
+    CUDA), the counts to prune (``[n]`` for layer scope, ``[1]`` for global), the selection rows
+    and the CUDA scratch. ``scope`` is "layer", "global", or None for a job that only builds
+    or applies masks. The table holds raw addresses: ``tensors`` and ``masks`` keep them
+    alive, and a tensor whose storage moves needs a new job."""
+
+    tensors: list[torch.Tensor]
+    masks: list[torch.Tensor]  # empty for a job that only selects
+    scope: str | None
+    key_space: int
+    counts: torch.Tensor
+    rows: torch.Tensor
+    table: torch.Tensor = _NONE  # empty for the reference backend, which needs none
+    tiles: int = 0
+    scratch: torch.Tensor = _NONE  # empty for a job that only builds or applies masks
+
+    def set_counts(self, counts: Sequence[int]) -> None:
+        """Elements to prune, written without waiting for the device (read when select runs)."""
+        self.counts.copy_(torch.tensor(list(counts), dtype=torch.int64), non_blocking=True)
+
+
+def new_job(
+    tensors: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor] | None,
+    scope: str | None,
+    key_space: int,
+    device: torch.device,
+    table: torch.Tensor = _NONE,
+    tiles: int = 0,
+    scratch: torch.Tensor = _NONE,
+) -> Job:
+    """A job's buffers on ``device``: counts sized for ``scope``, zeroed selection rows."""
+    n = len(tensors)
+    counts = {"layer": n, "global": 1, None: 0}[scope]
+    return Job(
+        list(tensors),
+        [] if masks is None else list(masks),
+        scope,
+        key_space,
+        counts=torch.zeros(counts, dtype=torch.int64, device=device),
+        rows=torch.zeros((n, SELECTION_COLUMNS), dtype=torch.int64, device=device),
+        table=table,
+        tiles=tiles,
+        scratch=scratch,
+    )
+
+
+class Backend:
+    """The ops every backend offers, written once over its job primitives (``prepare``,
+    ``select``, ``build``, ``apply``)."""
+
+    name: str
+
+    def prepare(
+        self,
+        tensors: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor] | None = None,
+        scope: str | None = None,
+        key_space: int = KEY_SPACE_NATIVE,
+    ) -> Job:
+        raise NotImplementedError
+
+    def select(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def build(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def apply(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def select_layerwise(self, tensors: Sequence[torch.Tensor], ks: Sequence[int]) -> torch.Tensor:
+        """Selection rows [n, 4]: tensor i prunes ks[i] elements."""
+        job = self.prepare(tensors, None, "layer", KEY_SPACE_NATIVE)
+        job.set_counts(ks)
+        self.select(job)
+        return job.rows
+
+    def select_global(
+        self, tensors: Sequence[torch.Tensor], k: int, key_space: int
+    ) -> torch.Tensor:
+        """Selection rows [n, 4] of one selection of k elements over all tensors."""
+        job = self.prepare(tensors, None, "global", key_space)
+        job.set_counts([k])
+        self.select(job)
+        return job.rows
+
+    def build_masks(
+        self,
+        tensors: Sequence[torch.Tensor],
+        selection: torch.Tensor,
+        masks: Sequence[torch.Tensor],
+    ) -> None:
+        job = self.prepare(tensors, masks)
+        job.rows = selection.to(job.rows.device).contiguous()
+        self.build(job)
+
+    def apply_masks(self, tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
+        if tensors:
+            self.apply(self.prepare(tensors, masks))
+
+    def pack_bits(self, flags: torch.Tensor) -> torch.Tensor:
+        """bool flags -> packed mask storage (bit i of byte i // 8 = flags[i], 1 = kept)."""
+        raise NotImplementedError
+
+    def unpack_bits(self, packed: torch.Tensor, numel: int) -> torch.Tensor:
+        """Packed mask storage -> ``numel`` bool flags."""
+        raise NotImplementedError
+
+    def histogram(
+        self, job: Job, shift: int, width: int, prefixes: torch.Tensor | None, count_nan: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per tensor of a job prepared with ``scope=None``: the histogram of key digit
+        ``(key >> shift) & (2**width - 1)`` over the keys whose higher bits equal
+        ``prefixes[i]`` (all keys when None; -1 matches none), [n, 2**width] int64, and the NaN
+        count of each tensor when ``count_nan`` (else zeros). One radix pass of the sharded
+        selection (:mod:`gmp_ext.distributed`)."""
+        raise NotImplementedError
+
+    def find_equal(self, job: Job, keys: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+        """Per tensor: the flat index of the ``ranks[i]``-th element (1-based) whose key is
+        ``keys[i]``, -1 where ``ranks[i] <= 0``."""
+        raise NotImplementedError
