@@ -110,7 +110,9 @@ def test_steady_state_zero_fast_path(native, device, dtype):
         k = min(max(sum(zeros) + delta, 0), sum(sizes))
         key_space = key_space_for({dtype})
         got = native.select_global(tensors, k, key_space)
-        assert_same(got, _reference.select_global(tensors, k, key_space), f"global k=zeros{delta:+d}")
+        assert_same(
+            got, _reference.select_global(tensors, k, key_space), f"global k=zeros{delta:+d}"
+        )
 
 
 def test_global_ties_break_by_tensor_position_then_index(native, device):
