@@ -5,6 +5,13 @@
 // compacted into a small buffer of (low key bits, index) composites and finished with
 // nth_element, or, when ties make it too large, histogrammed again on the low 15 bits.
 // A final tie pass finds the index of the k-th element among those equal to the threshold key.
+// Zero fast path: pass 1 also counts the exact zeros of every tile; when there are at least k
+// (weights that already hold their pruned zeros), the k-th zero is found from those counts and
+// one tile, without further passes.
+// Threads: a per-layer call is one parallel region over its entries, each selected by one thread
+// (only an entry too large to balance is shared by all threads); tiles and entries are handed out
+// one at a time, so few regions and barriers are met and a thread the OS holds back (other
+// processes busy on the cores) delays one unit of work instead of a fixed share.
 // Extra memory: one histogram per thread, one count per tile and at most `cap` composites.
 #include "../ops.h"
 #include "cpu_common.h"
@@ -37,6 +44,10 @@ struct Threshold {
     int64_t nan_count = 0;
 };
 
+// Zero keys of pass 1 are counted in this many extra bins, taken in turn: pruned weights would
+// otherwise all increment bin 0, one long chain of dependent memory updates.
+constexpr uint32_t kZeroSlots = 8;
+
 // counts[(key >> shift) & (bins - 1)] over elements whose key >> prefix_shift == prefix (when
 // Filtered); with CountZeros, zeros[t] = exact zero keys in tile t as well (the zero fast path).
 // Per-thread uint32 histograms are flushed into uint64 ones before they could overflow.
@@ -46,38 +57,45 @@ std::vector<uint64_t> histogram(const KeyRange &r, int shift, uint32_t bins, int
     const auto &tiles = *r.tiles;
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     const int nt = threads_for(r.num_threads, num_tiles * kTileElems);
-    std::vector<std::vector<uint32_t>> local(nt, std::vector<uint32_t>(bins, 0));
+    const uint32_t slots = bins + (CountZeros ? kZeroSlots : 0);
+    std::vector<std::vector<uint32_t>> local(nt, std::vector<uint32_t>(slots, 0));
     std::vector<std::vector<uint64_t>> wide(nt);
     std::vector<int64_t> pending(nt, 0);
     parallel_for(nt, num_tiles, [&](int64_t t, int thread) {
         auto &counts = local[thread];
         const Tile &tile = tiles[t];
         if (pending[thread] + kTileElems > int64_t(UINT32_MAX)) {
-            wide[thread].resize(bins, 0);
-            for (uint32_t b = 0; b < bins; ++b)
+            wide[thread].resize(slots, 0);
+            for (uint32_t b = 0; b < slots; ++b)
                 wide[thread][b] += counts[b];
             std::fill(counts.begin(), counts.end(), 0u);
             pending[thread] = 0;
         }
         pending[thread] += tile.end - tile.begin;
-        int64_t tile_zeros = 0;
+        const auto zeros_so_far = [&] {
+            int64_t z = 0;
+            for (uint32_t b = bins; b < slots; ++b)
+                z += counts[b];
+            return z;
+        };
+        const int64_t zeros_before = CountZeros ? zeros_so_far() : 0;
         visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
             const uint32_t digit_mask = bins - 1;
             for (int64_t i = tile.begin; i < tile.end; ++i) {
                 const uint32_t key = key_of(i);
                 if constexpr (CountZeros)
-                    tile_zeros += key == 0;
-                if (!Filtered || (key >> prefix_shift) == prefix)
+                    ++counts[key == 0 ? bins + (uint32_t(i) & (kZeroSlots - 1)) : (key >> shift) & digit_mask];
+                else if (!Filtered || (key >> prefix_shift) == prefix)
                     ++counts[(key >> shift) & digit_mask];
             }
         });
         if constexpr (CountZeros)
-            zeros[t] = tile_zeros;
+            zeros[t] = zeros_so_far() - zeros_before;
     });
     std::vector<uint64_t> counts(bins, 0);
     for (int thread = 0; thread < nt; ++thread)
-        for (uint32_t b = 0; b < bins; ++b)
-            counts[b] += local[thread][b] + (wide[thread].empty() ? 0 : wide[thread][b]);
+        for (uint32_t b = 0; b < slots; ++b) // zero slots go to bin 0, the digit of key 0
+            counts[b < bins ? b : 0] += local[thread][b] + (wide[thread].empty() ? 0 : wide[thread][b]);
     return counts;
 }
 
