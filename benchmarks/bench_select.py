@@ -33,9 +33,9 @@ Rows go to benchmarks/results/select_<device>_<dtype>.json ($GMP_EXT_BENCH_OUT o
 folder), rewritten after every method so an interrupted run keeps what it measured.
 
 Under load (``--under-load N [--load-kind busy|omp|copy]``, CPU): only the per-layer rows of
-gmp_ext (thresholds, and thresholds + masks), the ``kthvalue`` loop and the ``topk`` loop, timed
-while N competing processes (``load.py``; stopped after ``--load-seconds`` at the latest, and
-when the rows are done) keep the cores busy, so all four see the same load. Rows go to
+gmp_ext (thresholds; + masks; the prepared job), the ``kthvalue`` loop and the ``topk`` loop,
+timed while N competing processes (``load.py``; stopped after ``--load-seconds`` at the latest,
+and when the rows are done) keep the cores busy, so all of them see the same load. Rows go to
 select_under_load_<device>_<dtype>.json with ``speedup_vs_topk``.
 """
 
@@ -411,7 +411,13 @@ class Runner:
         print(f"  {model} {self.dtype}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-UNDER_LOAD = ("gmp_ext", "gmp_ext + masks", "torch.kthvalue loop", "torch.topk(sorted=False) loop")
+UNDER_LOAD = (
+    "gmp_ext",
+    "gmp_ext + masks",
+    "gmp_ext prepared (+ masks)",
+    "torch.kthvalue loop",
+    "torch.topk(sorted=False) loop",
+)
 
 
 def run_under_load(args, dtype: str) -> Path:

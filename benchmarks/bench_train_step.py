@@ -1,7 +1,12 @@
 """GMP's cost in a training step: an AdamW step with and without pruning, in the same process.
 
     python benchmarks/bench_train_step.py [--models bert_base resnet50] [--device cpu|cuda]
-        [--dtype float32] [--every 5] [--repeats 3] [--batch B] [--seq S] [--image P]
+        [--dtype float32] [--every N] [--repeats R] [--batch B] [--seq S] [--image P]
+        [--threads T]
+
+Defaults: CPU batch 1, 64 tokens, 64x64 images, N = 3, R = 2 (about 2 minutes on 2 idle cores;
+the small inputs make the weight-sized work of pruning a larger share of the step than in real
+training, so CPU overheads are upper bounds); CUDA batch 32, 128 tokens, 224x224, N = 10, R = 5.
 
 Models (random weights, nothing downloaded):
 
@@ -24,9 +29,11 @@ Variants, each on the same model and optimizer state (AdamW, lr 1e-4, weight dec
   every step.
 
 Timing: a block is N optimizer steps (zero_grad, forward, loss, backward, step, and whatever the
-variant adds); one warm-up block, then ``--repeats`` timed blocks (CUDA events on CUDA, wall
-clock on CPU); a row's p20/p50/p80 are per step (block / N) and ``overhead_pct`` compares its
-p50 with the dense row of the same model. Rows go to benchmarks/results/train_step_<device>.json.
+variant adds), timed with CUDA events on CUDA and the wall clock on CPU. Each round sets up every
+variant in turn, times one block and removes the variant again; the first round is a warm-up,
+then ``--repeats`` rounds. A row's p20/p50/p80 are per step (block / N) over the rounds and
+``overhead_pct`` compares its p50 with the dense row of the same model. Rows go to
+benchmarks/results/train_step_<device>.json.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import time
 import torch
 from torch import nn
 from torch.nn.utils import prune
-from utils import free_memory, print_table, time_fn, write_rows
+from utils import _quantiles, free_memory, print_table, time_fn, write_rows
 
 import gmp_ext
 
@@ -190,17 +197,41 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype) -
         if variant.after_step is not None:
             variant.after_step()
 
+    variants = [
+        v
+        for v in _variants(model, optimizer, args.sparsity, args.every)
+        if not args.providers or any(p in v.name for p in args.providers)
+    ]
+    samples: dict[str, list[float]] = {v.name: [] for v in variants}
+    errors: dict[str, str] = {}
+    # Rounds of one block per variant (the first a warm-up), so that drifts of a shared machine
+    # reach every variant alike.
+    for round_ in range(args.repeats + 1):
+        start = time.perf_counter()
+        for variant in variants:
+            if variant.name in errors:
+                continue
+
+            def block(variant=variant) -> None:
+                if variant.block_start is not None:
+                    variant.block_start()
+                for _ in range(args.every):
+                    step(variant)
+
+            variant.setup()
+            try:
+                ms = time_fn(device, block, repeats=1, warmup=0)["p50_ms"]
+                if round_ > 0:
+                    samples[variant.name].append(ms / args.every)
+            except (RuntimeError, MemoryError) as error:
+                errors[variant.name] = f"error: {' '.join(str(error).split())[:300]}"
+            finally:
+                if variant.teardown is not None:
+                    variant.teardown()
+        elapsed = time.perf_counter() - start
+        print(f"  {model_name}: round {round_} of {args.repeats} ({elapsed:.0f} s)", flush=True)
     rows = []
-    for variant in _variants(model, optimizer, args.sparsity, args.every):
-        if args.providers and not any(p in variant.name for p in args.providers):
-            continue
-
-        def block(variant=variant) -> None:
-            if variant.block_start is not None:
-                variant.block_start()
-            for _ in range(args.every):
-                step(variant)
-
+    for variant in variants:
         row = {
             "kernel": "train_step",
             "provider": variant.name,
@@ -208,26 +239,17 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype) -
             "dtype": str(dtype).removeprefix("torch."),
             "device": str(device),
             "input": shape,
+            "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in model.parameters()),
             "pruned_weights": n_pruned,
             "sparsity": args.sparsity,
             "steps_per_block": args.every,
         }
-        start = time.perf_counter()
-        variant.setup()
-        try:
-            timing = time_fn(device, block, repeats=args.repeats, warmup=1)
-            row.update({k: v / args.every for k, v in timing.items() if k.endswith("_ms")})
-            row.update(repeats=timing["repeats"], status="ok")
-        except (RuntimeError, MemoryError) as error:
-            row["status"] = f"error: {' '.join(str(error).split())[:300]}"
-        finally:
-            if variant.teardown is not None:
-                variant.teardown()
+        if variant.name in errors:
+            row["status"] = errors[variant.name]
+        else:
+            row.update(_quantiles(samples[variant.name]), status="ok")
         rows.append(row)
-        timing_text = f"{row['p50_ms']:9.2f} ms/step" if row["status"] == "ok" else row["status"]
-        elapsed = time.perf_counter() - start
-        print(f"  {model_name} {variant.name:40} {timing_text}  ({elapsed:.0f} s)", flush=True)
     dense = next((r["p50_ms"] for r in rows if r["provider"] == "dense" and "p50_ms" in r), None)
     for row in rows:
         if dense and "p50_ms" in row:
@@ -243,8 +265,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--every", type=int, default=5, help="steps per block (N)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed blocks per variant")
+    parser.add_argument("--every", type=int, help="steps per block (N; CPU 3, CUDA 10)")
+    parser.add_argument("--repeats", type=int, help="timed blocks per variant (CPU 2, CUDA 5)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--providers", nargs="*", help="substrings of the variants to run")
     parser.add_argument("--batch", type=int, help="default: 1 on CPU, 32 on CUDA")
     parser.add_argument("--seq", type=int, help="BERT tokens per sequence (CPU 64, CUDA 128)")
@@ -255,6 +278,10 @@ def main() -> None:
     args.batch = args.batch or (32 if cuda else 1)
     args.seq = args.seq or (128 if cuda else 64)
     args.image = args.image or (224 if cuda else 64)
+    args.every = args.every or (10 if cuda else 3)
+    args.repeats = args.repeats or (5 if cuda else 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     rows: list[dict] = []
     for model_name in args.models:
