@@ -4,9 +4,10 @@
         [--dtype float32] [--every N] [--repeats R] [--batch B] [--seq S] [--image P]
         [--threads T]
 
-Defaults: CPU batch 1, 64 tokens, 64x64 images, N = 3, R = 2 (about 2 minutes on 2 idle cores;
-the small inputs make the weight-sized work of pruning a larger share of the step than in real
-training, so CPU overheads are upper bounds); CUDA batch 32, 128 tokens, 224x224, N = 10, R = 5.
+Defaults: CPU batch 1, 64 tokens, 64x64 images, N = 3, R = 2 (2.7 minutes with --threads 1 on
+a shared, loaded 2-core VM; the small inputs make the weight-sized work of pruning a larger share
+of the step than in real training, so CPU overheads are upper bounds); CUDA batch 32, 128
+tokens, 224x224, N = 10, R = 5.
 
 Models (random weights, nothing downloaded):
 
