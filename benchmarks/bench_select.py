@@ -31,6 +31,12 @@ the start of the run and ``floor_ratio = p50 / (bytes_floor / copy bandwidth)``.
 
 Rows go to benchmarks/results/select_<device>_<dtype>.json ($GMP_EXT_BENCH_OUT overrides the
 folder), rewritten after every method so an interrupted run keeps what it measured.
+
+Under load (``--under-load N [--load-kind busy|omp|copy]``, CPU): only the per-layer rows of
+gmp_ext (thresholds; + masks; the prepared job), the ``kthvalue`` loop and the ``topk`` loop,
+timed while N competing processes (``load.py``; stopped after ``--load-seconds`` at the latest,
+and when the rows are done) keep the cores busy, so all of them see the same load. Rows go to
+select_under_load_<device>_<dtype>.json with ``speedup_vs_topk``.
 """
 
 from __future__ import annotations
@@ -43,8 +49,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from load import KINDS, competing_load
 from shapes import MODELS
 from torch import nn
 from torch.nn.utils import prune
@@ -403,6 +411,48 @@ class Runner:
         print(f"  {model} {self.dtype}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
+UNDER_LOAD = (
+    "gmp_ext",
+    "gmp_ext + masks",
+    "gmp_ext prepared (+ masks)",
+    "torch.kthvalue loop",
+    "torch.topk(sorted=False) loop",
+)
+
+
+def run_under_load(args, dtype: str) -> Path:
+    """The per-layer rows of UNDER_LOAD, every model, with competing processes running."""
+    device = torch.device(args.device)
+    load = f"{args.under_load} x {args.load_kind}"
+    rows: list[dict] = []
+    name = f"select_under_load_{device.type}_{dtype}"
+    methods = _methods("layer")
+    for model in args.models:
+        weights = weights_for(MODELS[model](), getattr(torch, dtype), device)
+        with competing_load(args.load_kind, args.under_load, args.load_seconds):
+            model_rows = []
+            for provider in UNDER_LOAD:
+                fn, setup = _bound(methods[provider], weights)
+                row = {"kernel": "select_layer", "provider": provider, "model": model}
+                row.update({"dtype": dtype, "device": str(device), "load": load})
+                row.update(measure(device, fn, repeats=args.repeats, setup=setup, slow_ms=1e9))
+                print(
+                    f"  {model} {dtype} under load ({load}) {provider:32} "
+                    f"{row.get('p50_ms', float('nan')):10.3f} ms",
+                    flush=True,
+                )
+                model_rows.append(row)
+        topk = model_rows[-1].get("p50_ms")
+        for row in model_rows:
+            if topk and "p50_ms" in row:
+                row["speedup_vs_topk"] = topk / row["p50_ms"]
+        rows += model_rows
+        write_rows(name, rows)
+        del weights
+    print_table(rows, ["provider", "model", "dtype", "load", "p50_ms", "speedup_vs_topk"])
+    return write_rows(name, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
@@ -423,11 +473,26 @@ def main() -> None:
     )
     parser.add_argument("--copy-gib", type=float, help="copy reference buffer (GiB)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument(
+        "--under-load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only the per-layer gmp_ext, kthvalue and topk rows, with N competing processes",
+    )
+    parser.add_argument("--load-kind", choices=KINDS, default="busy")
+    parser.add_argument(
+        "--load-seconds", type=float, default=600.0, help="the load stops after this at the latest"
+    )
     parser.add_argument("--scope", choices=["layer", "global"], help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         _measure(args)
+        return
+    if args.under_load:
+        for dtype in args.dtype:
+            print(f"rows: {run_under_load(args, dtype)}")
         return
 
     device = torch.device(args.device)

@@ -83,6 +83,38 @@ def test_global_matches_reference(native, device, dtypes, kind):
         check_pruned_set(values, keep, k)
 
 
+def _steady_state(tensors, sparsity):
+    """The tensors after a prune at ``sparsity``: the pruned weights hold +0.0 (-0.0 where the
+    sign was negative, which ties with it), as the zero fast path expects to find them."""
+    out = []
+    for t in tensors:
+        t = t.clone()
+        flat = t.reshape(-1)
+        order = torch.argsort(flat.float().abs().cpu(), stable=True)[: round(sparsity * t.numel())]
+        flat[order.to(t.device)] *= 0.0
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_steady_state_zero_fast_path(native, device, dtype):
+    # Sizes around the small-entry limit and one entry large enough to be shared by all threads;
+    # k equal to the zeros (fast path), one below, and one above (the normal digit passes).
+    sizes = [1 << 20, 100, 16384, 16385, 70001, 200003]
+    tensors = _steady_state([weights(n, dtype, device) for n in sizes], 0.5)
+    zeros = [int((t == 0).sum()) for t in tensors]
+    for delta in (0, -1, 1, -(1 << 12)):
+        ks = [min(max(z + delta, 0), t.numel()) for z, t in zip(zeros, tensors)]
+        got = native.select_layerwise(tensors, ks)
+        assert_same(got, _reference.select_layerwise(tensors, ks), f"layer k=zeros{delta:+d}")
+        k = min(max(sum(zeros) + delta, 0), sum(sizes))
+        key_space = key_space_for({dtype})
+        got = native.select_global(tensors, k, key_space)
+        assert_same(
+            got, _reference.select_global(tensors, k, key_space), f"global k=zeros{delta:+d}"
+        )
+
+
 def test_global_ties_break_by_tensor_position_then_index(native, device):
     a = torch.full((10,), 0.25, device=device)
     b = torch.full((10,), 0.25, device=device)

@@ -96,8 +96,7 @@ void apply_masks(const TensorEntry *table, int64_t n, int num_threads) {
     check_table(table, n, true);
     const std::vector<Tile> tiles = make_tiles(table, n);
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
-#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads, num_tiles *kTileElems))
-    for (int64_t t = 0; t < num_tiles; ++t) {
+    parallel_for(threads_for(num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
         const Tile &tile = tiles[t];
         const TensorEntry &entry = table[tile.entry];
         const auto *mask = reinterpret_cast<const uint8_t *>(entry.mask);
@@ -110,7 +109,7 @@ void apply_masks(const TensorEntry *table, int64_t n, int num_threads) {
                 apply_tile(reinterpret_cast<uint32_t *>(entry.data), mask, tile.begin, tile.end);
         else
             apply_tile(reinterpret_cast<uint16_t *>(entry.data), mask, tile.begin, tile.end);
-    }
+    });
 }
 
 } // namespace gmp::cpu

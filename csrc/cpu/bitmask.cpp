@@ -87,13 +87,12 @@ void build_masks(const TensorEntry *table, int64_t n, const Selection *selection
     }
     const std::vector<Tile> tiles = make_tiles(table, n);
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
-#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads, num_tiles *kTileElems))
-    for (int64_t t = 0; t < num_tiles; ++t) {
+    parallel_for(threads_for(num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
         const Tile &tile = tiles[t];
         const TensorEntry &entry = table[tile.entry];
         const Selection &s = selection[tile.entry];
         if (s.nan_count > 0)
-            continue;
+            return;
         auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
         const uint64_t key = static_cast<uint64_t>(s.key);
         visit_keys(entry, static_cast<int32_t>(s.key_space), [&](auto key_of) {
@@ -118,7 +117,7 @@ void build_masks(const TensorEntry *table, int64_t n, const Selection *selection
                 store_word(mask, first, word, count);
             }
         });
-    }
+    });
 }
 
 void pack_bits(const uint8_t *bools, int64_t numel, uint8_t *packed, int num_threads) {

@@ -10,6 +10,10 @@
 #include <cstdint>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace gmp::cpu {
 
 // Work unit of every parallel loop: tiles never cross tensors and start at multiples of 64
@@ -46,6 +50,23 @@ inline int64_t total_numel(const TensorEntry *table, int64_t n) {
 }
 
 inline int threads_for(int requested, int64_t elems) { return elems < kMinParallelElems ? 1 : std::max(1, requested); }
+
+// Runs body(t, thread) for t in [0, count). With threads > 1: one parallel region whose threads
+// take one index at a time, so a thread the OS deschedules (another process busy on the cores)
+// holds back one tile, not a fixed share of the loop, while the others take the rest; otherwise a
+// plain loop on the calling thread, which may be a thread of an enclosing region.
+template <typename F> void parallel_for(int threads, int64_t count, F &&body) {
+#ifdef _OPENMP
+    if (threads > 1 && count > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int64_t t = 0; t < count; ++t)
+            body(t, omp_get_thread_num());
+        return;
+    }
+#endif
+    for (int64_t t = 0; t < count; ++t)
+        body(t, 0);
+}
 
 inline void check_table(const TensorEntry *table, int64_t n, bool needs_mask) {
     GMP_CHECK(n >= 0, "table size must be >= 0, got ", n);

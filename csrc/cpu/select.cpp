@@ -5,6 +5,13 @@
 // compacted into a small buffer of (low key bits, index) composites and finished with
 // nth_element, or, when ties make it too large, histogrammed again on the low 15 bits.
 // A final tie pass finds the index of the k-th element among those equal to the threshold key.
+// Zero fast path: pass 1 also counts the exact zeros of every tile; when there are at least k
+// (weights that already hold their pruned zeros), the k-th zero is found from those counts and
+// one tile, without further passes.
+// Threads: a per-layer call is one parallel region over its entries, each selected by one thread
+// (only an entry too large to balance is shared by all threads); tiles and entries are handed out
+// one at a time, so few regions and barriers are met and a thread the OS holds back (other
+// processes busy on the cores) delays one unit of work instead of a fixed share.
 // Extra memory: one histogram per thread, one count per tile and at most `cap` composites.
 #include "../ops.h"
 #include "cpu_common.h"
@@ -12,10 +19,6 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace gmp::cpu {
 namespace {
@@ -41,42 +44,58 @@ struct Threshold {
     int64_t nan_count = 0;
 };
 
+// Zero keys of pass 1 are counted in this many extra bins, taken in turn: pruned weights would
+// otherwise all increment bin 0, one long chain of dependent memory updates.
+constexpr uint32_t kZeroSlots = 8;
+
 // counts[(key >> shift) & (bins - 1)] over elements whose key >> prefix_shift == prefix (when
-// Filtered). Per-thread uint32 histograms are flushed before they could overflow.
-template <bool Filtered>
-std::vector<uint64_t> histogram(const KeyRange &r, int shift, uint32_t bins, int prefix_shift, uint32_t prefix) {
-    std::vector<uint64_t> counts(bins, 0);
+// Filtered); with CountZeros, zeros[t] = exact zero keys in tile t as well (the zero fast path).
+// Per-thread uint32 histograms are flushed into uint64 ones before they could overflow.
+template <bool Filtered, bool CountZeros = false>
+std::vector<uint64_t> histogram(const KeyRange &r, int shift, uint32_t bins, int prefix_shift, uint32_t prefix,
+                                int64_t *zeros = nullptr) {
     const auto &tiles = *r.tiles;
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     const int nt = threads_for(r.num_threads, num_tiles * kTileElems);
-#pragma omp parallel num_threads(nt)
-    {
-        std::vector<uint32_t> local(bins, 0);
-        int64_t pending = 0;
-        auto flush = [&] {
-#pragma omp critical(gmp_histogram_flush)
-            for (uint32_t b = 0; b < bins; ++b)
-                counts[b] += local[b];
-            std::fill(local.begin(), local.end(), 0u);
-            pending = 0;
-        };
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < num_tiles; ++t) {
-            const Tile &tile = tiles[t];
-            if (pending + kTileElems > int64_t(UINT32_MAX))
-                flush();
-            pending += tile.end - tile.begin;
-            visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
-                const uint32_t digit_mask = bins - 1;
-                for (int64_t i = tile.begin; i < tile.end; ++i) {
-                    const uint32_t key = key_of(i);
-                    if (!Filtered || (key >> prefix_shift) == prefix)
-                        ++local[(key >> shift) & digit_mask];
-                }
-            });
+    const uint32_t slots = bins + (CountZeros ? kZeroSlots : 0);
+    std::vector<std::vector<uint32_t>> local(nt, std::vector<uint32_t>(slots, 0));
+    std::vector<std::vector<uint64_t>> wide(nt);
+    std::vector<int64_t> pending(nt, 0);
+    parallel_for(nt, num_tiles, [&](int64_t t, int thread) {
+        auto &counts = local[thread];
+        const Tile &tile = tiles[t];
+        if (pending[thread] + kTileElems > int64_t(UINT32_MAX)) {
+            wide[thread].resize(slots, 0);
+            for (uint32_t b = 0; b < slots; ++b)
+                wide[thread][b] += counts[b];
+            std::fill(counts.begin(), counts.end(), 0u);
+            pending[thread] = 0;
         }
-        flush();
-    }
+        pending[thread] += tile.end - tile.begin;
+        const auto zeros_so_far = [&] {
+            int64_t z = 0;
+            for (uint32_t b = bins; b < slots; ++b)
+                z += counts[b];
+            return z;
+        };
+        const int64_t zeros_before = CountZeros ? zeros_so_far() : 0;
+        visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
+            const uint32_t digit_mask = bins - 1;
+            for (int64_t i = tile.begin; i < tile.end; ++i) {
+                const uint32_t key = key_of(i);
+                if constexpr (CountZeros)
+                    ++counts[key == 0 ? bins + (uint32_t(i) & (kZeroSlots - 1)) : (key >> shift) & digit_mask];
+                else if (!Filtered || (key >> prefix_shift) == prefix)
+                    ++counts[(key >> shift) & digit_mask];
+            }
+        });
+        if constexpr (CountZeros)
+            zeros[t] = zeros_so_far() - zeros_before;
+    });
+    std::vector<uint64_t> counts(bins, 0);
+    for (int thread = 0; thread < nt; ++thread)
+        for (uint32_t b = 0; b < slots; ++b) // zero slots go to bin 0, the digit of key 0
+            counts[b < bins ? b : 0] += local[thread][b] + (wide[thread].empty() ? 0 : wide[thread][b]);
     return counts;
 }
 
@@ -84,16 +103,17 @@ std::vector<uint64_t> histogram(const KeyRange &r, int shift, uint32_t bins, int
 int64_t count_above(const KeyRange &r, uint32_t limit) {
     const auto &tiles = *r.tiles;
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
-    int64_t total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total)                                                         \
-    num_threads(threads_for(r.num_threads, num_tiles *kTileElems))
-    for (int64_t t = 0; t < num_tiles; ++t) {
+    std::vector<int64_t> per_tile(num_tiles, 0);
+    parallel_for(threads_for(r.num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
         const Tile &tile = tiles[t];
         visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
             for (int64_t i = tile.begin; i < tile.end; ++i)
-                total += key_of(i) > limit;
+                per_tile[t] += key_of(i) > limit;
         });
-    }
+    });
+    int64_t total = 0;
+    for (int64_t c : per_tile)
+        total += c;
     return total;
 }
 
@@ -107,22 +127,11 @@ uint32_t find_bucket(const std::vector<uint64_t> &counts, int64_t &rank) {
     throw std::runtime_error("gmp_ext._C: selection rank exceeds the element count");
 }
 
-// Global index of the rank-th (1-based) element whose key equals `key`, in tile order.
-int64_t find_tie(const KeyRange &r, uint32_t key, int64_t rank) {
+// Global index of the rank-th (1-based) element whose key equals `key`, in tile order, given the
+// number of such elements in each tile: walks the counts, then reads one tile.
+int64_t locate_tie(const KeyRange &r, uint32_t key, int64_t rank, const std::vector<int64_t> &per_tile) {
     const auto &tiles = *r.tiles;
-    const int64_t num_tiles = static_cast<int64_t>(tiles.size());
-    std::vector<int64_t> per_tile(num_tiles, 0);
-#pragma omp parallel for schedule(static) num_threads(threads_for(r.num_threads, num_tiles *kTileElems))
-    for (int64_t t = 0; t < num_tiles; ++t) {
-        const Tile &tile = tiles[t];
-        int64_t c = 0;
-        visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
-            for (int64_t i = tile.begin; i < tile.end; ++i)
-                c += key_of(i) == key;
-        });
-        per_tile[t] = c;
-    }
-    for (int64_t t = 0; t < num_tiles; ++t) {
+    for (size_t t = 0; t < tiles.size(); ++t) {
         if (per_tile[t] < rank) {
             rank -= per_tile[t];
             continue;
@@ -141,33 +150,44 @@ int64_t find_tie(const KeyRange &r, uint32_t key, int64_t rank) {
     throw std::runtime_error("gmp_ext._C: tie rank exceeds the tie count");
 }
 
+// Global index of the rank-th (1-based) element whose key equals `key`, in tile order.
+int64_t find_tie(const KeyRange &r, uint32_t key, int64_t rank) {
+    const auto &tiles = *r.tiles;
+    const int64_t num_tiles = static_cast<int64_t>(tiles.size());
+    std::vector<int64_t> per_tile(num_tiles, 0);
+    parallel_for(threads_for(r.num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
+        const Tile &tile = tiles[t];
+        int64_t c = 0;
+        visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
+            for (int64_t i = tile.begin; i < tile.end; ++i)
+                c += key_of(i) == key;
+        });
+        per_tile[t] = c;
+    });
+    return locate_tie(r, key, rank, per_tile);
+}
+
 // Composites ((key & low_mask) << kIndexBits | global index) of the elements in bucket `prefix`.
 std::vector<uint64_t> gather_bucket(const KeyRange &r, int low_bits, uint32_t prefix, int64_t expected) {
     const auto &tiles = *r.tiles;
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     const int nt = threads_for(r.num_threads, num_tiles * kTileElems);
     std::vector<std::vector<uint64_t>> parts(nt);
-    const uint32_t low_mask = (1u << low_bits) - 1;
-#pragma omp parallel num_threads(nt)
-    {
-#ifdef _OPENMP
-        auto &part = parts[omp_get_thread_num()];
-#else
-        auto &part = parts[0];
-#endif
+    for (auto &part : parts)
         part.reserve(static_cast<size_t>(expected / nt + 64));
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < num_tiles; ++t) {
-            const Tile &tile = tiles[t];
-            visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
-                for (int64_t i = tile.begin; i < tile.end; ++i) {
-                    const uint32_t key = key_of(i);
-                    if ((key >> low_bits) == prefix)
-                        part.push_back((uint64_t(key & low_mask) << kIndexBits) | uint64_t(tile.base + i));
-                }
-            });
-        }
-    }
+    const uint32_t low_mask = (1u << low_bits) - 1;
+    // Composites are unique, so the order in which threads take tiles does not matter.
+    parallel_for(nt, num_tiles, [&](int64_t t, int thread) {
+        auto &part = parts[thread];
+        const Tile &tile = tiles[t];
+        visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
+            for (int64_t i = tile.begin; i < tile.end; ++i) {
+                const uint32_t key = key_of(i);
+                if ((key >> low_bits) == prefix)
+                    part.push_back((uint64_t(key & low_mask) << kIndexBits) | uint64_t(tile.base + i));
+            }
+        });
+    });
     std::vector<uint64_t> all;
     all.reserve(static_cast<size_t>(expected));
     for (auto &part : parts) {
@@ -182,7 +202,8 @@ std::vector<uint64_t> gather_bucket(const KeyRange &r, int low_bits, uint32_t pr
 Threshold select_tiles(const KeyRange &r, int64_t total, int64_t k, int bits, uint32_t inf) {
     const int low_bits = bits > 16 ? bits - 16 : 0;
     const uint32_t bins = 1u << (bits - low_bits);
-    const std::vector<uint64_t> counts = histogram<false>(r, low_bits, bins, 0, 0);
+    std::vector<int64_t> zeros(r.tiles->size(), 0);
+    const std::vector<uint64_t> counts = histogram<false, true>(r, low_bits, bins, 0, 0, zeros.data());
 
     Threshold result;
     const uint32_t inf_bucket = inf >> low_bits;
@@ -194,6 +215,15 @@ Threshold select_tiles(const KeyRange &r, int64_t total, int64_t k, int bits, ui
     }
     if (result.nan_count > 0 || k == 0)
         return result;
+    // Zero fast path: the weights already hold at least k pruned zeros (the steady state of a
+    // constant sparsity), so T = 0 and the k-th zero in index order is found from the counts.
+    int64_t zero_count = 0;
+    for (int64_t z : zeros)
+        zero_count += z;
+    if (k <= zero_count) {
+        result.index = locate_tie(r, 0, k, zeros);
+        return result;
+    }
 
     int64_t rank = k;
     const uint32_t bucket = find_bucket(counts, rank);
@@ -221,15 +251,24 @@ Threshold select_small(const TensorEntry &entry, int64_t k) {
     std::vector<uint64_t> composites(static_cast<size_t>(entry.numel));
     const uint32_t inf = inf_key(static_cast<int32_t>(entry.dtype), kNative);
     Threshold result;
+    int64_t zeros = 0;
     visit_keys(entry, kNative, [&](auto key_of) {
         for (int64_t i = 0; i < entry.numel; ++i) {
             const uint32_t key = key_of(i);
             result.nan_count += key > inf;
+            zeros += key == 0;
             composites[i] = (uint64_t(key) << 32) | uint64_t(i);
         }
     });
     if (result.nan_count > 0 || k == 0)
         return result;
+    if (k <= zeros) { // zero fast path: the k-th zero in index order
+        for (int64_t i = 0;; ++i)
+            if (composites[i] >> 32 == 0 && --k == 0) {
+                result.index = i;
+                return result;
+            }
+    }
     std::nth_element(composites.begin(), composites.begin() + (k - 1), composites.end());
     result.key = static_cast<uint32_t>(composites[k - 1] >> 32);
     result.index = static_cast<int64_t>(composites[k - 1] & 0xffffffffu);
@@ -248,24 +287,35 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
     for (int64_t e = 0; e < n; ++e)
         check_k(k[e], table[e].numel, e);
 
-    std::vector<int64_t> small, large;
-    for (int64_t e = 0; e < n; ++e)
-        (table[e].numel <= kSmallEntry ? small : large).push_back(e);
-
     auto write = [&](int64_t e, const Threshold &t) {
         out[e] = Selection{static_cast<int64_t>(t.key), t.index, kNative, t.nan_count};
     };
-    const int64_t num_small = static_cast<int64_t>(small.size());
-#pragma omp parallel for schedule(dynamic) num_threads(threads_for(num_threads, num_small *kSmallEntry))
-    for (int64_t s = 0; s < num_small; ++s)
-        write(small[s], select_small(table[small[s]], k[small[s]]));
-
-    for (int64_t e : large) {
+    auto select_entry = [&](int64_t e, int threads) {
+        if (table[e].numel <= kSmallEntry) {
+            write(e, select_small(table[e], k[e]));
+            return;
+        }
         const std::vector<Tile> tiles = make_tiles(&table[e], 1);
-        const KeyRange r{&table[e], &tiles, kNative, num_threads};
+        const KeyRange r{&table[e], &tiles, kNative, threads};
         const int32_t dtype = static_cast<int32_t>(table[e].dtype);
         write(e, select_tiles(r, table[e].numel, k[e], key_bits(dtype, kNative), inf_key(dtype, kNative)));
-    }
+    };
+
+    // Entries holding more than 1/(2 * threads) of the elements are selected by all threads
+    // together (a few parallel regions each); all others in one region, each by one thread from
+    // the largest down, so a step runs few regions and a thread held back by the OS delays one
+    // entry while the others take the rest.
+    const int64_t total = total_numel(table, n);
+    const int nt = threads_for(num_threads, total);
+    std::vector<int64_t> order(static_cast<size_t>(n));
+    for (int64_t e = 0; e < n; ++e)
+        order[e] = e;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return table[a].numel > table[b].numel; });
+    size_t shared = 0;
+    while (shared < order.size() && nt > 1 && table[order[shared]].numel * 2 * nt > total)
+        select_entry(order[shared++], nt);
+    parallel_for(nt, static_cast<int64_t>(order.size() - shared),
+                 [&](int64_t i, int) { select_entry(order[shared + i], 1); });
 }
 
 void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads) {

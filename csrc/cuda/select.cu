@@ -14,6 +14,9 @@
 //   kBuf:  histogram the next digit of the stored composites that match the known prefix.
 //   kTile: key T known, its ties too many to store: histogram the ties per group of tiles, narrowing
 //          the tiles that hold the target up to 8192-fold per pass (only the first reads them all).
+//          Zero fast path: when the first pass finds at least `rank` exact zeros (the weights hold
+//          the pruned zeros of an earlier step), T = 0 and the ties per tile are the zeros that
+//          pass stored in the segment's candidate slots, so no tile pass reads the weights again.
 //   kScan: one warp walks the target tile in index order to the rank-th tie.
 // A position is (tile - the segment's first tile) * kTileElems + offset: the flat index in
 // layerwise mode and, in global mode, a stand-in for the global index with the same order.
@@ -71,12 +74,14 @@ struct SegState {
     int32_t compact;    // kKey: the next pass also stores composites
     int32_t comp_shift; // kBuf: composite bits below comp_prefix
     int32_t tile_shift; // kTile: log2 of the tiles per bin
+    int32_t zero_tiles; // kTile: ties per tile are the first pass's zero counts in the slots
 };
 
 // Updated with atomics during passes, so kept apart from the plan that blocks copy.
 struct SegCounters {
     unsigned long long nan_count;
-    unsigned long long fill; // composites stored
+    unsigned long long fill;  // composites stored
+    unsigned long long zeros; // exact zero keys (first pass)
 };
 
 struct PassArgs {
@@ -312,10 +317,11 @@ __device__ void select_small(const TensorEntry &entry, SegState &state, SegCount
         for (int b = threadIdx.x; b < bins; b += kThreads)
             hist[b] = 0;
         __syncthreads();
-        uint32_t nans = 0;
+        uint32_t nans = 0, zeros = 0;
         for (int i = threadIdx.x; i < numel; i += kThreads) {
             const uint32_t key = KT::key(bits[i]);
             nans += first && key > inf;
+            zeros += first && key == 0;
             if ((key >> unknown) == prefix)
                 atomicAdd(&hist[(key >> shift) & (bins - 1)], 1u);
         }
@@ -330,6 +336,10 @@ __device__ void select_small(const TensorEntry &entry, SegState &state, SegCount
                 }
                 return;
             }
+            int64_t zero_total;
+            block_exclusive_sum(zeros, zero_total);
+            if (zero_total >= rank)
+                break; // zero fast path: T = 0 (prefix), the target is the rank-th zero
         }
         const Bucket b = find_bucket(hist, bins, rank);
         if (b.bin < 0) {
@@ -426,16 +436,24 @@ __device__ void key_pass(const PassArgs &p, int64_t seg, const SegState &s, int6
             const int64_t tile = base + warp;
             uint32_t matches = 0;
             if (tile < c1) {
+                uint32_t tile_zeros = 0;
                 visit_tile<Global>(p, seg, tile, lane, [&](uint32_t key, int) {
                     nans += count_nans && key > inf;
                     if ((key >> key_shift) != prefix)
                         return;
                     ++matches;
                     if (zeros_match && key == 0)
-                        ++zeros;
+                        ++tile_zeros;
                     else
                         atomicAdd(&bins[(key >> digit_shift) & digit_mask], 1u);
                 });
+                zeros += tile_zeros;
+                // The first pass never compacts: its slots keep each tile's zeros for the fast path.
+                if (count_nans) {
+                    tile_zeros = warp_sum(tile_zeros);
+                    if (lane == 0 && tile - tile0 < cap)
+                        out[tile - tile0] = tile_zeros;
+                }
             }
             if (!compact)
                 continue;
@@ -459,8 +477,11 @@ __device__ void key_pass(const PassArgs &p, int64_t seg, const SegState &s, int6
         }
         zeros = warp_sum(zeros);
         nans = warp_sum(nans);
-        if (lane == 0 && zeros != 0)
+        if (lane == 0 && zeros != 0) {
             atomicAdd(&bins[0], zeros);
+            if (count_nans)
+                atomicAdd(&p.counters[seg].zeros, static_cast<unsigned long long>(zeros));
+        }
         if (lane == 0 && nans != 0)
             atomicAdd(&p.counters[seg].nan_count, static_cast<unsigned long long>(nans));
         flush_bins(bins, nbins, p.hist + s.hist_row * kBins);
@@ -478,15 +499,24 @@ __device__ void tile_pass(const PassArgs &p, int64_t seg, const SegState &s, int
     const int64_t tile_begin = s.tile_begin;
     const int tile_shift = s.tile_shift;
     const int nbins = static_cast<int>(((s.tile_end - s.tile_begin - 1) >> tile_shift) + 1);
+    const uint64_t *zeros = p.cand + s.cand_begin - s.tile0;
     for (int64_t c0 = a; c0 < b; c0 += kFlushTiles) {
         const int64_t c1 = min(b, c0 + kFlushTiles);
         clear_bins(bins, nbins);
-        for (int64_t tile = c0 + warp; tile < c1; tile += kWarps) {
-            uint32_t ties = 0;
-            visit_tile<Global>(p, seg, tile, lane, [&](uint32_t key, int) { ties += key == threshold; });
-            ties = warp_sum(ties);
-            if (lane == 0 && ties != 0)
-                atomicAdd(&bins[(tile - tile_begin) >> tile_shift], ties);
+        if (s.zero_tiles) {
+            for (int64_t tile = c0 + threadIdx.x; tile < c1; tile += kThreads) {
+                const uint32_t ties = static_cast<uint32_t>(zeros[tile]);
+                if (ties != 0)
+                    atomicAdd(&bins[(tile - tile_begin) >> tile_shift], ties);
+            }
+        } else {
+            for (int64_t tile = c0 + warp; tile < c1; tile += kWarps) {
+                uint32_t ties = 0;
+                visit_tile<Global>(p, seg, tile, lane, [&](uint32_t key, int) { ties += key == threshold; });
+                ties = warp_sum(ties);
+                if (lane == 0 && ties != 0)
+                    atomicAdd(&bins[(tile - tile_begin) >> tile_shift], ties);
+            }
         }
         flush_bins(bins, nbins, p.hist + s.hist_row * kBins);
     }
@@ -569,6 +599,13 @@ __global__ void __launch_bounds__(kThreads)
         return;
     if (b.bin < 0) {
         finish(s, s.key_prefix, -1);
+    } else if (s.stage == kKey && s.key_shift == s.key_bits && counters[seg].zeros >= uint64_t(s.rank) &&
+               s.tile_end - s.tile0 <= s.cand_cap) {
+        // Zero fast path: the target is the rank-th zero; its tile comes from the stored counts.
+        s.key_prefix = 0;
+        s.key_shift = 0;
+        s.zero_tiles = 1;
+        narrow_tiles(s);
     } else {
         s.rank -= b.below;
         const uint32_t bin = static_cast<uint32_t>(b.bin);
