@@ -5,7 +5,7 @@
 
 Providers, at 90% sparsity (k = round(0.9 * n), the count torch.nn.utils.prune uses):
 
-* gmp_ext: ``ops.select_layerwise`` / ``ops._select_rows_global`` (thresholds),
+* gmp_ext: ``ops.select_layerwise`` / ``primitives.select_rows_global`` (thresholds),
   ``ops.magnitude_masks`` (thresholds + packed masks, validated, NaN counts read back), and
   ``prepared``: select + mask build of a backend job made once (the launches
   ``gmp_ext.PrunePlan.step`` runs before its apply: no allocation, nothing read back);
@@ -70,7 +70,7 @@ from utils import (
     write_rows,
 )
 
-from gmp_ext import backends, ops
+from gmp_ext import backends, ops, primitives
 from gmp_ext._layout import key_space_for
 
 SPARSITY = 0.9
@@ -150,7 +150,7 @@ class _Prepared:
         addresses = tuple(w.data_ptr() for w in ws)
         if addresses != self.addresses:
             self.backend = backends.backend_for(ws[0].device)
-            masks = [ops._new_mask(w) for w in ws]
+            masks = [primitives.new_mask(w) for w in ws]
             key_space = key_space_for({w.dtype for w in ws}) if self.scope == "global" else 0
             self.job = self.backend.prepare(ws, masks, self.scope, key_space)
             if self.scope == "global":
@@ -217,7 +217,9 @@ def _methods(scope: str) -> dict[str, Method]:
         }
     return {
         "gmp_ext": Method(
-            lambda ws: ops._select_rows_global(ws, _names(ws), _k(sum(w.numel() for w in ws))),
+            lambda ws: primitives.select_rows_global(
+                ws, _names(ws), _k(sum(w.numel() for w in ws))
+            ),
             lambda s: s.n / 8 + 2**20,
             native=True,
         ),

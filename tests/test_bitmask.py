@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gmp_ext import _reference, ops
+from gmp_ext import _reference, ops, primitives
 from gmp_ext._layout import MASK_ALIGN_BYTES, mask_bytes, mask_storage_bytes
 
 from .utils import SIZES, assert_same
@@ -69,7 +69,7 @@ def test_rows_with_nans_leave_their_masks_as_they_were(native, device, backend):
     impl = native if backend == "native" else _reference
     tensors = [torch.randn(1, device=device), torch.zeros(33, device=device)]
     tensors.append(torch.randn(5000, device=device))
-    masks = [ops._new_mask(t).fill_(0xA5) for t in tensors]
+    masks = [primitives.new_mask(t).fill_(0xA5) for t in tensors]
     rows = torch.tensor(
         [[0, -1, 0, 1], [0, 10, 0, 0], [0, -1, 0, 7]], dtype=torch.int64, device=device
     )

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext import PrunePlan, _reference, ops
+from gmp_ext import PrunePlan, _reference, primitives
 from gmp_ext._layout import KEY_SPACE_NATIVE, key_space_for, mask_bytes
 
 from .conftest import native_backend
@@ -66,7 +66,7 @@ KINDS = ["normal", "zeros", "pruned", "few_values", "equal", "specials"]
 
 
 def _poisoned_mask(t: torch.Tensor) -> torch.Tensor:
-    return ops._new_mask(t).fill_(POISON)
+    return primitives.new_mask(t).fill_(POISON)
 
 
 def _check_masks(native, cpu, dev, host, dev_rows, host_rows, what: str) -> None:
@@ -76,7 +76,7 @@ def _check_masks(native, cpu, dev, host, dev_rows, host_rows, what: str) -> None
     host_masks = [_poisoned_mask(t) for t in host]
     native.build_masks(dev, dev_rows, dev_masks)
     cpu.build_masks(host, host_rows, host_masks)
-    ref_masks = [ops._new_mask(t) for t in host]
+    ref_masks = [primitives.new_mask(t) for t in host]
     _reference.build_masks(host, host_rows, ref_masks)
     for i, (d, h, r, t) in enumerate(zip(dev_masks, host_masks, ref_masks, host)):
         size = mask_bytes(t.numel())
@@ -176,7 +176,7 @@ class RawStep:
         self.native = native
         self.tensors = tensors
         self.ks, self.k, self.key_space = ks, k, key_space
-        self.masks = [ops._new_mask(t) for t in tensors]
+        self.masks = [primitives.new_mask(t) for t in tensors]
         scope = "layer" if ks is not None else "global"
         self.job = native.prepare(tensors, self.masks, scope, key_space)
         self.set_counts(ks=ks, k=k)
@@ -209,7 +209,7 @@ class RawStep:
             rows = _reference.select_global(values, self.k, self.key_space)
         assert_same(self.rows, rows, f"{what}: rows")
         for i, (t, v, m) in enumerate(zip(self.tensors, values, self.masks)):
-            want = ops._new_mask(v)
+            want = primitives.new_mask(v)
             _reference.build_masks([v], rows[i : i + 1], [want])
             size = mask_bytes(v.numel())
             assert_same(m[:size], want[:size], f"{what}: mask {i}")
@@ -275,7 +275,7 @@ def test_prune_step_replays_from_a_cuda_graph(native, scope, dtypes):
 def test_fused_apply_replays_from_a_cuda_graph(native):
     dtypes = MIXED
     tensors = [torch.empty(n, dtype=dt, device=CUDA) for n, dt in zip(STEP_SIZES, dtypes)]
-    masks = [ops._new_mask(t) for t in tensors]
+    masks = [primitives.new_mask(t) for t in tensors]
     job = native.prepare(tensors, masks)
 
     def load(seed: int):
@@ -551,9 +551,9 @@ def test_bf16_tensor_over_2_31_elements(native):
     # Mask build and apply at the tie-heavy threshold, checked chunk by chunk.
     k = ks[1]
     rows = native.select_layerwise([t], [k])
-    mask = ops._new_mask(t)
+    mask = primitives.new_mask(t)
     native.build_masks([t], rows, [mask])
-    assert BIG - ops._popcount(mask, BIG) == k
+    assert BIG - primitives.popcount(mask, BIG) == k
     original = t.clone()
     native.apply_masks([t], [mask])
     for a, b in _chunks(BIG):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.utils import prune
 
-from gmp_ext import _reference, ops
+from gmp_ext import _reference, ops, primitives
 from gmp_ext._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE, key_space_for
 
 from .utils import (
@@ -36,7 +36,7 @@ def test_layerwise_matches_reference(native, device, dtype, numel, kind):
         got = native.select_layerwise([t], ks)
         want = _reference.select_layerwise([t], ks)
         assert_same(got, want, f"{kind} n={numel} s={sparsity}")
-        mask = ops._new_mask(t)
+        mask = primitives.new_mask(t)
         native.build_masks([t], got, [mask])
         keep = _reference.unpack_bits(mask, numel)
         check_pruned_set(t, keep, ks[0])
@@ -74,7 +74,7 @@ def test_global_matches_reference(native, device, dtypes, kind):
         k = round(sparsity * total)
         got = native.select_global(tensors, k, key_space)
         assert_same(got, _reference.select_global(tensors, k, key_space), f"s={sparsity}")
-        masks = [ops._new_mask(t) for t in tensors]
+        masks = [primitives.new_mask(t) for t in tensors]
         native.build_masks(tensors, got, masks)
         keep = torch.cat(
             [_reference.unpack_bits(m, t.numel()).cpu() for m, t in zip(masks, tensors)]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, primitives
 from ._layout import mask_bytes
 from .config import GMPConfig
 from .dtensors import is_dtensor
@@ -207,6 +207,6 @@ def import_mask(param: nn.Parameter, packed: object, name: str) -> torch.Tensor:
     # Bits past the last element would be counted as kept elements by the popcount.
     if numel % 8 and int(packed[-1]) >> (numel % 8):
         raise ValueError(f"mask of parameter '{name}' has bits set past its {numel} elements")
-    mask = ops._new_mask(param)
+    mask = primitives.new_mask(param)
     mask[:size] = packed.to(mask.device)
     return mask

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops
+from . import ops, primitives
 from ._layout import KEY_SPACE_WIDE, KEY_SPACE_WIDE64, mask_bytes
 from .backends import REFERENCE, Backend, Job, backend_for
 from .dtensors import is_dtensor, local_tensor
@@ -186,7 +186,7 @@ class _Passes:
 
 def _passes(tensors: Sequence[torch.Tensor], key_space: int, native: bool = True) -> _Passes:
     """The passes over the tensors' local shards; ``native=False`` forces the reference's."""
-    shards = [ops._flat(t) for t in tensors]
+    shards = [primitives.local_values(t) for t in tensors]
     devices = {s.device for s in shards}
     if len(devices) > 1:
         raise ValueError(f"sharded parameters have local shards on several devices: {devices}")
@@ -296,8 +296,8 @@ def _select(
 def select_layerwise_sharded(
     tensors: Sequence[torch.Tensor], labels: Sequence[str], ks: Sequence[int]
 ) -> list[torch.Tensor]:
-    """Selection rows for ``ops._select_rows_layerwise`` when some tensors are DTensors: rows of
-    the local shards for those (selected together, a collective every rank must join), the
+    """Selection rows (as ``primitives.select_rows_layerwise``) when some tensors are DTensors:
+    rows of the local shards for those (selected together, a collective every rank must join), the
     single-process rows for the others (after the collectives, so an error in a rank-local
     tensor cannot leave the other ranks waiting)."""
     rows: list[torch.Tensor | None] = [None] * len(tensors)
@@ -322,7 +322,7 @@ def select_layerwise_sharded(
                 rows[i] = result[j]
     plain = [i for i, t in enumerate(tensors) if not is_dtensor(t)]
     if plain:
-        plain_rows = ops._select_rows_layerwise(
+        plain_rows = primitives.select_rows_layerwise(
             [tensors[i] for i in plain], [labels[i] for i in plain], [ks[i] for i in plain]
         )
         for i, row in zip(plain, plain_rows):
@@ -333,7 +333,7 @@ def select_layerwise_sharded(
 def select_global_sharded(
     tensors: Sequence[torch.Tensor], labels: Sequence[str], k: int
 ) -> list[torch.Tensor]:
-    """Selection rows for ``ops._select_rows_global`` over DTensors (a collective): the k
+    """Selection rows for ``primitives.select_rows_global`` over DTensors (a collective): the k
     smallest of all their elements in (|w|, tensor position, global flat index) order, in the
     common 31-bit key space (63-bit when one of them is float64)."""
     mixed = [label for t, label in zip(tensors, labels) if not is_dtensor(t)]
@@ -367,7 +367,7 @@ def _summed(tensors: Sequence[torch.Tensor], counts: list[int]) -> list[int]:
 def kept_counts(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[int]:
     """Elements each mask keeps, over all shards of a DTensor (a collective when some are)."""
     return _summed(
-        tensors, [ops._popcount(m, local_tensor(t).numel()) for t, m in zip(tensors, masks)]
+        tensors, [primitives.popcount(m, local_tensor(t).numel()) for t, m in zip(tensors, masks)]
     )
 
 
@@ -459,7 +459,7 @@ def import_sharded_mask(param: torch.Tensor, packed: object, name: str) -> torch
             f"mask of parameter '{name}' has bits set past the {numel} elements of this rank's "
             "shard (saved with another sharding, or loaded on another rank?)"
         )
-    mask = ops._new_mask(param)
+    mask = primitives.new_mask(param)
     mask[:used] = row[:used].to(mask.device)
     return mask
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import distributed, ops
+from . import distributed, primitives
 from .dtensors import any_dtensor
 
 __all__ = ["select_rows_global", "select_rows_layerwise"]
@@ -25,7 +25,7 @@ def select_rows_layerwise(
     collective). Raises ValueError naming the tensor on NaN, before anything is modified."""
     if any_dtensor(tensors):
         return distributed.select_layerwise_sharded(tensors, labels, ks)
-    return ops._select_rows_layerwise(tensors, labels, ks)
+    return primitives.select_rows_layerwise(tensors, labels, ks)
 
 
 def select_rows_global(
@@ -35,4 +35,4 @@ def select_rows_global(
     position, then flat index); sharded tensors are selected across their mesh."""
     if any_dtensor(tensors):
         return distributed.select_global_sharded(tensors, labels, k)
-    return ops._select_rows_global(tensors, labels, k)
+    return primitives.select_rows_global(tensors, labels, k)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, primitives
 from ._layout import mask_storage_bytes
 from .backends import backend_for
 from .dtensors import is_dtensor, local_tensor
@@ -44,7 +44,7 @@ class MaskEntry:
         return local_tensor(self.param).numel()
 
     def kept(self) -> int:
-        return ops._popcount(self.mask, self.numel)
+        return primitives.popcount(self.mask, self.numel)
 
     def sparsity(self) -> float:
         """Fraction of the parameter's elements the mask prunes (of a DTensor: in this rank's
@@ -164,7 +164,7 @@ class MaskStore:
         params = [local_tensor(e.param).detach() for e in entries]
         masks = [e.mask if e.mask.device == device else e.mask.to(device) for e in entries]
         if any(p.dtype == torch.float64 for p in params):
-            ops.apply_in_place(params, masks)  # the reference backend: nothing to cache
+            primitives.apply_in_place(params, masks)  # the reference backend: nothing to cache
             return
         key = tuple((p.data_ptr(), p.stride()) for p in params) + tuple(m.data_ptr() for m in masks)
         cached = self._plans.get(device)
@@ -212,7 +212,7 @@ class MaskStore:
                 targets.append(local)
                 masks.append(moved[local.device])
         if targets:
-            ops.apply_in_place(targets, masks)
+            primitives.apply_in_place(targets, masks)
         return len(targets)
 
     def replace_controller(self, controller: object, optimizer: object) -> object | None:

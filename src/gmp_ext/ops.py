@@ -18,23 +18,20 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 from collections.abc import Sequence
-from typing import NamedTuple
 
-import numpy as np
 import torch
 
+from . import primitives
 from ._layout import (
-    KEY_SPACE_WIDE,
     KEY_SPACE_WIDE64,
     MASK_ALIGN_BYTES,
-    key_space_for,
     mask_bytes,
     mask_storage_bytes,
 )
-from .backends import REFERENCE, Backend, backend_for
-from .dtensors import any_dtensor, local_tensor
+from .backends import backend_for
+from .dtensors import any_dtensor
+from .primitives import SUPPORTED_DTYPES, Threshold
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -50,23 +47,6 @@ __all__ = [
     "select_layerwise",
     "unpack_mask",
 ]
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-class Threshold(NamedTuple):
-    """Where one tensor's selection cuts: prune (key, flat index) <= (key, index).
-
-    ``value`` is |w| of the last pruned element (0.0 when ``k == 0``), ``index`` its flat
-    index, or -1 when no element with magnitude ``value`` is pruned in this tensor (always so
-    when ``k == 0``; in global scope also for tensors after the one holding the cut).
-    """
-
-    k: int
-    value: float
-    key: int
-    index: int  # type: ignore[assignment]  # the field shadows tuple.index, by design
-    key_space: int
 
 
 def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
@@ -94,24 +74,6 @@ def prune_count(numel: int, sparsity: float) -> int:
     return round(sparsity * numel)
 
 
-def _check_tensor(tensor: object, name: str) -> torch.Tensor:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
-    if tensor.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name} has dtype {tensor.dtype}; gmp_ext prunes float32, float16 and bfloat16 "
-            "tensors (float64 on the reference backend)"
-        )
-    if tensor.device.type == "meta":
-        raise ValueError(
-            f"{name} is on the meta device and has no values to rank; materialise it first "
-            "(e.g. module.to_empty(device=...) and load the weights)"
-        )
-    return tensor
-
-
 def _names(tensors: Sequence[object], names: Sequence[str] | None, label: str) -> list[str]:
     if names is None:
         return [f"{label}[{i}]" for i in range(len(tensors))]
@@ -128,113 +90,13 @@ def _checked(
     tensors = list(tensors)
     labels = _names(tensors, names, label)
     for tensor, lab in zip(tensors, labels):
-        _check_tensor(tensor, lab)
+        primitives.check_tensor(tensor, lab)
     if any_dtensor(tensors):
         raise NotImplementedError(
             f"{label} holds DTensors; the tensor-level ops take local tensors "
             "(DTensor.to_local()); sharded parameters are pruned by gmp_ext.prune_step and GMP"
         )
     return tensors, labels
-
-
-def _flat(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous read-only view of the values (a copy only for non-contiguous tensors); a
-    DTensor's local shard."""
-    return local_tensor(tensor).detach().contiguous()
-
-
-def _backend_of(tensors: Sequence[torch.Tensor], reference: bool = False) -> Backend:
-    """The device's backend; float64 work always runs on the reference."""
-    if reference or any(t.dtype == torch.float64 for t in tensors):
-        return REFERENCE
-    return backend_for(tensors[0].device)
-
-
-def _groups(
-    tensors: Sequence[torch.Tensor], reference: Sequence[bool] | None = None
-) -> dict[tuple[str, bool], list[int]]:
-    """Indices grouped by device and by whether they must run on the reference backend
-    (float64, or selected in the float64 key space): one backend call per group."""
-    groups: dict[tuple[str, bool], list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        on_reference = tensor.dtype == torch.float64 or bool(reference and reference[i])
-        groups.setdefault((str(tensor.device), on_reference), []).append(i)
-    return groups
-
-
-def _raise_on_nan(
-    rows: torch.Tensor, tensors: Sequence[torch.Tensor], labels: Sequence[str]
-) -> None:
-    nan_counts = rows[:, 3].tolist()
-    if not any(nan_counts):
-        return
-    for tensor, label in zip(tensors, labels):
-        count = int(torch.isnan(tensor).sum())
-        if count:
-            raise ValueError(
-                f"{label} has {count} NaN value(s); magnitudes of NaN weights cannot be "
-                "ranked (nothing was modified)"
-            )
-
-
-def _select_rows_layerwise(
-    tensors: Sequence[torch.Tensor], labels: Sequence[str], ks: Sequence[int]
-) -> list[torch.Tensor]:
-    """Selection rows per tensor (on the tensor's device); raises before returning on NaN.
-    Single-process tensors only (sharded ones: :mod:`gmp_ext.engine`)."""
-    rows: list[torch.Tensor | None] = [None] * len(tensors)
-    for indices in _groups(tensors).values():
-        group = [_flat(tensors[i]) for i in indices]
-        result = _backend_of(group).select_layerwise(group, [ks[i] for i in indices])
-        _raise_on_nan(result, group, [labels[i] for i in indices])
-        for j, i in enumerate(indices):
-            rows[i] = result[j]
-    return rows  # type: ignore[return-value]
-
-
-def _check_one_device(tensors: Sequence[torch.Tensor]) -> None:
-    devices = sorted({str(t.device) for t in tensors})
-    if len(devices) > 1:
-        raise ValueError(
-            f"global selection needs all tensors on one device, got {', '.join(devices)}"
-        )
-
-
-def _wide64(tensors: Sequence[torch.Tensor]) -> list[bool]:
-    """Rows of a global selection that lives in the float64 key space."""
-    return [key_space_for({t.dtype for t in tensors}) == KEY_SPACE_WIDE64] * len(tensors)
-
-
-def _select_rows_global(
-    tensors: Sequence[torch.Tensor], labels: Sequence[str], k: int
-) -> list[torch.Tensor]:
-    _check_one_device(tensors)
-    flat = [_flat(t) for t in tensors]
-    key_space = key_space_for({t.dtype for t in tensors})
-    result = _backend_of(flat).select_global(flat, k, key_space)
-    _raise_on_nan(result, flat, labels)
-    return list(result)
-
-
-def _key_to_value(key: int, key_space: int, dtype: torch.dtype) -> float:
-    if key_space == KEY_SPACE_WIDE64 or dtype == torch.float64:
-        return struct.unpack("<d", struct.pack("<q", key))[0]
-    if key_space == KEY_SPACE_WIDE or dtype == torch.float32:
-        return struct.unpack("<f", struct.pack("<I", key))[0]
-    if dtype == torch.bfloat16:
-        return struct.unpack("<f", struct.pack("<I", key << 16))[0]
-    return float(np.array([key], dtype=np.uint16).view(np.float16)[0])
-
-
-def _thresholds(
-    rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], ks: Sequence[int]
-) -> list[Threshold]:
-    result = []
-    for row, tensor, k in zip(rows, tensors, ks):
-        key, index, key_space, _ = (int(v) for v in row.tolist())
-        value = _key_to_value(key, key_space, tensor.dtype) if k else 0.0
-        result.append(Threshold(k, value, key, index, key_space))
-    return result
 
 
 def select(tensor: torch.Tensor, sparsity: float, *, name: str = "tensor") -> Threshold:
@@ -251,7 +113,7 @@ def select_layerwise(
     """Per-tensor thresholds: tensor i prunes round(sparsities[i] * numel) elements."""
     tensors, labels = _checked(tensors, names)
     ks = _layer_counts(tensors, sparsities)
-    return _thresholds(_select_rows_layerwise(tensors, labels, ks), tensors, ks)
+    return primitives.thresholds(primitives.select_rows_layerwise(tensors, labels, ks), tensors, ks)
 
 
 def _layer_counts(
@@ -280,51 +142,10 @@ def select_global(
     k = prune_count(sum(t.numel() for t in tensors), check_sparsity(sparsity))
     if not tensors:
         return []
-    rows = _select_rows_global(tensors, labels, k)
-    masks = _build(tensors, rows, _wide64(tensors))
-    counts = [t.numel() - _popcount(m, t.numel()) for t, m in zip(tensors, masks)]
-    return _thresholds(rows, tensors, counts)
-
-
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
-
-def _popcount(mask: torch.Tensor, numel: int, chunk: int = 1 << 18) -> int:
-    """Set bits among the first ``numel`` of a packed mask (kept elements). Chunks keep the
-    int64 temporaries at 4 MB, so counting adds nothing to a prune step's memory peak; the sum
-    stays on the device until the end (one read-back)."""
-    data = mask[: mask_bytes(numel)]
-    table = _POPCOUNT.to(mask.device)
-    total = torch.zeros((), dtype=torch.int64, device=mask.device)
-    for i in range(0, data.numel(), chunk):
-        total += table[data[i : i + chunk].long()].sum()
-    return int(total)
-
-
-def _new_mask(tensor: torch.Tensor) -> torch.Tensor:
-    """Zeroed mask storage for the tensor (a DTensor: for its local shard)."""
-    local = local_tensor(tensor)
-    return torch.zeros(mask_storage_bytes(local.numel()), dtype=torch.uint8, device=local.device)
-
-
-def _build(
-    tensors: Sequence[torch.Tensor],
-    rows: Sequence[torch.Tensor],
-    wide64: Sequence[bool] | None = None,
-    out: Sequence[torch.Tensor | None] | None = None,
-) -> list[torch.Tensor]:
-    """Packed masks from selection rows; ``wide64`` marks rows in the float64 key space (known
-    on the host, so no device sync is needed to route them to the reference). ``out[i]``, when
-    given, is mask storage of tensor i to overwrite instead of allocating."""
-    masks = [
-        given if out is not None and (given := out[i]) is not None else _new_mask(t)
-        for i, t in enumerate(tensors)
-    ]
-    for (_, on_reference), indices in _groups(tensors, wide64).items():
-        group = [_flat(tensors[i]) for i in indices]
-        selection = torch.stack([rows[i] for i in indices])
-        _backend_of(group, on_reference).build_masks(group, selection, [masks[i] for i in indices])
-    return masks
+    rows = primitives.select_rows_global(tensors, labels, k)
+    masks = primitives.build(tensors, rows, primitives.wide64(tensors))
+    counts = [t.numel() - primitives.popcount(m, t.numel()) for t, m in zip(tensors, masks)]
+    return primitives.thresholds(rows, tensors, counts)
 
 
 def build_masks(
@@ -348,7 +169,7 @@ def build_masks(
                 [th.key, th.index, th.key_space, 0], dtype=torch.int64, device=tensor.device
             )
         )
-    return _build(tensors, rows, [th.key_space == KEY_SPACE_WIDE64 for th in thresholds])
+    return primitives.build(tensors, rows, [th.key_space == KEY_SPACE_WIDE64 for th in thresholds])
 
 
 def magnitude_masks(
@@ -361,14 +182,14 @@ def magnitude_masks(
     """Select and build in one call: packed keep-masks at ``sparsity``."""
     tensors, labels = _checked(tensors, names)
     if scope == "layer":
-        rows = _select_rows_layerwise(tensors, labels, _layer_counts(tensors, sparsity))
+        rows = primitives.select_rows_layerwise(tensors, labels, _layer_counts(tensors, sparsity))
     elif scope == "global":
         k = prune_count(sum(t.numel() for t in tensors), check_sparsity(sparsity))
-        rows = _select_rows_global(tensors, labels, k) if tensors else []
-        return _build(tensors, rows, _wide64(tensors))
+        rows = primitives.select_rows_global(tensors, labels, k) if tensors else []
+        return primitives.build(tensors, rows, primitives.wide64(tensors))
     else:
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    return _build(tensors, rows)
+    return primitives.build(tensors, rows)
 
 
 def _check_mask(mask: object, tensor: torch.Tensor, label: str) -> torch.Tensor:
@@ -407,19 +228,7 @@ def apply_masks_(
     masks = [
         _padded(_check_mask(m, t, lab), t.numel()) for t, m, lab in zip(tensors, masks, labels)
     ]
-    apply_in_place(tensors, masks)
-
-
-def apply_in_place(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
-    """Unchecked apply for callers that own well-formed masks (the mask store)."""
-    with torch.no_grad():
-        for indices in _groups(tensors).values():
-            targets = [tensors[i].detach() for i in indices]
-            contiguous = [t if t.is_contiguous() else t.contiguous() for t in targets]
-            _backend_of(contiguous).apply_masks(contiguous, [masks[i] for i in indices])
-            for target, staged in zip(targets, contiguous):
-                if staged is not target:
-                    target.copy_(staged)
+    primitives.apply_in_place(tensors, masks)
 
 
 def pack_mask(flags: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, ops, primitives
 from ._layout import KEY_SPACE_WIDE64
 from .backends import REFERENCE, Backend, Job, backend_for
 from .dtensors import any_dtensor
@@ -99,7 +99,7 @@ class PrunePlan:
     @staticmethod
     def _all_kept(param: torch.Tensor) -> torch.Tensor:
         """A mask keeping every weight (the bits past the last element stay 0)."""
-        mask = ops._new_mask(param)
+        mask = primitives.new_mask(param)
         full, rest = divmod(param.numel(), 8)
         mask[:full] = 0xFF
         if rest:
@@ -111,7 +111,9 @@ class PrunePlan:
         masks = [self._entries[n].mask for n in self._names]
         wide64 = self._key_space() == KEY_SPACE_WIDE64
         self._groups: list[_Group] = []
-        for (_, on_reference), indices in ops._groups(self._params, [wide64] * len(masks)).items():
+        for (_, on_reference), indices in primitives.groups(
+            self._params, [wide64] * len(masks)
+        ).items():
             staged, work = [], []
             for i in indices:
                 param = self._params[i].detach()
@@ -221,7 +223,7 @@ class PrunePlan:
         for group in self._groups:
             rows = list(group.job.rows)
             tensors = [self._params[i] for i in group.indices]
-            for i, th in zip(group.indices, ops._thresholds(rows, tensors, [1] * len(rows))):
+            for i, th in zip(group.indices, primitives.thresholds(rows, tensors, [1] * len(rows))):
                 self._entries[self._names[i]].threshold = th.value
         return distributed.mask_sparsities(self._entries)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import distributed, ops
+from . import distributed, ops, primitives
 from .dtensors import local_tensor
 from .masks import MaskEntry, MaskStore, drop_store, ensure_store, find_store, get_store
 from .selection import DEFAULT_PRUNABLE, ParamSpec, bare_name, select_parameters, unwrap
@@ -171,7 +171,7 @@ def apply_masks(model: nn.Module) -> None:
         store.apply()  # the cached fused apply
     else:
         with torch.no_grad():
-            ops.apply_in_place(
+            primitives.apply_in_place(
                 [local_tensor(e.param).detach() for e in entries.values()],
                 [e.mask for e in entries.values()],
             )

@@ -17,7 +17,7 @@ from typing import Union
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import ops
+from . import primitives
 from .exceptions import warn
 
 __all__ = [
@@ -395,7 +395,7 @@ def select_parameters(
             why += " that is not tied to an embedding or norm"
         raise ValueError(f"no prunable parameter selected: {why}; pass `params=` to choose some")
     for name, param in selected.items():
-        ops._check_tensor(param, f"parameter '{name}'")
+        primitives.check_tensor(param, f"parameter '{name}'")
         if not param.is_floating_point():
             raise TypeError(f"parameter '{name}' is not floating point ({param.dtype})")
     return selected

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import distributed, engine, ops
+from . import distributed, engine, ops, primitives
 from ._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE64, key_space_for
 
 __all__ = ["GlobalSelection", "LayerSelection", "Selection", "selection_for"]
@@ -65,9 +65,9 @@ class Selection:
         """:meth:`masks` for counts already known."""
         rows = self.rows(tensors, [f"parameter '{n}'" for n in names], counts)
         wide64 = [self.key_space({t.dtype for t in tensors}) == KEY_SPACE_WIDE64] * len(tensors)
-        masks = ops._build(tensors, rows, wide64, reuse)
+        masks = primitives.build(tensors, rows, wide64, reuse)
         # In global scope every tensor's threshold is the cut over all of them.
-        thresholds = ops._thresholds(rows, tensors, [1] * len(tensors))
+        thresholds = primitives.thresholds(rows, tensors, [1] * len(tensors))
         return masks, [th.value for th in thresholds]
 
     def expected_zeros(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
@@ -115,7 +115,7 @@ class GlobalSelection(Selection):
         return key_space_for(dtypes)
 
     def check(self, tensors: Sequence[torch.Tensor]) -> None:
-        ops._check_one_device(tensors)
+        primitives.check_one_device(tensors)
 
     def rows(
         self, tensors: Sequence[torch.Tensor], labels: Sequence[str], counts: Sequence[int]
@@ -155,8 +155,8 @@ class GlobalSelection(Selection):
             members = [by_name[n] for n in fixed]
             ks = [self.caps[n] for n in fixed]
             rows = engine.select_rows_layerwise(members, [f"parameter '{n}'" for n in fixed], ks)
-            thresholds = [th.value for th in ops._thresholds(rows, members, ks)]
-            result.update(zip(fixed, zip(ops._build(members, rows), thresholds)))
+            thresholds = [th.value for th in primitives.thresholds(rows, members, ks)]
+            result.update(zip(fixed, zip(primitives.build(members, rows), thresholds)))
         return [result[n][0] for n in names], [result[n][1] for n in names]
 
 
