@@ -8,6 +8,7 @@ for a native backend explicitly then raises with the install hint and the origin
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from types import ModuleType
@@ -49,9 +50,7 @@ def native() -> ModuleType | None:
     if not _native_loaded:
         _native_loaded = True
         try:  # torch is imported first so its OpenMP runtime is the one both share
-            from .. import _C
-
-            _native = _C
+            _native = importlib.import_module("gmp_ext._C")  # optional: a build may lack it
         except ImportError as error:
             _native_error = error
     return _native
