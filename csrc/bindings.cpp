@@ -2,6 +2,8 @@
 // (addresses, counts, codes, thread count, stream); the GIL is released while kernels run.
 // Input validation with readable messages lives in gmp_ext/ops.py.
 #include "common/bitpack.h"
+#include "common/dtype.h"
+#include "common/tensor_table.h"
 #include "ops.h"
 
 #include <pybind11/pybind11.h>
@@ -35,7 +37,19 @@ py::dict build_info() {
     info["cuda_compiler_version"] = "";
     info["cuda_tile_elems"] = 0;
 #endif
+    // The layout Python mirrors in gmp_ext/_layout.py (checked at import).
     info["mask_align_bytes"] = gmp::kMaskAlignBytes;
+    info["table_columns"] = static_cast<int64_t>(sizeof(TensorEntry) / sizeof(int64_t));
+    info["selection_columns"] = static_cast<int64_t>(sizeof(Selection) / sizeof(int64_t));
+    py::dict dtype_codes;
+    dtype_codes["float32"] = static_cast<int>(gmp::kFloat32);
+    dtype_codes["float16"] = static_cast<int>(gmp::kFloat16);
+    dtype_codes["bfloat16"] = static_cast<int>(gmp::kBFloat16);
+    info["dtype_codes"] = dtype_codes;
+    py::dict key_spaces;
+    key_spaces["native"] = static_cast<int>(gmp::kNative);
+    key_spaces["wide"] = static_cast<int>(gmp::kWide);
+    info["key_spaces"] = key_spaces;
     return info;
 }
 

@@ -10,6 +10,7 @@ import torch
 
 import gmp_ext
 from gmp_ext import backends, ops
+from gmp_ext._layout import check_native_layout
 from gmp_ext.info import collect
 
 from .conftest import native_backend
@@ -161,3 +162,15 @@ def test_cuda_module_imports_without_driver():
     else:  # no driver (-1) or a driver without devices (0); either way the import worked
         assert count in (-1, 0)
     assert isinstance(module.cuda_driver_status(), str)
+
+
+def test_compiled_layout_matches_python():
+    module = backends.native()
+    if module is None:
+        pytest.skip("gmp_ext._C is not built")
+    info = module.build_info()
+    check_native_layout(info)  # the layout this build was made with
+    assert info["table_columns"] == 6 and info["selection_columns"] == 4
+    stale = {**info, "dtype_codes": {**info["dtype_codes"], "bfloat16": 7}}
+    with pytest.raises(RuntimeError, match=r"dtype_codes: built .*'bfloat16': 7.*reinstall"):
+        check_native_layout(stale)

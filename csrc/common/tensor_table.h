@@ -1,6 +1,6 @@
 // The tensor table: how a list of tensors crosses from Python to the kernels.
 //
-// Python builds an int64 tensor of shape [n, 6] (gmp_ext/_table.py) whose rows are these
+// Python builds an int64 tensor of shape [n, 6] (gmp_ext/backends/base.py: build_table) whose rows are these
 // structs; for CUDA it lives on the device, so a launch needs no host metadata.
 #pragma once
 
@@ -15,7 +15,7 @@ struct TensorEntry {
     int64_t dtype;     // DType code (dtype.h)
     int64_t elem_base; // global index of element 0: sum of numel of the entries before it
     int64_t tile_base; // first tile of this entry when each entry is cut into the backend's
-                       // tiles (CUDA: kCudaTileElems); lets a flat grid find its entry
+                       // tiles (CUDA: cuda::kTileElems); lets a flat grid find its entry
 };
 static_assert(sizeof(TensorEntry) == 6 * sizeof(int64_t), "table rows are six int64 columns");
 

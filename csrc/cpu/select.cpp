@@ -1,4 +1,4 @@
-// Exact k-th smallest (|w|, index) selection by histogram radix select (kernels.md §3, §7).
+// Exact k-th smallest (|w|, index) selection by histogram radix select.
 //
 // Keys are the |w| bit patterns (keys.h). Pass 1 histograms the high 15-16 key bits. For
 // 15-bit keys that digit is the whole key; for 31-bit keys the chosen bucket is either

@@ -1,4 +1,4 @@
-// Fused multi-tensor mask apply (kernels.md §4-5): one launch for every tensor of a device,
+// Fused multi-tensor mask apply (apex multi_tensor_apply style): one launch for every tensor of a device,
 // from the device-resident table, so it is CUDA-graph capturable and needs no host metadata.
 //
 // A warp owns one tile of 2048 elements = 32 mask words of 64 bits: lane l loads word l, then

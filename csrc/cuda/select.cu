@@ -1,4 +1,4 @@
-// Exact k-th smallest (|w|, index) selection on the GPU (kernels.md §3): a multi-block, multi-pass
+// Exact k-th smallest (|w|, index) selection on the GPU: a multi-block, multi-pass
 // histogram radix select over the device-resident table, with the same rows as cpu/select.cpp.
 //
 // A call is one fixed launch sequence with no host synchronisation, so it can be captured in a

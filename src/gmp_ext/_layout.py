@@ -35,3 +35,28 @@ def key_space_for(dtypes: set[torch.dtype]) -> int:
     if torch.float64 in dtypes:
         return KEY_SPACE_WIDE64
     return KEY_SPACE_NATIVE if len(dtypes) <= 1 else KEY_SPACE_WIDE
+
+
+def check_native_layout(info: dict[str, object]) -> None:
+    """RuntimeError unless the compiled module's layout (``_C.build_info()``) is the one
+    mirrored here: a stale build would otherwise read tables and masks wrongly."""
+    expected = {
+        "mask_align_bytes": MASK_ALIGN_BYTES,
+        "table_columns": TABLE_COLUMNS,
+        "selection_columns": SELECTION_COLUMNS,
+        "dtype_codes": {
+            str(dtype).removeprefix("torch."): code for dtype, code in DTYPE_CODES.items()
+        },
+        "key_spaces": {"native": KEY_SPACE_NATIVE, "wide": KEY_SPACE_WIDE},
+    }
+    wrong = {
+        key: (info.get(key), value) for key, value in expected.items() if info.get(key) != value
+    }
+    if wrong:
+        listed = ", ".join(
+            f"{k}: built {got!r}, expected {want!r}" for k, (got, want) in wrong.items()
+        )
+        raise RuntimeError(
+            f"gmp_ext._C was built with another memory layout than this gmp_ext expects "
+            f"({listed}); reinstall gmp_ext (pip install .) so the two match"
+        )

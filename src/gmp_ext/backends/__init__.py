@@ -15,6 +15,7 @@ from types import ModuleType
 
 import torch
 
+from .._layout import check_native_layout
 from .base import Backend, Job
 from .cpu import CpuBackend
 from .cuda import CudaBackend
@@ -50,9 +51,12 @@ def native() -> ModuleType | None:
     if not _native_loaded:
         _native_loaded = True
         try:  # torch is imported first so its OpenMP runtime is the one both share
-            _native = importlib.import_module("gmp_ext._C")  # optional: a build may lack it
+            module = importlib.import_module("gmp_ext._C")  # optional: a build may lack it
         except ImportError as error:
             _native_error = error
+        else:
+            check_native_layout(module.build_info())
+            _native = module
     return _native
 
 
