@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 import gmp_ext
 from gmp_ext import distributed
 from gmp_ext.controller import GMP
-from gmp_ext.masks import get_store
+from gmp_ext.mask_store import get_store
 from gmp_ext.schedule import GMPSchedule
 
 CHECKS: dict[str, Callable[[dict], None]] = {}

@@ -14,7 +14,7 @@ import gmp_ext
 from gmp_ext import ops
 from gmp_ext.checkpoint import export_mask, import_mask
 from gmp_ext.controller import GMP, GMPWarning
-from gmp_ext.masks import MaskEntry
+from gmp_ext.mask_store import MaskEntry
 from gmp_ext.schedule import GMPSchedule, load_recipe
 
 from .utils import batch, train

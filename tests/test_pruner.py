@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext.masks import get_store
+from gmp_ext.mask_store import get_store
 
 from .utils import assert_same
 
@@ -147,8 +147,8 @@ def test_channels_last_apply_reuses_its_staging_buffers(device):
         gmp_ext.apply_masks(model)
         for name in keep:
             assert_same(params[name], want[name], name)
-        ((_, _, _, staged),) = store._plans.values()
-        staging.append([work.data_ptr() for _, work in staged])
+        (step,) = store._apply_steps.values()
+        staging.append([work.data_ptr() for group in step.groups for _, work in group.staged])
     assert len(staging[0]) == 1 and staging[0] == staging[1] == staging[2]
     assert not model[0].weight.is_contiguous()
 

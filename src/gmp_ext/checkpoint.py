@@ -16,7 +16,7 @@ from . import distributed, primitives
 from ._layout import mask_bytes
 from .config import GMPConfig
 from .dtensors import is_dtensor
-from .masks import MaskEntry
+from .mask_store import MaskEntry
 
 __all__ = ["FORMAT", "Progress", "decode", "encode", "export_mask", "import_mask"]
 

@@ -32,7 +32,7 @@ from . import checkpoint, distributed, ops
 from .config import GMPConfig, check_in_optimizer
 from .dtensors import any_dtensor
 from .exceptions import GMPWarning, warn
-from .masks import MaskStore, ensure_store, get_store
+from .mask_store import MaskStore, ensure_store, get_store
 from .pruner import mask_gradients_hook, optimizer_state_of, prune_parameters, remove
 from .run_checks import ForwardCounter, check_counts, check_run_length
 from .schedule import GMPSchedule, Recipe, Schedule, Stage, load_recipe

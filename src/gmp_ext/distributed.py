@@ -42,7 +42,7 @@ from . import ops, primitives
 from ._layout import KEY_SPACE_WIDE, KEY_SPACE_WIDE64, mask_bytes
 from .backends import REFERENCE, Backend, Job, backend_for
 from .dtensors import is_dtensor, local_tensor
-from .masks import MaskEntry, get_store
+from .mask_store import MaskEntry, get_store
 
 __all__ = [
     "COMM_STATS",

@@ -1,38 +1,121 @@
-"""The prune-step engine: selection rows for single-process or sharded parameters alike.
+"""The prune-step engine: select -> build -> apply over backend jobs prepared once.
 
-Above this module nothing branches on whether a parameter is a DTensor: sharded parameters
-(FSDP2) are selected by :mod:`gmp_ext.distributed` (histograms all-reduced between passes),
-the others by the backend kernels through :mod:`gmp_ext.ops`.
+A :class:`PreparedStep` binds a list of tensors and their masks to one backend job per
+(device, backend) group: tables, counts, selection rows and scratch are allocated when it is
+made, non-contiguous tensors (``channels_last``) are staged through contiguous copies kept with
+it, and running it is launches only (on CUDA nothing is allocated or read back, so it can be
+captured in a CUDA graph). The mask store's per-step re-apply, :class:`gmp_ext.PrunePlan` and
+the eager prune step all run through it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from . import distributed, primitives
-from .dtensors import any_dtensor
+from . import primitives
+from ._layout import KEY_SPACE_NATIVE
+from .backends import REFERENCE, Backend, Job, backend_for
 
-__all__ = ["select_rows_global", "select_rows_layerwise"]
-
-
-def select_rows_layerwise(
-    tensors: Sequence[torch.Tensor], labels: Sequence[str], ks: Sequence[int]
-) -> list[torch.Tensor]:
-    """Selection rows (``csrc/common/tensor_table.h``) where tensor i prunes ``ks[i]``
-    elements; a DTensor's are rows of its local shard, selected together across its mesh (a
-    collective). Raises ValueError naming the tensor on NaN, before anything is modified."""
-    if any_dtensor(tensors):
-        return distributed.select_layerwise_sharded(tensors, labels, ks)
-    return primitives.select_rows_layerwise(tensors, labels, ks)
+__all__ = ["PreparedStep"]
 
 
-def select_rows_global(
-    tensors: Sequence[torch.Tensor], labels: Sequence[str], k: int
-) -> list[torch.Tensor]:
-    """Rows of one selection of the ``k`` smallest elements over all tensors (ties: tensor
-    position, then flat index); sharded tensors are selected across their mesh."""
-    if any_dtensor(tensors):
-        return distributed.select_global_sharded(tensors, labels, k)
-    return primitives.select_rows_global(tensors, labels, k)
+@dataclass(eq=False)
+class _Group:
+    """Tensors of one device (and backend) and the job that runs them."""
+
+    indices: list[int]
+    backend: Backend
+    job: Job
+    staged: list[tuple[torch.Tensor, torch.Tensor]]  # (tensor, contiguous copy) pairs
+
+
+class PreparedStep:
+    """Select -> build -> apply for fixed ``tensors`` (detached, local: a DTensor's shard) and
+    their ``masks`` (mask storage, written in place).
+
+    ``scope`` is the selection's job kind (``"layer"``, ``"global"``) or None for a step that
+    only applies the masks; ``key_space`` the keys it ranks in. A selection in the float64 key
+    space, and float64 tensors, run on the reference backend.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        scope: str | None = None,
+        key_space: int = KEY_SPACE_NATIVE,
+    ) -> None:
+        self.tensors = list(tensors)
+        self.masks = list(masks)
+        self.scope = scope
+        self.key_space = key_space
+        self.key = self.binding(self.tensors, self.masks)
+        on_reference = [primitives.uses_reference(key_space)] * len(self.tensors)
+        self.groups: list[_Group] = []
+        for (_, reference), indices in primitives.groups(self.tensors, on_reference).items():
+            staged, work = [], []
+            for i in indices:
+                tensor = self.tensors[i]
+                if not tensor.is_contiguous():
+                    staged.append((tensor, tensor.contiguous()))
+                    tensor = staged[-1][1]
+                work.append(tensor)
+            backend = REFERENCE if reference else backend_for(work[0].device)
+            job = backend.prepare(work, [self.masks[i] for i in indices], scope, key_space)
+            self.groups.append(_Group(indices, backend, job, staged))
+
+    @staticmethod
+    def binding(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> tuple:
+        """What a prepared step is bound to: the tensors' storage and layout, the masks'
+        storage. A step whose binding differs from the current one must be prepared again."""
+        return tuple((t.data_ptr(), t.stride(), t.dtype, t.device) for t in tensors) + tuple(
+            m.data_ptr() for m in masks
+        )
+
+    def set_counts(self, counts: Sequence[int], per_tensor: bool) -> None:
+        """Elements to prune at the next select: one count per tensor (``per_tensor``), or one
+        for all (then the step has one group). Written without waiting for the device."""
+        for group in self.groups:
+            group.job.set_counts([counts[i] for i in group.indices] if per_tensor else counts)
+
+    def run(self, select: bool = True, build: bool = True, apply: bool = True) -> None:
+        """The chosen stages, in order, for every group."""
+        with torch.no_grad():
+            for group in self.groups:
+                for tensor, copy in group.staged:
+                    copy.copy_(tensor)
+                if select:
+                    group.backend.select(group.job)
+                if build:
+                    group.backend.build(group.job)
+                if apply:
+                    group.backend.apply(group.job)
+                for tensor, copy in group.staged:
+                    if apply:
+                        tensor.copy_(copy)
+
+    def rows(self) -> list[torch.Tensor]:
+        """The last selection's rows, in tensor order (on each group's device)."""
+        rows: list[torch.Tensor] = [torch.empty(0)] * len(self.tensors)
+        for group in self.groups:
+            for j, i in enumerate(group.indices):
+                rows[i] = group.job.rows[j]
+        return rows
+
+    def nan_counts(self) -> list[int]:
+        """NaN weights the last selection counted per tensor (global scope: the total, on the
+        first tensor of the group); waits for the device."""
+        counts = [0] * len(self.tensors)
+        for group in self.groups:
+            for i, count in zip(group.indices, group.job.rows[:, 3].tolist()):
+                counts[i] = count
+        return counts
+
+    def thresholds(self) -> list[float]:
+        """|w| at the last selection's cut, per tensor (global scope: the cut over all)."""
+        rows = self.rows()
+        ones = [1] * len(self.tensors)
+        return [th.value for th in primitives.thresholds(rows, self.tensors, ones)]

@@ -22,7 +22,7 @@ from . import distributed, ops, primitives
 from ._layout import KEY_SPACE_WIDE64
 from .backends import REFERENCE, Backend, Job, backend_for
 from .dtensors import any_dtensor
-from .masks import MaskEntry, ensure_store, get_store
+from .mask_store import MaskEntry, ensure_store, get_store
 from .pruner import ParamSpec, SparsitySpec, targets_of
 from .strategies import Selection, selection_for
 

@@ -35,6 +35,7 @@ __all__ = [
     "select_rows_global",
     "select_rows_layerwise",
     "thresholds",
+    "uses_reference",
     "wide64",
 ]
 
@@ -140,7 +141,12 @@ def check_one_device(tensors: Sequence[torch.Tensor]) -> None:
 
 def wide64(tensors: Sequence[torch.Tensor]) -> list[bool]:
     """Rows of a global selection that lives in the float64 key space."""
-    return [key_space_for({t.dtype for t in tensors}) == KEY_SPACE_WIDE64] * len(tensors)
+    return [uses_reference(key_space_for({t.dtype for t in tensors}))] * len(tensors)
+
+
+def uses_reference(key_space: int) -> bool:
+    """Whether rows in ``key_space`` are built on the reference backend (float64 keys)."""
+    return key_space == KEY_SPACE_WIDE64
 
 
 def select_rows_global(

@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import distributed, ops, primitives
 from .dtensors import local_tensor
-from .masks import MaskEntry, MaskStore, drop_store, ensure_store, find_store, get_store
+from .mask_store import MaskEntry, MaskStore, drop_store, ensure_store, find_store, get_store
 from .selection import DEFAULT_PRUNABLE, ParamSpec, bare_name, select_parameters, unwrap
 from .strategies import Selection, selection_for
 
@@ -120,7 +120,15 @@ def prune_parameters(
     store.resolve(skip=names)
     tensors = [selected[n] for n in names]
     reuse = [store.reusable_mask(n, t) for n, t in zip(names, tensors)]
-    new_masks, thresholds = selection.masks(names, tensors, [targets[n] for n in names], reuse)
+    new_masks, thresholds = selection.masks(
+        names,
+        tensors,
+        [targets[n] for n in names],
+        reuse,
+        lambda local, masks, scope, key_space: store.prune_step(
+            names, local, masks, scope, key_space
+        ),
+    )
     entries = {
         name: MaskEntry(param, mask, targets[name], threshold)
         for name, param, mask, threshold in zip(names, tensors, new_masks, thresholds)

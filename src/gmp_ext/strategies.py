@@ -2,21 +2,55 @@
 
 ``scope="layer"`` and ``scope="global"`` are shorthands for :class:`LayerSelection` and
 :class:`GlobalSelection`. A strategy turns targets into counts, selects (eagerly, for single-
-process or sharded tensors alike, through :mod:`gmp_ext.engine`) and builds masks; prepared
+process or sharded tensors alike) and builds masks; prepared
 jobs (:class:`gmp_ext.PrunePlan`) read its ``scope``, ``counts`` and ``key_space``. A new
 pattern is a new strategy plus its kernels: callers hold a strategy, never a scope string.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from . import distributed, engine, ops, primitives
+from . import distributed, ops, primitives
 from ._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE64, key_space_for
+from .dtensors import any_dtensor
+from .engine import PreparedStep
 
-__all__ = ["GlobalSelection", "LayerSelection", "Selection", "selection_for"]
+__all__ = [
+    "GlobalSelection",
+    "LayerSelection",
+    "Selection",
+    "select_rows_global",
+    "select_rows_layerwise",
+    "selection_for",
+]
+
+
+def select_rows_layerwise(
+    tensors: Sequence[torch.Tensor], labels: Sequence[str], ks: Sequence[int]
+) -> list[torch.Tensor]:
+    """Selection rows (``csrc/common/tensor_table.h``) where tensor i prunes ``ks[i]``
+    elements; a DTensor's are rows of its local shard, selected together across its mesh (a
+    collective). Raises ValueError naming the tensor on NaN, before anything is modified."""
+    if any_dtensor(tensors):
+        return distributed.select_layerwise_sharded(tensors, labels, ks)
+    return primitives.select_rows_layerwise(tensors, labels, ks)
+
+
+def select_rows_global(
+    tensors: Sequence[torch.Tensor], labels: Sequence[str], k: int
+) -> list[torch.Tensor]:
+    """Rows of one selection of the ``k`` smallest elements over all tensors (ties: tensor
+    position, then flat index); sharded tensors are selected across their mesh."""
+    if any_dtensor(tensors):
+        return distributed.select_global_sharded(tensors, labels, k)
+    return primitives.select_rows_global(tensors, labels, k)
+
+
+# Makes (or reuses) the prepared step of (tensors, masks, scope, key space).
+Prepare = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], str, int], PreparedStep]
 
 
 class Selection:
@@ -47,13 +81,46 @@ class Selection:
         tensors: Sequence[torch.Tensor],
         targets: Sequence[float],
         reuse: Sequence[torch.Tensor | None] | None = None,
+        prepare: Prepare | None = None,
     ) -> tuple[list[torch.Tensor], list[float]]:
         """Fresh masks from the current weights (written over ``reuse[i]`` when given) and the
         threshold |w| of each; ValueError naming the tensor on NaN weights, before any mask is
-        written."""
+        written. With ``prepare`` (a source of prepared steps that keeps them for reuse), the
+        single-process selection runs as a prepared step, whose tables a repeated prune step
+        reuses."""
         self.check(tensors)
         counts = self.counts([t.numel() for t in tensors], targets)
+        if prepare is not None and self.preparable(tensors):
+            return self._prepared_masks(names, tensors, counts, reuse, prepare)
         return self.masks_for_counts(names, tensors, counts, reuse)
+
+    def preparable(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether one prepared step can select these tensors (sharded ones need collectives
+        between passes)."""
+        return not any_dtensor(tensors)
+
+    def _prepared_masks(
+        self,
+        names: Sequence[str],
+        tensors: Sequence[torch.Tensor],
+        counts: Sequence[int],
+        reuse: Sequence[torch.Tensor | None] | None,
+        prepare: Prepare,
+    ) -> tuple[list[torch.Tensor], list[float]]:
+        local = [t.detach() for t in tensors]
+        masks = [
+            given
+            if reuse is not None and (given := reuse[i]) is not None
+            else primitives.new_mask(t)
+            for i, t in enumerate(local)
+        ]
+        step = prepare(local, masks, self.scope, self.key_space({t.dtype for t in local}))
+        step.set_counts(counts, self.per_tensor_targets)
+        step.run(build=False, apply=False)
+        rows = torch.stack([row.cpu() for row in step.rows()]) if local else torch.zeros(0, 4)
+        primitives.raise_on_nan(rows, local, [f"parameter '{n}'" for n in names])
+        step.run(select=False, apply=False)
+        return masks, step.thresholds()
 
     def masks_for_counts(
         self,
@@ -87,7 +154,7 @@ class LayerSelection(Selection):
     def rows(
         self, tensors: Sequence[torch.Tensor], labels: Sequence[str], counts: Sequence[int]
     ) -> list[torch.Tensor]:
-        return engine.select_rows_layerwise(tensors, labels, counts)
+        return select_rows_layerwise(tensors, labels, counts)
 
 
 class GlobalSelection(Selection):
@@ -120,7 +187,7 @@ class GlobalSelection(Selection):
     def rows(
         self, tensors: Sequence[torch.Tensor], labels: Sequence[str], counts: Sequence[int]
     ) -> list[torch.Tensor]:
-        return engine.select_rows_global(tensors, labels, counts[0])
+        return select_rows_global(tensors, labels, counts[0])
 
     def masks(
         self,
@@ -128,9 +195,10 @@ class GlobalSelection(Selection):
         tensors: Sequence[torch.Tensor],
         targets: Sequence[float],
         reuse: Sequence[torch.Tensor | None] | None = None,
+        prepare: Prepare | None = None,
     ) -> tuple[list[torch.Tensor], list[float]]:
         if not self.caps:
-            return super().masks(names, tensors, targets, reuse)
+            return super().masks(names, tensors, targets, reuse, prepare)
         k = self.counts([t.numel() for t in tensors], targets)[0]
         by_name = dict(zip(names, tensors))
         result: dict[str, tuple[torch.Tensor, float]] = {}
@@ -154,7 +222,7 @@ class GlobalSelection(Selection):
         if fixed:
             members = [by_name[n] for n in fixed]
             ks = [self.caps[n] for n in fixed]
-            rows = engine.select_rows_layerwise(members, [f"parameter '{n}'" for n in fixed], ks)
+            rows = select_rows_layerwise(members, [f"parameter '{n}'" for n in fixed], ks)
             thresholds = [th.value for th in primitives.thresholds(rows, members, ks)]
             result.update(zip(fixed, zip(primitives.build(members, rows), thresholds)))
         return [result[n][0] for n in names], [result[n][1] for n in names]

@@ -7,7 +7,7 @@ Masks live in a weak mapping keyed by the model, never as module buffers or para
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -15,8 +15,8 @@ from torch import nn
 
 from . import ops, primitives
 from ._layout import mask_storage_bytes
-from .backends import backend_for
 from .dtensors import is_dtensor, local_tensor
+from .engine import PreparedStep
 from .selection import owner_of, unwrap
 
 __all__ = [
@@ -64,8 +64,10 @@ class MaskStore:
     # The live GMP controller and attach() handles by optimizer, so none is registered twice.
     controller: weakref.ReferenceType | None = None
     attachments: dict[int, object] = field(default_factory=dict)
-    # device -> (pointer key, backend, apply job, [(parameter, contiguous copy)])
-    _plans: dict = field(default_factory=dict)
+    # Prepared steps kept for reuse: the per-step re-apply by device, prune steps by
+    # (names, scope, key space). Each is prepared again when its binding changes.
+    _apply_steps: dict[torch.device, PreparedStep] = field(default_factory=dict)
+    _prune_steps: dict[tuple, PreparedStep] = field(default_factory=dict)
     # name -> (module holding the parameter, attribute), valid while no module or parameter
     # was registered anywhere since _REGISTRATIONS[0] was _resolved_at.
     _owners: dict = field(default_factory=dict)
@@ -125,7 +127,7 @@ class MaskStore:
             if entry.mask.device != device:
                 entry.mask = entry.mask.to(device)
         if rebound:
-            self._plans.clear()
+            self._apply_steps.clear()
 
     def reusable_mask(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
         """The mask held for ``param`` under ``name`` when a new mask may be written over it
@@ -142,7 +144,23 @@ class MaskStore:
 
     def set_masks(self, entries: dict[str, MaskEntry]) -> None:
         self.entries.update(entries)
-        self._plans.clear()
+        self._apply_steps.clear()
+
+    def prune_step(
+        self,
+        names: Sequence[str],
+        tensors: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        scope: str,
+        key_space: int,
+    ) -> PreparedStep:
+        """The prepared select -> build step of these parameters and masks, made once and
+        reused while they keep their storage (a repeated prune step builds no tables)."""
+        key = (tuple(names), scope, key_space)
+        step = self._prune_steps.get(key)
+        if step is None or step.key != PreparedStep.binding(tensors, masks):
+            step = self._prune_steps[key] = PreparedStep(tensors, masks, scope, key_space)
+        return step
 
     def apply(self) -> None:
         """Re-zero every pruned weight: one fused native call per device.
@@ -161,28 +179,15 @@ class MaskStore:
                 self._apply_device(device, entries)
 
     def _apply_device(self, device: torch.device, entries: list[MaskEntry]) -> None:
+        # A non-contiguous parameter (channels_last) is staged through a contiguous copy kept
+        # with the step, so a step allocates nothing and builds no table (and can be captured
+        # in a CUDA graph); the mask, in flat index order, needs no permutation.
         params = [local_tensor(e.param).detach() for e in entries]
         masks = [e.mask if e.mask.device == device else e.mask.to(device) for e in entries]
-        if any(p.dtype == torch.float64 for p in params):
-            primitives.apply_in_place(params, masks)  # the reference backend: nothing to cache
-            return
-        key = tuple((p.data_ptr(), p.stride()) for p in params) + tuple(m.data_ptr() for m in masks)
-        cached = self._plans.get(device)
-        if cached is None or cached[0] != key:
-            # A non-contiguous parameter (channels_last) is staged through a contiguous copy
-            # kept with the plan, so a step allocates nothing and builds no table (and can be
-            # captured in a CUDA graph); the mask, in flat index order, needs no permutation.
-            work = [p.contiguous() for p in params]  # the parameter itself when contiguous
-            staged = [(p, w) for p, w in zip(params, work) if w is not p]
-            backend = backend_for(device)
-            cached = (key, backend, backend.prepare(work, masks), staged)
-            self._plans[device] = cached
-        _, backend, job, staged = cached
-        for param, copy in staged:
-            copy.copy_(param)
-        backend.apply(job)
-        for param, copy in staged:
-            param.copy_(copy)
+        step = self._apply_steps.get(device)
+        if step is None or step.key != PreparedStep.binding(params, masks):
+            step = self._apply_steps[device] = PreparedStep(params, masks)
+        step.run(select=False, build=False)
 
     def apply_to(
         self,
