@@ -70,8 +70,9 @@ from utils import (
     write_rows,
 )
 
-from gmp_ext import backends, ops, primitives
+from gmp_ext import ops, primitives
 from gmp_ext._layout import key_space_for
+from gmp_ext.engine import PreparedStep
 
 SPARSITY = 0.9
 MEMORY_HEADROOM = 0.92  # of the free memory a method may be expected to take
@@ -140,27 +141,24 @@ def _cat_abs(ws: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _Prepared:
-    """Select + build of a job prepared at the first call (and again if the weights move)."""
+    """Select + build of the engine's prepared step, made at the first call (and again if the
+    weights move): the launches of ``PrunePlan.step`` without the apply."""
 
     def __init__(self, scope: str) -> None:
         self.scope = scope
-        self.addresses: tuple[int, ...] = ()
+        self.step: PreparedStep | None = None
 
-    def __call__(self, ws: list[torch.Tensor]) -> torch.Tensor:
-        addresses = tuple(w.data_ptr() for w in ws)
-        if addresses != self.addresses:
-            self.backend = backends.backend_for(ws[0].device)
+    def __call__(self, ws: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.step is None or self.step.tensors != ws:
             masks = [primitives.new_mask(w) for w in ws]
             key_space = key_space_for({w.dtype for w in ws}) if self.scope == "global" else 0
-            self.job = self.backend.prepare(ws, masks, self.scope, key_space)
+            self.step = PreparedStep(ws, masks, self.scope, key_space)
             if self.scope == "global":
-                self.job.set_counts([_k(sum(w.numel() for w in ws))])
+                self.step.set_counts([_k(sum(w.numel() for w in ws))], per_tensor=False)
             else:
-                self.job.set_counts([_k(w.numel()) for w in ws])
-            self.addresses = addresses
-        self.backend.select(self.job)
-        self.backend.build(self.job)
-        return self.job.rows
+                self.step.set_counts([_k(w.numel()) for w in ws], per_tensor=True)
+        self.step.run(apply=False)
+        return self.step.rows()
 
 
 def _names(ws: list[torch.Tensor]) -> list[str]:

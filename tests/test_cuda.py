@@ -31,6 +31,7 @@ from torch import nn
 import gmp_ext
 from gmp_ext import PrunePlan, _reference, primitives
 from gmp_ext._layout import KEY_SPACE_NATIVE, key_space_for, mask_bytes
+from gmp_ext.engine import PreparedStep
 
 from .conftest import native_backend
 from .utils import DTYPE_IDS, DTYPES, SPARSITIES, assert_same, weights
@@ -168,31 +169,30 @@ def test_bf16_heavy_ties_on_many_tiles(native, cpu, kind):
 
 
 class RawStep:
-    """One prune step as a prepared backend job (select + build + apply on buffers allocated
-    once): nothing is allocated and nothing is read back when it runs, so it can be captured in
-    a CUDA graph, and the counts it prunes can be rewritten between replays."""
+    """One prune step as the engine's prepared step (select + build + apply on buffers
+    allocated once): nothing is allocated and nothing is read back when it runs, so it can be
+    captured in a CUDA graph, and the counts it prunes can be rewritten between replays."""
 
     def __init__(self, native, tensors, ks=None, k=None, key_space=KEY_SPACE_NATIVE):
-        self.native = native
         self.tensors = tensors
         self.ks, self.k, self.key_space = ks, k, key_space
         self.masks = [primitives.new_mask(t) for t in tensors]
         scope = "layer" if ks is not None else "global"
-        self.job = native.prepare(tensors, self.masks, scope, key_space)
+        self.step = PreparedStep(tensors, self.masks, scope, key_space)
+        (group,) = self.step.groups  # one device: the native backend's one job
+        assert group.backend is native
         self.set_counts(ks=ks, k=k)
 
     @property
     def rows(self) -> torch.Tensor:
-        return self.job.rows
+        return self.step.groups[0].job.rows
 
     def set_counts(self, ks=None, k=None) -> None:
         self.ks, self.k = ks, k
-        self.job.set_counts(ks if ks is not None else [k])
+        self.step.set_counts(ks if ks is not None else [k], per_tensor=ks is not None)
 
     def __call__(self) -> None:
-        self.native.select(self.job)
-        self.native.build(self.job)
-        self.native.apply(self.job)
+        self.step.run()
 
     def load(self, values) -> None:
         """New weights into the same storage; rows and masks poisoned."""

@@ -13,30 +13,18 @@ mask build leaves the affected masks as they were (every mask, in global scope).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import distributed, ops, primitives
-from ._layout import KEY_SPACE_WIDE64
-from .backends import REFERENCE, Backend, Job, backend_for
 from .dtensors import any_dtensor
+from .engine import PreparedStep
 from .mask_store import MaskEntry, ensure_store, get_store
 from .pruner import ParamSpec, SparsitySpec, targets_of
 from .strategies import Selection, selection_for
 
 __all__ = ["PrunePlan"]
-
-
-@dataclass(eq=False)
-class _Group:
-    """Parameters of one device (and backend) and the job that prunes them."""
-
-    indices: list[int]
-    backend: Backend
-    job: Job
-    staged: list[tuple[torch.Tensor, torch.Tensor]]  # (parameter, contiguous copy) pairs
 
 
 class PrunePlan:
@@ -107,31 +95,12 @@ class PrunePlan:
         return mask
 
     def _prepare(self) -> None:
-        """Jobs per (device, backend) group, bound to the parameters' current storage."""
+        """The prepared step, bound to the parameters' current storage and the masks."""
         masks = [self._entries[n].mask for n in self._names]
-        wide64 = self._key_space() == KEY_SPACE_WIDE64
-        self._groups: list[_Group] = []
-        for (_, on_reference), indices in primitives.groups(
-            self._params, [wide64] * len(masks)
-        ).items():
-            staged, work = [], []
-            for i in indices:
-                param = self._params[i].detach()
-                if not param.is_contiguous():
-                    staged.append((param, param.contiguous()))
-                    param = staged[-1][1]
-                work.append(param)
-            group_masks = [masks[i] for i in indices]
-            backend = REFERENCE if on_reference else backend_for(work[0].device)
-            job = backend.prepare(work, group_masks, self._selection.scope, self._key_space())
-            self._groups.append(_Group(indices, backend, job, staged))
-        self._addresses = self._storage()
-
-    def _key_space(self) -> int:
-        return self._selection.key_space({p.dtype for p in self._params})
-
-    def _storage(self) -> list[tuple[int, torch.dtype, torch.device]]:
-        return [(p.data_ptr(), p.dtype, p.device) for p in self._params]
+        key_space = self._selection.key_space({p.dtype for p in self._params})
+        tensors = [p.detach() for p in self._params]
+        self._step = PreparedStep(tensors, masks, self._selection.scope, key_space)
+        self._devices = [p.device for p in self._params]
 
     @property
     def names(self) -> list[str]:
@@ -162,11 +131,7 @@ class PrunePlan:
         else:
             targets = [ops.check_sparsity(sparsity)] * len(self._names)
         counts = self._selection.counts([p.numel() for p in self._params], targets)
-        for group in self._groups:
-            if self._selection.per_tensor_targets:
-                group.job.set_counts([counts[i] for i in group.indices])
-            else:  # one group: the selection spans every parameter
-                group.job.set_counts(counts)
+        self._step.set_counts(counts, self._selection.per_tensor_targets)
         self._counts = counts
         self._sparsity = sparsity
         for name, target in zip(self._names, targets):
@@ -183,48 +148,36 @@ class PrunePlan:
             store.set_masks(self._entries)  # prune_step or remove() replaced them since
         store.resolve()  # parameters the model replaced (load_state_dict(assign=True), ...)
         self._params = [self._entries[n].param for n in self._names]
-        storage = self._storage()
-        if storage != self._addresses:
-            if [a[2] for a in storage] != [a[2] for a in self._addresses]:
+        masks = [self._entries[n].mask for n in self._names]
+        if self._step.key != PreparedStep.binding([p.detach() for p in self._params], masks):
+            if [p.device for p in self._params] != self._devices:
                 raise RuntimeError(
                     "the plan's parameters moved to another device; make a new PrunePlan"
                 )
             self._prepare()
             self.set_sparsity(self._sparsity)
-        with torch.no_grad():
-            for group in self._groups:
-                for param, work in group.staged:
-                    work.copy_(param)
-                group.backend.select(group.job)
-                group.backend.build(group.job)
-                group.backend.apply(group.job)
-                for param, work in group.staged:
-                    param.copy_(work)
+        self._step.run()
 
     def check(self) -> dict[str, float]:
         """Waits for the last step and returns {name: sparsity of its mask}; raises ValueError
         naming the parameters that held NaN weights (their masks were left as they were)."""
-        nan_params = []  # counted by the selection: apply may since have zeroed pruned NaNs
-        for group in self._groups:
-            counts = group.job.rows[:, 3].tolist()
-            if not self._selection.per_tensor_targets and counts and counts[0]:
-                holders = [self._labels[i] for i in group.indices if self._has_nan(i)]
-                raise ValueError(
-                    f"{counts[0]} NaN weight(s) among the plan's parameters"
-                    f"{' (in ' + ', '.join(holders) + ')' if holders else ''}: magnitudes of NaN "
-                    "weights cannot be ranked, so the last step left every mask as before"
-                )
-            nan_params += [f"{self._labels[i]} ({c})" for i, c in zip(group.indices, counts) if c]
+        # Counted by the selection: apply may since have zeroed pruned NaNs.
+        counts = self._step.nan_counts()
+        if not self._selection.per_tensor_targets and counts and counts[0]:
+            holders = [label for i, label in enumerate(self._labels) if self._has_nan(i)]
+            raise ValueError(
+                f"{counts[0]} NaN weight(s) among the plan's parameters"
+                f"{' (in ' + ', '.join(holders) + ')' if holders else ''}: magnitudes of NaN "
+                "weights cannot be ranked, so the last step left every mask as before"
+            )
+        nan_params = [f"{label} ({c})" for label, c in zip(self._labels, counts) if c]
         if nan_params:
             raise ValueError(
                 f"NaN weights in {', '.join(nan_params)}: magnitudes of NaN weights cannot be "
                 "ranked, so the last step left their masks as before"
             )
-        for group in self._groups:
-            rows = list(group.job.rows)
-            tensors = [self._params[i] for i in group.indices]
-            for i, th in zip(group.indices, primitives.thresholds(rows, tensors, [1] * len(rows))):
-                self._entries[self._names[i]].threshold = th.value
+        for name, threshold in zip(self._names, self._step.thresholds()):
+            self._entries[name].threshold = threshold
         return distributed.mask_sparsities(self._entries)
 
     def _has_nan(self, i: int) -> bool:
