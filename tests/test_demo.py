@@ -49,8 +49,8 @@ def quick_run(tmp_path_factory):
     return code, out, stdout, stderr
 
 
-def _plan(config: dict) -> demo.Plan:
-    return demo.Plan(
+def _budget(config: dict) -> demo.RunBudget:
+    return demo.RunBudget(
         dense_epochs=config["dense_epochs"],
         epochs=config["epochs"],
         start_epoch=config["start_epoch"],
@@ -195,7 +195,7 @@ def test_accuracy_figure_labels_and_stage_colours(quick_run):
     _, out, _, _ = quick_run
     results = json.loads((out / "results.json").read_text())
     dense = {int(seed): acc for seed, acc in results["dense_accuracy"].items()}
-    figure = demo.plot_accuracy(results["runs"], _plan(results["config"]), dense, "digits")
+    figure = demo.plot_accuracy(results["runs"], _budget(results["config"]), dense, "digits")
     (ax,) = figure.axes
     assert ax.get_title() == "digits: target sparsity 0.9\nmean of 1 seed"
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
@@ -218,8 +218,8 @@ def test_per_layer_figure_says_target_and_seed(quick_run, tmp_path, monkeypatch)
     original = plotting.plot_sparsity_history
     monkeypatch.setattr(plotting, "plot_sparsity_history", keep)
     dense = {int(seed): acc for seed, acc in results["dense_accuracy"].items()}
-    plan = _plan(results["config"])
-    demo.write_figures(results["runs"], plan, dense, tmp_path, "digits", "layer")
+    budget = _budget(results["config"])
+    demo.write_figures(results["runs"], budget, dense, tmp_path, "digits", "layer")
     (figure,) = figures
     ax = figure.axes[0]
     assert ax.get_title() == "digits: GMP to sparsity 0.9, seed 0 of 1, layer scope (4 layers)"

@@ -166,8 +166,8 @@ def test_native_histogram_rejects_bad_arguments():
 
 
 def test_digit_plan_covers_the_key_bits_in_few_small_digits():
-    assert distributed._plan(KEY_SPACE_WIDE) == [(20, 11), (10, 10), (0, 10)]
-    plan = distributed._plan(KEY_SPACE_WIDE64)
+    assert distributed._digit_plan(KEY_SPACE_WIDE) == [(20, 11), (10, 10), (0, 10)]
+    plan = distributed._digit_plan(KEY_SPACE_WIDE64)
     assert [w for _, w in plan] == [11, 11, 11, 10, 10, 10]
     assert plan[-1][0] == 0 and all(
         s == plan[i + 1][0] + plan[i + 1][1] for i, (s, _) in enumerate(plan[:-1])

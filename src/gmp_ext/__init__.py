@@ -25,12 +25,12 @@ from .pruner import (
     masks,
     prune_step,
     remove,
-    select_parameters,
     sparsity_report,
     zero_pruned_grads,
     zero_pruned_state,
 )
 from .schedule import GMPSchedule
+from .selection import select_parameters
 
 __all__ = [
     "GMP",

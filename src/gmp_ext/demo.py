@@ -80,7 +80,7 @@ class DemoError(ValueError):
 
 
 @dataclass(frozen=True)
-class Plan:
+class RunBudget:
     """Budget and schedule of one run, in epochs of the training set."""
 
     dense_epochs: int
@@ -96,10 +96,10 @@ class Plan:
         return [self.epochs * (i + 1) / self.curve_points for i in range(self.curve_points)]
 
 
-def _digits_plan(epochs: int, quick: bool) -> Plan:
+def _digits_budget(epochs: int, quick: bool) -> RunBudget:
     """One update per epoch (20 steps): pruning ends about half-way through retraining."""
     end = max(2, round(epochs / 2))
-    return Plan(
+    return RunBudget(
         dense_epochs=15 if quick else 40,
         epochs=epochs,
         start_epoch=1,
@@ -110,12 +110,12 @@ def _digits_plan(epochs: int, quick: bool) -> Plan:
     )
 
 
-def _fashion_plan(epochs: int, quick: bool) -> Plan:
+def _fashion_budget(epochs: int, quick: bool) -> RunBudget:
     """Epochs are long here (469 steps), so the schedule runs in fractions of retraining:
     stabilization for the first eighth, then 6 updates until half-way (59 optimizer steps apart
     with the default 2 epochs), learning-rate drops at 75% and 90%."""
     start, end = epochs / 8, epochs / 2
-    return Plan(
+    return RunBudget(
         dense_epochs=1 if quick else 3,
         epochs=epochs,
         start_epoch=start,
@@ -135,7 +135,7 @@ class DataSpec:
     default_epochs: int
     quick_epochs: int
     min_epochs: int
-    plan: Callable[[int, bool], Plan]
+    budget: Callable[[int, bool], RunBudget]
     load: Callable[[argparse.Namespace], tuple[Split, Split]]
     make_model: Callable[[], torch.nn.Module]
 
@@ -209,7 +209,7 @@ def _require(module: str, package: str) -> Any:
         ) from None
 
 
-def _check(args: argparse.Namespace) -> tuple[DataSpec, list[float], int, Plan]:
+def _check(args: argparse.Namespace) -> tuple[DataSpec, list[float], int, RunBudget]:
     spec = DATASETS[args.data]
     for s in args.sparsity:
         if not (math.isfinite(s) and 0.0 < s < 1.0):
@@ -237,7 +237,7 @@ def _check(args: argparse.Namespace) -> tuple[DataSpec, list[float], int, Plan]:
         raise DemoError(
             f"--out {args.out} is not writable ({error.strerror}); pick another directory"
         ) from None
-    return spec, sorted(set(args.sparsity)), seeds, spec.plan(epochs, args.quick)
+    return spec, sorted(set(args.sparsity)), seeds, spec.budget(epochs, args.quick)
 
 
 def load_digits_split() -> tuple[Split, Split]:
@@ -355,7 +355,7 @@ DATASETS = {
         default_epochs=30,
         quick_epochs=12,
         min_epochs=4,  # the schedule updates once per epoch
-        plan=_digits_plan,
+        budget=_digits_budget,
         load=lambda args: load_digits_split(),
         make_model=make_model,
     ),
@@ -365,7 +365,7 @@ DATASETS = {
         default_epochs=2,
         quick_epochs=1,
         min_epochs=1,
-        plan=_fashion_plan,
+        budget=_fashion_budget,
         load=lambda args: load_fashion_mnist(args.data_dir, args.quick),
         make_model=make_fashion_model,
     ),
@@ -456,7 +456,7 @@ def _progress(total: int, desc: str) -> Iterator[Any]:
         print(f"{desc}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
 
-def train_dense(seed: int, plan: Plan, spec: DataSpec, train: Split) -> torch.nn.Module:
+def train_dense(seed: int, budget: RunBudget, spec: DataSpec, train: Split) -> torch.nn.Module:
     import torch
 
     torch.manual_seed(seed)
@@ -464,9 +464,9 @@ def train_dense(seed: int, plan: Plan, spec: DataSpec, train: Split) -> torch.nn
     optimizer = torch.optim.SGD(
         model.parameters(), lr=DENSE_LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
-    milestones = (round(0.7 * plan.dense_epochs),)
-    with _progress(plan.dense_epochs, f"dense seed {seed}") as bar:
-        _train(model, optimizer, train, seed, plan.dense_epochs, spec.batch, milestones, bar)
+    milestones = (round(0.7 * budget.dense_epochs),)
+    with _progress(budget.dense_epochs, f"dense seed {seed}") as bar:
+        _train(model, optimizer, train, seed, budget.dense_epochs, spec.batch, milestones, bar)
     return model
 
 
@@ -508,7 +508,7 @@ def run_arm(
     dense: torch.nn.Module,
     target: float,
     seed: int,
-    plan: Plan,
+    budget: RunBudget,
     spec: DataSpec,
     scope: str,
     train: Split,
@@ -531,7 +531,12 @@ def run_arm(
         optimizer = _retrain_optimizer(model)
         steps = _steps_per_epoch(train, spec.batch)
         schedule = gmp_ext.GMPSchedule(
-            INIT_SPARSITY, target, plan.start_epoch, plan.end_epoch, plan.update_frequency, "cubic"
+            INIT_SPARSITY,
+            target,
+            budget.start_epoch,
+            budget.end_epoch,
+            budget.update_frequency,
+            "cubic",
         )
         before_step = None
         controller = None
@@ -543,7 +548,7 @@ def run_arm(
                 steps_per_epoch=steps,
                 scope=scope,
                 fine_tune_weight_decay=0.0,
-                total_epochs=plan.epochs,
+                total_epochs=budget.epochs,
             )
         else:
             gmp_ext.prune_step(model, target, scope=scope)
@@ -555,21 +560,21 @@ def run_arm(
                         group["weight_decay"] = 0.0
 
         curve: list[float] = []
-        curve_steps = {round(epoch * steps) for epoch in plan.curve_epochs}
+        curve_steps = {round(epoch * steps) for epoch in budget.curve_epochs}
 
         def after_step(step: int) -> None:
             if step in curve_steps:
                 curve.append(accuracy(model, test))
 
-        with _progress(plan.epochs, f"{arm} s={target:g} seed {seed}") as bar:
+        with _progress(budget.epochs, f"{arm} s={target:g} seed {seed}") as bar:
             _train(
                 model,
                 optimizer,
                 train,
                 seed,
-                plan.epochs,
+                budget.epochs,
                 spec.batch,
-                plan.lr_milestones,
+                budget.lr_milestones,
                 bar,
                 before_step,
                 after_step,
@@ -666,7 +671,12 @@ def format_table(rows: list[dict[str, Any]], dense_acc: dict[int, float]) -> str
 
 
 def write_figures(
-    runs: list[dict], plan: Plan, dense_acc: dict[int, float], out: Path, data: str, scope: str
+    runs: list[dict],
+    budget: RunBudget,
+    dense_acc: dict[int, float],
+    out: Path,
+    data: str,
+    scope: str,
 ) -> list[Path]:
     """Per target, seed 0's GMP run: sparsity per layer against optimizer step. The schedule
     and learning rate of the highest target. Test accuracy against epoch, a panel per target."""
@@ -687,22 +697,24 @@ def write_figures(
             path,
             schedule=GMPSchedule.from_state_dict(run["schedule"]),
             steps_per_epoch=steps,
-            until_step=plan.epochs * steps,
+            until_step=budget.epochs * steps,
             title=f"{data}: GMP to sparsity {run['target']:g}, seed 0 of {seeds}, {scope} scope",
         )
         paths.append(path)
     path = out / "schedule_lr.png"
-    lr = LRSteps(RETRAIN_LR, plan.lr_milestones, 0.1)
+    lr = LRSteps(RETRAIN_LR, budget.lr_milestones, 0.1)
     schedule = GMPSchedule.from_state_dict(shown[-1]["schedule"])
-    plot_schedule(schedule, plan.epochs, shown[-1]["steps_per_epoch"], lr=lr, path=path)
+    plot_schedule(schedule, budget.epochs, shown[-1]["steps_per_epoch"], lr=lr, path=path)
     paths.append(path)
     path = out / "accuracy.png"
-    plot_accuracy(runs, plan, dense_acc, data).savefig(path, dpi=110)
+    plot_accuracy(runs, budget, dense_acc, data).savefig(path, dpi=110)
     paths.append(path)
     return paths
 
 
-def plot_accuracy(runs: list[dict], plan: Plan, dense_acc: dict[int, float], data: str) -> Figure:
+def plot_accuracy(
+    runs: list[dict], budget: RunBudget, dense_acc: dict[int, float], data: str
+) -> Figure:
     """Test accuracy against retraining epoch, mean over seeds, a panel per target; the stages
     shaded in the colours of every other figure (gmp_ext.plotting.STAGE_COLORS)."""
     from .plotting import new_figure, shade_stages
@@ -715,9 +727,9 @@ def plot_accuracy(runs: list[dict], plan: Plan, dense_acc: dict[int, float], dat
     dense = statistics.fmean(dense_acc.values())
     for ax, target in zip(axes, targets):
         schedule = GMPSchedule(
-            INIT_SPARSITY, target, plan.start_epoch, plan.end_epoch, plan.update_frequency
+            INIT_SPARSITY, target, budget.start_epoch, budget.end_epoch, budget.update_frequency
         )
-        shade_stages(ax, schedule, plan.epochs)
+        shade_stages(ax, schedule, budget.epochs)
         for arm in ARMS:
             group = [r for r in runs if r["arm"] == arm and r["target"] == target]
             if arm == "oneshot":
@@ -726,9 +738,9 @@ def plot_accuracy(runs: list[dict], plan: Plan, dense_acc: dict[int, float], dat
                 continue
             points = zip(*(r["curve"] for r in group))
             mean_curve = [100 * statistics.fmean(point) for point in points]
-            ax.plot(plan.curve_epochs, mean_curve, label=ARM_LABELS[arm], **ARM_STYLES[arm])
+            ax.plot(budget.curve_epochs, mean_curve, label=ARM_LABELS[arm], **ARM_STYLES[arm])
         ax.axhline(100 * dense, color="black", linestyle="--", linewidth=1, label="dense")
-        ax.set_xlim(0, plan.epochs)
+        ax.set_xlim(0, budget.epochs)
         ax.set_title(f"{data}: target sparsity {target:g}\nmean of {seeds} seed{'s' * (seeds > 1)}")
         ax.set_xlabel("retraining epoch")
         ax.set_ylabel("test accuracy (%)")
@@ -751,7 +763,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def execute(args: argparse.Namespace) -> dict[str, Any]:
     """The whole demo; returns what results.json holds."""
-    spec, sparsities, seeds, plan = _check(args)
+    spec, sparsities, seeds, budget = _check(args)
     for module, package in (("matplotlib", "matplotlib"), ("tqdm", "tqdm")):
         _require(module, package)
     import torch
@@ -762,7 +774,7 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _execute(args, spec, sparsities, seeds, plan, started)
+        return _execute(args, spec, sparsities, seeds, budget, started)
     finally:
         torch.set_num_threads(threads)
 
@@ -772,7 +784,7 @@ def _execute(
     spec: DataSpec,
     sparsities: list[float],
     seeds: int,
-    plan: Plan,
+    budget: RunBudget,
     started: float,
 ) -> dict[str, Any]:
     import torch
@@ -782,12 +794,14 @@ def _execute(
     train, test = spec.load(args)
     runs, dense_acc = [], {}
     for seed in range(seeds):
-        dense = train_dense(seed, plan, spec, train)
+        dense = train_dense(seed, budget, spec, train)
         dense_acc[seed] = accuracy(dense, test)
         for target in sparsities:
             for arm in ARMS:
                 runs.append(
-                    run_arm(arm, dense, target, seed, plan, spec, args.scope, train, test, args.out)
+                    run_arm(
+                        arm, dense, target, seed, budget, spec, args.scope, train, test, args.out
+                    )
                 )
     rows = summarize(runs, dense_acc)
     results = {
@@ -797,13 +811,13 @@ def _execute(
             "sparsity": sparsities,
             "seeds": seeds,
             "scope": args.scope,
-            "epochs": plan.epochs,
-            "dense_epochs": plan.dense_epochs,
-            "start_epoch": plan.start_epoch,
-            "end_epoch": plan.end_epoch,
-            "update_frequency": plan.update_frequency,
-            "lr_milestones": list(plan.lr_milestones),
-            "curve_epochs": plan.curve_epochs,
+            "epochs": budget.epochs,
+            "dense_epochs": budget.dense_epochs,
+            "start_epoch": budget.start_epoch,
+            "end_epoch": budget.end_epoch,
+            "update_frequency": budget.update_frequency,
+            "lr_milestones": list(budget.lr_milestones),
+            "curve_epochs": budget.curve_epochs,
             "retrain_lr": RETRAIN_LR,
             "batch": spec.batch,
             "train_size": len(train[1]),
@@ -817,7 +831,7 @@ def _execute(
         "verdicts": verdicts(rows),
         "runs": runs,
     }
-    figures = write_figures(runs, plan, dense_acc, args.out, spec.name, args.scope)
+    figures = write_figures(runs, budget, dense_acc, args.out, spec.name, args.scope)
     results["figures"] = [p.name for p in figures]
     results["wall_s"] = time.perf_counter() - started
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -184,20 +184,20 @@ class _Passes:
         return self.backend.find_equal(self.job, keys, ranks)
 
 
-def _passes(tensors: Sequence[torch.Tensor], key_space: int, native: bool = True) -> _Passes:
-    """The passes over the tensors' local shards; ``native=False`` forces the reference's."""
+def _passes(tensors: Sequence[torch.Tensor], key_space: int) -> _Passes:
+    """The radix passes over the tensors' local shards."""
     shards = [primitives.local_values(t) for t in tensors]
     devices = {s.device for s in shards}
     if len(devices) > 1:
         raise ValueError(f"sharded parameters have local shards on several devices: {devices}")
     device = devices.pop()
     backend: Backend = REFERENCE
-    if native and key_space == KEY_SPACE_WIDE and device.type == "cpu":
+    if key_space == KEY_SPACE_WIDE and device.type == "cpu":
         backend = backend_for(device)
     return _Passes(backend, backend.prepare(shards, None, None, key_space), device)
 
 
-def _plan(key_space: int) -> list[tuple[int, int]]:
+def _digit_plan(key_space: int) -> list[tuple[int, int]]:
     """(shift, width) of each pass, most significant digit first, widths as even as possible."""
     bits = 63 if key_space == KEY_SPACE_WIDE64 else 31
     passes = -(-bits // _DIGIT_BITS)
@@ -254,7 +254,7 @@ def _select(
     active = ranks > 0
     prefix = torch.zeros_like(ranks)
     local = bucket = None
-    for j, (shift, width) in enumerate(_plan(passes.key_space)):
+    for j, (shift, width) in enumerate(_digit_plan(passes.key_space)):
         # After the first pass (whose NaN counts cover every row) rows with k == 0 are skipped.
         prefixes = torch.where(active, prefix, -1).expand(n).contiguous() if j else None
         local, nans = passes.histogram(shift, width, prefixes, count_nan=j == 0)

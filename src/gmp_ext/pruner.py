@@ -13,11 +13,10 @@ from torch.utils.hooks import RemovableHandle
 from . import distributed, ops, primitives
 from .dtensors import local_tensor
 from .mask_store import MaskEntry, MaskStore, drop_store, ensure_store, find_store, get_store
-from .selection import DEFAULT_PRUNABLE, ParamSpec, bare_name, select_parameters, unwrap
+from .selection import ParamSpec, bare_name, select_parameters, unwrap
 from .strategies import Selection, selection_for
 
 __all__ = [
-    "DEFAULT_PRUNABLE",
     "AttachHandle",
     "SparsityReport",
     "apply_masks",
@@ -28,7 +27,6 @@ __all__ = [
     "prune_parameters",
     "prune_step",
     "remove",
-    "select_parameters",
     "sparsity_report",
     "targets_of",
     "zero_pruned_grads",
