@@ -126,8 +126,9 @@ class MaskStore:
             device = local_tensor(current).device
             if entry.mask.device != device:
                 entry.mask = entry.mask.to(device)
-        if rebound:
+        if rebound:  # the steps would hold (and keep alive) the replaced tensors
             self._apply_steps.clear()
+            self._prune_steps.clear()
 
     def reusable_mask(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
         """The mask held for ``param`` under ``name`` when a new mask may be written over it

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from . import distributed, ops, primitives
-from ._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE64, key_space_for
+from ._layout import KEY_SPACE_NATIVE, key_space_for
 from .dtensors import any_dtensor
 from .engine import PreparedStep
 
@@ -131,8 +131,8 @@ class Selection:
     ) -> tuple[list[torch.Tensor], list[float]]:
         """:meth:`masks` for counts already known."""
         rows = self.rows(tensors, [f"parameter '{n}'" for n in names], counts)
-        wide64 = [self.key_space({t.dtype for t in tensors}) == KEY_SPACE_WIDE64] * len(tensors)
-        masks = primitives.build(tensors, rows, wide64, reuse)
+        reference = primitives.uses_reference(self.key_space({t.dtype for t in tensors}))
+        masks = primitives.build(tensors, rows, [reference] * len(tensors), reuse)
         # In global scope every tensor's threshold is the cut over all of them.
         thresholds = primitives.thresholds(rows, tensors, [1] * len(tensors))
         return masks, [th.value for th in thresholds]
