@@ -679,3 +679,17 @@ def test_config_is_validated_once_frozen_and_recorded():
     # Options that never change the weights may differ on resume.
     model2, opt2 = make()
     GMP(model2, opt2, constant(0.5), steps_per_epoch=2).load_state_dict(gmp.state_dict())
+
+
+def test_model_with_a_controller_still_pickles_and_deep_copies():
+    import copy
+    import io
+
+    model, opt = make()
+    schedule = GMPSchedule(0.2, 0.6, 0, 2, interpolation=lambda x: x)  # a lambda: unpicklable
+    gmp = GMP(model, opt, schedule, steps_per_epoch=2)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the forward hook GMP adds holds counters only
+    clone = copy.deepcopy(model)
+    assert all(torch.equal(a, b) for a, b in zip(clone.parameters(), model.parameters()))
+    gmp.remove()

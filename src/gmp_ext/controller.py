@@ -104,9 +104,7 @@ class GMP:
         }
         self._selection = GlobalSelection(caps) if self.scope == "global" else LayerSelection()
         self._progress = checkpoint.Progress()
-        self._forwards = ForwardCounter(
-            self.schedule, self.steps_per_epoch, self.config.gradient_accumulation_steps
-        )
+        self._forwards = ForwardCounter(self.config.gradient_accumulation_steps)
         self._store = store
         self._take_over(store)
 
@@ -226,7 +224,7 @@ class GMP:
     def _after_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         previous = self.epoch
         self._progress.step += 1
-        self._forwards.step()
+        self._forwards.step(self.schedule, self.steps_per_epoch)
         # Re-zero first, also before an update: momentum and weight decay may have moved pruned
         # weights off zero in this step, and they must not outrank kept weights in the new masks.
         self._store.apply()

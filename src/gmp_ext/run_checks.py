@@ -22,9 +22,9 @@ class ForwardCounter:
     accumulation, ``steps_per_epoch=len(loader)`` counts micro-batches, and the run then ends
     long before its schedule does."""
 
-    def __init__(self, schedule: Schedule, steps_per_epoch: int, expected: int | None) -> None:
-        self.schedule = schedule
-        self.steps_per_epoch = steps_per_epoch
+    # The hook lives in the model's hook registry, so it is pickled and deep-copied with the
+    # model (torch.save(model), AveragedModel): it holds counters only.
+    def __init__(self, expected: int | None) -> None:
         self.expected = expected
         self.forwards = 0  # since the last optimizer step
         self.before = 0  # before the last optimizer step
@@ -35,15 +35,15 @@ class ForwardCounter:
         if module.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self.forwards += 1
 
-    def step(self) -> None:
-        """Called after every optimizer step."""
+    def step(self, schedule: Schedule, steps_per_epoch: int) -> None:
+        """Called after every optimizer step of a run with this schedule."""
         observed, before = self.forwards, self.before
         self.forwards, self.before = 0, observed
         # One odd step (an epoch's last, partial accumulation window) is no pattern.
         if self.warned or observed <= 1 or observed == (self.expected or 1) or observed != before:
             return
         self.warned = True
-        spe, end = self.steps_per_epoch, self.schedule.end_epoch
+        spe, end = steps_per_epoch, schedule.end_epoch
         stated = "" if self.expected is None else f" (gradient_accumulation_steps={self.expected})"
         warn(
             f"GMP: the model runs {observed} training forward passes per optimizer step{stated}, "
