@@ -144,8 +144,9 @@ class MaskStore:
         return entry.mask
 
     def set_masks(self, entries: dict[str, MaskEntry]) -> None:
+        # The apply steps are prepared again only if the binding changed: a prune step that
+        # wrote new bits over the same masks keeps them.
         self.entries.update(entries)
-        self._apply_steps.clear()
 
     def prune_step(
         self,

@@ -1,7 +1,7 @@
 """A prune step prepared once and run many times without waiting for the device.
 
-``prune_step`` validates, reads NaN counts back and allocates fresh masks on every call, which
-is right for a call once per epoch. :class:`PrunePlan` does that work once: tensor tables,
+``prune_step`` resolves and validates the parameters and reads NaN counts back on every call,
+which is right for a call once per epoch. :class:`PrunePlan` does that work once: tensor tables,
 counts, selection rows and scratch are allocated when the plan is made, the masks are the
 model's own (written in place), and :meth:`PrunePlan.step` is a fixed sequence of launches
 (select, build, apply per device) with nothing read back. On CUDA it can be captured in a CUDA

@@ -32,6 +32,7 @@ __all__ = [
     "new_mask",
     "popcount",
     "raise_on_nan",
+    "raise_on_nan_counts",
     "select_rows_global",
     "select_rows_layerwise",
     "thresholds",
@@ -104,7 +105,13 @@ def groups(
 def raise_on_nan(
     rows: torch.Tensor, tensors: Sequence[torch.Tensor], labels: Sequence[str]
 ) -> None:
-    nan_counts = rows[:, 3].tolist()
+    raise_on_nan_counts(rows[:, 3].tolist(), tensors, labels)
+
+
+def raise_on_nan_counts(
+    nan_counts: Sequence[int], tensors: Sequence[torch.Tensor], labels: Sequence[str]
+) -> None:
+    """ValueError naming the first tensor holding NaN when a selection counted any."""
     if not any(nan_counts):
         return
     for tensor, label in zip(tensors, labels):

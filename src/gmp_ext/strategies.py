@@ -117,8 +117,8 @@ class Selection:
         step = prepare(local, masks, self.scope, self.key_space({t.dtype for t in local}))
         step.set_counts(counts, self.per_tensor_targets)
         step.run(build=False, apply=False)
-        rows = torch.stack([row.cpu() for row in step.rows()]) if local else torch.zeros(0, 4)
-        primitives.raise_on_nan(rows, local, [f"parameter '{n}'" for n in names])
+        labels = [f"parameter '{n}'" for n in names]
+        primitives.raise_on_nan_counts(step.nan_counts(), local, labels)  # one read per group
         step.run(select=False, apply=False)
         return masks, step.thresholds()
 
