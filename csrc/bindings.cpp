@@ -109,6 +109,21 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("table"), py::arg("n"), py::arg("threads"), nogil, "Zero pruned elements of all entries.");
     m.def(
+        "cpu_nm_gather",
+        [](uintptr_t table, int64_t entries, int32_t n, int32_t group, uintptr_t lists, int threads) {
+            gmp::cpu::nm_gather(ptr<const TensorEntry>(table), entries, n, group, ptr<const TensorEntry>(lists), threads);
+        },
+        py::arg("table"), py::arg("entries"), py::arg("n"), py::arg("m"), py::arg("lists"), py::arg("threads"), nogil,
+        "Write every entry's N:M candidate list into the lists' table.");
+    m.def(
+        "cpu_nm_build_masks",
+        [](uintptr_t table, int64_t entries, int32_t n, int32_t group, uintptr_t selection, int threads) {
+            gmp::cpu::nm_build_masks(ptr<const TensorEntry>(table), entries, n, group,
+                                     ptr<const Selection>(selection), threads);
+        },
+        py::arg("table"), py::arg("entries"), py::arg("n"), py::arg("m"), py::arg("selection"), py::arg("threads"),
+        nogil, "Write N:M keep-masks from selection rows over the candidate lists.");
+    m.def(
         "cpu_pack_bits",
         [](uintptr_t bools, int64_t numel, uintptr_t packed, int threads) {
             gmp::cpu::pack_bits(ptr<const uint8_t>(bools), numel, ptr<uint8_t>(packed), threads);
@@ -161,5 +176,24 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("table"), py::arg("n"), py::arg("selection"), py::arg("total_tiles"), py::arg("stream"), nogil,
         "Write packed keep-masks of a device-resident table from selection rows in one launch.");
+    m.def(
+        "cuda_nm_gather",
+        [](uintptr_t table, int64_t entries, int32_t n, int32_t group, uintptr_t lists, int64_t total_tiles,
+           uintptr_t stream) {
+            gmp::cuda::nm_gather(ptr<const TensorEntry>(table), entries, n, group, ptr<const TensorEntry>(lists),
+                                 total_tiles, stream);
+        },
+        py::arg("table"), py::arg("entries"), py::arg("n"), py::arg("m"), py::arg("lists"), py::arg("total_tiles"),
+        py::arg("stream"), nogil, "Write every entry's N:M candidate list (device-resident table) in one launch.");
+    m.def(
+        "cuda_nm_build_masks",
+        [](uintptr_t table, int64_t entries, int32_t n, int32_t group, uintptr_t selection, int64_t total_tiles,
+           uintptr_t stream) {
+            gmp::cuda::nm_build_masks(ptr<const TensorEntry>(table), entries, n, group,
+                                      ptr<const Selection>(selection), total_tiles, stream);
+        },
+        py::arg("table"), py::arg("entries"), py::arg("n"), py::arg("m"), py::arg("selection"),
+        py::arg("total_tiles"), py::arg("stream"), nogil,
+        "Write N:M keep-masks from selection rows over the candidate lists in one launch.");
 #endif
 }

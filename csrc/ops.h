@@ -36,6 +36,15 @@ void find_equal(const TensorEntry *table, int64_t n, int32_t key_space, const in
 // Zeroes every element whose mask bit is 0, for all entries at once.
 void apply_masks(const TensorEntry *table, int64_t n, int num_threads);
 
+// N:M selection (common/nm.h). nm_gather writes entry e's candidate list, numel / m * (m - n)
+// elements of its dtype, into lists[e].data (a table of the lists; a group holding NaN lists a NaN
+// first, so selection over the lists reports it). nm_build_masks writes packed keep-masks from selection rows over
+// those lists (index = position in the list): protected elements and the candidates above the cut
+// are kept; a row with NaNs leaves its mask as it was. Every numel must be a multiple of m.
+void nm_gather(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const TensorEntry *lists, int num_threads);
+void nm_build_masks(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const Selection *selection,
+                    int num_threads);
+
 // bool bytes (0/1) <-> packed bits, numel elements.
 void pack_bits(const uint8_t *bools, int64_t numel, uint8_t *packed, int num_threads);
 void unpack_bits(const uint8_t *packed, int64_t numel, uint8_t *bools, int num_threads);
@@ -74,6 +83,13 @@ void select_global(const TensorEntry *table, int64_t n, const int64_t *k, int32_
 // Same contract as gmp::cpu::build_masks with `table` and `selection` in device memory, one launch.
 void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles,
                  uintptr_t stream);
+
+// Same contracts as gmp::cpu::nm_gather / nm_build_masks with `table`, `out` and `selection` in
+// device memory, one launch each on `stream`.
+void nm_gather(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const TensorEntry *lists,
+               int64_t total_tiles, uintptr_t stream);
+void nm_build_masks(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const Selection *selection,
+                    int64_t total_tiles, uintptr_t stream);
 
 } // namespace gmp::cuda
 #endif

@@ -61,12 +61,6 @@ inline uint64_t keep_word(const KeyReader<kBFloat16, kNative> &key_of, int64_t f
 }
 #endif
 
-// Stores the low `count` bits of `word` at bit `first` (a multiple of 64) of `mask`, touching
-// only the mask_bytes(first + count) bytes that belong to the tensor.
-inline void store_word(uint8_t *mask, int64_t first, uint64_t word, int64_t count) {
-    std::memcpy(mask + first / 8, &word, static_cast<size_t>(ceil_div<int64_t>(count, 8)));
-}
-
 inline uint64_t load_word(const uint8_t *mask, int64_t first, int64_t count) {
     uint64_t word = 0;
     std::memcpy(&word, mask + first / 8, static_cast<size_t>(ceil_div<int64_t>(count, 8)));

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #ifdef _OPENMP
@@ -79,6 +80,12 @@ inline void check_table(const TensorEntry *table, int64_t n, bool needs_mask) {
         GMP_CHECK(t.data % dtype_size(static_cast<int32_t>(t.dtype)) == 0, "entry ", e, ": data pointer is misaligned");
         GMP_CHECK(!needs_mask || t.numel == 0 || t.mask != 0, "entry ", e, ": mask pointer is null");
     }
+}
+
+// Stores the low `count` bits of `word` at bit `first` (a multiple of 64) of `mask`, touching
+// only the mask_bytes(first + count) bytes that belong to the tensor.
+inline void store_word(uint8_t *mask, int64_t first, uint64_t word, int64_t count) {
+    std::memcpy(mask + first / 8, &word, static_cast<size_t>(ceil_div<int64_t>(count, 8)));
 }
 
 template <int32_t D, int32_t S> struct KeyReader {

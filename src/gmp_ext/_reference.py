@@ -17,6 +17,9 @@ __all__ = [
     "apply_masks",
     "build_masks",
     "magnitude_keys",
+    "nm_build_masks",
+    "nm_candidates",
+    "nm_gather",
     "pack_bits",
     "select_global",
     "select_layerwise",
@@ -100,6 +103,54 @@ def build_masks(
             continue
         packed = pack_bits(keep_flags(tensor, key, index, key_space))
         mask.copy_(packed.to(mask.device))
+
+
+def nm_candidates(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Flat bool flags of the N:M candidates (csrc/common/nm.h): per group of ``m`` consecutive
+    keys, the ``m - n`` lowest in (key, index) order."""
+    groups = keys.reshape(-1, m)
+    order = torch.sort(groups, dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(m, device=keys.device).expand_as(order).contiguous())
+    return (ranks < m - n).reshape(-1)
+
+
+def nm_gather(tensors: Sequence[torch.Tensor], n: int, m: int) -> list[torch.Tensor]:
+    """Each tensor's N:M candidate list: its candidates in flat order, ``numel // m * (m - n)``
+    elements of its dtype; a group holding NaN lists its first NaN in place of its first
+    candidate."""
+    lists = []
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        candidates = nm_candidates(magnitude_keys(flat, KEY_SPACE_NATIVE), n, m)
+        listed = flat[candidates].reshape(-1, m - n).clone()
+        nan = torch.isnan(flat.reshape(-1, m))
+        has_nan = nan.any(1)
+        first_nan = flat.reshape(-1, m).gather(1, nan.to(torch.uint8).argmax(1, keepdim=True))
+        listed[:, 0] = torch.where(has_nan, first_nan[:, 0], listed[:, 0])
+        lists.append(listed.reshape(-1))
+    return lists
+
+
+def nm_build_masks(
+    tensors: Sequence[torch.Tensor],
+    selection: torch.Tensor,
+    masks: Sequence[torch.Tensor],
+    n: int,
+    m: int,
+) -> None:
+    """Writes N:M keep-masks from selection rows over the candidate lists (index = position in
+    the list): protected elements and candidates above the cut are kept; a row with NaNs leaves
+    its mask as it was."""
+    for tensor, row, mask in zip(tensors, selection.tolist(), masks):
+        key, index, key_space, nan_count = row
+        if nan_count > 0:
+            continue
+        keys = magnitude_keys(tensor, key_space)
+        candidates = nm_candidates(keys, n, m)
+        positions = torch.cumsum(candidates, 0) - 1
+        above = (keys > key) | ((keys == key) & (positions > index))
+        mask.copy_(pack_bits(~candidates | above).to(mask.device))
 
 
 def apply_masks(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from . import ops
 from .schedule import Schedule
 from .selection import check_patterns, matches
+from .strategies import GlobalSelection, LayerSelection, NMSelection, Selection, check_nm
 
 __all__ = ["GMPConfig", "check_in_optimizer", "per_layer"]
 
@@ -87,6 +88,12 @@ class GMPConfig:
     take goes to the other layers. Keys follow :func:`gmp_ext.selection.matches` and each must
     match a selected parameter; an exact name wins over patterns, otherwise the first match.
 
+    ``nm=(n, m)`` prunes N:M (:class:`gmp_ext.strategies.NMSelection`): the schedule ramps
+    the sparsity as usual but only within groups of ``m`` consecutive weights of each row, and
+    a final sparsity of ``1 - n/m`` ends exactly n:m sparse (e.g. 0.5 for ``(2, 4)``). A
+    schedule or ``layer_sparsity`` ending above ``1 - n/m`` is a ValueError; ``max_sparsity``
+    does not combine with it.
+
     ``fine_tune_weight_decay`` replaces every param group's weight decay once fine-tuning
     starts; ``total_epochs`` (if given) must leave the schedule room to finish.
 
@@ -114,6 +121,7 @@ class GMPConfig:
     mask_optimizer_state: bool = True
     mask_gradients: bool = False
     gradient_accumulation_steps: int | None = None
+    nm: tuple[int, int] | None = None
 
     @classmethod
     def create(
@@ -131,6 +139,7 @@ class GMPConfig:
         mask_optimizer_state: object = True,
         mask_gradients: object = False,
         gradient_accumulation_steps: object = None,
+        nm: object = None,
     ) -> GMPConfig:
         """Validate the options against the schedule, the optimizer and the selected parameter
         ``names``: TypeError / ValueError naming the option and the value otherwise."""
@@ -171,18 +180,53 @@ class GMPConfig:
                 "gradient_accumulation_steps",
                 "training forward passes per optimizer step",
             )
+        pattern = None if nm is None else check_nm(nm)
+        layer_targets = per_layer(layer_sparsity, names, "layer_sparsity")
+        if pattern is not None:
+            cls._check_nm(pattern, schedule, layer_targets, max_sparsity)
         return cls(
             schedule=schedule,
             steps_per_epoch=spe,
             scope=str(scope),
-            layer_sparsity=per_layer(layer_sparsity, names, "layer_sparsity"),
+            layer_sparsity=layer_targets,
             max_sparsity=per_layer(max_sparsity, names, "max_sparsity"),
             fine_tune_weight_decay=decay,
             total_epochs=None if total_epochs is None else float(total_epochs),
             mask_optimizer_state=_flag(mask_optimizer_state, "mask_optimizer_state"),
             mask_gradients=_flag(mask_gradients, "mask_gradients"),
             gradient_accumulation_steps=accumulation,
+            nm=pattern,
         )
+
+    @staticmethod
+    def _check_nm(
+        pattern: tuple[int, int],
+        schedule: Schedule,
+        layer_targets: Mapping[str, float],
+        max_sparsity: Mapping[str, float] | None,
+    ) -> None:
+        n, m = pattern
+        limit = 1 - n / m
+        if max_sparsity is not None:
+            raise ValueError("max_sparsity does not combine with nm= (N:M caps every group)")
+        if schedule.final_sparsity > limit:
+            raise ValueError(
+                f"the schedule ends at final_sparsity {schedule.final_sparsity!r}, above "
+                f"1 - n/m = {limit} of nm=({n}, {m}), which prunes at most {m - n} of every {m}"
+            )
+        over = {k: v for k, v in layer_targets.items() if v > limit}
+        if over:
+            raise ValueError(f"layer_sparsity above 1 - n/m = {limit} of nm=({n}, {m}): {over}")
+
+    def selection(self, numels: Mapping[str, int]) -> Selection:
+        """The strategy of this run, given the selected parameters' sizes (for the caps of
+        ``max_sparsity``)."""
+        if self.nm is not None:
+            return NMSelection(*self.nm, scope=self.scope)
+        if self.scope == "global":
+            caps = {n: ops.prune_count(numels[n], c) for n, c in self.max_sparsity.items()}
+            return GlobalSelection(caps)
+        return LayerSelection()
 
     @staticmethod
     def _check_decay(optimizer: torch.optim.Optimizer, value: object) -> float:
@@ -211,6 +255,7 @@ class GMPConfig:
             "mask_optimizer_state": self.mask_optimizer_state,
             "mask_gradients": self.mask_gradients,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "nm": None if self.nm is None else list(self.nm),
         }
 
     def differences(self, saved: Mapping[str, Any]) -> list[str]:

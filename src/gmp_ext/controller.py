@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, ops
+from . import checkpoint, distributed
 from .config import GMPConfig, check_in_optimizer
 from .dtensors import any_dtensor
 from .exceptions import GMPWarning, warn
@@ -37,7 +37,6 @@ from .pruner import mask_gradients_hook, optimizer_state_of, prune_parameters, r
 from .run_checks import ForwardCounter, check_counts, check_run_length
 from .schedule import GMPSchedule, Recipe, Schedule, Stage, load_recipe
 from .selection import ParamSpec, parameter_by_name, select_parameters, unwrap
-from .strategies import GlobalSelection, LayerSelection
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -72,6 +71,7 @@ class GMP:
         mask_optimizer_state: bool = True,
         mask_gradients: bool = False,
         gradient_accumulation_steps: int | None = None,
+        nm: tuple[int, int] | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -87,6 +87,7 @@ class GMP:
             "mask_optimizer_state": mask_optimizer_state,
             "mask_gradients": mask_gradients,
             "gradient_accumulation_steps": gradient_accumulation_steps,
+            "nm": nm,
         }
         selected = select_parameters(model, params, exclude)
         check_in_optimizer(optimizer, selected)
@@ -99,10 +100,7 @@ class GMP:
         self._model = model
         self._optimizer = optimizer
         self._names = list(selected)
-        caps = {
-            n: ops.prune_count(selected[n].numel(), c) for n, c in self.config.max_sparsity.items()
-        }
-        self._selection = GlobalSelection(caps) if self.scope == "global" else LayerSelection()
+        self._selection = self.config.selection({n: p.numel() for n, p in selected.items()})
         self._progress = checkpoint.Progress()
         self._forwards = ForwardCounter(self.config.gradient_accumulation_steps)
         self._store = store

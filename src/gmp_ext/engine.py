@@ -24,12 +24,18 @@ __all__ = ["PreparedStep"]
 
 @dataclass(eq=False)
 class _Group:
-    """Tensors of one device (and backend) and the job that runs them."""
+    """Tensors of one device (and backend) and the jobs that run them."""
 
     indices: list[int]
     backend: Backend
-    job: Job
+    job: Job  # the tensors and their masks (and, without a pattern, their selection)
     staged: list[tuple[torch.Tensor, torch.Tensor]]  # (tensor, contiguous copy) pairs
+    lists: Job | None = None  # N:M: the selection over the tensors' candidate lists
+
+    @property
+    def selection(self) -> Job:
+        """The job whose rows the selection writes."""
+        return self.job if self.lists is None else self.lists
 
 
 class PreparedStep:
@@ -39,6 +45,11 @@ class PreparedStep:
     ``scope`` is the selection's job kind (``"layer"``, ``"global"``) or None for a step that
     only applies the masks; ``key_space`` the keys it ranks in. A selection in the float64 key
     space, and float64 tensors, run on the reference backend.
+
+    With ``pattern=(n, m)`` the step selects N:M (csrc/common/nm.h): select writes each
+    tensor's candidate list into a buffer kept with the step and ranks the lists (the ``scope``
+    selection over them), build keeps the protected elements and the candidates above the cut.
+    Selection rows then index positions in the lists.
     """
 
     def __init__(
@@ -47,11 +58,13 @@ class PreparedStep:
         masks: Sequence[torch.Tensor],
         scope: str | None = None,
         key_space: int = KEY_SPACE_NATIVE,
+        pattern: tuple[int, int] | None = None,
     ) -> None:
         self.tensors = list(tensors)
         self.masks = list(masks)
         self.scope = scope
         self.key_space = key_space
+        self.pattern = pattern
         self.key = self.binding(self.tensors, self.masks)
         on_reference = [primitives.uses_reference(key_space)] * len(self.tensors)
         self.groups: list[_Group] = []
@@ -64,8 +77,16 @@ class PreparedStep:
                     tensor = staged[-1][1]
                 work.append(tensor)
             backend = REFERENCE if reference else backend_for(work[0].device)
-            job = backend.prepare(work, [self.masks[i] for i in indices], scope, key_space)
-            self.groups.append(_Group(indices, backend, job, staged))
+            masks = [self.masks[i] for i in indices]
+            if pattern is None:
+                job = backend.prepare(work, masks, scope, key_space)
+                self.groups.append(_Group(indices, backend, job, staged))
+                continue
+            n, m = pattern
+            lists = [t.new_empty(t.numel() // m * (m - n)) for t in work]
+            job = backend.prepare(work, masks, None, key_space)
+            listed = backend.prepare(lists, None, scope, key_space)
+            self.groups.append(_Group(indices, backend, job, staged, listed))
 
     @staticmethod
     def binding(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> tuple:
@@ -79,7 +100,7 @@ class PreparedStep:
         """Elements to prune at the next select: one count per tensor (``per_tensor``), or one
         for all (then the step has one group). Written without waiting for the device."""
         for group in self.groups:
-            group.job.set_counts([counts[i] for i in group.indices] if per_tensor else counts)
+            group.selection.set_counts([counts[i] for i in group.indices] if per_tensor else counts)
 
     def run(self, select: bool = True, build: bool = True, apply: bool = True) -> None:
         """The chosen stages, in order, for every group."""
@@ -87,9 +108,13 @@ class PreparedStep:
             for group in self.groups:
                 for tensor, copy in group.staged:
                     copy.copy_(tensor)
+                if select and group.lists is not None and self.pattern is not None:
+                    group.backend.nm_gather(group.job, group.lists, self.pattern)
                 if select:
-                    group.backend.select(group.job)
-                if build:
+                    group.backend.select(group.selection)
+                if build and group.lists is not None and self.pattern is not None:
+                    group.backend.nm_build(group.job, group.lists.rows, self.pattern)
+                elif build:
                     group.backend.build(group.job)
                 if apply:
                     group.backend.apply(group.job)
@@ -102,16 +127,24 @@ class PreparedStep:
         rows: list[torch.Tensor] = [torch.empty(0)] * len(self.tensors)
         for group in self.groups:
             for j, i in enumerate(group.indices):
-                rows[i] = group.job.rows[j]
+                rows[i] = group.selection.rows[j]
         return rows
 
     def nan_counts(self) -> list[int]:
         """NaN weights the last selection counted per tensor (global scope: the total, on the
-        first tensor of the group); waits for the device."""
+        first tensor of the group); waits for the device. An N:M selection sees at most one NaN
+        per group, so its counts are taken again from the tensors when there are any."""
         counts = [0] * len(self.tensors)
         for group in self.groups:
-            for i, count in zip(group.indices, group.job.rows[:, 3].tolist()):
+            for i, count in zip(group.indices, group.selection.rows[:, 3].tolist()):
                 counts[i] = count
+        if self.pattern is not None and any(counts):
+            nans = [int(torch.isnan(t).sum()) for t in self.tensors]
+            if self.scope == "global":
+                for group in self.groups:
+                    counts[group.indices[0]] = sum(nans[i] for i in group.indices)
+            else:
+                counts = nans
         return counts
 
     def thresholds(self) -> list[float]:

@@ -155,13 +155,16 @@ class MaskStore:
         masks: Sequence[torch.Tensor],
         scope: str,
         key_space: int,
+        pattern: tuple[int, int] | None = None,
     ) -> PreparedStep:
-        """The prepared select -> build step of these parameters and masks, made once and
-        reused while they keep their storage (a repeated prune step builds no tables)."""
-        key = (tuple(names), scope, key_space)
+        """The prepared select -> build step of these parameters and masks (N:M with
+        ``pattern``), made once and reused while they keep their storage (a repeated prune step
+        builds no tables)."""
+        key = (tuple(names), scope, key_space, pattern)
         step = self._prune_steps.get(key)
         if step is None or step.key != PreparedStep.binding(tensors, masks):
-            step = self._prune_steps[key] = PreparedStep(tensors, masks, scope, key_space)
+            step = PreparedStep(tensors, masks, scope, key_space, pattern)
+            self._prune_steps[key] = step
         return step
 
     def apply(self) -> None:

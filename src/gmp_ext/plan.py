@@ -30,14 +30,15 @@ __all__ = ["PrunePlan"]
 class PrunePlan:
     """Select -> build -> apply for a fixed set of parameters, prepared once.
 
-    ``scope``, ``params`` and ``exclude`` choose and group the parameters as in
+    ``scope``, ``nm``, ``params`` and ``exclude`` choose and group the parameters as in
     :func:`gmp_ext.prune_step`; ``sparsity`` (a number, or {name: sparsity} in layer scope) sets
     the first counts. The plan writes the masks kept in the model's mask store in place, so
     :func:`gmp_ext.attach`, :func:`gmp_ext.masks` and :func:`gmp_ext.apply_masks` see every
     update; parameters without a mask yet start with all weights kept.
 
     Memory held while the plan lives: the CUDA selection scratch (one bit per weight), a
-    contiguous copy of each non-contiguous parameter, and a few bytes per parameter.
+    contiguous copy of each non-contiguous parameter, a few bytes per parameter and, with
+    ``nm=(n, m)``, the candidate lists (``1 - n/m`` of the weights' bytes).
     Sharded (DTensor) parameters need collectives between passes and are pruned by
     :func:`gmp_ext.prune_step` instead.
 
@@ -59,10 +60,11 @@ class PrunePlan:
         sparsity: SparsitySpec = 0.0,
         *,
         scope: str | Selection = "layer",
+        nm: tuple[int, int] | None = None,
         params: ParamSpec = None,
         exclude: Sequence[str] | str | None = None,
     ) -> None:
-        self._selection = selection_for(scope)
+        self._selection = selection_for(scope, nm)
         selected, _ = targets_of(model, sparsity, params, exclude, self._selection)
         if any_dtensor(list(selected.values())):
             raise NotImplementedError(
@@ -73,7 +75,7 @@ class PrunePlan:
         self._names = list(selected)
         self._params = [selected[n] for n in self._names]
         self._labels = [f"parameter '{n}'" for n in self._names]
-        self._selection.check(self._params)
+        self._selection.check(self._params, self._names)
         store = get_store(model)
         self._entries = {}
         for name, param in zip(self._names, self._params):
@@ -99,7 +101,8 @@ class PrunePlan:
         masks = [self._entries[n].mask for n in self._names]
         key_space = self._selection.key_space({p.dtype for p in self._params})
         tensors = [p.detach() for p in self._params]
-        self._step = PreparedStep(tensors, masks, self._selection.scope, key_space)
+        scope, pattern = self._selection.scope, self._selection.pattern
+        self._step = PreparedStep(tensors, masks, scope, key_space, pattern)
         self._devices = [p.device for p in self._params]
 
     @property

@@ -79,6 +79,7 @@ def prune_step(
     sparsity: SparsitySpec,
     *,
     scope: str | Selection = "layer",
+    nm: tuple[int, int] | None = None,
     params: ParamSpec = None,
     exclude: Sequence[str] | str | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -87,7 +88,10 @@ def prune_step(
 
     ``scope="layer"`` prunes ``round(sparsity * numel)`` of every selected tensor;
     ``scope="global"`` prunes ``round(sparsity * total)`` of all of them with one threshold;
-    ``scope`` may also be a :class:`gmp_ext.strategies.Selection`.
+    ``scope`` may also be a :class:`gmp_ext.strategies.Selection`. ``nm=(n, m)`` (e.g.
+    ``(2, 4)``) prunes only within N:M groups, so that no group of ``m`` consecutive weights of
+    a row loses more than ``m - n``: ``sparsity`` may then reach ``1 - n/m``, where the weights
+    are exactly n:m sparse (see :class:`gmp_ext.strategies.NMSelection`).
     ``sparsity`` may be a dict {parameter name: sparsity} (layer scope). Default selection:
     the weight of every Linear, Conv and ConvTranspose module. With ``optimizer``, the pruned
     entries of its state for these parameters are zeroed too (see :func:`zero_pruned_state`).
@@ -95,7 +99,7 @@ def prune_step(
     """
     if optimizer is not None:
         _check_optimizer(optimizer)
-    selection = selection_for(scope)
+    selection = selection_for(scope, nm)
     selected, targets = targets_of(model, sparsity, params, exclude, selection)
     entries = prune_parameters(model, selected, targets, selection)
     if optimizer is not None:
@@ -123,8 +127,8 @@ def prune_parameters(
         tensors,
         [targets[n] for n in names],
         reuse,
-        lambda local, masks, scope, key_space: store.prune_step(
-            names, local, masks, scope, key_space
+        lambda local, masks, scope, key_space, pattern: store.prune_step(
+            names, local, masks, scope, key_space, pattern
         ),
     )
     entries = {

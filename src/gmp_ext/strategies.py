@@ -1,14 +1,17 @@
 """Selection strategies: which elements of a list of tensors a prune step removes.
 
 ``scope="layer"`` and ``scope="global"`` are shorthands for :class:`LayerSelection` and
-:class:`GlobalSelection`. A strategy turns targets into counts, selects (eagerly, for single-
-process or sharded tensors alike) and builds masks; prepared
-jobs (:class:`gmp_ext.PrunePlan`) read its ``scope``, ``counts`` and ``key_space``. A new
-pattern is a new strategy plus its kernels: callers hold a strategy, never a scope string.
+:class:`GlobalSelection`; ``nm=(n, m)`` makes an :class:`NMSelection`. A strategy turns
+targets into counts, selects (eagerly, for single-process or sharded tensors alike) and builds
+masks; prepared jobs (:class:`gmp_ext.PrunePlan`) read its ``scope``, ``pattern``, ``counts``
+and ``key_space``. A new pattern is a new strategy plus its kernels: callers hold a strategy,
+never a scope string.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -21,7 +24,9 @@ from .engine import PreparedStep
 __all__ = [
     "GlobalSelection",
     "LayerSelection",
+    "NMSelection",
     "Selection",
+    "check_nm",
     "select_rows_global",
     "select_rows_layerwise",
     "selection_for",
@@ -49,16 +54,20 @@ def select_rows_global(
     return primitives.select_rows_global(tensors, labels, k)
 
 
-# Makes (or reuses) the prepared step of (tensors, masks, scope, key space).
-Prepare = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], str, int], PreparedStep]
+# Makes (or reuses) the prepared step of (tensors, masks, scope, key space, N:M pattern).
+Prepare = Callable[
+    [Sequence[torch.Tensor], Sequence[torch.Tensor], str, int, "tuple[int, int] | None"],
+    PreparedStep,
+]
 
 
 class Selection:
     """The base of every strategy; subclasses set ``scope`` (the kind of backend job that
-    selects for them) and ``per_tensor_targets``."""
+    selects for them), ``per_tensor_targets`` and, for N:M, ``pattern``."""
 
     scope: str
     per_tensor_targets: bool  # one target per tensor, or one for all of them
+    pattern: tuple[int, int] | None = None  # (n, m) of an N:M selection
 
     def counts(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
         """The counts a job prunes: one per tensor, or one for all."""
@@ -67,8 +76,9 @@ class Selection:
     def key_space(self, dtypes: set[torch.dtype]) -> int:
         return KEY_SPACE_NATIVE
 
-    def check(self, tensors: Sequence[torch.Tensor]) -> None:
-        """ValueError when the tensors cannot be selected together (before any work)."""
+    def check(self, tensors: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> None:
+        """ValueError when the tensors (parameters ``names``) cannot be selected together,
+        before any work."""
 
     def rows(
         self, tensors: Sequence[torch.Tensor], labels: Sequence[str], counts: Sequence[int]
@@ -88,7 +98,7 @@ class Selection:
         written. With ``prepare`` (a source of prepared steps that keeps them for reuse), the
         single-process selection runs as a prepared step, whose tables a repeated prune step
         reuses."""
-        self.check(tensors)
+        self.check(tensors, names)
         counts = self.counts([t.numel() for t in tensors], targets)
         if prepare is not None and self.preparable(tensors):
             return self._prepared_masks(names, tensors, counts, reuse, prepare)
@@ -114,7 +124,8 @@ class Selection:
             else primitives.new_mask(t)
             for i, t in enumerate(local)
         ]
-        step = prepare(local, masks, self.scope, self.key_space({t.dtype for t in local}))
+        key_space = self.key_space({t.dtype for t in local})
+        step = prepare(local, masks, self.scope, key_space, self.pattern)
         step.set_counts(counts, self.per_tensor_targets)
         step.run(build=False, apply=False)
         labels = [f"parameter '{n}'" for n in names]
@@ -181,7 +192,7 @@ class GlobalSelection(Selection):
     def key_space(self, dtypes: set[torch.dtype]) -> int:
         return key_space_for(dtypes)
 
-    def check(self, tensors: Sequence[torch.Tensor]) -> None:
+    def check(self, tensors: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> None:
         primitives.check_one_device(tensors)
 
     def rows(
@@ -228,8 +239,117 @@ class GlobalSelection(Selection):
         return [result[n][0] for n in names], [result[n][1] for n in names]
 
 
-def selection_for(scope: str | Selection) -> Selection:
-    """The strategy a ``scope`` argument names (``"layer"``, ``"global"``, or a strategy)."""
+def check_nm(nm: object) -> tuple[int, int]:
+    """``nm`` as ``(n, m)``: ValueError unless ``m`` is a power of two from 2 to 32 (the
+    patterns of sparse hardware and the literature: 1:2, 2:4, 4:8, 8:16, 16:32, ...) and
+    ``1 <= n < m``."""
+    if (
+        not isinstance(nm, Sequence)
+        or isinstance(nm, str)
+        or len(nm) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in nm)
+    ):
+        raise ValueError(f"nm must be a pair of integers (n, m), e.g. (2, 4), got {nm!r}")
+    n, m = int(nm[0]), int(nm[1])
+    if not (2 <= m <= 32 and m & (m - 1) == 0 and 1 <= n < m):
+        raise ValueError(
+            "nm=(n, m) needs m a power of two from 2 to 32 and 1 <= n < m (n of every m "
+            f"consecutive weights kept), got {nm!r}"
+        )
+    return n, m
+
+
+def row_length(shape: Sequence[int]) -> int:
+    """Elements per row of ``weight.reshape(shape[0], -1)``: the reduction dimension of Linear
+    and Conv weights (1 for a 1-D tensor, 0 for a 0-dim one)."""
+    return math.prod(shape[1:]) if len(shape) > 0 else 0
+
+
+class NMSelection(Selection):
+    """N:M sparsity (``n`` of every ``m`` consecutive weights kept), reached gradually.
+
+    Groups are ``m`` consecutive elements of each row of ``weight.reshape(shape[0], -1)`` (the
+    reduction dimension of Linear and Conv weights, which 2:4 sparse tensor cores need); the
+    row length must be a multiple of ``m``. In each group the ``n`` largest by (|w|, index) are
+    protected and the other ``m - n`` are candidates. A target ``s <= 1 - n/m`` prunes exactly
+    the ``round(s * numel)`` smallest candidates by (|w|, flat index) (``scope="layer"``, per
+    tensor) or ``round(s * total)`` of all tensors' candidates by one threshold
+    (``scope="global"``, ties: tensor position, then index): no group ever loses more than
+    ``m - n``, and at ``s = 1 - n/m`` every group keeps exactly ``n`` (a valid n:m pattern).
+    A target above ``1 - n/m`` is a ValueError. Sharded (DTensor) parameters are not supported.
+    """
+
+    pattern: tuple[int, int]
+
+    def __init__(self, n: int, m: int, scope: str = "layer") -> None:
+        self.pattern = check_nm((n, m))
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        self.scope = scope
+        self.per_tensor_targets = scope == "layer"
+
+    @property
+    def max_sparsity(self) -> float:
+        """``1 - n/m``, the sparsity at which every group keeps exactly ``n`` (exact in
+        binary: ``m`` is a power of two)."""
+        n, m = self.pattern
+        return 1 - n / m
+
+    def counts(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
+        n, m = self.pattern
+        for target in targets:
+            if target > self.max_sparsity:
+                raise ValueError(
+                    f"sparsity {target!r} is above 1 - n/m = {self.max_sparsity} of the {n}:{m} "
+                    f"pattern, which prunes at most {m - n} of every {m} weights"
+                )
+        if self.per_tensor_targets:
+            return [ops.prune_count(count, t) for count, t in zip(numels, targets)]
+        return [ops.prune_count(sum(numels), targets[0])] if numels else [0]
+
+    def key_space(self, dtypes: set[torch.dtype]) -> int:
+        return key_space_for(dtypes) if self.scope == "global" else KEY_SPACE_NATIVE
+
+    def check(self, tensors: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> None:
+        n, m = self.pattern
+        if any_dtensor(tensors):
+            raise NotImplementedError(
+                f"nm=({n}, {m}) does not take sharded (DTensor) parameters yet; prune them "
+                "unstructured, or gather the full weights first"
+            )
+        if self.scope == "global":
+            primitives.check_one_device(tensors)
+        labels = names if names is not None else [f"#{i}" for i in range(len(tensors))]
+        for tensor, name in zip(tensors, labels):
+            shape = tuple(tensor.shape)
+            if row_length(shape) % m or tensor.dim() == 0:
+                raise ValueError(
+                    f"parameter '{name}' of shape {shape} cannot be pruned {n}:{m}: groups are "
+                    f"{m} consecutive weights of a row of weight.reshape(shape[0], -1), and its "
+                    f"rows hold {row_length(shape)}, not a multiple of {m} (leave it out with "
+                    f"exclude=[{name!r}])"
+                )
+
+    def masks_for_counts(
+        self,
+        names: Sequence[str],
+        tensors: Sequence[torch.Tensor],
+        counts: Sequence[int],
+        reuse: Sequence[torch.Tensor | None] | None = None,
+    ) -> tuple[list[torch.Tensor], list[float]]:
+        """:meth:`masks` for counts already known, through a prepared step made for the call
+        (thresholds index positions in the candidate lists)."""
+        return self._prepared_masks(names, tensors, counts, reuse, PreparedStep)
+
+
+def selection_for(scope: str | Selection, nm: object = None) -> Selection:
+    """The strategy a ``scope`` argument names (``"layer"``, ``"global"``, or a strategy),
+    N:M when ``nm=(n, m)`` is given (not with a strategy)."""
+    if nm is not None:
+        if isinstance(scope, Selection):
+            raise ValueError("give nm=(n, m) or a Selection as scope, not both")
+        n, m = check_nm(nm)
+        return NMSelection(n, m, scope)
     if isinstance(scope, Selection):
         return scope
     if scope == "layer":

@@ -114,6 +114,17 @@ class Backend:
     def apply(self, job: Job) -> None:
         raise NotImplementedError
 
+    def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:
+        """Writes the N:M candidate lists (csrc/common/nm.h) of ``job.tensors`` into
+        ``lists.tensors`` (``numel // m * (m - n)`` elements each, of the tensor's dtype), which
+        ``lists``' selection then ranks."""
+        raise NotImplementedError
+
+    def nm_build(self, job: Job, rows: torch.Tensor, pattern: tuple[int, int]) -> None:
+        """Writes ``job.masks`` from selection ``rows`` over the candidate lists: protected
+        elements and candidates above the cut are kept."""
+        raise NotImplementedError
+
     def select_layerwise(self, tensors: Sequence[torch.Tensor], ks: Sequence[int]) -> torch.Tensor:
         """Selection rows [n, 4]: tensor i prunes ks[i] elements."""
         job = self.prepare(tensors, None, "layer", KEY_SPACE_NATIVE)

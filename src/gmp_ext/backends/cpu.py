@@ -37,6 +37,16 @@ class CpuBackend(Backend):
             job.table.data_ptr(), len(job.tensors), job.rows.data_ptr(), thread_count()
         )
 
+    def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:
+        n, m = pattern
+        table, count = job.table.data_ptr(), len(job.tensors)
+        self._C.cpu_nm_gather(table, count, n, m, lists.table.data_ptr(), thread_count())
+
+    def nm_build(self, job: Job, rows: torch.Tensor, pattern: tuple[int, int]) -> None:
+        n, m = pattern
+        table, count = job.table.data_ptr(), len(job.tensors)
+        self._C.cpu_nm_build_masks(table, count, n, m, rows.data_ptr(), thread_count())
+
     def apply(self, job: Job) -> None:
         self._C.cpu_apply_masks(job.table.data_ptr(), len(job.tensors), thread_count())
 

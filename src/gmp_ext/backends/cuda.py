@@ -80,6 +80,32 @@ class CudaBackend(Backend):
                 self._stream(job),
             )
 
+    def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:
+        n, m = pattern
+        with torch.cuda.device(job.rows.device):
+            self._C.cuda_nm_gather(
+                job.table.data_ptr(),
+                len(job.tensors),
+                n,
+                m,
+                lists.table.data_ptr(),
+                job.tiles,
+                self._stream(job),
+            )
+
+    def nm_build(self, job: Job, rows: torch.Tensor, pattern: tuple[int, int]) -> None:
+        n, m = pattern
+        with torch.cuda.device(job.rows.device):
+            self._C.cuda_nm_build_masks(
+                job.table.data_ptr(),
+                len(job.tensors),
+                n,
+                m,
+                rows.data_ptr(),
+                job.tiles,
+                self._stream(job),
+            )
+
     def apply(self, job: Job) -> None:
         """One launch for all tensors of the job; no host metadata per step."""
         with torch.cuda.device(job.rows.device):

@@ -30,6 +30,13 @@ class ReferenceBackend(Backend):
     def build(self, job: Job) -> None:
         _reference.build_masks(job.tensors, job.rows, job.masks)
 
+    def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:
+        for target, listed in zip(lists.tensors, _reference.nm_gather(job.tensors, *pattern)):
+            target.copy_(listed)
+
+    def nm_build(self, job: Job, rows: torch.Tensor, pattern: tuple[int, int]) -> None:
+        _reference.nm_build_masks(job.tensors, rows, job.masks, *pattern)
+
     def apply(self, job: Job) -> None:
         _reference.apply_masks(job.tensors, job.masks)
 

@@ -1,0 +1,126 @@
+// N:M selection (groups and candidates: common/nm.h): the candidate lists that the layerwise or
+// global selection ranks, and the packed keep-masks built from that selection. One read of the
+// weights each; tiles (65536 elements) hold whole groups because M divides 64.
+#include "../common/nm.h"
+#include "../ops.h"
+#include "cpu_common.h"
+
+#include <type_traits>
+#include <utility>
+
+namespace gmp::cpu {
+namespace {
+
+template <typename Reader> using BitsOf = std::remove_cv_t<std::remove_reference_t<decltype(*std::declval<Reader>().bits)>>;
+
+template <int M, typename Reader> inline void load_group(const Reader &key_of, int64_t first, uint32_t (&keys)[M]) {
+    for (int i = 0; i < M; ++i)
+        keys[i] = key_of(first + i);
+}
+
+template <int M, typename Reader>
+void gather_tile(const Reader &key_of, int64_t begin, int64_t end, int n, uint32_t inf, BitsOf<Reader> *out) {
+    for (int64_t first = begin; first < end; first += M) {
+        uint32_t keys[M];
+        load_group<M>(key_of, first, keys);
+        const uint32_t candidates = candidate_bits<M>(keys, n);
+        BitsOf<Reader> *dst = out + (first / M) * (M - n);
+        int j = 0;
+        for (int i = 0; i < M; ++i)
+            if ((candidates >> i) & 1u)
+                dst[j++] = key_of.bits[first + i];
+        for (int i = 0; i < M; ++i)
+            if (keys[i] > inf) { // protected NaN: make the selection over the list see it
+                dst[0] = key_of.bits[first + i];
+                break;
+            }
+    }
+}
+
+// Keep-bits of the groups in [first, first + count): protected elements, and candidates whose
+// (key, position in the candidate list) is above the selection's cut.
+template <int M, typename Reader>
+uint64_t build_word(const Reader &key_of, int64_t first, int64_t count, int n, const Selection &s) {
+    constexpr uint64_t kGroupBits = (uint64_t(1) << M) - 1;
+    uint64_t word = 0;
+    for (int64_t g = first; g < first + count; g += M) {
+        uint32_t keys[M];
+        load_group<M>(key_of, g, keys);
+        const uint32_t candidates = candidate_bits<M>(keys, n);
+        uint64_t keep = ~uint64_t(candidates) & kGroupBits;
+        int64_t position = (g / M) * (M - n);
+        for (int i = 0; i < M; ++i)
+            if ((candidates >> i) & 1u)
+                keep |= uint64_t(is_kept(keys[i], position++, static_cast<uint32_t>(s.key), s.index)) << i;
+        word |= keep << (g - first);
+    }
+    return word;
+}
+
+void check_nm(const TensorEntry *table, int64_t entries, int32_t n, int32_t m) {
+    GMP_CHECK(valid_group(n, m), "N:M needs a power-of-two m in [2, ", kMaxGroup, "] and 1 <= n < m, got ", n, ":",
+              m);
+    for (int64_t e = 0; e < entries; ++e)
+        GMP_CHECK(table[e].numel % m == 0, "entry ", e, ": numel ", table[e].numel, " is not a multiple of m = ", m);
+}
+
+} // namespace
+
+void nm_gather(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const TensorEntry *lists,
+               int num_threads) {
+    check_table(table, entries, false);
+    check_nm(table, entries, n, m);
+    check_table(lists, entries, false);
+    for (int64_t e = 0; e < entries; ++e)
+        GMP_CHECK(lists[e].numel == table[e].numel / m * (m - n) && lists[e].dtype == table[e].dtype, "entry ", e,
+                  ": the candidate list must hold numel / m * (m - n) elements of the entry's dtype");
+    const std::vector<Tile> tiles = make_tiles(table, entries);
+    const int64_t num_tiles = static_cast<int64_t>(tiles.size());
+    parallel_for(threads_for(num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
+        const Tile &tile = tiles[t];
+        const TensorEntry &entry = table[tile.entry];
+        const uint32_t inf = inf_key(static_cast<int32_t>(entry.dtype), kNative);
+        visit_keys(entry, kNative, [&](auto key_of) {
+            using Reader = decltype(key_of);
+            auto *list = reinterpret_cast<BitsOf<Reader> *>(lists[tile.entry].data);
+            visit_group_size(m, [&](auto size) {
+                gather_tile<decltype(size)::value>(key_of, tile.begin, tile.end, n, inf, list);
+            });
+        });
+    });
+}
+
+void nm_build_masks(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const Selection *selection,
+                    int num_threads) {
+    check_table(table, entries, true);
+    check_nm(table, entries, n, m);
+    GMP_CHECK(entries == 0 || selection != nullptr, "selection pointer must not be null");
+    for (int64_t e = 0; e < entries; ++e) {
+        const Selection &s = selection[e];
+        const int64_t listed = table[e].numel / m * (m - n);
+        GMP_CHECK(s.key >= 0 && s.key <= int64_t(UINT32_MAX), "entry ", e, ": threshold key out of range: ", s.key);
+        GMP_CHECK(s.index >= -1 && s.index < std::max<int64_t>(listed, 1), "entry ", e,
+                  ": threshold index out of range: ", s.index);
+        GMP_CHECK(s.key_space == kNative || s.key_space == kWide, "entry ", e, ": unknown key space ", s.key_space);
+    }
+    const std::vector<Tile> tiles = make_tiles(table, entries);
+    const int64_t num_tiles = static_cast<int64_t>(tiles.size());
+    parallel_for(threads_for(num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
+        const Tile &tile = tiles[t];
+        const TensorEntry &entry = table[tile.entry];
+        const Selection &s = selection[tile.entry];
+        if (s.nan_count > 0)
+            return;
+        auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
+        visit_keys(entry, static_cast<int32_t>(s.key_space), [&](auto key_of) {
+            visit_group_size(m, [&](auto size) {
+                for (int64_t first = tile.begin; first < tile.end; first += 64) {
+                    const int64_t count = std::min<int64_t>(64, tile.end - first);
+                    store_word(mask, first, build_word<decltype(size)::value>(key_of, first, count, n, s), count);
+                }
+            });
+        });
+    });
+}
+
+} // namespace gmp::cpu
