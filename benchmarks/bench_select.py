@@ -13,7 +13,11 @@ Providers, at 90% sparsity (k = round(0.9 * n), the count torch.nn.utils.prune u
   ``torch.quantile`` over |w| (each keeps only the threshold), and
   ``torch.nn.utils.prune.l1_unstructured`` on fresh modules;
 * global: the same four on ``torch.cat`` of all weights, and
-  ``torch.nn.utils.prune.global_unstructured`` on fresh modules.
+  ``torch.nn.utils.prune.global_unstructured`` on fresh modules;
+* 2:4 (per layer, at 35% sparsity, the middle of a gradual ramp to 50%): the prepared N:M job
+  of ``PrunePlan(nm=(2, 4))`` (candidate lists, their selection, mask build) and, in pure
+  PyTorch, a loop of a per-group sort of |w| and ``torch.kthvalue`` over the two smallest of
+  each group (the threshold only).
 
 Timing: one probe call first; a probe slower than ``--slow-ms`` is the result (``repeats: 1``),
 anything faster is warmed up and repeated ``--repeats`` times (p20/p50/p80). CUDA: events per
@@ -73,14 +77,30 @@ from utils import (
 from gmp_ext import ops, primitives
 from gmp_ext._layout import key_space_for
 from gmp_ext.engine import PreparedStep
+from gmp_ext.strategies import row_length
 
 SPARSITY = 0.9
+NM_SPARSITY = 0.35  # of a 2:4 ramp, which ends at 0.5
 MEMORY_HEADROOM = 0.92  # of the free memory a method may be expected to take
 QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit (it raises above it)
 
 
 def _k(numel: int) -> int:
     return max(ops.prune_count(numel, SPARSITY), 1)
+
+
+def _nm_k(numel: int) -> int:
+    return max(ops.prune_count(numel, NM_SPARSITY), 1)
+
+
+def _two_four_ready(ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The weights whose rows are whole groups of 4 (a stem conv with 3 input channels is not)."""
+    return [w for w in ws if w.dim() >= 2 and row_length(w.shape) % 4 == 0]
+
+
+def _two_four_threshold(w: torch.Tensor) -> torch.Tensor:
+    candidates = w.abs().reshape(-1, 4).sort(dim=1).values[:, :2].reshape(-1)
+    return torch.kthvalue(candidates, _nm_k(w.numel())).values
 
 
 @dataclass(frozen=True)
@@ -144,19 +164,23 @@ class _Prepared:
     """Select + build of the engine's prepared step, made at the first call (and again if the
     weights move): the launches of ``PrunePlan.step`` without the apply."""
 
-    def __init__(self, scope: str) -> None:
+    def __init__(self, scope: str, pattern: tuple[int, int] | None = None) -> None:
         self.scope = scope
+        self.pattern = pattern
         self.step: PreparedStep | None = None
 
     def __call__(self, ws: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.pattern is not None:
+            ws = _two_four_ready(ws)
         if self.step is None or self.step.tensors != ws:
             masks = [primitives.new_mask(w) for w in ws]
             key_space = key_space_for({w.dtype for w in ws}) if self.scope == "global" else 0
-            self.step = PreparedStep(ws, masks, self.scope, key_space)
+            self.step = PreparedStep(ws, masks, self.scope, key_space, self.pattern)
+            count = _k if self.pattern is None else _nm_k
             if self.scope == "global":
-                self.step.set_counts([_k(sum(w.numel() for w in ws))], per_tensor=False)
+                self.step.set_counts([count(sum(w.numel() for w in ws))], per_tensor=False)
             else:
-                self.step.set_counts([_k(w.numel()) for w in ws], per_tensor=True)
+                self.step.set_counts([count(w.numel()) for w in ws], per_tensor=True)
         self.step.run(apply=False)
         return self.step.rows()
 
@@ -211,6 +235,16 @@ def _methods(scope: str) -> dict[str, Method]:
                 lambda s: 2 * s.n * s.e + s.n_max * (4 * s.e + SPARSITY * (s.e + 8)),
                 setup=_holders,
                 masks=True,
+            ),
+            "gmp_ext prepared 2:4 (+ masks)": Method(
+                _Prepared("layer", (2, 4)),
+                lambda s: s.n / 4 + s.n * s.e / 2 + s.count * 2**16,
+                masks=True,
+                native=True,
+            ),
+            "torch 2:4 group sort + kthvalue loop": Method(
+                lambda ws: [_two_four_threshold(w) for w in _two_four_ready(ws)],
+                lambda s: s.n_max * (3 * s.e + 8),
             ),
         }
     return {
