@@ -9,10 +9,11 @@
 * :func:`is_nm_sparse` checks the N:M layout those need.
 
 compressed-tensors is the optional extra ``deploy`` (``pip install 'gmp_ext[deploy]'``). Its
-config classes describe the checkpoint; the tensors are encoded here because compressed-tensors
-0.15 and later no longer ship the sparse compressors (0.9-0.14 decompress these files), and
-because its own encoder picks the kept zeros of a 2:4 group by ``topk`` (here: the lowest
-indices, so a save is deterministic).
+config classes describe the checkpoint and its bit packing is used; the tensors are encoded
+here because compressed-tensors 0.15 and later no longer ship the sparse compressors (0.14.0.1,
+the last release with them, decompresses these files to the saved weights: see
+``tests/test_deploy.py``), and because its own 2:4 encoder picks the kept zeros of a group by
+``topk`` (here: the lowest indices, so a save is deterministic).
 
 N:M groups, as everywhere in gmp_ext: ``m`` consecutive elements of each row of
 ``weight.reshape(weight.shape[0], -1)`` (the reduction dimension of Linear and Conv).
@@ -321,9 +322,10 @@ def save_sparse(
         if param.is_floating_point():
             zeros += int((param.detach() == 0).sum())
             total += param.numel()
-    config_class = (
-        config_module.Sparse24BitMaskConfig if fmt == SPARSE_24 else (config_module.BitmaskConfig)
-    )
+    if fmt == SPARSE_24:
+        config_class = config_module.Sparse24BitMaskConfig
+    else:
+        config_class = config_module.BitmaskConfig
     sparsity_config = config_class(
         targets=targets,
         ignore=[],
