@@ -464,6 +464,10 @@ def test_semi_structured_tied_weight_is_an_error():
     model[4].weight = model[0].weight
     with pytest.raises(ValueError, match=r"'0.weight' is tied"):
         gmp_ext.to_semi_structured(model)
+    reused = sparse_mlp()
+    reused.append(reused[0])  # the same module twice: not a tie, the error is the device's
+    with pytest.raises(RuntimeError, match="sm_80"):
+        gmp_ext.to_semi_structured(reused)
 
 
 @pytest.mark.cuda

@@ -478,10 +478,10 @@ def _device_problem(weight: torch.Tensor) -> str | None:
 
 def _linear_weights(model: nn.Module, exclude: list[str]) -> dict[str, nn.Linear]:
     """The Linear modules whose weight is 2:4 sparse (not yet converted, not excluded)."""
-    holders: dict[int, int] = {}
+    holders: dict[int, set[tuple[int, str]]] = {}  # a module reused under two names: one holder
     for _, module in model.named_modules(remove_duplicate=False):
-        for param in module.parameters(recurse=False):
-            holders[id(param)] = holders.get(id(param), 0) + 1
+        for attr, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), set()).add((id(module), attr))
     chosen: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or f"{name}.weight" in exclude:
@@ -490,7 +490,7 @@ def _linear_weights(model: nn.Module, exclude: list[str]) -> dict[str, nn.Linear
         if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
             continue
         if is_nm_sparse(weight, 2, 4):
-            if holders.get(id(weight), 0) > 1:
+            if len(holders.get(id(weight), ())) > 1:
                 raise ValueError(
                     f"'{name}.weight' is tied to another module's parameter: converting it "
                     "would untie them; leave it out with exclude="
