@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh build-test  # build (sm_90), python -m gmp_ext, all tests on
 #                                              # CUDA, then the opt-in >2^31-element test
 #   bash benchmarks/gpu_session.sh bench       # copy ceiling, apply fp32 + bf16, select fp32
-#   bash benchmarks/gpu_session.sh bench-bf16  # select bf16
+#   bash benchmarks/gpu_session.sh bench-bf16  # 2:4 semi-structured forward (< 60 s), select bf16
 #   bash benchmarks/gpu_session.sh all         # all of it (longer than one call allows)
 #
 # Run from the repository root. Logs and JSON rows go to $OUT (default ./out, git-ignored);
@@ -132,6 +132,9 @@ bench() {
                 echo "bench_apply_masks failed: $?"
             dtype=float32
         else
+            # shellcheck disable=SC2086
+            timeout -k 10 "$(budget 60)" $PY benchmarks/bench_semi_structured.py $BENCH_ARGS ||
+                echo "bench_semi_structured failed: $?"
             dtype=bfloat16
         fi
         # shellcheck disable=SC2086
@@ -140,7 +143,7 @@ bench() {
     } 2>&1 | tee -a "$OUT/bench.log"
     log "summary"
     $PY benchmarks/utils.py summarize "$OUT/copy_$DEVICE.json" "$OUT"/apply_masks_"$DEVICE"_*.json \
-        "$OUT"/select_"$DEVICE"_*.json || true
+        "$OUT"/select_"$DEVICE"_*.json "$OUT/semi_structured_cuda.json" || true
 }
 
 case "$stage" in

@@ -415,6 +415,7 @@ SUMMARY_COLUMNS = [
     "provider",
     "model",
     "dtype",
+    "tokens",
     "p50_ms",
     "repeats",
     "gbps",
@@ -423,6 +424,7 @@ SUMMARY_COLUMNS = [
     "extra_mb",
     "speedup_vs_kthvalue",
     "speedup_vs_foreach_mul",
+    "speedup_vs_dense",
     "status",
 ]
 

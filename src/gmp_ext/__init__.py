@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loaded before gmp_ext._C so both share torch's OpenMP runtime)
 
-from . import distributed, ops
+from . import deploy, distributed, ops
 from ._version import __version__
 from .controller import GMP
+from .deploy import is_nm_sparse, load_sparse, save_sparse, to_semi_structured
 from .distributed import verify_masks_across_ranks
 from .exceptions import GMPWarning
 from .plan import PrunePlan
@@ -41,13 +42,18 @@ __all__ = [
     "__version__",
     "apply_masks",
     "attach",
+    "deploy",
     "distributed",
+    "is_nm_sparse",
+    "load_sparse",
     "masks",
     "ops",
     "prune_step",
     "remove",
+    "save_sparse",
     "select_parameters",
     "sparsity_report",
+    "to_semi_structured",
     "verify_masks_across_ranks",
     "zero_pruned_grads",
     "zero_pruned_state",

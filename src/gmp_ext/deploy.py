@@ -1,0 +1,576 @@
+"""Deploying a pruned model: compressed checkpoints and 2:4 semi-structured weights.
+
+* :func:`save_sparse` / :func:`load_sparse` write and read a checkpoint in compressed-tensors'
+  sparse formats (``sparse-bitmask`` for unstructured sparsity, ``sparse-24-bitmask`` when every
+  compressed weight is 2:4 sparse): one ``model.safetensors`` plus a ``config.json`` whose
+  ``quantization_config`` holds compressed-tensors' ``sparsity_config``.
+* :func:`to_semi_structured` swaps the 2:4-sparse ``nn.Linear`` weights of a model for
+  PyTorch's semi-structured sparse tensors (cuSPARSELt / CUTLASS kernels, sm_80 and later).
+* :func:`is_nm_sparse` checks the N:M layout those need.
+
+compressed-tensors is the optional extra ``deploy`` (``pip install 'gmp_ext[deploy]'``). Its
+config classes describe the checkpoint and its bit packing is used; the tensors are encoded
+here because compressed-tensors 0.15 and later no longer ship the sparse compressors (0.14.0.1,
+the last release with them, decompresses these files to the saved weights: see
+``tests/test_deploy.py``), and because its own 2:4 encoder picks the kept zeros of a group by
+``topk`` (here: the lowest indices, so a save is deterministic).
+
+N:M groups, as everywhere in gmp_ext: ``m`` consecutive elements of each row of
+``weight.reshape(weight.shape[0], -1)`` (the reduction dimension of Linear and Conv).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from . import pruner
+from .dtensors import is_dtensor
+from .selection import ParamSpec, bare_name, select_parameters, unwrap
+
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "StoredTensor",
+    "is_nm_sparse",
+    "load_sparse",
+    "save_sparse",
+    "to_semi_structured",
+]
+
+WEIGHTS_FILE = "model.safetensors"  # the name compressed-tensors and transformers look for
+CONFIG_FILE = "config.json"
+BITMASK = "sparse-bitmask"
+SPARSE_24 = "sparse-24-bitmask"
+DENSE = "dense"
+FORMATS = ("auto", BITMASK, SPARSE_24)
+# The tensors each format stores for a weight "<module>.weight", named "<module>.<part>".
+PARTS = {
+    BITMASK: ("shape", "compressed", "bitmask", "row_offsets"),
+    SPARSE_24: ("shape", "compressed", "bitmask"),
+}
+ALIASES_KEY = "gmp_ext.aliases"  # safetensors metadata: tied names -> the name stored
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _import_extra() -> tuple[ModuleType, ModuleType]:
+    """compressed_tensors and safetensors.torch, or an ImportError naming the extra."""
+    try:
+        return (
+            importlib.import_module("compressed_tensors"),
+            importlib.import_module("safetensors.torch"),
+        )
+    except ImportError as exc:
+        raise ImportError(
+            "sparse checkpoints need compressed-tensors and safetensors: "
+            f"pip install 'gmp_ext[deploy]' ({exc})"
+        ) from exc
+
+
+# -- N:M layout ---------------------------------------------------------------------------------
+
+
+def _groups(tensor: torch.Tensor, m: int) -> torch.Tensor | None:
+    """The tensor as [rows, groups, m], or None when its rows do not split into whole groups."""
+    if tensor.dim() == 0 or tensor.numel() == 0:
+        return None
+    rows = tensor.reshape(tensor.shape[0], -1)
+    if rows.shape[1] % m:
+        return None
+    return rows.reshape(rows.shape[0], -1, m)
+
+
+def is_nm_sparse(tensor: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """Whether every group of ``m`` consecutive elements of each row of
+    ``tensor.reshape(tensor.shape[0], -1)`` holds at most ``n`` non-zeros (``-0.0`` is a
+    zero, NaN is not).
+
+    False when the row length is not a multiple of ``m`` (the 2:4 kernels and formats need
+    whole groups), and for an empty or 0-d tensor. Raises ValueError unless ``0 <= n <= m``
+    and ``m >= 1``, TypeError for a non-tensor.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    if not (isinstance(n, int) and isinstance(m, int) and m >= 1 and 0 <= n <= m):
+        raise ValueError(f"N:M needs integers 0 <= n <= m, m >= 1; got n={n!r}, m={m!r}")
+    groups = _groups(tensor.detach(), m)
+    if groups is None:
+        return False
+    return bool(((groups != 0).sum(-1) <= n).all())
+
+
+def _keep_24(weight: torch.Tensor) -> torch.Tensor:
+    """The 2:4 format's kept positions: exactly 2 per group, the non-zeros and then the
+    lowest-indexed zeros (``weight`` 2-D, 2:4 sparse)."""
+    groups = weight.reshape(weight.shape[0], -1, 4)
+    nonzero = groups != 0
+    zero = ~nonzero
+    missing = 2 - nonzero.sum(-1, keepdim=True)
+    keep = nonzero | (zero & (zero.cumsum(-1) <= missing))
+    return keep.reshape(weight.shape)
+
+
+# -- saving ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """How :func:`save_sparse` stored one state-dict entry: ``format`` is ``"sparse-bitmask"``,
+    ``"sparse-24-bitmask"``, ``"dense"`` or ``"tied"`` (an alias of ``tied_to``, not stored
+    again); bytes are the tensor data in the file (the safetensors header not counted)."""
+
+    format: str
+    dense_bytes: int
+    stored_bytes: int
+    tied_to: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """Stored over dense bytes (0.0 for an empty tensor)."""
+        return self.stored_bytes / self.dense_bytes if self.dense_bytes else 0.0
+
+
+def _compressed_bytes(weight: torch.Tensor, fmt: str) -> int:
+    rows, cols = weight.shape
+    mask_bytes = rows * ((cols + 7) // 8)
+    if fmt == SPARSE_24:
+        return rows * (cols // 2) * weight.element_size() + mask_bytes + 2 * 8
+    nonzeros = int((weight != 0).sum())
+    return nonzeros * weight.element_size() + mask_bytes + rows * 8 + 2 * 8
+
+
+def _encode(
+    prefix: str, weight: torch.Tensor, fmt: str, pack_bitmasks: Any
+) -> dict[str, torch.Tensor]:
+    """compressed-tensors' tensors for one 2-D weight, on the CPU. Zeros are stored as +0.0
+    (as compressed-tensors does: its bitmask marks ``weight != 0``)."""
+    weight = weight.detach().cpu().contiguous()
+    keep = _keep_24(weight) if fmt == SPARSE_24 else weight != 0
+    values = weight[keep]
+    values[values == 0] = 0.0  # -0.0 (kept in a 2:4 group, or as a zero) as +0.0
+    rows, cols = weight.shape
+    parts = {
+        "shape": torch.tensor([rows, cols]),
+        "compressed": values,
+        "bitmask": pack_bitmasks(keep),
+    }
+    if fmt == SPARSE_24:
+        parts["shape"] = parts["shape"].reshape(-1, 1)
+        parts["compressed"] = values.reshape(rows, cols // 2)
+    else:
+        counts = keep.sum(-1)
+        parts["row_offsets"] = torch.cumsum(counts, 0) - counts
+    return {f"{prefix}.{part}": tensor for part, tensor in parts.items()}
+
+
+def _state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict(keep_vars=False)
+    for name, tensor in state.items():
+        if is_dtensor(tensor):
+            raise ValueError(
+                f"'{name}' is a DTensor (FSDP2 / tensor parallel): save_sparse writes full "
+                "tensors from one process. Gather a full state dict first, e.g. load "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) into an "
+                "unsharded copy of the model on rank 0, and save that"
+            )
+    return state
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[object, ...]:
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def _candidates(
+    model: nn.Module, params: ParamSpec, exclude: list[str] | str | None
+) -> dict[str, torch.Tensor]:
+    """The selected 2-D ``<module>.weight`` tensors, by the unwrapped model's names."""
+    found: dict[str, torch.Tensor] = {}
+    for name, param in select_parameters(model, params, exclude).items():
+        if not name.endswith(".weight"):
+            raise ValueError(
+                f"parameter '{name}': compressed-tensors stores only '<module>.weight' "
+                "tensors compressed; leave it out of params="
+            )
+        if param.dim() == 2:
+            found[name] = param
+    return found
+
+
+def _choose_format(fmt: str, compressible: dict[str, torch.Tensor]) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    not_24 = [n for n, w in compressible.items() if not is_nm_sparse(w, 2, 4)]
+    if fmt == SPARSE_24 and not_24:
+        raise ValueError(
+            f"format='{SPARSE_24}' needs every compressed weight 2:4 sparse (at most 2 "
+            f"non-zeros in each group of 4 along a row, rows a multiple of 4 long); not: {not_24}"
+        )
+    if fmt == "auto":
+        return SPARSE_24 if compressible and not not_24 else BITMASK
+    return fmt
+
+
+def save_sparse(
+    model: nn.Module,
+    directory: PathLike,
+    *,
+    params: ParamSpec = None,
+    exclude: list[str] | str | None = None,
+    format: str = "auto",
+) -> dict[str, StoredTensor]:
+    """Write ``model``'s state dict to ``directory`` as a compressed-tensors sparse checkpoint.
+
+    ``directory`` (created if needed; the two files are overwritten) then holds
+    ``model.safetensors`` and ``config.json``, whose ``quantization_config`` is
+    ``{"quant_method": "compressed-tensors", "version": ..., "sparsity_config": {"format",
+    "targets" (the compressed modules' names), "ignore", "global_sparsity" (zeros over all
+    parameters), "sparsity_structure"}}``, as compressed-tensors' ``ModelCompressor`` writes it.
+
+    Which tensors are compressed: of the weights ``params``/``exclude`` select (the rules of
+    :func:`gmp_ext.select_parameters`; default every Linear/Conv weight), the 2-D ones that the
+    format stores in fewer bytes than dense. Every other state-dict entry (biases, norms,
+    buffers, Conv kernels, dense weights) is stored as it is. The format is one per checkpoint
+    (compressed-tensors' config has one): ``"auto"`` takes ``"sparse-24-bitmask"`` (2:4 values
+    ``[rows, cols / 2]`` plus a bitmask) when every compressed weight is 2:4 sparse (see
+    :func:`is_nm_sparse`), else ``"sparse-bitmask"`` (the non-zeros, a bitmask of
+    ``ceil(cols / 8)`` bytes per row, row offsets). At 90% sparsity a bitmask-stored weight
+    takes about 0.13x its dense bytes in fp32 and 0.16x in bf16.
+
+    Names are the unwrapped model's (DDP / DataParallel / ``torch.compile`` prefixes dropped);
+    a tied tensor is stored once, under its first name (the others are listed in the
+    safetensors metadata). DTensor (sharded) state is a ValueError. Tensors may be on any device
+    and non-contiguous; fp32, fp16 and bf16 weights are compressed. Zeros in compressed weights
+    are stored as +0.0: ``-0.0`` there loads as ``+0.0``, every other bit pattern (NaN
+    included) as saved.
+
+    Returns ``{state-dict name: StoredTensor}``. Raises ImportError naming the ``deploy`` extra
+    when compressed-tensors or safetensors is missing, ValueError for an unknown ``format``, a
+    forced ``"sparse-24-bitmask"`` over a weight that is not 2:4 sparse, or a selected
+    parameter that is not a ``<module>.weight``.
+    """
+    compressed_tensors, safetensors_torch = _import_extra()
+    helpers = importlib.import_module("compressed_tensors.utils")
+    config_module = importlib.import_module("compressed_tensors.config")
+    base = importlib.import_module("compressed_tensors.base")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    candidates = _candidates(model, params, exclude)
+    inner, _ = unwrap(model)
+    state = _state_of(inner)
+
+    def smaller(weight: torch.Tensor, fmt: str) -> bool:
+        return _compressed_bytes(weight, fmt) < weight.numel() * weight.element_size()
+
+    compressible = {n: w for n, w in candidates.items() if smaller(w, BITMASK)}
+    fmt = _choose_format(format, compressible)
+    if fmt == SPARSE_24:
+        compressible = {n: w for n, w in candidates.items() if is_nm_sparse(w) and smaller(w, fmt)}
+
+    # A tied weight is stored once, under its first state-dict name.
+    compress = {_storage_key(w.detach()) for w in compressible.values()}
+    tensors: dict[str, torch.Tensor] = {}
+    report: dict[str, StoredTensor] = {}
+    first_name: dict[tuple[object, ...], str] = {}
+    aliases: dict[str, str] = {}
+    targets: list[str] = []
+    for name, tensor in state.items():
+        dense_bytes = tensor.numel() * tensor.element_size()
+        key = _storage_key(tensor)
+        if tensor.numel() and key in first_name:
+            aliases[name] = first_name[key]
+            report[name] = StoredTensor("tied", dense_bytes, 0, first_name[key])
+            continue
+        if tensor.numel():
+            first_name[key] = name
+        if key in compress and name.endswith(".weight"):
+            targets.append(name[: -len(".weight")])
+            parts = _encode(targets[-1], tensor, fmt, helpers.pack_bitmasks)
+            clash = sorted(set(parts) & set(state))
+            if clash:
+                raise ValueError(
+                    f"cannot compress '{name}': the model already has state named {clash}, "
+                    "the names compressed-tensors gives the compressed parts"
+                )
+            tensors.update(parts)
+            stored = sum(t.numel() * t.element_size() for t in parts.values())
+            report[name] = StoredTensor(fmt, dense_bytes, stored)
+        else:
+            # safetensors refuses tensors sharing memory: a view of a stored tensor is copied.
+            shares = any(k[1] == key[1] for k in first_name if k != key)
+            stored_tensor = tensor.detach().cpu().contiguous()
+            tensors[name] = stored_tensor.clone() if shares else stored_tensor
+            report[name] = StoredTensor(DENSE, dense_bytes, dense_bytes)
+
+    zeros = total = 0
+    for param in {id(p): p for p in inner.parameters()}.values():
+        if param.is_floating_point():
+            zeros += int((param.detach() == 0).sum())
+            total += param.numel()
+    if fmt == SPARSE_24:
+        config_class = config_module.Sparse24BitMaskConfig
+    else:
+        config_class = config_module.BitmaskConfig
+    sparsity_config = config_class(
+        targets=targets,
+        ignore=[],
+        global_sparsity=zeros / total if total else 0.0,
+        sparsity_structure="2:4" if fmt == SPARSE_24 else "unstructured",
+    )
+    config = {
+        base.QUANTIZATION_CONFIG_NAME: {
+            base.COMPRESSION_VERSION_NAME: compressed_tensors.__version__,
+            base.QUANTIZATION_METHOD_NAME: "compressed-tensors",
+            base.SPARSITY_CONFIG_NAME: sparsity_config.model_dump(),
+        }
+    }
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", ALIASES_KEY: json.dumps(aliases)}
+    safetensors_torch.save_file(tensors, str(folder / WEIGHTS_FILE), metadata=metadata)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return report
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def _read_config(folder: Path) -> str:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {CONFIG_FILE} in {str(folder)!r}: not a save_sparse checkpoint"
+        )
+    config = json.loads(path.read_text()).get("quantization_config") or {}
+    fmt = (config.get("sparsity_config") or {}).get("format")
+    if config.get("quant_method") != "compressed-tensors" or fmt not in PARTS:
+        raise ValueError(
+            f"{str(path)!r} describes no compressed-tensors sparse checkpoint "
+            f"(quantization_config.sparsity_config.format: {fmt!r}; load_sparse reads "
+            f"{sorted(PARTS)})"
+        )
+    return str(fmt)
+
+
+def _decode(prefix: str, parts: dict[str, torch.Tensor], unpack_bitmasks: Any) -> torch.Tensor:
+    shape = [int(s) for s in parts["shape"].reshape(-1).tolist()]
+    keep = unpack_bitmasks(parts["bitmask"], shape)
+    values = parts["compressed"].reshape(-1)
+    if keep.shape != torch.Size(shape) or int(keep.sum()) != values.numel():
+        raise ValueError(
+            f"'{prefix}.weight' in the checkpoint is corrupt: {int(keep.sum())} bits set in its "
+            f"bitmask for a shape {shape}, {values.numel()} values stored"
+        )
+    weight = torch.zeros(shape, dtype=values.dtype)
+    weight[keep] = values
+    return weight
+
+
+def _read_tensors(folder: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The checkpoint's dense state dict (compressed weights decoded) and its tied names."""
+    _, safetensors_torch = _import_extra()
+    safetensors = importlib.import_module("safetensors")
+    helpers = importlib.import_module("compressed_tensors.utils")
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {str(folder)!r}")
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    stored = safetensors_torch.load_file(str(path))
+    prefixes = [k[: -len(".compressed")] for k in stored if k.endswith(".compressed")]
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix in prefixes:
+        names = {part: f"{prefix}.{part}" for part in PARTS[fmt]}
+        missing = [n for n in names.values() if n not in stored]
+        if missing:
+            raise ValueError(f"'{prefix}.weight' in the checkpoint lacks {missing} ({fmt})")
+        parts = {part: stored.pop(name) for part, name in names.items()}
+        tensors[f"{prefix}.weight"] = _decode(prefix, parts, helpers.unpack_bitmasks)
+    tensors.update(stored)
+    return tensors, json.loads(metadata.get(ALIASES_KEY, "{}"))
+
+
+def load_sparse(model: nn.Module, directory: PathLike) -> None:
+    """Load a :func:`save_sparse` checkpoint into ``model`` (dense), bit for bit.
+
+    Every entry of the (unwrapped) model's state dict, parameters and persistent buffers, must
+    be in the checkpoint with the same shape and dtype (a tied name may be stored under the name
+    it is tied to); nothing is cast. Checks everything before writing anything: ValueError
+    naming each parameter whose shape or dtype differs (both given), the names missing from the
+    checkpoint and those it has that the model lacks; FileNotFoundError when
+    ``directory/config.json`` or ``directory/model.safetensors`` is missing; ImportError naming
+    the ``deploy`` extra. Weights are copied in place (their devices kept); DTensor (sharded)
+    state is a ValueError.
+    """
+    _import_extra()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    folder = Path(directory)
+    tensors, aliases = _read_tensors(folder, _read_config(folder))
+    state = _state_of(unwrap(model)[0])
+    missing = [n for n in state if n not in tensors and aliases.get(n) not in tensors]
+    unexpected = [n for n in tensors if n not in state]
+    wrong = [
+        f"'{name}': checkpoint {list(value.shape)} {value.dtype}, "
+        f"model {list(state[name].shape)} {state[name].dtype}"
+        for name, value in tensors.items()
+        if name in state and (value.shape != state[name].shape or value.dtype != state[name].dtype)
+    ]
+    if missing or unexpected or wrong:
+        problems = [f"shape or dtype differs for {'; '.join(wrong)}"] if wrong else []
+        problems += [f"missing from the checkpoint: {missing}"] if missing else []
+        problems += [f"not in the model: {unexpected}"] if unexpected else []
+        raise ValueError(
+            f"the checkpoint in {str(folder)!r} does not fit this model: {'. '.join(problems)}"
+        )
+    with torch.no_grad():
+        for name, target in state.items():
+            target.copy_(tensors[name] if name in tensors else tensors[aliases[name]])
+
+
+# -- 2:4 semi-structured sparse Linear weights -------------------------------------------------
+
+# Rows and columns of a weight must be multiples of these (CUTLASS's limits for fp16/bf16,
+# which also satisfy cuSPARSELt's 16 x 16).
+SEMI_STRUCTURED_MULTIPLES = (32, 64)
+SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _semi_structured_class(backend: str | None) -> Any:
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    available = cusparselt is not None and cusparselt.is_available()
+    if backend is None:
+        backend = "cusparselt" if available else "cutlass"
+    if backend == "cusparselt":
+        if not available:
+            raise RuntimeError(
+                "backend='cusparselt': this PyTorch build has no cuSPARSELt "
+                "(torch.backends.cusparselt.is_available() is False); use backend='cutlass'"
+            )
+        return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+    return torch.sparse.SparseSemiStructuredTensorCUTLASS
+
+
+def _device_problem(weight: torch.Tensor) -> str | None:
+    if weight.device.type != "cuda":
+        return f"is on {weight.device}"
+    major, minor = torch.cuda.get_device_capability(weight.device)
+    if major < 8:
+        name = torch.cuda.get_device_name(weight.device)
+        return f"is on {weight.device} ({name}, sm_{major}{minor})"
+    return None
+
+
+def _linear_weights(model: nn.Module, exclude: list[str]) -> dict[str, nn.Linear]:
+    """The Linear modules whose weight is 2:4 sparse (not yet converted, not excluded)."""
+    holders: dict[int, set[tuple[int, str]]] = {}  # a module reused under two names: one holder
+    for _, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), set()).add((id(module), attr))
+    chosen: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or f"{name}.weight" in exclude:
+            continue
+        weight = module.weight
+        if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
+            continue
+        if is_nm_sparse(weight, 2, 4):
+            if len(holders.get(id(weight), ())) > 1:
+                raise ValueError(
+                    f"'{name}.weight' is tied to another module's parameter: converting it "
+                    "would untie them; leave it out with exclude="
+                )
+            chosen[f"{name}.weight"] = module
+    return chosen
+
+
+def to_semi_structured(
+    model: nn.Module, *, exclude: list[str] | None = None, backend: str | None = None
+) -> list[str]:
+    """Replace the 2:4-sparse ``nn.Linear`` weights of ``model`` by PyTorch's semi-structured
+    sparse tensors (``torch.sparse.to_sparse_semi_structured``), for inference on sm_80+ GPUs.
+
+    Converts the weight of every ``nn.Linear`` that :func:`is_nm_sparse` finds 2:4 sparse
+    (along ``in_features``, the reduction dimension), except the names in ``exclude``; other
+    layers stay dense. The new weights are ``nn.Parameter(..., requires_grad=False)``: the
+    model is for inference from then on. ``backend``: ``"cusparselt"`` (default where
+    PyTorch has it) or ``"cutlass"``. Returns the converted names (``"<module>.weight"``).
+
+    Checks all layers before converting any. Raises ValueError when no Linear weight is 2:4
+    sparse, for a 2:4 weight that is not fp16/bf16 or whose ``[out_features, in_features]`` is
+    not a multiple of (32, 64) (name, dtype and shape given; ``exclude=`` leaves it dense),
+    for a weight tied to another module, and when gmp_ext still holds masks for a weight to
+    convert (``gmp_ext.remove(model)`` first: the masks' re-apply writes into dense weights);
+    RuntimeError, naming the weight and where it is, unless every weight to convert is on a
+    CUDA GPU of compute capability 8.0 or later.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend not in (None, "cusparselt", "cutlass"):
+        raise ValueError(f"backend must be None, 'cusparselt' or 'cutlass', got {backend!r}")
+    names = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    inner, prefix = unwrap(model)
+    names = [bare_name(n, prefix) for n in names]
+    known = dict(inner.named_parameters(remove_duplicate=False))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"exclude entries {unknown} name no parameter of the model")
+    chosen = _linear_weights(inner, names)
+    if not chosen:
+        raise ValueError(
+            "no nn.Linear weight of the model is 2:4 sparse (at most 2 non-zeros in every "
+            "group of 4 consecutive weights along in_features) outside exclude="
+        )
+    masked = sorted(set(chosen) & set(pruner.masks(inner)))
+    if masked:
+        raise ValueError(
+            f"gmp_ext holds masks for {masked}: call gmp_ext.remove(model) before converting "
+            "(the masks' re-apply writes into dense weights)"
+        )
+    rows, cols = SEMI_STRUCTURED_MULTIPLES
+    for name, module in chosen.items():
+        weight = module.weight
+        shape = list(weight.shape)
+        if weight.dtype not in SEMI_STRUCTURED_DTYPES or shape[0] % rows or shape[1] % cols:
+            raise ValueError(
+                f"'{name}' ({weight.dtype}, shape {shape}) is 2:4 sparse but the semi-structured "
+                f"kernels take fp16/bf16 weights whose shape is a multiple of ({rows}, {cols}); "
+                "convert the model (model.half()) or leave the layer out with exclude="
+            )
+    if not torch.cuda.is_available():
+        first = next(iter(chosen))
+        raise RuntimeError(
+            "2:4 semi-structured sparse weights need a CUDA GPU of compute capability 8.0 or "
+            f"later (sm_80+); no CUDA device is available here ('{first}' is on "
+            f"{chosen[first].weight.device})"
+        )
+    for name, module in chosen.items():
+        problem = _device_problem(module.weight)
+        if problem is not None:
+            raise RuntimeError(
+                f"2:4 semi-structured sparse weights need a CUDA GPU of compute capability 8.0 "
+                f"or later (sm_80+): '{name}' {problem}; move the model there first"
+            )
+    sparse_class = _semi_structured_class(backend)
+    converted = {
+        name: sparse_class.from_dense(module.weight.detach().contiguous())
+        for name, module in chosen.items()
+    }
+    for name, module in chosen.items():
+        module.weight = nn.Parameter(converted[name], requires_grad=False)
+    return list(converted)
