@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -250,6 +252,49 @@ def test_compressed_tensors_decompresses_identical_weights(tmp_path, dtype, kind
     fresh = make()
     compressor.decompress(str(tmp_path), fresh)
     state_bits_equal(model, fresh)
+
+
+# A `pip install --no-deps --target DIR 'compressed-tensors<0.15'` beside the installed one:
+# the last releases that decompress sparse checkpoints (0.15 removed it) require transformers<5,
+# so they cannot be the installed version next to the integrations extra. .ci/run sets it.
+LEGACY_CLIENT = "GMP_EXT_LEGACY_COMPRESSED_TENSORS"
+
+
+def test_legacy_compressed_tensors_release_reads_the_files():
+    """The real-client test above, run in a subprocess with the legacy compressed-tensors
+    release first on the path, so CI runs it whatever compressed-tensors is installed."""
+    legacy = os.environ.get(LEGACY_CLIENT)
+    if not legacy:
+        pytest.skip(
+            f"set {LEGACY_CLIENT} to a `pip install --no-deps --target DIR "
+            "'compressed-tensors==0.14.0.1'` directory to read the files with a release that "
+            "decompresses them (.ci/run does)"
+        )
+    if has_sparse_decompression():
+        pytest.skip("the installed compressed-tensors decompresses: the test above ran it")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([legacy, os.environ.get("PYTHONPATH", "")])}
+    env.pop(LEGACY_CLIENT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "test_compressed_tensors_decompresses_identical_weights",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        cwd=os.path.dirname(__file__),
+    )
+    assert done.returncode == 0 and "6 passed" in done.stdout, (
+        done.stdout[-3000:] + done.stderr[-2000:]
+    )
 
 
 def test_config_and_names_as_compressed_tensors_parses_them(tmp_path):
