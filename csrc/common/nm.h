@@ -25,19 +25,27 @@ GMP_HOST_DEVICE constexpr bool valid_group(int64_t n, int64_t m) {
 // Bit i set: element i of the group (keys[0..M)) is a candidate, i.e. fewer than M - n elements
 // precede it in (key, index) order. NaN keys rank above every number, so they are protected first.
 template <int M> GMP_HOST_DEVICE uint32_t candidate_bits(const uint32_t (&keys)[M], int n) {
+    // rank[i] = elements before i in (key, index) order, from each pair once: for i < j, j comes
+    // first exactly when keys[j] < keys[i]. Branch-free, since which elements win is data.
+    int rank[M] = {};
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int i = 0; i < M; ++i)
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int j = i + 1; j < M; ++j) {
+            const int j_first = int(keys[j] < keys[i]);
+            rank[i] += j_first;
+            rank[j] += 1 - j_first;
+        }
     uint32_t bits = 0;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-    for (int i = 0; i < M; ++i) {
-        int rank = 0;
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-        for (int j = 0; j < M; ++j)
-            rank += keys[j] < keys[i] || (keys[j] == keys[i] && j < i);
-        bits |= uint32_t(rank < M - n) << i;
-    }
+    for (int i = 0; i < M; ++i)
+        bits |= uint32_t(rank[i] < M - n) << i;
     return bits;
 }
 

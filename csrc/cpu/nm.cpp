@@ -11,7 +11,8 @@
 namespace gmp::cpu {
 namespace {
 
-template <typename Reader> using BitsOf = std::remove_cv_t<std::remove_reference_t<decltype(*std::declval<Reader>().bits)>>;
+template <typename Reader>
+using BitsOf = std::remove_cv_t<std::remove_reference_t<decltype(*std::declval<Reader>().bits)>>;
 
 template <int M, typename Reader> inline void load_group(const Reader &key_of, int64_t first, uint32_t (&keys)[M]) {
     for (int i = 0; i < M; ++i)
@@ -24,16 +25,25 @@ void gather_tile(const Reader &key_of, int64_t begin, int64_t end, int n, uint32
         uint32_t keys[M];
         load_group<M>(key_of, first, keys);
         const uint32_t candidates = candidate_bits<M>(keys, n);
-        BitsOf<Reader> *dst = out + (first / M) * (M - n);
+        // Compacted without branches (which elements are candidates is data): every element is
+        // written at the next slot, which advances only past candidates.
+        BitsOf<Reader> listed[M];
         int j = 0;
+        for (int i = 0; i < M; ++i) {
+            listed[j] = key_of.bits[first + i];
+            j += int((candidates >> i) & 1u);
+        }
+        uint32_t top = 0;
         for (int i = 0; i < M; ++i)
-            if ((candidates >> i) & 1u)
-                dst[j++] = key_of.bits[first + i];
-        for (int i = 0; i < M; ++i)
-            if (keys[i] > inf) { // protected NaN: make the selection over the list see it
-                dst[0] = key_of.bits[first + i];
-                break;
-            }
+            top = std::max(top, keys[i]);
+        if (top > inf) { // a protected NaN: list it first so the selection over the list sees it
+            for (int i = 0; i < M; ++i)
+                if (keys[i] > inf) {
+                    listed[0] = key_of.bits[first + i];
+                    break;
+                }
+        }
+        std::copy(listed, listed + (M - n), out + (first / M) * (M - n));
     }
 }
 
@@ -42,6 +52,7 @@ void gather_tile(const Reader &key_of, int64_t begin, int64_t end, int n, uint32
 template <int M, typename Reader>
 uint64_t build_word(const Reader &key_of, int64_t first, int64_t count, int n, const Selection &s) {
     constexpr uint64_t kGroupBits = (uint64_t(1) << M) - 1;
+    const uint32_t key = static_cast<uint32_t>(s.key);
     uint64_t word = 0;
     for (int64_t g = first; g < first + count; g += M) {
         uint32_t keys[M];
@@ -49,17 +60,19 @@ uint64_t build_word(const Reader &key_of, int64_t first, int64_t count, int n, c
         const uint32_t candidates = candidate_bits<M>(keys, n);
         uint64_t keep = ~uint64_t(candidates) & kGroupBits;
         int64_t position = (g / M) * (M - n);
-        for (int i = 0; i < M; ++i)
-            if ((candidates >> i) & 1u)
-                keep |= uint64_t(is_kept(keys[i], position++, static_cast<uint32_t>(s.key), s.index)) << i;
+        for (int i = 0; i < M; ++i) { // branch-free, as in gather_tile
+            const uint32_t candidate = (candidates >> i) & 1u;
+            const uint32_t above = uint32_t(keys[i] > key) | (uint32_t(keys[i] == key) & uint32_t(position > s.index));
+            keep |= uint64_t(candidate & above) << i;
+            position += candidate;
+        }
         word |= keep << (g - first);
     }
     return word;
 }
 
 void check_nm(const TensorEntry *table, int64_t entries, int32_t n, int32_t m) {
-    GMP_CHECK(valid_group(n, m), "N:M needs a power-of-two m in [2, ", kMaxGroup, "] and 1 <= n < m, got ", n, ":",
-              m);
+    GMP_CHECK(valid_group(n, m), "N:M needs a power-of-two m in [2, ", kMaxGroup, "] and 1 <= n < m, got ", n, ":", m);
     for (int64_t e = 0; e < entries; ++e)
         GMP_CHECK(table[e].numel % m == 0, "entry ", e, ": numel ", table[e].numel, " is not a multiple of m = ", m);
 }
@@ -83,9 +96,8 @@ void nm_gather(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, 
         visit_keys(entry, kNative, [&](auto key_of) {
             using Reader = decltype(key_of);
             auto *list = reinterpret_cast<BitsOf<Reader> *>(lists[tile.entry].data);
-            visit_group_size(m, [&](auto size) {
-                gather_tile<decltype(size)::value>(key_of, tile.begin, tile.end, n, inf, list);
-            });
+            visit_group_size(
+                m, [&](auto size) { gather_tile<decltype(size)::value>(key_of, tile.begin, tile.end, n, inf, list); });
         });
     });
 }

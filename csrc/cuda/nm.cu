@@ -28,8 +28,8 @@ __device__ __forceinline__ void load_group(const typename KT::bits_t *data, int6
 }
 
 template <typename KT, int M>
-__device__ void gather_tile(const typename KT::bits_t *data, typename KT::bits_t *list, int64_t first, int count,
-                            int n, uint32_t inf, int lane) {
+__device__ void gather_tile(const typename KT::bits_t *data, typename KT::bits_t *list, int64_t first, int count, int n,
+                            uint32_t inf, int lane) {
     for (int g = lane; g * M < count; g += 32) {
         const int64_t start = first + int64_t(g) * M;
         uint32_t keys[M];
@@ -114,9 +114,8 @@ __global__ void __launch_bounds__(kThreads)
             using KT = decltype(kt);
             const auto *data = reinterpret_cast<const typename KT::bits_t *>(entry.data);
             auto *list = reinterpret_cast<typename KT::bits_t *>(lists[e].data);
-            visit_group_size(m, [&](auto size) {
-                gather_tile<KT, decltype(size)::value>(data, list, first, count, n, inf, lane);
-            });
+            visit_group_size(
+                m, [&](auto size) { gather_tile<KT, decltype(size)::value>(data, list, first, count, n, inf, lane); });
         });
     }
 }
@@ -147,8 +146,7 @@ __global__ void __launch_bounds__(kThreads) kNmBuildMasks(const TensorEntry *tab
 
 void check_nm(int64_t entries, int32_t n, int32_t m, int64_t total_tiles) {
     GMP_CHECK(entries >= 0 && total_tiles >= 0, "entries and total_tiles must be >= 0");
-    GMP_CHECK(valid_group(n, m), "N:M needs a power-of-two m in [2, ", kMaxGroup, "] and 1 <= n < m, got ", n, ":",
-              m);
+    GMP_CHECK(valid_group(n, m), "N:M needs a power-of-two m in [2, ", kMaxGroup, "] and 1 <= n < m, got ", n, ":", m);
 }
 
 } // namespace
