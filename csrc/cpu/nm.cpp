@@ -21,21 +21,22 @@ template <int M, typename Reader> inline void load_group(const Reader &key_of, i
 
 template <int M, typename Reader>
 void gather_tile(const Reader &key_of, int64_t begin, int64_t end, int n, uint32_t inf, BitsOf<Reader> *out) {
+    BitsOf<Reader> last[M]; // the tile's last group, whose spare slots would run into the next tile
     for (int64_t first = begin; first < end; first += M) {
         uint32_t keys[M];
         load_group<M>(key_of, first, keys);
         const uint32_t candidates = candidate_bits<M>(keys, n);
         // Compacted without branches (which elements are candidates is data): every element is
-        // written at the next slot, which advances only past candidates.
-        BitsOf<Reader> listed[M];
+        // written at the next slot, which advances only past candidates; slots past the group's
+        // m - n are the next group's, rewritten by it.
+        BitsOf<Reader> *listed = first + M < end ? out + (first / M) * (M - n) : last;
         int j = 0;
+        uint32_t top = 0;
         for (int i = 0; i < M; ++i) {
             listed[j] = key_of.bits[first + i];
             j += int((candidates >> i) & 1u);
-        }
-        uint32_t top = 0;
-        for (int i = 0; i < M; ++i)
             top = std::max(top, keys[i]);
+        }
         if (top > inf) { // a protected NaN: list it first so the selection over the list sees it
             for (int i = 0; i < M; ++i)
                 if (keys[i] > inf) {
@@ -43,28 +44,35 @@ void gather_tile(const Reader &key_of, int64_t begin, int64_t end, int n, uint32
                     break;
                 }
         }
-        std::copy(listed, listed + (M - n), out + (first / M) * (M - n));
+        if (listed == last)
+            std::copy(last, last + (M - n), out + (first / M) * (M - n));
     }
 }
 
 // Keep-bits of the groups in [first, first + count): protected elements, and candidates whose
-// (key, position in the candidate list) is above the selection's cut.
+// (key, position in the candidate list) is above the selection's cut. When the word's candidate
+// positions all lie on one side of the cut's index, the test is key >= limit for all of them.
 template <int M, typename Reader>
 uint64_t build_word(const Reader &key_of, int64_t first, int64_t count, int n, const Selection &s) {
     constexpr uint64_t kGroupBits = (uint64_t(1) << M) - 1;
-    const uint32_t key = static_cast<uint32_t>(s.key);
+    const uint64_t key = static_cast<uint64_t>(s.key);
+    const int64_t begin = (first / M) * (M - n), end = ((first + count) / M) * (M - n);
+    const bool one_side = begin > s.index || end - 1 <= s.index;
+    const uint64_t limit = begin > s.index ? key : key + 1;
     uint64_t word = 0;
+    int64_t position = begin;
     for (int64_t g = first; g < first + count; g += M) {
         uint32_t keys[M];
         load_group<M>(key_of, g, keys);
         const uint32_t candidates = candidate_bits<M>(keys, n);
         uint64_t keep = ~uint64_t(candidates) & kGroupBits;
-        int64_t position = (g / M) * (M - n);
         for (int i = 0; i < M; ++i) { // branch-free, as in gather_tile
-            const uint32_t candidate = (candidates >> i) & 1u;
-            const uint32_t above = uint32_t(keys[i] > key) | (uint32_t(keys[i] == key) & uint32_t(position > s.index));
-            keep |= uint64_t(candidate & above) << i;
-            position += candidate;
+            const uint64_t candidate = (candidates >> i) & 1u;
+            const uint64_t above =
+                one_side ? uint64_t(keys[i] >= limit)
+                         : uint64_t(keys[i] > key) | (uint64_t(keys[i] == key) & uint64_t(position > s.index));
+            keep |= (candidate & above) << i;
+            position += int64_t(candidate);
         }
         word |= keep << (g - first);
     }
