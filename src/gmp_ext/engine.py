@@ -6,6 +6,11 @@ made, non-contiguous tensors (``channels_last``) are staged through contiguous c
 it, and running it is launches only (on CUDA nothing is allocated or read back, so it can be
 captured in a CUDA graph). The mask store's per-step re-apply, :class:`gmp_ext.PrunePlan` and
 the eager prune step all run through it.
+
+Under ``torch.compile`` the same stages run as the operators of :mod:`gmp_ext.library`
+(``torch.ops.gmp_ext.*``), which take tensors where the jobs hold raw addresses: Dynamo traces
+them without a graph break, and their kernels find the tables in a cache keyed by storage.
+Eagerly, the jobs run directly, without the dispatcher's per-call cost.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import primitives
+from . import library, primitives
 from ._layout import KEY_SPACE_NATIVE
 from .backends import REFERENCE, Backend, Job, backend_for
 
@@ -82,7 +87,10 @@ class PreparedStep:
             group.job.set_counts([counts[i] for i in group.indices] if per_tensor else counts)
 
     def run(self, select: bool = True, build: bool = True, apply: bool = True) -> None:
-        """The chosen stages, in order, for every group."""
+        """The chosen stages, in order, for every group (as operators when compiling)."""
+        if torch.compiler.is_compiling():
+            self.run_operators(self.tensors, self.masks, select, build, apply)
+            return
         with torch.no_grad():
             for group in self.groups:
                 for tensor, copy in group.staged:
@@ -96,6 +104,35 @@ class PreparedStep:
                 for tensor, copy in group.staged:
                     if apply:
                         tensor.copy_(copy)
+
+    def run_operators(
+        self,
+        tensors: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        select: bool = True,
+        build: bool = True,
+        apply: bool = True,
+    ) -> None:
+        """:meth:`run` through ``torch.ops.gmp_ext``, over ``tensors`` and ``masks`` laid out
+        like the step's (the parameters themselves, say, rather than detached aliases of them,
+        which a compiled graph would see as two inputs sharing storage), with the step's counts.
+        The rows land in the step's buffers, where :meth:`rows` reads them."""
+        with torch.no_grad():
+            for group in self.groups:
+                job = group.job
+                work = [tensors[i] for i in group.indices]
+                group_masks = [masks[i] for i in group.indices]
+                if select:
+                    if self.scope == "layer":
+                        rows = library.select_layerwise(work, job.counts)
+                    else:
+                        rows = library.select_global(work, job.counts, self.key_space)
+                    job.rows.copy_(rows)
+                if build:
+                    wide64 = primitives.uses_reference(self.key_space)
+                    library.build_masks(work, job.rows, group_masks, wide64)
+                if apply:
+                    library.apply_masks(work, group_masks)
 
     def rows(self) -> list[torch.Tensor]:
         """The last selection's rows, in tensor order (on each group's device)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import ops, primitives
+from . import library, ops, primitives
 from ._layout import mask_storage_bytes
 from .dtensors import is_dtensor, local_tensor
 from .engine import PreparedStep
@@ -184,8 +184,13 @@ class MaskStore:
         # A non-contiguous parameter (channels_last) is staged through a contiguous copy kept
         # with the step, so a step allocates nothing and builds no table (and can be captured
         # in a CUDA graph); the mask, in flat index order, needs no permutation.
-        params = [local_tensor(e.param).detach() for e in entries]
         masks = [e.mask if e.mask.device == device else e.mask.to(device) for e in entries]
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace a step's binding (raw addresses); the operator takes the
+            # parameters themselves (detached aliases would be graph inputs sharing storage).
+            library.apply_masks([local_tensor(e.param) for e in entries], masks)
+            return
+        params = [local_tensor(e.param).detach() for e in entries]
         step = self._apply_steps.get(device)
         if step is None or step.key != PreparedStep.binding(params, masks):
             step = self._apply_steps[device] = PreparedStep(params, masks)

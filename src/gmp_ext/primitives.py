@@ -1,9 +1,10 @@
-"""Unchecked select / build / apply primitives over the backends, for single-process tensors.
+"""Unchecked select / build / apply primitives over the operators, for single-process tensors.
 
 The layer under :mod:`gmp_ext.ops` (which validates user input) and the model layer (which
 chooses parameters): these functions trust their arguments. Selection rows and thresholds
-follow the contract in ``gmp_ext.ops``; float64 tensors, and selections in the float64 key
-space, run on the reference backend.
+follow the contract in ``gmp_ext.ops``; select, build and apply are the ``torch.ops.gmp_ext``
+operators (:mod:`gmp_ext.library`), whose kernels run float64 tensors, and selections in the
+float64 key space, on the reference backend.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import library
 from ._layout import KEY_SPACE_WIDE, KEY_SPACE_WIDE64, key_space_for, mask_bytes, mask_storage_bytes
-from .backends import REFERENCE, Backend, backend_for
 from .dtensors import local_tensor
 
 __all__ = [
     "SUPPORTED_DTYPES",
     "Threshold",
     "apply_in_place",
-    "backend_of",
     "build",
     "check_one_device",
     "check_tensor",
@@ -83,13 +83,6 @@ def local_values(tensor: torch.Tensor) -> torch.Tensor:
     return local_tensor(tensor).detach().contiguous()
 
 
-def backend_of(tensors: Sequence[torch.Tensor], reference: bool = False) -> Backend:
-    """The device's backend; float64 work always runs on the reference."""
-    if reference or any(t.dtype == torch.float64 for t in tensors):
-        return REFERENCE
-    return backend_for(tensors[0].device)
-
-
 def groups(
     tensors: Sequence[torch.Tensor], reference: Sequence[bool] | None = None
 ) -> dict[tuple[str, bool], list[int]]:
@@ -131,7 +124,8 @@ def select_rows_layerwise(
     rows: list[torch.Tensor | None] = [None] * len(tensors)
     for indices in groups(tensors).values():
         group = [local_values(tensors[i]) for i in indices]
-        result = backend_of(group).select_layerwise(group, [ks[i] for i in indices])
+        counts = torch.tensor([ks[i] for i in indices], dtype=torch.int64)
+        result = library.select_layerwise(group, counts)
         raise_on_nan(result, group, [labels[i] for i in indices])
         for j, i in enumerate(indices):
             rows[i] = result[j]
@@ -162,7 +156,7 @@ def select_rows_global(
     check_one_device(tensors)
     flat = [local_values(t) for t in tensors]
     key_space = key_space_for({t.dtype for t in tensors})
-    result = backend_of(flat).select_global(flat, k, key_space)
+    result = library.select_global(flat, torch.tensor([k], dtype=torch.int64), key_space)
     raise_on_nan(result, flat, labels)
     return list(result)
 
@@ -225,7 +219,7 @@ def build(
     for (_, on_reference), indices in groups(tensors, wide64).items():
         group = [local_values(tensors[i]) for i in indices]
         selection = torch.stack([rows[i] for i in indices])
-        backend_of(group, on_reference).build_masks(group, selection, [masks[i] for i in indices])
+        library.build_masks(group, selection, [masks[i] for i in indices], on_reference)
     return masks
 
 
@@ -234,8 +228,4 @@ def apply_in_place(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor
     with torch.no_grad():
         for indices in groups(tensors).values():
             targets = [tensors[i].detach() for i in indices]
-            contiguous = [t if t.is_contiguous() else t.contiguous() for t in targets]
-            backend_of(contiguous).apply_masks(contiguous, [masks[i] for i in indices])
-            for target, staged in zip(targets, contiguous):
-                if staged is not target:
-                    target.copy_(staged)
+            library.apply_masks(targets, [masks[i] for i in indices])
