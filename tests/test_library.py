@@ -324,6 +324,29 @@ def test_compiled_apply_follows_a_replaced_parameter(dynamo):
 
 
 @needs_compile
+def test_other_models_stores_do_not_recompile_the_apply(dynamo):
+    # The store is found by one guarded key: pruning, dropping or collecting another model
+    # (its store leaving the registry, even mid-compile) neither recompiles nor breaks guards.
+    model = Small()
+    gmp_ext.prune_step(model, 0.5)
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    step = torch.compile(lambda: gmp_ext.apply_masks(model), backend=counter, fullgraph=True)
+    step()
+    for _ in range(3):
+        other = nn.Linear(8, 8)
+        gmp_ext.prune_step(other, 0.5)
+        step()
+        gmp_ext.remove(other)
+        step()
+        del other
+        gc.collect()
+        step()
+    assert counter.frame_count == 1
+
+
+@needs_compile
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_compiled_plan_step_is_one_graph_and_matches_eager(dynamo, device, scope):
     compiled, eager = Small().to(device), Small().to(device)

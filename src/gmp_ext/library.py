@@ -117,20 +117,23 @@ def _check_key_space(key_space: int) -> None:
 
 
 def _check_masks(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
+    """Call after :func:`_check_tensors` (which puts every tensor on one device)."""
     if len(masks) != len(tensors):
         raise ValueError(f"got {len(masks)} masks for {len(tensors)} tensors")
+    device = tensors[0].device if len(tensors) else None
     for i, (tensor, mask) in enumerate(zip(tensors, masks)):
         if mask.dtype != torch.uint8 or mask.dim() != 1:
             raise TypeError(
                 f"masks[{i}] must be a 1-D uint8 tensor of packed bits, got {mask.dtype} of "
                 f"shape {list(mask.shape)}"
             )
-        if mask.device != tensor.device:
-            raise ValueError(f"masks[{i}] is on {mask.device}, tensors[{i}] on {tensor.device}")
-        if mask.numel() < mask_bytes(tensor.numel()):
+        if mask.device != device:
+            raise ValueError(f"masks[{i}] is on {mask.device}, tensors[{i}] on {device}")
+        needed = mask_bytes(tensor.numel())
+        if mask.numel() < needed:
             raise ValueError(
                 f"masks[{i}] has {mask.numel()} bytes; tensors[{i}] of {tensor.numel()} "
-                f"elements needs {mask_bytes(tensor.numel())}"
+                f"elements needs {needed}"
             )
 
 
@@ -206,9 +209,10 @@ def _job(
         return backend.prepare(tensors, masks, scope, key_space)
     key = (
         backend.name,
+        tensors[0].device,  # every tensor's (checked)
         scope,
         key_space,
-        tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for t in tensors),
+        tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors),
         None if masks is None else tuple(m.data_ptr() for m in masks),
     )
     cached = _JOBS.get(key)
@@ -267,7 +271,7 @@ def _storage(mask: torch.Tensor, numel: int) -> torch.Tensor:
     """``mask`` itself when it is mask storage the kernels can use (contiguous, padded,
     aligned for vector access), else a padded copy of its first ``mask_bytes(numel)`` bytes."""
     size = mask_storage_bytes(numel)
-    if mask.is_contiguous() and mask.numel() >= size and mask.data_ptr() % MASK_ALIGN_BYTES == 0:
+    if mask.numel() >= size and mask.data_ptr() % MASK_ALIGN_BYTES == 0 and mask.is_contiguous():
         return mask
     storage = torch.zeros(size, dtype=torch.uint8, device=mask.device)
     storage[: mask_bytes(numel)] = mask[: mask_bytes(numel)]
@@ -300,14 +304,13 @@ def _apply_masks(backend: Backend, tensors: list[torch.Tensor], masks: list[torc
     _apply_masks_fake(tensors, masks)
     if not tensors:
         return
-    with torch.no_grad():
-        targets = [t.detach() for t in tensors]
-        work = [t if t.is_contiguous() else t.contiguous() for t in targets]
+    with torch.no_grad():  # the tensors may be parameters; the kernels write in place
+        work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         storage = [_storage(m, t.numel()) for t, m in zip(work, masks)]
         if _on_reference(work):
             backend = REFERENCE
         backend.apply(_job(backend, work, storage, None, KEY_SPACE_NATIVE))
-        for target, staged in zip(targets, work):
+        for target, staged in zip(tensors, work):
             if staged is not target:
                 target.copy_(staged)
 

@@ -2,9 +2,10 @@
 
 The layer under :mod:`gmp_ext.ops` (which validates user input) and the model layer (which
 chooses parameters): these functions trust their arguments. Selection rows and thresholds
-follow the contract in ``gmp_ext.ops``; select, build and apply are the ``torch.ops.gmp_ext``
-operators (:mod:`gmp_ext.library`), whose kernels run float64 tensors, and selections in the
-float64 key space, on the reference backend.
+follow the contract in ``gmp_ext.ops``. Select and build call the ``torch.ops.gmp_ext``
+operators (:mod:`gmp_ext.library`), as does apply under ``torch.compile`` (eagerly it calls
+the backend); float64 tensors, and selections in the float64 key space, run on the reference
+backend.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import torch
 
 from . import library
 from ._layout import KEY_SPACE_WIDE, KEY_SPACE_WIDE64, key_space_for, mask_bytes, mask_storage_bytes
+from .backends import REFERENCE, Backend, backend_for
 from .dtensors import local_tensor
 
 __all__ = [
     "SUPPORTED_DTYPES",
     "Threshold",
     "apply_in_place",
+    "backend_of",
     "build",
     "check_one_device",
     "check_tensor",
@@ -81,6 +84,13 @@ def local_values(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous read-only view of the values (a copy only for non-contiguous tensors); a
     DTensor's local shard."""
     return local_tensor(tensor).detach().contiguous()
+
+
+def backend_of(tensors: Sequence[torch.Tensor], reference: bool = False) -> Backend:
+    """The device's backend; float64 work always runs on the reference."""
+    if reference or any(t.dtype == torch.float64 for t in tensors):
+        return REFERENCE
+    return backend_for(tensors[0].device)
 
 
 def groups(
@@ -224,8 +234,18 @@ def build(
 
 
 def apply_in_place(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
-    """Unchecked apply for callers that own well-formed masks (the mask store)."""
+    """Unchecked apply for callers that own well-formed masks (the mask store). It may run at
+    every step (gradients, optimizer state), so eagerly it calls the backend without the
+    operator's dispatch and checks (measured: about 3 us more per tensor on CPU)."""
     with torch.no_grad():
         for indices in groups(tensors).values():
+            group_masks = [masks[i] for i in indices]
+            if torch.compiler.is_compiling():
+                library.apply_masks([tensors[i] for i in indices], group_masks)
+                continue
             targets = [tensors[i].detach() for i in indices]
-            library.apply_masks(targets, [masks[i] for i in indices])
+            contiguous = [t if t.is_contiguous() else t.contiguous() for t in targets]
+            backend_of(contiguous).apply_masks(contiguous, group_masks)
+            for target, staged in zip(targets, contiguous):
+                if staged is not target:
+                    target.copy_(staged)
