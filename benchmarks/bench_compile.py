@@ -12,13 +12,16 @@ re-apply of every mask (p20/p50/p80 ms):
 * ``apply_masks(model) compiled``: ``torch.compile(fullgraph=True)`` of the same call;
 * ``_foreach_mul_ dense masks``: PyTorch, masks as weight-dtype tensors (the baseline).
 
-``vs_foreach_mul`` = baseline p50 / row p50 (above 1: faster than PyTorch). Rows go to
-benchmarks/results/compile_<device>.json ($GMP_EXT_BENCH_OUT overrides the folder).
+Timing: rounds of one call per provider (wall clock on CPU, CUDA events on CUDA), so that a
+shared machine's drift reaches every row alike. ``vs_foreach_mul`` = baseline p50 / row p50
+(above 1: faster than PyTorch). Rows go to
+benchmarks/results/compile_<device>_<layers>x<width>.json ($GMP_EXT_BENCH_OUT overrides the folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from torch import nn
@@ -60,9 +63,17 @@ def main() -> None:
         "apply_masks(model) compiled": compiled,
         "_foreach_mul_ dense masks": lambda: torch._foreach_mul_(weights, dense),
     }
+    # Rounds of one call per provider, so that the drifts of a shared machine reach all alike.
+    samples: dict[str, list[float]] = {provider: [] for provider in calls}
+    for fn in calls.values():
+        time_fn(device, fn, repeats=1, warmup=5)
+    for _ in range(args.repeats):
+        for provider, fn in calls.items():
+            samples[provider].append(time_fn(device, fn, repeats=1, warmup=0)["p50_ms"])
     rows = []
-    for provider, fn in calls.items():
-        result = time_fn(device, fn, repeats=args.repeats, warmup=5)
+    for provider, times in samples.items():
+        q = statistics.quantiles(times, n=5)
+        result = {"p20_ms": q[0], "p50_ms": statistics.median(times), "p80_ms": q[-1]}
         rows.append(
             {
                 "kernel": "apply_masks_step",
@@ -70,6 +81,7 @@ def main() -> None:
                 "model": f"{args.layers} x Linear({args.width})",
                 "device": str(device),
                 "threads": torch.get_num_threads(),
+                "repeats": len(times),
                 **result,
             }
         )
@@ -77,7 +89,7 @@ def main() -> None:
     for row in rows:
         row["vs_foreach_mul"] = round(baseline / row["p50_ms"], 2)
     print_table(rows, ["model", "provider", "p20_ms", "p50_ms", "p80_ms", "vs_foreach_mul"])
-    print(f"rows: {write_rows(f'compile_{device.type}', rows)}")
+    print(f"rows: {write_rows(f'compile_{device.type}_{args.layers}x{args.width}', rows)}")
 
 
 if __name__ == "__main__":
