@@ -391,36 +391,38 @@ def test_compiled_plan_step_leaves_masks_of_nan_weights(dynamo):
 def test_compiled_optimizer_step_with_attach_adds_no_break(dynamo):
     from torch._dynamo.utils import counters
 
-    def run(with_gmp: bool):
+    def run(gmp: dict | None):
         dynamo.reset()
         counters.clear()
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        if with_gmp:
-            gmp_ext.prune_step(model, 0.5)
-            gmp_ext.attach(model, optimizer)
         twin = copy.deepcopy(model)
-        twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
-        if with_gmp:
-            gmp_ext.prune_step(twin, 0.5)
-            gmp_ext.attach(twin, twin_optimizer)
-        step = torch.compile(lambda: optimizer.step())
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, twin)]
+        if gmp is not None:
+            for m, optimizer in zip((model, twin), optimizers):
+                gmp_ext.prune_step(m, 0.5)
+                gmp_ext.attach(m, optimizer, **gmp)
+        step = torch.compile(lambda: optimizers[0].step())
         for i in range(2):  # the second step recompiles (momentum buffers now exist)
             for m in (model, twin):
                 torch.manual_seed(i)
                 m(torch.randn(4, 16)).square().sum().backward()
             step()
-            twin_optimizer.step()
+            optimizers[1].step()
             if i == 0:
                 breaks = dict(counters["graph_break"])
                 graphs = counters["stats"]["unique_graphs"]
         return model, twin, breaks, graphs
 
-    _, _, dense_breaks, dense_graphs = run(False)
-    model, twin, breaks, graphs = run(True)
-    assert breaks == dense_breaks  # torch.optim's own graph_break() calls, nothing more
-    assert graphs == dense_graphs + 1  # the re-apply is captured, after the optimizer's break
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p == 0, q == 0)  # compiled SGD may round differently; zeros may not
-    assert int((model[0].weight == 0).sum()) == 256
+    _, _, dense_breaks, dense_graphs = run(None)
+    # Captured graphs beside the optimizer's: the re-apply after its step (both), the gradient
+    # masking before it (mask_gradients), each beyond one of torch.optim's graph_break() calls.
+    for gmp, added in (({}, 1), ({"mask_gradients": True}, 2)):
+        model, twin, breaks, graphs = run(gmp)
+        assert breaks == dense_breaks, gmp  # torch.optim's own graph_break() calls only
+        assert graphs == dense_graphs + added, gmp
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p == 0, q == 0), gmp  # compiled SGD may round differently
+        assert int((model[0].weight == 0).sum()) == 256
+        if gmp:
+            assert int((model[0].weight.grad == 0).sum()) >= 256

@@ -4,7 +4,11 @@ The compiled module takes raw addresses, which Dynamo can neither trace nor bake
 These operators take tensors: ``torch.compile`` (and ``torch.library.opcheck``) see a call with
 a schema, fake tensors get the outputs' shapes from the fake implementations, and the kernels
 registered here for each device build (or reuse) the tensor table and call ``gmp_ext._C``.
-Registration is Python only: the extension still never sees torch at build time.
+Registration is Python only: the extension still never sees torch at build time. It uses
+``Library.define`` with ``register_kernel`` and ``register_fake`` (torch >= 2.4) rather than
+``torch.library.custom_op``, whose Python wrapper redispatches and bumps the version counter
+of every mutated tensor (measured on CPU, a no-op kernel over 20 tensors: ~40 us per call
+against ~9 us).
 
 Operators (one device per call; ``n = len(tensors)``):
 
