@@ -6,6 +6,11 @@ made, non-contiguous tensors (``channels_last``) are staged through contiguous c
 it, and running it is launches only (on CUDA nothing is allocated or read back, so it can be
 captured in a CUDA graph). The mask store's per-step re-apply, :class:`gmp_ext.PrunePlan` and
 the eager prune step all run through it.
+
+Under ``torch.compile`` the same stages run as the operators of :mod:`gmp_ext.library`
+(``torch.ops.gmp_ext.*``), which take tensors where the jobs hold raw addresses: Dynamo traces
+them without a graph break, and their kernels find the tables in a cache keyed by storage.
+Eagerly, the jobs run directly, without the dispatcher's per-call cost.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import primitives
+from . import library, primitives
 from ._layout import KEY_SPACE_NATIVE
 from .backends import REFERENCE, Backend, Job, backend_for
 
@@ -103,7 +108,10 @@ class PreparedStep:
             group.selection.set_counts([counts[i] for i in group.indices] if per_tensor else counts)
 
     def run(self, select: bool = True, build: bool = True, apply: bool = True) -> None:
-        """The chosen stages, in order, for every group."""
+        """The chosen stages, in order, for every group (as operators when compiling)."""
+        if torch.compiler.is_compiling():
+            self.run_operators(self.tensors, self.masks, select, build, apply)
+            return
         with torch.no_grad():
             for group in self.groups:
                 for tensor, copy in group.staged:
@@ -121,6 +129,43 @@ class PreparedStep:
                 for tensor, copy in group.staged:
                     if apply:
                         tensor.copy_(copy)
+
+    def run_operators(
+        self,
+        tensors: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        select: bool = True,
+        build: bool = True,
+        apply: bool = True,
+    ) -> None:
+        """:meth:`run` through ``torch.ops.gmp_ext``, over ``tensors`` and ``masks`` laid out
+        like the step's (the parameters themselves, say, rather than detached aliases of them,
+        which a compiled graph would see as two inputs sharing storage), with the step's counts.
+        The rows land in the step's buffers, where :meth:`rows` reads them."""
+        wide64 = primitives.uses_reference(self.key_space)
+        with torch.no_grad():
+            for group in self.groups:
+                selection = group.selection
+                work = [tensors[i] for i in group.indices]
+                group_masks = [masks[i] for i in group.indices]
+                if select:
+                    ranked = work
+                    if group.lists is not None and self.pattern is not None:
+                        ranked = group.lists.tensors
+                        library.nm_gather(work, ranked, *self.pattern)
+                    if self.scope == "layer":
+                        rows = library.select_layerwise(ranked, selection.counts)
+                    else:
+                        rows = library.select_global(ranked, selection.counts, self.key_space)
+                    selection.rows.copy_(rows)
+                if build and self.pattern is not None:
+                    library.nm_build_masks(
+                        work, selection.rows, group_masks, *self.pattern, wide64=wide64
+                    )
+                elif build:
+                    library.build_masks(work, selection.rows, group_masks, wide64)
+                if apply:
+                    library.apply_masks(work, group_masks)
 
     def rows(self) -> list[torch.Tensor]:
         """The last selection's rows, in tensor order (on each group's device)."""

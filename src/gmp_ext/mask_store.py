@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import ops, primitives
+from . import library, ops, primitives
 from ._layout import mask_storage_bytes
 from .dtensors import is_dtensor, local_tensor
 from .engine import PreparedStep
@@ -64,6 +64,8 @@ class MaskStore:
     # The live GMP controller and attach() handles by optimizer, so none is registered twice.
     controller: weakref.ReferenceType | None = None
     attachments: dict[int, object] = field(default_factory=dict)
+    # Removes the store from the registry when the model is collected.
+    finalizer: weakref.finalize | None = field(default=None, repr=False, compare=False)
     # Prepared steps kept for reuse: the per-step re-apply by device, prune steps by
     # (names, scope, key space). Each is prepared again when its binding changes.
     _apply_steps: dict[torch.device, PreparedStep] = field(default_factory=dict)
@@ -86,8 +88,10 @@ class MaskStore:
         skipped = set(skip)
         # Registering a module or a parameter anywhere invalidates every cached owner; between
         # registrations only a direct write to a holder's registry (``.to()`` with overwrite,
-        # FSDP) replaces a parameter, which the holder check sees.
-        fresh = self._resolved_at != _REGISTRATIONS[0]
+        # FSDP) replaces a parameter, which the holder check sees. Under torch.compile the walk
+        # itself is guarded, and reading the counter would recompile whenever a module is made.
+        compiling = torch.compiler.is_compiling()
+        fresh = compiling or self._resolved_at != _REGISTRATIONS[0]
         rebound: list[tuple[MaskEntry, nn.Parameter]] = []
         owners: dict[str, tuple[nn.Module, str]] = {}
         for name, entry in self.entries.items():
@@ -119,8 +123,9 @@ class MaskStore:
                     "masks (gmp_ext.remove(model))"
                 )
             rebound.append((entry, current))
-        self._owners = owners
-        self._resolved_at = _REGISTRATIONS[0]
+        if not compiling:
+            self._owners = owners
+            self._resolved_at = _REGISTRATIONS[0]
         for entry, current in rebound:
             entry.param = current
             device = local_tensor(current).device
@@ -187,8 +192,13 @@ class MaskStore:
         # A non-contiguous parameter (channels_last) is staged through a contiguous copy kept
         # with the step, so a step allocates nothing and builds no table (and can be captured
         # in a CUDA graph); the mask, in flat index order, needs no permutation.
-        params = [local_tensor(e.param).detach() for e in entries]
         masks = [e.mask if e.mask.device == device else e.mask.to(device) for e in entries]
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace a step's binding (raw addresses); the operator takes the
+            # parameters themselves (detached aliases would be graph inputs sharing storage).
+            library.apply_masks([local_tensor(e.param) for e in entries], masks)
+            return
+        params = [local_tensor(e.param).detach() for e in entries]
         step = self._apply_steps.get(device)
         if step is None or step.key != PreparedStep.binding(params, masks):
             step = self._apply_steps[device] = PreparedStep(params, masks)
@@ -276,7 +286,19 @@ def maskable(param: torch.Tensor, tensor: object) -> torch.Tensor | None:
     return local
 
 
-_STORES: weakref.WeakKeyDictionary[nn.Module, MaskStore] = weakref.WeakKeyDictionary()
+# The stores by id(model). A plain dict, so that a lookup under torch.compile is guarded on its
+# one key (Dynamo guards a weak mapping's lookup on every key by position, which breaks when a
+# model dies mid-compile); an entry leaves with its model (weakref.finalize) or drop_store.
+_STORES: dict[int, MaskStore] = {}
+
+
+def _own_store(model: nn.Module) -> MaskStore | None:
+    store = _STORES.get(id(model))
+    # The finalizer drops a dead model's entry before its id can be reused; checked anyway.
+    if store is None or store.model is None or store.model() is not model:
+        return None
+    return store
+
 
 # Counts module and parameter registrations in the process (``module.weight = Parameter``,
 # ``load_state_dict(assign=True)``, ``model.fc = nn.Linear(...)``): a store re-walks the module
@@ -295,8 +317,9 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 def _nesting(model: nn.Module) -> tuple[nn.Module, str] | None:
     """The model whose store masks ``model``'s parameters when that is an enclosing model, and
     ``model``'s name prefix in it; None when no enclosing model has a store."""
-    for root in list(_STORES.keys()):
-        if root is model:
+    for store in list(_STORES.values()):
+        root = None if store.model is None else store.model()
+        if root is None or root is model:
             continue
         for name, module in root.named_modules(remove_duplicate=False):
             if module is model and name:
@@ -309,11 +332,11 @@ def find_store(model: nn.Module) -> tuple[MaskStore, str] | None:
     model's when ``model`` is a submodule of a pruned model) and ``model``'s name prefix in it
     (``""`` for its own), or None when nothing masks it."""
     model, _ = unwrap(model)
-    store = _STORES.get(model)
+    store = _own_store(model)
     if store is not None:
         return store, ""
     nested = _nesting(model)
-    return None if nested is None else (_STORES[nested[0]], nested[1])
+    return None if nested is None else (_STORES[id(nested[0])], nested[1])
 
 
 def get_store(model: nn.Module, create: bool = False) -> MaskStore | None:
@@ -324,7 +347,7 @@ def get_store(model: nn.Module, create: bool = False) -> MaskStore | None:
     submodules holds a store, is a ValueError: the same parameter would have two masks.
     """
     model, _ = unwrap(model)
-    store = _STORES.get(model)
+    store = _own_store(model)
     if store is None and create:
         nested = _nesting(model)
         if nested is not None:
@@ -332,14 +355,19 @@ def get_store(model: nn.Module, create: bool = False) -> MaskStore | None:
                 f"this module is '{nested[1][:-1]}' of a model whose masks gmp_ext holds; "
                 "prune, attach and control that model (params= and exclude= choose layers)"
             )
-        inner = [n for n, m in model.named_modules(remove_duplicate=False) if n and m in _STORES]
+        inner = [
+            n
+            for n, m in model.named_modules(remove_duplicate=False)
+            if n and _own_store(m) is not None
+        ]
         if inner:
             raise ValueError(
                 f"submodule '{inner[0]}' of this model already holds gmp_ext masks; keep "
                 "using it, or drop them first with "
                 f"gmp_ext.remove(model.get_submodule({inner[0]!r}))"
             )
-        store = _STORES[model] = MaskStore(model=weakref.ref(model))
+        store = _STORES[id(model)] = MaskStore(model=weakref.ref(model))
+        store.finalizer = weakref.finalize(model, _STORES.pop, id(model), None)
     return store
 
 
@@ -351,4 +379,10 @@ def ensure_store(model: nn.Module) -> MaskStore:
 
 
 def drop_store(model: nn.Module) -> MaskStore | None:
-    return _STORES.pop(unwrap(model)[0], None)
+    model = unwrap(model)[0]
+    store = _own_store(model)
+    if store is not None:
+        del _STORES[id(model)]
+        if store.finalizer is not None:
+            store.finalizer.detach()
+    return store

@@ -152,14 +152,23 @@ class PrunePlan:
         store.resolve()  # parameters the model replaced (load_state_dict(assign=True), ...)
         self._params = [self._entries[n].param for n in self._names]
         masks = [self._entries[n].mask for n in self._names]
+        if torch.compiler.is_compiling():
+            # The operators take the parameters and masks as they are now: no binding to check
+            # (Dynamo cannot trace raw addresses), and no detached aliases as graph inputs.
+            self._check_devices()
+            self._step.run_operators(self._params, masks)
+            return
         if self._step.key != PreparedStep.binding([p.detach() for p in self._params], masks):
-            if [p.device for p in self._params] != self._devices:
-                raise RuntimeError(
-                    "the plan's parameters moved to another device; make a new PrunePlan"
-                )
+            self._check_devices()
             self._prepare()
             self.set_sparsity(self._sparsity)
         self._step.run()
+
+    def _check_devices(self) -> None:
+        if [p.device for p in self._params] != self._devices:
+            raise RuntimeError(
+                "the plan's parameters moved to another device; make a new PrunePlan"
+            )
 
     def check(self) -> dict[str, float]:
         """Waits for the last step and returns {name: sparsity of its mask}; raises ValueError
