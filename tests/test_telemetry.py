@@ -275,3 +275,16 @@ def test_log_to_summary_writer(tmp_path):
         (r["step"], pytest.approx(r["churn"])) for r in gmp.history if r["churn"] is not None
     ]
     assert [e.step for e in events.Scalars("gmp/fc1.weight/ties")] == [0, 2, 4]
+
+
+def test_plot_telemetry_of_a_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    from gmp_ext.plotting import plot_telemetry
+
+    model, opt = plain_sgd()
+    gmp = GMP(model, opt, SCHEDULE, steps_per_epoch=2)
+    for i in range(4):
+        step(model, opt, i)
+    figure = plot_telemetry(gmp.history, tmp_path / "t.png")
+    churn = [line for line in figure.axes[0].get_lines() if line.get_label() == "all layers"]
+    assert list(churn[0].get_ydata()) == [r["churn"] for r in gmp.history[1:]]
