@@ -288,3 +288,26 @@ def test_plot_telemetry_of_a_run(tmp_path):
     figure = plot_telemetry(gmp.history, tmp_path / "t.png")
     churn = [line for line in figure.axes[0].get_lines() if line.get_label() == "all layers"]
     assert list(churn[0].get_ydata()) == [r["churn"] for r in gmp.history[1:]]
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
+def test_empty_and_one_element_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(0, 3), nn.Linear(1, 1, bias=False), nn.Linear(3, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gmp = GMP(model, opt, GMPSchedule(0.5, 1.0, 0, 1), steps_per_epoch=1)
+    model[2](torch.randn(2, 3)).sum().backward()
+    opt.step()
+    first, second = gmp.history
+    # round(0.5 * 1) = 0: the one-element layer prunes nothing, so it has no threshold ties.
+    assert first["layers"]["1.weight"]["ties"] == 0
+    empty = second["layers"]["0.weight"]
+    assert (empty["ties"], empty["regrowth"], empty["newly_pruned"], empty["churn"]) == (
+        0,
+        0,
+        0,
+        None,
+    )
+    single = second["layers"]["1.weight"]
+    assert (single["newly_pruned"], single["revived"], single["churn"]) == (1, 0, 1.0)
+    assert single["ties"] == 1  # its own weight, the cut at sparsity 1.0
