@@ -24,8 +24,9 @@ weights after the update / elements) and ``threshold`` (|w| of the last pruned e
 
 Each record also holds the same quantities over all layers: ``achieved`` (zeros / elements),
 the sums of ``ties``, ``regrowth``, ``newly_pruned``, ``revived``, and ``churn`` = changed bits
-/ kept-before bits of the layers that had masks. Counting costs one pass over each layer's
-weights and two over its packed masks per update, never anything per training step.
+/ kept-before bits of the layers that had masks. Counting costs, per update, two passes over
+each layer's weights (regrowth, ties; temporaries the size of the layer) and a few over its
+packed masks (1/8 byte per weight), never anything per training step.
 """
 
 from __future__ import annotations
