@@ -32,6 +32,18 @@ CHECKS: dict[str, Callable[[dict], None]] = {}
 SKIPPED = "skipped: "  # a report starting so: the check's needs are not installed
 
 
+def without_regrowth(history: list[dict]) -> list[dict]:
+    """Records without regrowth (tests/utils.py says why a resumed run's may differ); this file
+    runs as a script in each worker, outside the tests package."""
+
+    def strip(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k != "regrowth"}
+
+    return [
+        {**strip(r), "layers": {n: strip(row) for n, row in r["layers"].items()}} for r in history
+    ]
+
+
 def check(fn: Callable[[dict], None]) -> Callable[[dict], None]:
     CHECKS[fn.__name__] = fn
     return fn
@@ -309,7 +321,7 @@ def fsdp2_resume_is_bit_identical(ctx: dict) -> None:
     gmp2.load_state_dict(torch.load(f"{path}-gmp-rank{ctx['rank']}.pt", weights_only=True))
     train(model2, opt2, range(3, 7), ctx["rank"])
 
-    assert gmp2.history == gmp.history
+    assert without_regrowth(gmp2.history) == without_regrowth(gmp.history)
     for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
         same(p2.to_local(), p.to_local(), f"resumed weights of {name}")
     masks, masks2 = gmp_ext.masks(model), gmp_ext.masks(model2)
@@ -365,7 +377,7 @@ def hf_callback_saves_sharded_state_on_every_rank_and_resumes_bit_identically(ct
     for rank in range(ctx["world"]):
         assert os.path.isfile(os.path.join(folder, f"gmp_ext-rank{rank}.pt")), rank
     resumed, resumed_callback = run(3)
-    assert resumed_callback.gmp.history == callback.gmp.history
+    assert without_regrowth(resumed_callback.gmp.history) == without_regrowth(callback.gmp.history)
     for (name, p), p2 in zip(model.named_parameters(), resumed.parameters()):
         same(p2.to_local(), p.to_local(), f"resumed weights of {name}")
     masks, masks2 = gmp_ext.masks(model), gmp_ext.masks(resumed)

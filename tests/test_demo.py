@@ -69,6 +69,7 @@ def test_quick_demo_runs_and_reports(quick_run):
     assert "| GMP (gradual) | 0.9 | 0.9000 |" in (out / "summary.md").read_text()
     assert results["figures"] == [
         "sparsity_per_layer_0.9.png",
+        "telemetry_0.9.png",
         "schedule_lr.png",
         "accuracy.png",
     ]

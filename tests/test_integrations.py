@@ -12,6 +12,8 @@ from torch import nn
 from gmp_ext import GMPWarning, ops
 from gmp_ext.schedule import GMPSchedule
 
+from .utils import without_regrowth
+
 SCHEDULE = GMPSchedule(0.1, 0.6, 0, 2, 0.5)
 
 
@@ -50,7 +52,9 @@ lightning_noise = pytest.mark.filterwarnings(
 )
 
 
-def lightning_run(tmp_path, max_epochs: int, ckpt_path=None, save_as=None, **gmp_kwargs):
+def lightning_run(
+    tmp_path, max_epochs: int, ckpt_path=None, save_as=None, logger=False, **gmp_kwargs
+):
     pl = pytest.importorskip("lightning.pytorch")
     from gmp_ext.integrations.lightning import GMPCallback
 
@@ -77,7 +81,7 @@ def lightning_run(tmp_path, max_epochs: int, ckpt_path=None, save_as=None, **gmp
         callbacks=[callback],
         accelerator="cpu",
         accumulate_grad_batches=2,  # 3 optimizer steps per epoch: the last one after 1 batch
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -110,9 +114,41 @@ def test_lightning_checkpoint_resume_is_bit_identical(tmp_path):
     assert sum(issubclass(w.category, GMPWarning) for w in caught) == 2
     assert "gmp_ext" in torch.load(path, weights_only=True)
     resumed, _, callback = lightning_run(tmp_path, max_epochs=3, ckpt_path=path)
-    assert callback.gmp.history == reference_callback.gmp.history
+    assert without_regrowth(callback.gmp.history) == without_regrowth(
+        reference_callback.gmp.history
+    )
     for name, p in reference.named_parameters():
         assert torch.equal(p, dict(resumed.named_parameters())[name]), name
+
+
+@lightning_noise
+def test_lightning_logs_telemetry_to_the_trainer_loggers(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import Logger
+
+    from gmp_ext.telemetry import scalars
+
+    class Recorder(Logger):
+        name = "recorder"
+        version = 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[int, dict]] = []
+
+        def log_hyperparams(self, params, *args, **kwargs) -> None:
+            pass
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self.rows.append((step, dict(metrics)))
+
+    recorder = Recorder()
+    _, _, callback = lightning_run(tmp_path, max_epochs=3, logger=recorder)
+    history = callback.gmp.history
+    assert [r["step"] for r in history] == [0, 2, 3, 5, 6]
+    assert recorder.rows == [(r["step"], scalars(r, "gmp", True)) for r in history]
+    assert "gmp/fc1.weight/regrowth" in recorder.rows[1][1]
+    assert recorder.rows[1][1]["gmp/churn"] == history[1]["churn"] > 0
 
 
 @lightning_noise
@@ -139,7 +175,7 @@ class Pairs(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
 
 
-def hf_train(output_dir, epochs: int = 3, resume=None, save_steps=None):
+def hf_train(output_dir, epochs: int = 3, resume=None, save_steps=None, extra_callbacks=()):
     transformers = pytest.importorskip("transformers")
     from gmp_ext.integrations.transformers import GMPCallback
 
@@ -171,7 +207,7 @@ def hf_train(output_dir, epochs: int = 3, resume=None, save_steps=None):
     )
     callback = GMPCallback(SCHEDULE, fine_tune_weight_decay=0.0)
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=Pairs(), callbacks=[callback]
+        model=model, args=args, train_dataset=Pairs(), callbacks=[callback, *extra_callbacks]
     )
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer, callback
@@ -192,13 +228,42 @@ def test_transformers_prunes_to_the_schedule(tmp_path):
     assert_exact(model, names, 0.6)
 
 
+def test_transformers_logs_telemetry_through_trainer_log(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gmp_ext.telemetry import scalars
+
+    class Spy(transformers.TrainerCallback):  # a callback after GMPCallback, as a logger is
+        def __init__(self) -> None:
+            self.logs: list[tuple[int, dict]] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append((state.global_step, dict(logs)))
+
+    spy = Spy()
+    _, trainer, callback = hf_train(tmp_path, extra_callbacks=[spy])  # logging_strategy="no"
+    history = callback.gmp.history
+    assert [r["step"] for r in history] == [0, 1, 2, 3, 4]
+    # One Trainer.log per step with an update; step 1's also carries step 0's first update,
+    # whose values step 1's replace.
+    logged = [(step, logs) for step, logs in spy.logs if "gmp/target" in logs]
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    for (_, logs), record in zip(logged, history[1:]):
+        assert scalars(record, "gmp", True).items() <= logs.items()
+        assert "loss" in logs  # the Trainer's own line, not a separate one
+    entries = [e for e in trainer.state.log_history if "gmp/target" in e]
+    assert [e["step"] for e in entries] == [1, 2, 3, 4]
+    assert entries[-1]["gmp/churn"] == history[-1]["churn"]
+
+
 def test_transformers_checkpoint_resume(tmp_path):
     reference, _, reference_callback = hf_train(tmp_path / "full")
     hf_train(tmp_path / "run", save_steps=3)
     checkpoint = tmp_path / "run" / "checkpoint-3"
     assert (checkpoint / "gmp_ext.pt").is_file()
     resumed, trainer, callback = hf_train(tmp_path / "run", resume=str(checkpoint))
-    assert callback.gmp.history == reference_callback.gmp.history
+    assert without_regrowth(callback.gmp.history) == without_regrowth(
+        reference_callback.gmp.history
+    )
     assert callback.gmp.step_count == trainer.state.global_step == 6
     for name, p in reference.named_parameters():
         assert torch.equal(p, dict(resumed.named_parameters())[name]), name

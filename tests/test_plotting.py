@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 
-from gmp_ext.plotting import STAGE_COLORS, plot_schedule, plot_sparsity_history
+from gmp_ext.plotting import STAGE_COLORS, plot_schedule, plot_sparsity_history, plot_telemetry
 from gmp_ext.schedule import GMPSchedule, LRSteps
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -290,3 +290,54 @@ def test_missing_matplotlib_is_reported_at_call_time(monkeypatch: pytest.MonkeyP
         plot_schedule(SCHEDULE, 40, 10)
     with pytest.raises(ImportError, match="plotting needs matplotlib"):
         plot_sparsity_history(_records())
+
+
+def _telemetry_records(layers: int) -> list[dict[str, Any]]:
+    records = []
+    for i, step in enumerate((0, 4, 8, 12)):
+        first = i == 0
+        rows = {
+            f"layer{j}": {
+                "achieved": 0.2 * i,
+                "churn": None if first else 0.1 * i + 0.01 * j,
+                "regrowth": None if first else 10 * i + j,
+            }
+            for j in range(layers)
+        }
+        records.append(
+            {
+                "step": step,
+                "epoch": step / 4,
+                "target": 0.2 * i,
+                "churn": None if first else 0.1 * i,
+                "regrowth": None if first else 10 * i * layers,
+                "layers": rows,
+            }
+        )
+    return records
+
+
+def test_plot_telemetry_draws_churn_and_regrowth_per_update(tmp_path):
+    records = _telemetry_records(3)
+    path = tmp_path / "telemetry.png"
+    figure = plot_telemetry(records[::-1], path, title="run")  # any order
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    churn_ax, regrowth_ax = figure.axes
+    total = _line(churn_ax, "all layers")
+    assert list(total.get_xdata()) == [4, 8, 12]  # the first update has no churn
+    assert list(total.get_ydata()) == [r["churn"] for r in records[1:]]
+    assert list(_line(regrowth_ax, "all layers").get_ydata()) == [30, 60, 90]
+    assert list(_line(regrowth_ax, "layer2").get_ydata()) == [12, 22, 32]
+    assert churn_ax.get_title() == "run (3 layers)"
+    assert _legend(churn_ax) == {"all layers", "layer0", "layer1", "layer2"}
+    assert regrowth_ax.get_xlabel() == "optimizer step"
+
+
+def test_plot_telemetry_many_layers_draws_the_totals():
+    figure = plot_telemetry(_telemetry_records(12))
+    assert [line.get_label() for line in figure.axes[0].get_lines()] == ["all layers"]
+
+
+def test_plot_telemetry_needs_two_updates():
+    with pytest.raises(ValueError, match="no record has churn or regrowth"):
+        plot_telemetry(_telemetry_records(2)[:1])

@@ -87,3 +87,16 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> N
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
+
+
+def without_regrowth(history: list[dict]) -> list[dict]:
+    """GMP records without regrowth, for comparing a resumed run with an uninterrupted one:
+    loading the GMP state zeroes the pruned entries of the optimizer state, so the pruned weights
+    the next steps move (regrowth) may differ while every kept weight and mask is identical."""
+
+    def strip(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k != "regrowth"}
+
+    return [
+        {**strip(r), "layers": {n: strip(row) for n, row in r["layers"].items()}} for r in history
+    ]

@@ -48,22 +48,21 @@ class Progress:
     original_decay: list[float] | None = None
 
     def record(
-        self, epoch: float, target: float, stage: str, layers: dict[str, Any]
+        self,
+        epoch: float,
+        target: float,
+        stage: str,
+        layers: dict[str, Any],
+        totals: Mapping[str, Any],
     ) -> dict[str, Any]:
-        """Record a mask update at the current step (``layers``: {name: {"target",
-        "achieved", "threshold"}}) and return the record."""
+        """Record a mask update at the current step (``layers``: {name: {metric: value}},
+        ``totals``: the same over all layers; :mod:`gmp_ext.telemetry` defines them) and return
+        the record."""
         record = {"epoch": epoch, "step": self.step, "target": target, "stage": stage}
+        record.update(totals)
         record["layers"] = layers
         self.history.append(record)
         self.last_update = {"step": self.step, "epoch": epoch, "target": target}
-        logger.info(
-            "GMP update at step %d (epoch %.4g, %s): target %.4f; achieved %s",
-            self.step,
-            epoch,
-            stage,
-            target,
-            ", ".join(f"{n} {v['achieved']:.4f}" for n, v in layers.items()),
-        )
         return record
 
     def start_fine_tuning(self, optimizer: torch.optim.Optimizer, decay: float) -> None:

@@ -258,6 +258,18 @@ class GMPConfig:
             "nm": None if self.nm is None else list(self.nm),
         }
 
+    def layer_targets(self, names: Sequence[str], value: float) -> dict[str, float]:
+        """{name: target} of the pruned parameters ``names`` at the schedule value ``value``:
+        a layer with its own final target follows the schedule scaled to it."""
+        final = self.schedule.final_sparsity
+        targets = dict.fromkeys(names, value)
+        for name, layer_final in self.layer_sparsity.items():
+            # At the schedule's final value use the layer's final as given, free of rounding.
+            targets[name] = (
+                layer_final if value == final else min(layer_final, value * layer_final / final)
+            )
+        return targets
+
     def differences(self, saved: Mapping[str, Any]) -> list[str]:
         """The options that change the weights and differ from a saved ``to_dict()``."""
         mine = self.to_dict()

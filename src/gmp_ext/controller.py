@@ -34,12 +34,14 @@ from .dtensors import any_dtensor
 from .exceptions import GMPWarning, warn
 from .mask_store import MaskStore, ensure_store, get_store
 from .pruner import mask_gradients_hook, optimizer_state_of, prune_parameters, remove
-from .run_checks import ForwardCounter, check_counts, check_run_length
+from .run_checks import ForwardCounter, check_counts, check_epoch_steps, check_run_length
 from .schedule import GMPSchedule, Recipe, Schedule, Stage, load_recipe
 from .selection import ParamSpec, parameter_by_name, select_parameters, unwrap
+from .telemetry import ScalarWriter, UpdateProbe, Writers
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from torch.utils.hooks import RemovableHandle
 
 __all__ = ["GMP", "GMPWarning"]
 
@@ -104,6 +106,7 @@ class GMP:
         self._progress = checkpoint.Progress()
         self._forwards = ForwardCounter(self.config.gradient_accumulation_steps)
         self._store = store
+        self._writers = Writers()
         self._take_over(store)
 
         if len(optimizer.state):
@@ -185,8 +188,10 @@ class GMP:
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One record per mask update: ``{"epoch", "step", "target", "stage", "layers": {name:
-        {"target", "achieved", "threshold"}}}``; ``achieved`` counts the zeros in the weights."""
+        """One record per mask update: ``{"epoch", "step", "target", "stage", "achieved",
+        "ties", "regrowth", "newly_pruned", "revived", "churn", "layers": {name: {"target",
+        "achieved", "threshold", "ties", "regrowth", "newly_pruned", "revived", "churn"}}}``
+        (:mod:`gmp_ext.telemetry` defines each; ``achieved`` counts the zeros in the weights)."""
         return list(self._progress.history)
 
     @property
@@ -202,15 +207,9 @@ class GMP:
 
     def layer_targets(self, sparsity: float | None = None) -> dict[str, float]:
         """{name: target} for a schedule value (default: the current one)."""
-        value = self.sparsity if sparsity is None else sparsity
-        final = self.schedule.final_sparsity
-        targets = dict.fromkeys(self._names, value)
-        for name, layer_final in self.config.layer_sparsity.items():
-            # At the schedule's final value use the layer's final as given, free of rounding.
-            targets[name] = (
-                layer_final if value == final else min(layer_final, value * layer_final / final)
-            )
-        return targets
+        return self.config.layer_targets(
+            self._names, self.sparsity if sparsity is None else sparsity
+        )
 
     def check_run_length(self, total_steps: int) -> bool:
         """Whether ``total_steps`` optimizer steps reach ``end_epoch`` (a GMPWarning saying where
@@ -223,11 +222,14 @@ class GMP:
         previous = self.epoch
         self._progress.step += 1
         self._forwards.step(self.schedule, self.steps_per_epoch)
+        update = self.schedule.crossed_update(previous, self.epoch)
+        # At an update, the regrowth the re-apply is about to zero is counted first.
+        probe = UpdateProbe(self._store, self._names) if update else None
         # Re-zero first, also before an update: momentum and weight decay may have moved pruned
         # weights off zero in this step, and they must not outrank kept weights in the new masks.
         self._store.apply()
-        if self.schedule.crossed_update(previous, self.epoch):
-            self._update()
+        if probe is not None:
+            self._update(probe)
         decay = self.config.fine_tune_weight_decay
         if decay is not None and self.stage == "fine_tuning":
             self._progress.start_fine_tuning(self._optimizer, decay)
@@ -241,28 +243,25 @@ class GMP:
         except KeyError as error:
             raise ValueError(f"GMP: the model no longer has the pruned parameter {error}") from None
 
-    def _update(self) -> None:
+    def _update(self, probe: UpdateProbe | None = None) -> None:
         """Fresh masks at the scheduled target, applied; then record and check the result."""
         target = self.sparsity
         targets = self.layer_targets(target)
         params = self._current_params()
-        prune_parameters(self._model, params, targets, self._selection)
+        probe = probe or UpdateProbe(self._store, self._names)
+        prune_parameters(
+            self._model,
+            params,
+            targets,
+            self._selection,
+            lambda entries: probe.inspect(entries, self._selection, targets),
+        )
         if self.config.mask_optimizer_state:
             self._store.apply_to(optimizer_state_of(self._optimizer), names=self._names)
         zeros = dict(zip(self._names, distributed.zero_counts(list(params.values()))))
-        self._progress.record(
-            self.epoch,
-            target,
-            self.stage,
-            {
-                n: {
-                    "target": targets[n],
-                    "achieved": zeros[n] / p.numel() if p.numel() else 0.0,
-                    "threshold": self._store.entries[n].threshold,
-                }
-                for n, p in params.items()
-            },
-        )
+        thresholds = {n: self._store.entries[n].threshold for n in self._names}
+        layers, totals = probe.record_layers(params, targets, zeros, thresholds)
+        self._writers.emit(self._progress.record(self.epoch, target, self.stage, layers, totals))
         check_counts(self._progress.step, self._selection, params, targets, zeros)
 
     # -- user hooks -------------------------------------------------------------------------
@@ -270,13 +269,17 @@ class GMP:
     def epoch_end(self) -> None:
         """Optional: tell the controller an epoch ended, so it can check ``steps_per_epoch``
         against the optimizer steps since the last call (a GMPWarning when they differ)."""
-        observed = self._progress.step - self._progress.epoch_mark
+        check_epoch_steps(self._progress.step - self._progress.epoch_mark, self.steps_per_epoch)
         self._progress.epoch_mark = self._progress.step
-        if observed != self.steps_per_epoch:
-            warn(
-                f"GMP: {observed} optimizer steps in this epoch, but steps_per_epoch is "
-                f"{self.steps_per_epoch}; the schedule's epochs will drift from the real ones"
-            )
+
+    def log_to(
+        self, writer: ScalarWriter, *, prefix: str = "gmp", layers: bool = True
+    ) -> RemovableHandle:
+        """Write every update's telemetry to ``writer`` (anything with ``add_scalar(tag, value,
+        step)``: ``torch.utils.tensorboard.SummaryWriter``) at the update's optimizer step: the
+        updates so far at once, later ones as they happen. Tags:
+        :func:`gmp_ext.telemetry.scalars`. Returns a handle; ``handle.remove()`` stops it."""
+        return self._writers.add(writer, prefix, layers, self._progress.history)
 
     def plot(self, path: str | os.PathLike[str] | None = None) -> Figure:
         """Per-layer achieved sparsity over the run against the schedule (needs matplotlib;

@@ -678,10 +678,11 @@ def write_figures(
     data: str,
     scope: str,
 ) -> list[Path]:
-    """Per target, seed 0's GMP run: sparsity per layer against optimizer step. The schedule
-    and learning rate of the highest target. Test accuracy against epoch, a panel per target."""
+    """Per target, seed 0's GMP run: sparsity per layer against optimizer step, and beside it
+    mask churn and regrowth per update. The schedule and learning rate of the highest target.
+    Test accuracy against epoch, a panel per target."""
     _require("matplotlib", "matplotlib")
-    from .plotting import plot_schedule, plot_sparsity_history
+    from .plotting import plot_schedule, plot_sparsity_history, plot_telemetry
     from .schedule import GMPSchedule, LRSteps
 
     paths = []
@@ -701,6 +702,12 @@ def write_figures(
             title=f"{data}: GMP to sparsity {run['target']:g}, seed 0 of {seeds}, {scope} scope",
         )
         paths.append(path)
+        if any(r.get("regrowth") is not None for r in run["history"]):  # two updates at least
+            path = out / f"telemetry_{run['target']:g}.png"
+            plot_telemetry(
+                run["history"], path, title=f"{data}: GMP to sparsity {run['target']:g}, seed 0"
+            )
+            paths.append(path)
     path = out / "schedule_lr.png"
     lr = LRSteps(RETRAIN_LR, budget.lr_milestones, 0.1)
     schedule = GMPSchedule.from_state_dict(shown[-1]["schedule"])

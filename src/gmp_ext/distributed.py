@@ -351,7 +351,7 @@ def select_global_sharded(
 # -- masks of sharded parameters ---------------------------------------------------------------
 
 
-def _summed(tensors: Sequence[torch.Tensor], counts: list[int]) -> list[int]:
+def summed_over_shards(tensors: Sequence[torch.Tensor], counts: list[int]) -> list[int]:
     """Per-tensor counts of the local shards summed over the mesh for DTensors (one all-reduce
     for all of them: every rank must call it alike), the others as they are."""
     sharded = [i for i, t in enumerate(tensors) if is_dtensor(t)]
@@ -366,7 +366,7 @@ def _summed(tensors: Sequence[torch.Tensor], counts: list[int]) -> list[int]:
 
 def kept_counts(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[int]:
     """Elements each mask keeps, over all shards of a DTensor (a collective when some are)."""
-    return _summed(
+    return summed_over_shards(
         tensors, [primitives.popcount(m, local_tensor(t).numel()) for t, m in zip(tensors, masks)]
     )
 
@@ -374,7 +374,9 @@ def kept_counts(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) 
 def zero_counts(tensors: Sequence[torch.Tensor]) -> list[int]:
     """Exact zeros of each tensor, over all shards of a DTensor (a collective when some are;
     ``int((dtensor == 0).sum())`` would count this rank's shard only)."""
-    return _summed(tensors, [int((local_tensor(t).detach() == 0).sum()) for t in tensors])
+    return summed_over_shards(
+        tensors, [int((local_tensor(t).detach() == 0).sum()) for t in tensors]
+    )
 
 
 def mask_sparsities(entries: Mapping[str, MaskEntry]) -> dict[str, float]:

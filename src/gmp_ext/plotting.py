@@ -22,7 +22,14 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["STAGE_COLORS", "new_figure", "plot_schedule", "plot_sparsity_history", "shade_stages"]
+__all__ = [
+    "STAGE_COLORS",
+    "new_figure",
+    "plot_schedule",
+    "plot_sparsity_history",
+    "plot_telemetry",
+    "shade_stages",
+]
 
 # The one definition of the stage colours, so a stage looks the same in every figure (the
 # demo's accuracy figure included); they avoid the blues and purples of the demo's curves.
@@ -290,6 +297,62 @@ def plot_sparsity_history(
         ax.set_xlabel("optimizer step")
     if steps_per_epoch is not None:
         _epoch_axis(ax, steps_per_epoch)
+    _save(figure, path)
+    return figure
+
+
+def plot_telemetry(
+    records: Iterable[Mapping[str, Any]],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    title: str | None = None,
+) -> Figure:
+    """Draw mask churn and regrowth of every mask update against optimizer step, the companion
+    of :func:`plot_sparsity_history` (``records``: ``gmp.history``; :mod:`gmp_ext.telemetry`
+    defines both).
+
+    Top panel: churn, the mask bits an update changed over the weights the previous masks
+    kept; bottom panel: regrowth, the previously pruned weights found non-zero at the update
+    (a count). Each panel draws all layers together and, with up to 10 layers, every layer.
+    A first update has neither, so it is not drawn; a ValueError says so when no record has
+    them. ``title`` replaces "Mask churn and regrowth per update". Saves a PNG to ``path`` if
+    given.
+    """
+    records = sorted(records, key=lambda record: record["step"])
+    later = [r for r in records if r.get("churn") is not None or r.get("regrowth") is not None]
+    if not later:
+        raise ValueError(
+            "no record has churn or regrowth: they compare two mask updates (pass gmp.history "
+            "after the second update)"
+        )
+    names = list(dict.fromkeys(name for r in later for name in r["layers"]))
+    figure = new_figure(figsize=(9.0, 6.0))
+    churn_ax, regrowth_ax = figure.subplots(2, 1, sharex=True)
+    panels = (
+        (churn_ax, "churn", "mask churn\n(changed / kept before)"),
+        (regrowth_ax, "regrowth", "regrowth\n(pruned weights non-zero)"),
+    )
+    for ax, metric, ylabel in panels:
+        points = [(r["step"], r[metric]) for r in later if r.get(metric) is not None]
+        if points:
+            ax.plot(*zip(*points), color="black", marker="o", linewidth=2, label="all layers")
+        for i, name in enumerate(names if len(names) <= _MAX_NAMED_CURVES else []):
+            rows = [(r["step"], r["layers"].get(name, {}).get(metric)) for r in later]
+            layer = [(step, value) for step, value in rows if value is not None]
+            if layer:
+                ax.plot(
+                    *zip(*layer),
+                    marker=_MARKERS[i % len(_MARKERS)],
+                    markersize=3,
+                    linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+                    linewidth=1,
+                    label=name,
+                )
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+    churn_ax.set_title(f"{title or 'Mask churn and regrowth per update'} ({len(names)} layers)")
+    churn_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    regrowth_ax.set_xlabel("optimizer step")
     _save(figure, path)
     return figure
 

@@ -112,11 +112,14 @@ def prune_parameters(
     selected: Mapping[str, nn.Parameter],
     targets: Mapping[str, float],
     selection: Selection,
+    inspect: Callable[[Mapping[str, MaskEntry]], None] | None = None,
 ) -> dict[str, MaskEntry]:
     """The prune step of parameters already chosen and checked (``selected``, by the model's
     names, each with its target; one target for all when the strategy takes one): fresh masks
-    from the current weights, stored and applied. Returns the new entries. Raises ValueError on
-    NaN weights before anything is modified (selection runs before any mask is written)."""
+    from the current weights, stored and applied. ``inspect(entries)``, when given, sees the
+    new entries before the pruned weights are zeroed (the weights the selection ranked).
+    Returns the new entries. Raises ValueError on NaN weights before anything is modified
+    (selection runs before any mask is written)."""
     store = ensure_store(model)
     names = list(selected)
     store.resolve(skip=names)
@@ -135,6 +138,8 @@ def prune_parameters(
         name: MaskEntry(param, mask, targets[name], threshold)
         for name, param, mask, threshold in zip(names, tensors, new_masks, thresholds)
     }
+    if inspect is not None:
+        inspect(entries)
     store.set_masks(entries)
     store.apply()
     if distributed.debug_checks_enabled():

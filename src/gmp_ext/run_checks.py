@@ -13,7 +13,7 @@ from .exceptions import warn
 from .schedule import Schedule
 from .strategies import Selection
 
-__all__ = ["ForwardCounter", "check_counts", "check_run_length"]
+__all__ = ["ForwardCounter", "check_counts", "check_epoch_steps", "check_run_length"]
 
 
 class ForwardCounter:
@@ -71,6 +71,15 @@ def check_run_length(schedule: Schedule, steps_per_epoch: int, total_steps: int)
         "accumulation steps) and the schedule's end_epoch."
     )
     return False
+
+
+def check_epoch_steps(observed: int, steps_per_epoch: int) -> None:
+    """Warn when an epoch took ``observed`` optimizer steps, not ``steps_per_epoch``."""
+    if observed != steps_per_epoch:
+        warn(
+            f"GMP: {observed} optimizer steps in this epoch, but steps_per_epoch is "
+            f"{steps_per_epoch}; the schedule's epochs will drift from the real ones"
+        )
 
 
 def check_counts(

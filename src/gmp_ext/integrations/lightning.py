@@ -24,6 +24,7 @@ except ImportError:
 
 from ..controller import GMP
 from ..schedule import GMPSchedule
+from ..telemetry import scalars
 from . import start_gmp
 
 __all__ = ["CHECKPOINT_KEY", "GMPCallback", "optimizer_steps_per_epoch"]
@@ -52,7 +53,11 @@ class GMPCallback(Callback):
     ckpt_path=...)``. ``gradient_accumulation_steps`` is the trainer's
     ``accumulate_grad_batches``; the planned steps (``estimated_stepping_batches``) are checked
     against the schedule at the start, the steps taken at the end
-    (:meth:`gmp_ext.GMP.check_run_length`). ``gmp_kwargs`` go to
+    (:meth:`gmp_ext.GMP.check_run_length`). Every mask update's telemetry goes to the
+    trainer's loggers (``trainer.loggers``: TensorBoard, CSV, W&B, ...) at the update's step,
+    at the end of the batch it falls in, as :func:`gmp_ext.telemetry.scalars` names it
+    (``gmp/churn``, ``gmp/<layer>/regrowth``, ...; ``log_layers=False``: totals only; a resumed
+    run logs the updates after its checkpoint). ``gmp_kwargs`` go to
     :class:`gmp_ext.controller.GMP`.
     """
 
@@ -62,12 +67,15 @@ class GMPCallback(Callback):
         *,
         steps_per_epoch: int | None = None,
         remove_on_fit_end: bool = False,
+        log_layers: bool = True,
         **gmp_kwargs: Any,
     ) -> None:
         super().__init__()
         self.schedule = schedule
         self.steps_per_epoch = steps_per_epoch
         self.remove_on_fit_end = remove_on_fit_end
+        self.log_layers = log_layers
+        self._logged = 0  # records of gmp.history already sent to the loggers
         self.gmp_kwargs = gmp_kwargs
         self.gmp: GMP | None = None
         self._saved: dict[str, Any] | None = None
@@ -79,10 +87,23 @@ class GMPCallback(Callback):
         self.gmp = start_gmp(
             pl_module, trainer.optimizers[0], self.schedule, steps, self._saved, kwargs
         )
+        self._logged = 0 if self._saved is None else len(self.gmp.history)
         self._saved = None
         planned = trainer.estimated_stepping_batches
         if math.isfinite(planned):
             self.gmp.check_run_length(int(planned))
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, index: int
+    ) -> None:
+        if self.gmp is None:
+            return
+        history = self.gmp.history
+        for record in history[self._logged :]:
+            metrics = scalars(record, "gmp", self.log_layers)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=record["step"])
+        self._logged = len(history)
 
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]

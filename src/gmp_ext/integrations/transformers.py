@@ -19,6 +19,7 @@ except ImportError as exc:
 
 from ..controller import GMP
 from ..schedule import GMPSchedule
+from ..telemetry import scalars
 from . import start_gmp
 
 __all__ = ["CHECKPOINT_FILE", "GMPCallback", "checkpoint_file", "optimizer_steps_per_epoch"]
@@ -74,7 +75,16 @@ class GMPCallback(TrainerCallback):
     (``Trainer.train(resume_from_checkpoint=...)`` does not pass its folder to callbacks).
     ``gradient_accumulation_steps`` is taken from the Trainer's arguments, and the run's
     planned length (``state.max_steps``) is checked against the schedule at the start, the
-    steps taken at the end (:meth:`gmp_ext.GMP.check_run_length`). ``gmp_kwargs`` go to
+    steps taken at the end (:meth:`gmp_ext.GMP.check_run_length`).
+
+    Telemetry: after a step with a mask update the callback asks the Trainer to log
+    (``control.should_log``) and adds the update's :func:`gmp_ext.telemetry.scalars`
+    (``gmp/churn``, ``gmp/<layer>/regrowth``, ...; ``log_layers=False``: totals only) to that
+    ``Trainer.log`` call's ``logs`` and to its ``trainer.state.log_history`` entry, so the
+    callbacks after this one (the console printer, your own) and ``trainer_state.json`` have
+    them. The Trainer runs its ``report_to`` integrations before user callbacks: for
+    TensorBoard, also call ``callback.gmp.log_to(SummaryWriter(...))`` (e.g. in a callback's
+    ``on_train_begin`` placed after this one). ``gmp_kwargs`` go to
     :class:`gmp_ext.controller.GMP`.
     """
 
@@ -84,11 +94,14 @@ class GMPCallback(TrainerCallback):
         *,
         steps_per_epoch: int | None = None,
         remove_on_train_end: bool = False,
+        log_layers: bool = True,
         **gmp_kwargs: Any,
     ) -> None:
         self.schedule = schedule
         self.steps_per_epoch = steps_per_epoch
         self.remove_on_train_end = remove_on_train_end
+        self.log_layers = log_layers
+        self._logged = 0  # records of gmp.history already added to the Trainer's logs
         self.gmp_kwargs = gmp_kwargs
         self.gmp: GMP | None = None
 
@@ -113,8 +126,10 @@ class GMPCallback(TrainerCallback):
         self.gmp = start_gmp(
             model, _torch_optimizer(optimizer), self.schedule, steps, None, kwargs, resuming
         )
+        self._logged = 0
         if resuming:
             self.gmp.load_state_dict(self._saved_state(args, state, checkpoint_file(self.gmp)))
+            self._logged = len(self.gmp.history)
         if state.max_steps and state.max_steps > 0:
             self.gmp.check_run_length(state.max_steps)
 
@@ -133,6 +148,31 @@ class GMPCallback(TrainerCallback):
             "folder, so for one outside output_dir set "
             "TrainingArguments(resume_from_checkpoint=folder) too"
         )
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.gmp is not None and len(self.gmp.history) > self._logged:
+            control.should_log = True
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.gmp is None or logs is None:
+            return
+        history = self.gmp.history
+        metrics: dict[str, float] = {}
+        for record in history[self._logged :]:  # at most the update of this step and step 0's
+            metrics.update(scalars(record, "gmp", self.log_layers))
+        self._logged = len(history)
+        logs.update(metrics)
+        if metrics and state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
