@@ -111,15 +111,16 @@ PYBIND11_MODULE(_C, m) {
     m.def(
         "cpu_nm_gather",
         [](uintptr_t table, int64_t entries, int32_t n, int32_t group, uintptr_t lists, int threads) {
-            gmp::cpu::nm_gather(ptr<const TensorEntry>(table), entries, n, group, ptr<const TensorEntry>(lists), threads);
+            gmp::cpu::nm_gather(ptr<const TensorEntry>(table), entries, n, group, ptr<const TensorEntry>(lists),
+                                threads);
         },
         py::arg("table"), py::arg("entries"), py::arg("n"), py::arg("m"), py::arg("lists"), py::arg("threads"), nogil,
         "Write every entry's N:M candidate list into the lists' table.");
     m.def(
         "cpu_nm_build_masks",
         [](uintptr_t table, int64_t entries, int32_t n, int32_t group, uintptr_t selection, int threads) {
-            gmp::cpu::nm_build_masks(ptr<const TensorEntry>(table), entries, n, group,
-                                     ptr<const Selection>(selection), threads);
+            gmp::cpu::nm_build_masks(ptr<const TensorEntry>(table), entries, n, group, ptr<const Selection>(selection),
+                                     threads);
         },
         py::arg("table"), py::arg("entries"), py::arg("n"), py::arg("m"), py::arg("selection"), py::arg("threads"),
         nogil, "Write N:M keep-masks from selection rows over the candidate lists.");
@@ -189,11 +190,10 @@ PYBIND11_MODULE(_C, m) {
         "cuda_nm_build_masks",
         [](uintptr_t table, int64_t entries, int32_t n, int32_t group, uintptr_t selection, int64_t total_tiles,
            uintptr_t stream) {
-            gmp::cuda::nm_build_masks(ptr<const TensorEntry>(table), entries, n, group,
-                                      ptr<const Selection>(selection), total_tiles, stream);
+            gmp::cuda::nm_build_masks(ptr<const TensorEntry>(table), entries, n, group, ptr<const Selection>(selection),
+                                      total_tiles, stream);
         },
-        py::arg("table"), py::arg("entries"), py::arg("n"), py::arg("m"), py::arg("selection"),
-        py::arg("total_tiles"), py::arg("stream"), nogil,
-        "Write N:M keep-masks from selection rows over the candidate lists in one launch.");
+        py::arg("table"), py::arg("entries"), py::arg("n"), py::arg("m"), py::arg("selection"), py::arg("total_tiles"),
+        py::arg("stream"), nogil, "Write N:M keep-masks from selection rows over the candidate lists in one launch.");
 #endif
 }

@@ -41,7 +41,8 @@ void apply_masks(const TensorEntry *table, int64_t n, int num_threads);
 // first, so selection over the lists reports it). nm_build_masks writes packed keep-masks from selection rows over
 // those lists (index = position in the list): protected elements and the candidates above the cut
 // are kept; a row with NaNs leaves its mask as it was. Every numel must be a multiple of m.
-void nm_gather(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const TensorEntry *lists, int num_threads);
+void nm_gather(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const TensorEntry *lists,
+               int num_threads);
 void nm_build_masks(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const Selection *selection,
                     int num_threads);
 

@@ -84,7 +84,9 @@ def test_native_equals_reference_layerwise(device, pattern, dtype, kind):
     for sparsity in (0.0, 0.3 * limit, limit):
         counts = [round(sparsity * t.numel()) for t in tensors]
         lists, rows, masks = run_nm(native, tensors, pattern, "layer", counts)
-        ref_lists, ref_rows, ref_masks = run_nm(backends.REFERENCE, tensors, pattern, "layer", counts)
+        ref_lists, ref_rows, ref_masks = run_nm(
+            backends.REFERENCE, tensors, pattern, "layer", counts
+        )
         assert_same(rows.cpu(), ref_rows.cpu(), f"rows at {sparsity}")
         for i, t in enumerate(tensors):
             assert_same(lists[i], ref_lists[i], f"list of tensor {i}")
@@ -107,7 +109,9 @@ def test_native_equals_reference_global_mixed_dtypes(device, pattern):
     for sparsity in (0.2, 1 - n / m):
         k = round(sparsity * total)
         _, rows, masks = run_nm(native, tensors, pattern, "global", [k], key_space)
-        _, ref_rows, ref_masks = run_nm(backends.REFERENCE, tensors, pattern, "global", [k], key_space)
+        _, ref_rows, ref_masks = run_nm(
+            backends.REFERENCE, tensors, pattern, "global", [k], key_space
+        )
         assert_same(rows.cpu(), ref_rows.cpu(), "rows")
         for i in range(len(tensors)):
             assert_same(masks[i], ref_masks[i], f"mask {i}")
@@ -123,7 +127,9 @@ def test_matches_brute_force_oracle(device, dtype, kind):
         n, m = pattern
         for k in (0, 1, 17, tensor.numel() // m * (m - n)):
             _, _, masks = run_nm(native, [tensor], pattern, "layer", [k])
-            assert_same(keep_of(masks[0], tensor), oracle_keep(tensor, pattern, k), f"{pattern} k={k}")
+            assert_same(
+                keep_of(masks[0], tensor), oracle_keep(tensor, pattern, k), f"{pattern} k={k}"
+            )
 
 
 def test_nan_lists_a_nan_per_group_and_voids_the_selection(device):
@@ -308,7 +314,9 @@ def test_gmp_run_ramps_gradually_to_exact_two_four():
 def test_gmp_rejects_a_schedule_beyond_the_pattern():
     net = model()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
-    schedule = gmp_ext.GMPSchedule(init_sparsity=0.05, final_sparsity=0.6, start_epoch=0, end_epoch=3)
+    schedule = gmp_ext.GMPSchedule(
+        init_sparsity=0.05, final_sparsity=0.6, start_epoch=0, end_epoch=3
+    )
     with pytest.raises(ValueError, match=r"final_sparsity 0.6, above 1 - n/m = 0.5 of nm=\(2, 4\)"):
         gmp_ext.GMP(net, optimizer, schedule, steps_per_epoch=1, nm=(2, 4))
     with pytest.raises(ValueError, match="max_sparsity does not combine"):
@@ -347,6 +355,8 @@ def test_properties_of_an_nm_prune_step(pattern, rows, groups, fraction, dtype, 
     gmp_ext.prune_step(layer, sparsity, nm=pattern, params=["weight"])
     keep = gmp_ext.masks(layer)["weight"]
     assert int((~keep).sum()) == round(sparsity * weight.numel())
-    assert torch.equal(keep.reshape(-1), oracle_keep(weight, pattern, round(sparsity * weight.numel())))
+    assert torch.equal(
+        keep.reshape(-1), oracle_keep(weight, pattern, round(sparsity * weight.numel()))
+    )
     if rows:
         assert int(groups_of(keep, m).sum(1).min()) >= n

@@ -72,13 +72,8 @@ inline uint64_t load_word(const uint8_t *mask, int64_t first, int64_t count) {
 void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads) {
     check_table(table, n, true);
     GMP_CHECK(n == 0 || selection != nullptr, "selection pointer must not be null");
-    for (int64_t e = 0; e < n; ++e) {
-        const Selection &s = selection[e];
-        GMP_CHECK(s.key >= 0 && s.key <= int64_t(UINT32_MAX), "entry ", e, ": threshold key out of range: ", s.key);
-        GMP_CHECK(s.index >= -1 && s.index < std::max<int64_t>(table[e].numel, 1), "entry ", e,
-                  ": threshold index out of range: ", s.index);
-        GMP_CHECK(s.key_space == kNative || s.key_space == kWide, "entry ", e, ": unknown key space ", s.key_space);
-    }
+    for (int64_t e = 0; e < n; ++e)
+        check_selection_row(selection[e], e, table[e].numel);
     const std::vector<Tile> tiles = make_tiles(table, n);
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     parallel_for(threads_for(num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {

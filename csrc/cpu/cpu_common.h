@@ -88,6 +88,15 @@ inline void store_word(uint8_t *mask, int64_t first, uint64_t word, int64_t coun
     std::memcpy(mask + first / 8, &word, static_cast<size_t>(ceil_div<int64_t>(count, 8)));
 }
 
+// A selection row as mask build reads it: a 32-bit key, an index in [-1, positions) (positions:
+// the elements the selection ranked), a known key space.
+inline void check_selection_row(const Selection &s, int64_t e, int64_t positions) {
+    GMP_CHECK(s.key >= 0 && s.key <= int64_t(UINT32_MAX), "entry ", e, ": threshold key out of range: ", s.key);
+    GMP_CHECK(s.index >= -1 && s.index < std::max<int64_t>(positions, 1), "entry ", e,
+              ": threshold index out of range: ", s.index);
+    GMP_CHECK(s.key_space == kNative || s.key_space == kWide, "entry ", e, ": unknown key space ", s.key_space);
+}
+
 template <int32_t D, int32_t S> struct KeyReader {
     const typename DTypeTraits<D>::bits_t *bits;
     uint32_t operator()(int64_t i) const { return magnitude_key<D, S>(bits[i]); }

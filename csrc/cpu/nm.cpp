@@ -115,14 +115,8 @@ void nm_build_masks(const TensorEntry *table, int64_t entries, int32_t n, int32_
     check_table(table, entries, true);
     check_nm(table, entries, n, m);
     GMP_CHECK(entries == 0 || selection != nullptr, "selection pointer must not be null");
-    for (int64_t e = 0; e < entries; ++e) {
-        const Selection &s = selection[e];
-        const int64_t listed = table[e].numel / m * (m - n);
-        GMP_CHECK(s.key >= 0 && s.key <= int64_t(UINT32_MAX), "entry ", e, ": threshold key out of range: ", s.key);
-        GMP_CHECK(s.index >= -1 && s.index < std::max<int64_t>(listed, 1), "entry ", e,
-                  ": threshold index out of range: ", s.index);
-        GMP_CHECK(s.key_space == kNative || s.key_space == kWide, "entry ", e, ": unknown key space ", s.key_space);
-    }
+    for (int64_t e = 0; e < entries; ++e)
+        check_selection_row(selection[e], e, table[e].numel / m * (m - n));
     const std::vector<Tile> tiles = make_tiles(table, entries);
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     parallel_for(threads_for(num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
