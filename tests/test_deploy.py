@@ -539,3 +539,15 @@ def test_semi_structured_conversion_on_gpu(dtype):
     err_sparse = (out.double() - reference).abs().max().item()
     err_dense = (expected.double() - reference).abs().max().item()
     assert err_sparse <= 2 * err_dense + 1e-3 * reference.abs().max().item()
+
+
+def test_nm_pruning_saves_in_the_two_four_format(tmp_path):
+    """The 2:4 path end to end: gmp_ext's own N:M pruning, then the 2:4 checkpoint format."""
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    gmp_ext.prune_step(model, 0.5, nm=(2, 4))
+    assert all(gmp_ext.is_nm_sparse(model[i].weight, 2, 4) for i in (0, 2))
+    report = gmp_ext.save_sparse(model, tmp_path)
+    assert {report[n].format for n in ("0.weight", "2.weight")} == {"sparse-24-bitmask"}
+    loaded = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    gmp_ext.load_sparse(loaded, tmp_path)
+    state_bits_equal(model, loaded)
