@@ -79,11 +79,12 @@ PYBIND11_MODULE(_C, m) {
         "One selection over all entries in (|w|, entry, index) order.");
     m.def(
         "cpu_build_masks",
-        [](uintptr_t table, int64_t n, uintptr_t selection, int threads) {
-            gmp::cpu::build_masks(ptr<const TensorEntry>(table), n, ptr<const Selection>(selection), threads);
+        [](uintptr_t table, int64_t n, uintptr_t selection, int threads, bool zero_pruned) {
+            gmp::cpu::build_masks(ptr<const TensorEntry>(table), n, ptr<const Selection>(selection), threads,
+                                  zero_pruned);
         },
-        py::arg("table"), py::arg("n"), py::arg("selection"), py::arg("threads"), nogil,
-        "Write packed keep-masks from selection rows.");
+        py::arg("table"), py::arg("n"), py::arg("selection"), py::arg("threads"), py::arg("zero_pruned") = false, nogil,
+        "Write packed keep-masks from selection rows (and zero the pruned elements).");
     m.def(
         "cpu_histogram",
         [](uintptr_t table, int64_t n, int32_t key_space, int32_t shift, int64_t bins, int32_t prefix_shift,
@@ -171,12 +172,14 @@ PYBIND11_MODULE(_C, m) {
         "One selection over all entries of a device-resident table in (|w|, entry, index) order.");
     m.def(
         "cuda_build_masks",
-        [](uintptr_t table, int64_t n, uintptr_t selection, int64_t total_tiles, uintptr_t stream) {
+        [](uintptr_t table, int64_t n, uintptr_t selection, int64_t total_tiles, uintptr_t stream, bool zero_pruned) {
             gmp::cuda::build_masks(ptr<const TensorEntry>(table), n, ptr<const Selection>(selection), total_tiles,
-                                   stream);
+                                   stream, zero_pruned);
         },
-        py::arg("table"), py::arg("n"), py::arg("selection"), py::arg("total_tiles"), py::arg("stream"), nogil,
-        "Write packed keep-masks of a device-resident table from selection rows in one launch.");
+        py::arg("table"), py::arg("n"), py::arg("selection"), py::arg("total_tiles"), py::arg("stream"),
+        py::arg("zero_pruned") = false, nogil,
+        "Write packed keep-masks of a device-resident table from selection rows in one launch (and zero the "
+        "pruned elements).");
     m.def(
         "cuda_nm_gather",
         [](uintptr_t table, int64_t entries, int32_t n, int32_t group, uintptr_t lists, int64_t total_tiles,

@@ -17,8 +17,11 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
 void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads);
 
 // Writes the packed keep-mask of every entry from its selection row; a row with NaNs (nan_count > 0)
-// leaves its mask as it was, so a selection void for NaN weights never corrupts masks.
-void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads);
+// leaves its mask as it was, so a selection void for NaN weights never corrupts masks. With
+// zero_pruned, also zeroes every element whose bit is then 0 (build and apply_masks in one call,
+// each tile applied right after its build, while it is in cache).
+void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads,
+                 bool zero_pruned = false);
 
 // Radix-select passes driven from outside (csrc/cpu/histogram.cpp), for selections whose counts
 // are summed across processes. out[e * bins + d] = number of elements of entry e whose digit
@@ -81,9 +84,10 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
 void select_global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_space, Selection *out,
                    void *scratch, int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream);
 
-// Same contract as gmp::cpu::build_masks with `table` and `selection` in device memory, one launch.
-void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles,
-                 uintptr_t stream);
+// Same contract as gmp::cpu::build_masks with `table` and `selection` in device memory, one launch
+// (with zero_pruned, the pruned elements are zeroed from the registers the build read them into).
+void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles, uintptr_t stream,
+                 bool zero_pruned = false);
 
 // Same contracts as gmp::cpu::nm_gather / nm_build_masks with `table`, `out` and `selection` in
 // device memory, one launch each on `stream`.

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from gmp_ext import _reference, ops, primitives
-from gmp_ext._layout import MASK_ALIGN_BYTES, mask_bytes, mask_storage_bytes
+from gmp_ext._layout import KEY_SPACE_NATIVE, MASK_ALIGN_BYTES, mask_bytes, mask_storage_bytes
+from gmp_ext.backends import REFERENCE
 
-from .utils import SIZES, assert_same
+from .utils import DTYPE_IDS, DTYPES, SIZES, assert_same, weights
 
 
 @pytest.mark.parametrize("numel", SIZES)
@@ -77,3 +78,46 @@ def test_rows_with_nans_leave_their_masks_as_they_were(native, device, backend):
     assert bool((masks[0] == 0xA5).all()) and bool((masks[2] == 0xA5).all())
     want = _reference.pack_bits(torch.arange(33, device=device) > 10)
     assert_same(masks[1][: mask_bytes(33)], want[: mask_bytes(33)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_build_that_zeroes_the_pruned_equals_build_then_apply(native, device, dtype):
+    """build(zero_pruned=True), the apply fused into the build, against the reference's build
+    followed by its apply: the same masks and weights, a NaN row zeroing by its old mask, full
+    and partial tiles, a view one element off 16-byte alignment."""
+    backing = weights(70001 + 1, dtype, device)
+    tensors = [
+        weights(2048 * 3, dtype, device, "pruned"),
+        weights(70001, dtype, device),
+        backing[1:],  # data one element past 16-byte alignment: the scalar paths
+        weights(33, dtype, device, "few_values"),
+        weights(100, dtype, device),
+    ]
+    tensors[4][7] = float("nan")
+    ks = [round(0.6 * t.numel()) for t in tensors]
+    old = [_reference.pack_bits(torch.rand(t.numel(), device=device) < 0.5) for t in tensors]
+    results = []
+    for backend in (native, REFERENCE):
+        work = (
+            [t.clone() for t in tensors[:2]]
+            + [backing.clone()[1:]]
+            + [t.clone() for t in tensors[3:]]
+        )
+        masks = [m.clone() for m in old]
+        job = backend.prepare(work, None, "layer", KEY_SPACE_NATIVE)
+        job.set_counts(ks)
+        backend.select(job)
+        build = backend.prepare(work, masks, None, KEY_SPACE_NATIVE)
+        build.rows = job.rows
+        if backend is REFERENCE:
+            backend.build(build)
+            backend.apply(build)
+        else:
+            backend.build(build, zero_pruned=True)
+        results.append((work, masks, job.rows))
+    (work, masks, rows), (ref_work, ref_masks, ref_rows) = results
+    assert_same(rows.cpu(), ref_rows.cpu(), "rows")
+    assert int(rows[4, 3]) == 1  # the NaN row: its old mask is applied, not rebuilt
+    for i in range(len(tensors)):
+        assert_same(masks[i], ref_masks[i], f"mask {i}")
+        assert_same(work[i], ref_work[i], f"weights {i}")

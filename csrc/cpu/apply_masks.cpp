@@ -92,23 +92,26 @@ __attribute__((target("avx2"))) void apply_tile_avx2(uint32_t *data, const uint8
 
 } // namespace
 
+void apply_mask_range(const TensorEntry &entry, int64_t begin, int64_t end) {
+    const auto *mask = reinterpret_cast<const uint8_t *>(entry.mask);
+    if (entry.dtype == kFloat32)
+#ifdef GMP_HAVE_AVX2_DISPATCH
+        if (__builtin_cpu_supports("avx2"))
+            apply_tile_avx2(reinterpret_cast<uint32_t *>(entry.data), mask, begin, end);
+        else
+#endif
+            apply_tile(reinterpret_cast<uint32_t *>(entry.data), mask, begin, end);
+    else
+        apply_tile(reinterpret_cast<uint16_t *>(entry.data), mask, begin, end);
+}
+
 void apply_masks(const TensorEntry *table, int64_t n, int num_threads) {
     check_table(table, n, true);
     const std::vector<Tile> tiles = make_tiles(table, n);
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     parallel_for(threads_for(num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
         const Tile &tile = tiles[t];
-        const TensorEntry &entry = table[tile.entry];
-        const auto *mask = reinterpret_cast<const uint8_t *>(entry.mask);
-        if (entry.dtype == kFloat32)
-#ifdef GMP_HAVE_AVX2_DISPATCH
-            if (__builtin_cpu_supports("avx2"))
-                apply_tile_avx2(reinterpret_cast<uint32_t *>(entry.data), mask, tile.begin, tile.end);
-            else
-#endif
-                apply_tile(reinterpret_cast<uint32_t *>(entry.data), mask, tile.begin, tile.end);
-        else
-            apply_tile(reinterpret_cast<uint16_t *>(entry.data), mask, tile.begin, tile.end);
+        apply_mask_range(table[tile.entry], tile.begin, tile.end);
     });
 }
 

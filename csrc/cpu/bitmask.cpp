@@ -69,7 +69,7 @@ inline uint64_t load_word(const uint8_t *mask, int64_t first, int64_t count) {
 
 } // namespace
 
-void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads) {
+void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads, bool zero_pruned) {
     check_table(table, n, true);
     GMP_CHECK(n == 0 || selection != nullptr, "selection pointer must not be null");
     for (int64_t e = 0; e < n; ++e)
@@ -80,8 +80,12 @@ void build_masks(const TensorEntry *table, int64_t n, const Selection *selection
         const Tile &tile = tiles[t];
         const TensorEntry &entry = table[tile.entry];
         const Selection &s = selection[tile.entry];
-        if (s.nan_count > 0)
+        // The apply runs on each tile right after its build, while the tile is still in cache.
+        if (s.nan_count > 0) {
+            if (zero_pruned)
+                apply_mask_range(entry, tile.begin, tile.end); // by the mask the row left as it was
             return;
+        }
         auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
         const uint64_t key = static_cast<uint64_t>(s.key);
         visit_keys(entry, static_cast<int32_t>(s.key_space), [&](auto key_of) {
@@ -106,6 +110,8 @@ void build_masks(const TensorEntry *table, int64_t n, const Selection *selection
                 store_word(mask, first, word, count);
             }
         });
+        if (zero_pruned)
+            apply_mask_range(entry, tile.begin, tile.end);
     });
 }
 

@@ -88,6 +88,10 @@ inline void store_word(uint8_t *mask, int64_t first, uint64_t word, int64_t coun
     std::memcpy(mask + first / 8, &word, static_cast<size_t>(ceil_div<int64_t>(count, 8)));
 }
 
+// Zeroes the elements [begin, end) of the entry whose mask bit is 0 (begin a multiple of 64):
+// apply_masks' tile loop (cpu/apply_masks.cpp), also run by a build that zeroes what it prunes.
+void apply_mask_range(const TensorEntry &entry, int64_t begin, int64_t end);
+
 // A selection row as mask build reads it: a 32-bit key, an index in [-1, positions) (positions:
 // the elements the selection ranked), a known key space.
 inline void check_selection_row(const Selection &s, int64_t e, int64_t positions) {

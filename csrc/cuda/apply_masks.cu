@@ -14,41 +14,6 @@ namespace {
 constexpr int kThreads = 256;
 static_assert(kTileElems == 32 * 64, "a warp covers 32 64-bit mask words");
 
-template <int ElemBytes> __device__ void apply_tile_vector(uint4 *data, uint64_t my_word, int lane) {
-    constexpr int kPerVec = 16 / ElemBytes;     // elements per 16-byte vector
-    constexpr int kVecs = kTileElems / kPerVec; // vectors per tile
-    constexpr int kVecsPerWord = 64 / kPerVec;  // vectors sharing one mask word
-    constexpr uint32_t kVecBits = (1u << kPerVec) - 1;
-#pragma unroll
-    for (int j = 0; j < kVecs / 32; ++j) {
-        const int v = j * 32 + lane;
-        const uint64_t word = __shfl_sync(0xffffffffu, my_word, v / kVecsPerWord);
-        const uint32_t bits = static_cast<uint32_t>(word >> ((v % kVecsPerWord) * kPerVec)) & kVecBits;
-        if (bits == kVecBits)
-            continue; // all kept: no store
-        uint4 x = bits == 0 ? make_uint4(0, 0, 0, 0) : data[v];
-        uint32_t *lanes = reinterpret_cast<uint32_t *>(&x);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            if constexpr (ElemBytes == 4) {
-                lanes[q] &= ((bits >> q) & 1u) ? 0xffffffffu : 0u;
-            } else {
-                const uint32_t lo = ((bits >> (2 * q)) & 1u) ? 0x0000ffffu : 0u;
-                const uint32_t hi = ((bits >> (2 * q + 1)) & 1u) ? 0xffff0000u : 0u;
-                lanes[q] &= lo | hi;
-            }
-        }
-        data[v] = x;
-    }
-}
-
-template <typename Bits>
-__device__ void apply_tile_scalar(Bits *data, const uint8_t *mask, int64_t first, int64_t count, int lane) {
-    for (int64_t i = lane; i < count; i += 32)
-        if (!mask_bit(mask, first + i))
-            data[first + i] = Bits(0);
-}
-
 __global__ void __launch_bounds__(kThreads) kApplyMasks(const TensorEntry *table, int64_t n, int64_t total_tiles) {
     const int lane = threadIdx.x % 32;
     const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);

@@ -5,7 +5,9 @@
 // aligned data each lane turns a 16-byte vector into 4 (fp32) or 8 (16-bit) bits, which land as a
 // nibble or byte in a per-warp 256-byte shared buffer; lane l then stores word l, so the tile's
 // mask is one coalesced 256-byte store. Partial and misaligned tiles take one element per lane
-// and step and gather bits with ballots.
+// and step and gather bits with ballots. With zero_pruned the build also zeroes the pruned elements
+// from the registers it read them into (a prepared prune step's build and apply in one pass); a row
+// with NaNs keeps its mask and zeroes by it.
 #include "../common/bitpack.h"
 #include "cuda_common.cuh"
 
@@ -24,14 +26,17 @@ struct Threshold {
     int64_t index;
 };
 
-template <typename KT>
-__device__ void build_tile_vector(const uint4 *data, uint64_t *words, uint8_t *staging, int64_t first, Threshold t,
+// ZeroPruned: the apply fused in, from the registers the build read the tile into (plain loads:
+// __ldg's read-only path is not for memory the kernel writes).
+template <typename KT, bool ZeroPruned>
+__device__ void build_tile_vector(uint4 *data, uint64_t *words, uint8_t *staging, int64_t first, Threshold t,
                                   int lane) {
     constexpr int kVecs = int(kTileElems) / KT::kPerVec / 32; // vectors per lane
+    constexpr uint32_t kVecBits = (1u << KT::kPerVec) - 1;
     uint4 v[kVecs];
 #pragma unroll
     for (int j = 0; j < kVecs; ++j)
-        v[j] = __ldg(data + j * 32 + lane);
+        v[j] = ZeroPruned ? data[j * 32 + lane] : __ldg(data + j * 32 + lane);
 #pragma unroll
     for (int j = 0; j < kVecs; ++j) {
         const int vec = j * 32 + lane; // elements [vec * kPerVec, (vec + 1) * kPerVec) of the tile
@@ -40,6 +45,8 @@ __device__ void build_tile_vector(const uint4 *data, uint64_t *words, uint8_t *s
 #pragma unroll
         for (int q = 0; q < KT::kPerVec; ++q)
             bits |= uint32_t(is_kept(KT::key(v[j], q), index + q, t.key, t.index)) << q;
+        if (ZeroPruned && bits != kVecBits)
+            data[vec] = keep_elements<int(sizeof(typename KT::bits_t))>(v[j], bits);
         if constexpr (KT::kPerVec == 8) {
             staging[vec] = static_cast<uint8_t>(bits);
         } else {
@@ -54,14 +61,16 @@ __device__ void build_tile_vector(const uint4 *data, uint64_t *words, uint8_t *s
     __syncwarp(); // the staging buffer is rewritten by the warp's next tile
 }
 
-template <typename KT>
-__device__ void build_tile_scalar(const typename KT::bits_t *data, uint8_t *mask, int64_t first, int count, Threshold t,
+template <typename KT, bool ZeroPruned>
+__device__ void build_tile_scalar(typename KT::bits_t *data, uint8_t *mask, int64_t first, int count, Threshold t,
                                   int lane) {
     // Step c covers elements [32c, 32c + 32) of the tile: half of word c / 2, which lane c / 2 keeps.
     uint64_t word = 0;
     for (int c = 0; c * 32 < count; ++c) {
         const int i = c * 32 + lane;
         const bool keep = i < count && is_kept(KT::key(data[first + i]), first + i, t.key, t.index);
+        if (ZeroPruned && i < count && !keep)
+            data[first + i] = typename KT::bits_t(0);
         const uint32_t ballot = __ballot_sync(kFullWarp, keep);
         if (lane == c / 2)
             word |= uint64_t(ballot) << (32 * (c % 2));
@@ -79,6 +88,7 @@ __device__ void build_tile_scalar(const typename KT::bits_t *data, uint8_t *mask
     }
 }
 
+template <bool ZeroPruned>
 __global__ void __launch_bounds__(kThreads)
     kBuildMasks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles) {
     __shared__ __align__(16) uint8_t staging[kWarps][kTileMaskBytes];
@@ -89,35 +99,46 @@ __global__ void __launch_bounds__(kThreads)
         const TensorEntry entry = table[e];
         const Selection row = selection[e];
         const int count = tile_count(entry, tile);
-        if (count == 0 || entry.mask == 0 || row.nan_count > 0)
+        if (count == 0 || entry.mask == 0)
             continue;
         const int64_t first = (tile - entry.tile_base) * kTileElems;
-        const Threshold t{static_cast<uint32_t>(row.key), row.index};
         auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
+        if (row.nan_count > 0) { // the mask stays as it was; a fused apply zeroes by it
+            if (ZeroPruned && entry.dtype == kFloat32)
+                apply_tile_scalar(reinterpret_cast<uint32_t *>(entry.data), mask, first, count, lane);
+            else if (ZeroPruned)
+                apply_tile_scalar(reinterpret_cast<uint16_t *>(entry.data), mask, first, count, lane);
+            continue;
+        }
+        const Threshold t{static_cast<uint32_t>(row.key), row.index};
         visit_key_type(entry.dtype, row.key_space, [&](auto kt) {
             using KT = decltype(kt);
-            const auto *data = reinterpret_cast<const typename KT::bits_t *>(entry.data);
+            auto *data = reinterpret_cast<typename KT::bits_t *>(entry.data);
             // first is a multiple of 2048, so a 16-byte aligned tensor has 16-byte aligned tiles and
             // an 8-byte aligned mask has 256-byte aligned tile words.
             if (count == kTileElems && entry.data % 16 == 0 && entry.mask % 8 == 0)
-                build_tile_vector<KT>(reinterpret_cast<const uint4 *>(data + first),
-                                      reinterpret_cast<uint64_t *>(mask + first / 8), staging[warp], first, t, lane);
+                build_tile_vector<KT, ZeroPruned>(reinterpret_cast<uint4 *>(data + first),
+                                                  reinterpret_cast<uint64_t *>(mask + first / 8), staging[warp], first,
+                                                  t, lane);
             else
-                build_tile_scalar<KT>(data, mask, first, count, t, lane);
+                build_tile_scalar<KT, ZeroPruned>(data, mask, first, count, t, lane);
         });
     }
 }
 
 } // namespace
 
-void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles,
-                 uintptr_t stream) {
+void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles, uintptr_t stream,
+                 bool zero_pruned) {
     GMP_CHECK(n >= 0 && total_tiles >= 0, "n and total_tiles must be >= 0");
     if (n == 0 || total_tiles == 0)
         return;
     GMP_CHECK(table != nullptr && selection != nullptr, "table and selection pointers must not be null");
     const int blocks = persistent_blocks(kThreads, total_tiles);
-    kBuildMasks<<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, total_tiles);
+    if (zero_pruned)
+        kBuildMasks<true><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, total_tiles);
+    else
+        kBuildMasks<false><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, total_tiles);
     GMP_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -2,6 +2,7 @@
 // tile -> table-entry lookup of the flat persistent grids, and the per-tile key readers.
 #pragma once
 
+#include "../common/bitpack.h"
 #include "../common/checks.h"
 #include "../common/dtype.h"
 #include "../common/keys.h"
@@ -121,6 +122,48 @@ __device__ __forceinline__ int tile_count(const TensorEntry &entry, int64_t tile
         return 0;
     const int64_t left = entry.numel - (tile - entry.tile_base) * kTileElems;
     return static_cast<int>(max(int64_t(0), min(kTileElems, left)));
+}
+
+// x with its elements whose bit in `bits` is 0 cleared (bit q: element q of the 16-byte vector).
+template <int ElemBytes> __device__ __forceinline__ uint4 keep_elements(uint4 x, uint32_t bits) {
+    uint32_t *lanes = reinterpret_cast<uint32_t *>(&x);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        if constexpr (ElemBytes == 4) {
+            lanes[q] &= ((bits >> q) & 1u) ? 0xffffffffu : 0u;
+        } else {
+            const uint32_t lo = ((bits >> (2 * q)) & 1u) ? 0x0000ffffu : 0u;
+            const uint32_t hi = ((bits >> (2 * q + 1)) & 1u) ? 0xffff0000u : 0u;
+            lanes[q] &= lo | hi;
+        }
+    }
+    return x;
+}
+
+// Zeroes the pruned elements of a full tile of 16-byte aligned data (one warp): lane l holds mask
+// word l of the tile and each lane takes the bits of its vectors from the owning lane by shuffle.
+template <int ElemBytes> __device__ void apply_tile_vector(uint4 *data, uint64_t my_word, int lane) {
+    constexpr int kPerVec = 16 / ElemBytes;     // elements per 16-byte vector
+    constexpr int kVecs = kTileElems / kPerVec; // vectors per tile
+    constexpr int kVecsPerWord = 64 / kPerVec;  // vectors sharing one mask word
+    constexpr uint32_t kVecBits = (1u << kPerVec) - 1;
+#pragma unroll
+    for (int j = 0; j < kVecs / 32; ++j) {
+        const int v = j * 32 + lane;
+        const uint64_t word = __shfl_sync(0xffffffffu, my_word, v / kVecsPerWord);
+        const uint32_t bits = static_cast<uint32_t>(word >> ((v % kVecsPerWord) * kPerVec)) & kVecBits;
+        if (bits == kVecBits)
+            continue; // all kept: no store
+        data[v] = bits == 0 ? make_uint4(0, 0, 0, 0) : keep_elements<ElemBytes>(data[v], bits);
+    }
+}
+
+// Zeroes the pruned elements among `count` elements from `first`, one per lane and step.
+template <typename Bits>
+__device__ void apply_tile_scalar(Bits *data, const uint8_t *mask, int64_t first, int64_t count, int lane) {
+    for (int64_t i = lane; i < count; i += 32)
+        if (!mask_bit(mask, first + i))
+            data[first + i] = Bits(0);
 }
 
 } // namespace gmp::cuda

@@ -120,11 +120,14 @@ class PreparedStep:
                     group.backend.nm_gather(group.job, group.lists, self.pattern)
                 if select:
                     group.backend.select(group.selection)
+                # build + apply are one pass over the weights (the build zeroes what it prunes),
+                # except for N:M, whose build ranks groups first.
+                fused = build and apply and group.lists is None
                 if build and group.lists is not None and self.pattern is not None:
                     group.backend.nm_build(group.job, group.lists.rows, self.pattern)
                 elif build:
-                    group.backend.build(group.job)
-                if apply:
+                    group.backend.build(group.job, zero_pruned=fused)
+                if apply and not fused:
                     group.backend.apply(group.job)
                 for tensor, copy in group.staged:
                     if apply:

@@ -108,7 +108,9 @@ class Backend:
     def select(self, job: Job) -> None:
         raise NotImplementedError
 
-    def build(self, job: Job) -> None:
+    def build(self, job: Job, zero_pruned: bool = False) -> None:
+        """Writes ``job.masks`` from ``job.rows``; with ``zero_pruned`` also zeroes the elements
+        the new masks prune (the apply in the same pass over the weights)."""
         raise NotImplementedError
 
     def apply(self, job: Job) -> None:

@@ -32,9 +32,9 @@ class CpuBackend(Backend):
             k = int(job.counts[0])
             self._C.cpu_select_global(table, n, k, job.key_space, out, thread_count())
 
-    def build(self, job: Job) -> None:
+    def build(self, job: Job, zero_pruned: bool = False) -> None:
         self._C.cpu_build_masks(
-            job.table.data_ptr(), len(job.tensors), job.rows.data_ptr(), thread_count()
+            job.table.data_ptr(), len(job.tensors), job.rows.data_ptr(), thread_count(), zero_pruned
         )
 
     def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:

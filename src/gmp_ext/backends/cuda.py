@@ -70,7 +70,7 @@ class CudaBackend(Backend):
                     *scratch,
                 )
 
-    def build(self, job: Job) -> None:
+    def build(self, job: Job, zero_pruned: bool = False) -> None:
         with torch.cuda.device(job.rows.device):
             self._C.cuda_build_masks(
                 job.table.data_ptr(),
@@ -78,6 +78,7 @@ class CudaBackend(Backend):
                 job.rows.data_ptr(),
                 job.tiles,
                 self._stream(job),
+                zero_pruned,
             )
 
     def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:

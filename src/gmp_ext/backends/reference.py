@@ -27,8 +27,10 @@ class ReferenceBackend(Backend):
             rows = _reference.select_global(job.tensors, int(job.counts[0]), job.key_space)
         job.rows.copy_(rows.reshape(job.rows.shape))
 
-    def build(self, job: Job) -> None:
+    def build(self, job: Job, zero_pruned: bool = False) -> None:
         _reference.build_masks(job.tensors, job.rows, job.masks)
+        if zero_pruned:
+            _reference.apply_masks(job.tensors, job.masks)
 
     def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:
         for target, listed in zip(lists.tensors, _reference.nm_gather(job.tensors, *pattern)):
