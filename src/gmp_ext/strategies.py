@@ -277,6 +277,11 @@ class NMSelection(Selection):
     (``scope="global"``, ties: tensor position, then index): no group ever loses more than
     ``m - n``, and at ``s = 1 - n/m`` every group keeps exactly ``n`` (a valid n:m pattern).
     A target above ``1 - n/m`` is a ValueError. Sharded (DTensor) parameters are not supported.
+
+    Sources: 2:4 along the reduction dimension is the pattern of sparse tensor cores (Mishra et
+    al., "Accelerating Sparse Deep Neural Networks", arXiv 2104.08378); reaching N:M gradually
+    rather than in one shot follows Zhou et al., "Learning N:M Fine-grained Structured Sparse
+    Neural Networks From Scratch" (arXiv 2102.04010), here with GMP's schedule.
     """
 
     pattern: tuple[int, int]
