@@ -279,9 +279,10 @@ class NMSelection(Selection):
     A target above ``1 - n/m`` is a ValueError. Sharded (DTensor) parameters are not supported.
 
     Sources: 2:4 along the reduction dimension is the pattern of sparse tensor cores (Mishra et
-    al., "Accelerating Sparse Deep Neural Networks", arXiv 2104.08378); reaching N:M gradually
-    rather than in one shot follows Zhou et al., "Learning N:M Fine-grained Structured Sparse
-    Neural Networks From Scratch" (arXiv 2102.04010), here with GMP's schedule.
+    al., "Accelerating Sparse Deep Neural Networks", arXiv 2104.08378); training toward N:M
+    gradually rather than in one shot is studied by Kao et al., "Training Recipe for N:M
+    Structured Sparsity with Decaying Pruning Mask" (arXiv 2209.07617); here GMP's schedule
+    ramps it.
     """
 
     pattern: tuple[int, int]
