@@ -20,6 +20,16 @@ TABLE_COLUMNS = 6
 SELECTION_COLUMNS = 4
 
 
+# csrc/common/nm.h: kMaxGroup and valid_group
+MAX_NM_GROUP = 32
+
+
+def valid_nm(n: int, m: int) -> bool:
+    """An N:M pattern the kernels take: ``m`` a power of two from 2 to MAX_NM_GROUP (so groups
+    tile the kernels' 64-element mask words) and ``1 <= n < m``."""
+    return 2 <= m <= MAX_NM_GROUP and m & (m - 1) == 0 and 1 <= n < m
+
+
 def mask_bytes(numel: int) -> int:
     """Bytes of a packed mask: ceil(numel / 8)."""
     return -(-numel // 8)

@@ -66,6 +66,7 @@ from ._layout import (
     SELECTION_COLUMNS,
     mask_bytes,
     mask_storage_bytes,
+    valid_nm,
 )
 from .backends import REFERENCE, Backend, Job, backend_for
 
@@ -166,7 +167,7 @@ def _check_rows(rows: torch.Tensor, n: int, device: torch.device) -> None:
 
 
 def _check_nm(tensors: Sequence[torch.Tensor], n: int, m: int) -> None:
-    if not (2 <= m <= 32 and m & (m - 1) == 0 and 1 <= n < m):
+    if not valid_nm(n, m):
         raise ValueError(f"n:m needs m a power of two from 2 to 32 and 1 <= n < m, got {n}:{m}")
     for i, tensor in enumerate(tensors):
         if tensor.numel() % m:

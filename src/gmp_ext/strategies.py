@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from . import distributed, ops, primitives
-from ._layout import KEY_SPACE_NATIVE, key_space_for
+from ._layout import KEY_SPACE_NATIVE, key_space_for, valid_nm
 from .dtensors import any_dtensor
 from .engine import PreparedStep
 
@@ -251,7 +251,7 @@ def check_nm(nm: object) -> tuple[int, int]:
     ):
         raise ValueError(f"nm must be a pair of integers (n, m), e.g. (2, 4), got {nm!r}")
     n, m = int(nm[0]), int(nm[1])
-    if not (2 <= m <= 32 and m & (m - 1) == 0 and 1 <= n < m):
+    if not valid_nm(n, m):
         raise ValueError(
             "nm=(n, m) needs m a power of two from 2 to 32 and 1 <= n < m (n of every m "
             f"consecutive weights kept), got {nm!r}"
