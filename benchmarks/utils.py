@@ -423,6 +423,7 @@ SUMMARY_COLUMNS = [
     "floor_ratio",
     "extra_mb",
     "speedup_vs_kthvalue",
+    "read_passes",
     "speedup_vs_foreach_mul",
     "speedup_vs_dense",
     "status",

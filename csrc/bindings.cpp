@@ -78,6 +78,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("table"), py::arg("n"), py::arg("k"), py::arg("key_space"), py::arg("out"), py::arg("threads"), nogil,
         "One selection over all entries in (|w|, entry, index) order.");
     m.def(
+        "cpu_prune_layerwise",
+        [](uintptr_t table, int64_t n, uintptr_t k, uintptr_t out, int threads) {
+            gmp::cpu::prune_layerwise(ptr<const TensorEntry>(table), n, ptr<const int64_t>(k), ptr<Selection>(out),
+                                      threads);
+        },
+        py::arg("table"), py::arg("n"), py::arg("k"), py::arg("out"), py::arg("threads"), nogil,
+        "Per-entry selection, mask build and zeroing of the pruned elements.");
+    m.def(
+        "cpu_prune_global",
+        [](uintptr_t table, int64_t n, int64_t k, int32_t key_space, uintptr_t out, int threads) {
+            gmp::cpu::prune_global(ptr<const TensorEntry>(table), n, k, key_space, ptr<Selection>(out), threads);
+        },
+        py::arg("table"), py::arg("n"), py::arg("k"), py::arg("key_space"), py::arg("out"), py::arg("threads"), nogil,
+        "One selection over all entries, mask build and zeroing of the pruned elements.");
+    m.def(
         "cpu_build_masks",
         [](uintptr_t table, int64_t n, uintptr_t selection, int threads, bool zero_pruned) {
             gmp::cpu::build_masks(ptr<const TensorEntry>(table), n, ptr<const Selection>(selection), threads,

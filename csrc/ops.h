@@ -23,6 +23,14 @@ void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_s
 void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads,
                  bool zero_pruned = false);
 
+// A prune step: the selection above, then build_masks(..., zero_pruned = true), with the same
+// rows, masks and weights as those two calls. When the first radix pass leaves a bucket whose
+// elements fit the candidate buffer, the build is the second and last read of the weights: it
+// settles every element outside the bucket and gathers the bucket's, whose rank then gives the
+// threshold (a NaN row: masks left as they were, weights zeroed by them, as build_masks does).
+void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, int num_threads);
+void prune_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads);
+
 // Radix-select passes driven from outside (csrc/cpu/histogram.cpp), for selections whose counts
 // are summed across processes. out[e * bins + d] = number of elements of entry e whose digit
 // (key >> shift) & (bins - 1) is d, among those with key >> prefix_shift == prefixes[e] when

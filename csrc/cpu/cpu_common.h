@@ -92,6 +92,33 @@ inline void store_word(uint8_t *mask, int64_t first, uint64_t word, int64_t coun
 // apply_masks' tile loop (cpu/apply_masks.cpp), also run by a build that zeroes what it prunes.
 void apply_mask_range(const TensorEntry &entry, int64_t begin, int64_t end);
 
+// Mask build from a selection row over elements [begin, end) of the entry (begin a multiple of
+// 64): build_masks' tile loop (cpu/bitmask.cpp), also run by the fused prune step.
+void build_tile(const TensorEntry &entry, const Selection &s, int64_t begin, int64_t end, bool zero_pruned);
+
+// Composites of a selection's candidates: (low key bits << kCompositeIndexBits) | index in the
+// selection's order. Unique, so they sort like (key, index) whatever order they were gathered in.
+constexpr int kCompositeIndexBits = 49;
+constexpr uint64_t kCompositeIndexMask = (uint64_t(1) << kCompositeIndexBits) - 1;
+
+// The keys whose high bits (key >> low_bits) equal `prefix`: the radix bucket that holds the
+// threshold after the first pass.
+struct Bucket {
+    uint32_t prefix;
+    int low_bits;
+};
+
+// The prune step's build before its threshold is exact (cpu/bitmask.cpp): over elements
+// [begin, end) of the entry, keeps the keys above the bucket, prunes and zeroes those below it,
+// keeps the bucket's for now and appends their composites (index: `base` + flat index).
+void build_tile_around_bucket(const TensorEntry &entry, int32_t key_space, const Bucket &bucket, int64_t begin,
+                              int64_t end, int64_t base, std::vector<uint64_t> &composites);
+
+// Clears the mask bit and zeroes the element of each of `count` composites; an index belongs to
+// the entry e with bases[e] <= index < bases[e + 1] (bases ascending, n of them).
+void prune_composites(const TensorEntry *table, const int64_t *bases, int64_t n, const uint64_t *composites,
+                      int64_t count, int num_threads);
+
 // A selection row as mask build reads it: a 32-bit key, an index in [-1, positions) (positions:
 // the elements the selection ranked), a known key space.
 inline void check_selection_row(const Selection &s, int64_t e, int64_t positions) {

@@ -15,6 +15,7 @@
 // Extra memory: one histogram per thread, one count per tile and at most `cap` composites.
 #include "../ops.h"
 #include "cpu_common.h"
+#include "keep_word.h"
 
 #include <algorithm>
 #include <cstring>
@@ -26,9 +27,8 @@ namespace {
 // Entries up to this size select on a composite copy of themselves, one thread each: cheaper
 // than clearing a 64K-bin histogram.
 constexpr int64_t kSmallEntry = int64_t(1) << 14;
-// Composite layout: (low key bits << kIndexBits) | global index.
-constexpr int kIndexBits = 49;
-constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
+constexpr int kIndexBits = kCompositeIndexBits;
+constexpr uint64_t kIndexMask = kCompositeIndexMask;
 constexpr int64_t kMinCandidates = int64_t(1) << 16;
 
 struct KeyRange {
@@ -44,58 +44,76 @@ struct Threshold {
     int64_t nan_count = 0;
 };
 
-// Zero keys of pass 1 are counted in this many extra bins, taken in turn: pruned weights would
-// otherwise all increment bin 0, one long chain of dependent memory updates.
-constexpr uint32_t kZeroSlots = 8;
-
 // counts[(key >> shift) & (bins - 1)] over elements whose key >> prefix_shift == prefix (when
 // Filtered); with CountZeros, zeros[t] = exact zero keys in tile t as well (the zero fast path).
-// Per-thread uint32 histograms are flushed into uint64 ones before they could overflow.
+// Zeros are found 64 at a time by a vector compare and left out of the histogram (bin 0 gets them
+// back at the end): weights holding the pruned zeros of an earlier step would otherwise send most
+// increments to one bin, a chain of dependent memory updates. Per-thread uint32 histograms are
+// flushed into uint64 ones before they could overflow.
 template <bool Filtered, bool CountZeros = false>
 std::vector<uint64_t> histogram(const KeyRange &r, int shift, uint32_t bins, int prefix_shift, uint32_t prefix,
                                 int64_t *zeros = nullptr) {
     const auto &tiles = *r.tiles;
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     const int nt = threads_for(r.num_threads, num_tiles * kTileElems);
-    const uint32_t slots = bins + (CountZeros ? kZeroSlots : 0);
-    std::vector<std::vector<uint32_t>> local(nt, std::vector<uint32_t>(slots, 0));
+    std::vector<std::vector<uint32_t>> local(nt, std::vector<uint32_t>(bins, 0));
     std::vector<std::vector<uint64_t>> wide(nt);
     std::vector<int64_t> pending(nt, 0);
     parallel_for(nt, num_tiles, [&](int64_t t, int thread) {
         auto &counts = local[thread];
         const Tile &tile = tiles[t];
         if (pending[thread] + kTileElems > int64_t(UINT32_MAX)) {
-            wide[thread].resize(slots, 0);
-            for (uint32_t b = 0; b < slots; ++b)
+            wide[thread].resize(bins, 0);
+            for (uint32_t b = 0; b < bins; ++b)
                 wide[thread][b] += counts[b];
             std::fill(counts.begin(), counts.end(), 0u);
             pending[thread] = 0;
         }
         pending[thread] += tile.end - tile.begin;
-        const auto zeros_so_far = [&] {
-            int64_t z = 0;
-            for (uint32_t b = bins; b < slots; ++b)
-                z += counts[b];
-            return z;
-        };
-        const int64_t zeros_before = CountZeros ? zeros_so_far() : 0;
+        const uint32_t digit_mask = bins - 1;
         visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
-            const uint32_t digit_mask = bins - 1;
-            for (int64_t i = tile.begin; i < tile.end; ++i) {
-                const uint32_t key = key_of(i);
-                if constexpr (CountZeros)
-                    ++counts[key == 0 ? bins + (uint32_t(i) & (kZeroSlots - 1)) : (key >> shift) & digit_mask];
-                else if (!Filtered || (key >> prefix_shift) == prefix)
-                    ++counts[(key >> shift) & digit_mask];
+            if constexpr (CountZeros) {
+                int64_t tile_zeros = 0;
+                for (int64_t first = tile.begin; first < tile.end; first += 64) {
+                    const int64_t count = std::min<int64_t>(64, tile.end - first);
+                    uint64_t nonzero = 0;
+                    if (count == 64) {
+                        nonzero = keep_word(key_of, first, 1);
+                    } else {
+                        for (int64_t j = 0; j < count; ++j)
+                            nonzero |= uint64_t(key_of(first + j) != 0) << j;
+                    }
+                    if (nonzero == ~uint64_t(0)) {
+                        // Digits first (a vector loop), then the increments: they no longer wait
+                        // on the loads and shifts of their own element.
+                        uint32_t digits[64];
+                        for (int j = 0; j < 64; ++j)
+                            digits[j] = (key_of(first + j) >> shift) & digit_mask;
+                        for (uint32_t d : digits)
+                            ++counts[d];
+                        continue;
+                    }
+                    tile_zeros += count - __builtin_popcountll(nonzero);
+                    for (; nonzero != 0; nonzero &= nonzero - 1)
+                        ++counts[(key_of(first + __builtin_ctzll(nonzero)) >> shift) & digit_mask];
+                }
+                zeros[t] = tile_zeros;
+            } else {
+                for (int64_t i = tile.begin; i < tile.end; ++i) {
+                    const uint32_t key = key_of(i);
+                    if (!Filtered || (key >> prefix_shift) == prefix)
+                        ++counts[(key >> shift) & digit_mask];
+                }
             }
         });
-        if constexpr (CountZeros)
-            zeros[t] = zeros_so_far() - zeros_before;
     });
     std::vector<uint64_t> counts(bins, 0);
     for (int thread = 0; thread < nt; ++thread)
-        for (uint32_t b = 0; b < slots; ++b) // zero slots go to bin 0, the digit of key 0
-            counts[b < bins ? b : 0] += local[thread][b] + (wide[thread].empty() ? 0 : wide[thread][b]);
+        for (uint32_t b = 0; b < bins; ++b)
+            counts[b] += local[thread][b] + (wide[thread].empty() ? 0 : wide[thread][b]);
+    if constexpr (CountZeros)
+        for (int64_t t = 0; t < num_tiles; ++t)
+            counts[0] += static_cast<uint64_t>(zeros[t]); // key 0 is in bin 0
     return counts;
 }
 
@@ -197,54 +215,115 @@ std::vector<uint64_t> gather_bucket(const KeyRange &r, int low_bits, uint32_t pr
     return all;
 }
 
-// k-th smallest (key, global index) over all tiles of `r`, whose keys have `bits` bits and
-// whose NaNs are the keys above `inf`. k == 0 still scans once so NaNs are always reported.
-Threshold select_tiles(const KeyRange &r, int64_t total, int64_t k, int bits, uint32_t inf) {
+// Pass 1 of a selection over the tiles of `r` and what it settles: the threshold itself (NaN
+// weights, k == 0, the zero fast path), or the bucket of high key bits that holds it and the
+// threshold's rank inside that bucket.
+struct FirstPass {
+    Threshold result; // the threshold when `settled`
+    bool settled = true;
+    Bucket bucket{0, 0};
+    int64_t rank = 0;
+    int64_t in_bucket = 0;
+    std::vector<uint64_t> counts;
+};
+
+// Keys have `bits` bits and NaNs are the keys above `inf`. k == 0 still scans once so NaNs are
+// always reported.
+FirstPass first_pass(const KeyRange &r, int64_t k, int bits, uint32_t inf) {
+    FirstPass p;
     const int low_bits = bits > 16 ? bits - 16 : 0;
     const uint32_t bins = 1u << (bits - low_bits);
     std::vector<int64_t> zeros(r.tiles->size(), 0);
-    const std::vector<uint64_t> counts = histogram<false, true>(r, low_bits, bins, 0, 0, zeros.data());
+    p.counts = histogram<false, true>(r, low_bits, bins, 0, 0, zeros.data());
 
-    Threshold result;
     const uint32_t inf_bucket = inf >> low_bits;
-    if (low_bits > 0 && counts[inf_bucket] > 0) {
-        result.nan_count = count_above(r, inf); // the infinity bucket also holds small NaN payloads
+    if (low_bits > 0 && p.counts[inf_bucket] > 0) {
+        p.result.nan_count = count_above(r, inf); // the infinity bucket also holds small NaN payloads
     } else {
         for (uint32_t b = inf_bucket + 1; b < bins; ++b)
-            result.nan_count += static_cast<int64_t>(counts[b]);
+            p.result.nan_count += static_cast<int64_t>(p.counts[b]);
     }
-    if (result.nan_count > 0 || k == 0)
-        return result;
+    if (p.result.nan_count > 0 || k == 0)
+        return p;
     // Zero fast path: the weights already hold at least k pruned zeros (the steady state of a
     // constant sparsity), so T = 0 and the k-th zero in index order is found from the counts.
     int64_t zero_count = 0;
     for (int64_t z : zeros)
         zero_count += z;
     if (k <= zero_count) {
-        result.index = locate_tie(r, 0, k, zeros);
-        return result;
+        p.result.index = locate_tie(r, 0, k, zeros);
+        return p;
     }
+    p.settled = false;
+    p.rank = k;
+    p.bucket = Bucket{find_bucket(p.counts, p.rank), low_bits};
+    p.in_bucket = static_cast<int64_t>(p.counts[p.bucket.prefix]);
+    return p;
+}
 
-    int64_t rank = k;
-    const uint32_t bucket = find_bucket(counts, rank);
-    uint32_t key = bucket;
+// Whether the bucket's composites fit the candidate buffer; if not (heavy ties), more passes.
+bool bucket_fits(const FirstPass &p, int64_t total) { return p.in_bucket <= std::max(kMinCandidates, total / 64); }
+
+// The threshold from the composites of the whole bucket; afterwards its first `rank` composites
+// are the bucket's pruned elements.
+Threshold threshold_of(std::vector<uint64_t> &candidates, const FirstPass &p) {
+    std::nth_element(candidates.begin(), candidates.begin() + (p.rank - 1), candidates.end());
+    const uint64_t c = candidates[p.rank - 1];
+    Threshold t;
+    t.key = (p.bucket.prefix << p.bucket.low_bits) | static_cast<uint32_t>(c >> kIndexBits);
+    t.index = static_cast<int64_t>(c & kIndexMask);
+    return t;
+}
+
+// The rest of the selection after pass 1.
+Threshold resolve(const KeyRange &r, FirstPass &p, int64_t total) {
+    if (p.settled)
+        return p.result;
+    const int low_bits = p.bucket.low_bits;
+    uint32_t key = p.bucket.prefix;
     if (low_bits > 0) {
-        const int64_t in_bucket = static_cast<int64_t>(counts[bucket]);
-        const int64_t cap = std::max(kMinCandidates, total / 64);
-        if (in_bucket <= cap) {
-            std::vector<uint64_t> candidates = gather_bucket(r, low_bits, bucket, in_bucket);
-            std::nth_element(candidates.begin(), candidates.begin() + (rank - 1), candidates.end());
-            const uint64_t c = candidates[rank - 1];
-            result.key = (bucket << low_bits) | static_cast<uint32_t>(c >> kIndexBits);
-            result.index = static_cast<int64_t>(c & kIndexMask);
-            return result;
+        if (bucket_fits(p, total)) {
+            std::vector<uint64_t> candidates = gather_bucket(r, low_bits, p.bucket.prefix, p.in_bucket);
+            return threshold_of(candidates, p);
         }
-        const std::vector<uint64_t> low = histogram<true>(r, 0, 1u << low_bits, low_bits, bucket);
-        key = (bucket << low_bits) | find_bucket(low, rank);
+        const std::vector<uint64_t> low = histogram<true>(r, 0, 1u << low_bits, low_bits, p.bucket.prefix);
+        key = (p.bucket.prefix << low_bits) | find_bucket(low, p.rank);
     }
+    Threshold result;
     result.key = key;
-    result.index = find_tie(r, key, rank);
+    result.index = find_tie(r, key, p.rank);
     return result;
+}
+
+// k-th smallest (key, global index) over all tiles of `r`.
+Threshold select_tiles(const KeyRange &r, int64_t total, int64_t k, int bits, uint32_t inf) {
+    FirstPass p = first_pass(r, k, bits, inf);
+    return resolve(r, p, total);
+}
+
+// The prune step's second and last read when the bucket fits: one build pass over the tiles
+// settles every element outside the bucket and gathers the bucket's composites; the threshold
+// comes from those, and its pruned composites are cleared and zeroed. `bases` maps the range's
+// order back to the entries of `table` (n of them).
+Threshold prune_around_bucket(const KeyRange &r, const FirstPass &p, const TensorEntry *table, const int64_t *bases,
+                              int64_t n) {
+    const auto &tiles = *r.tiles;
+    const int64_t num_tiles = static_cast<int64_t>(tiles.size());
+    const int nt = threads_for(r.num_threads, num_tiles * kTileElems);
+    std::vector<std::vector<uint64_t>> parts(nt);
+    parallel_for(nt, num_tiles, [&](int64_t t, int thread) {
+        const Tile &tile = tiles[t];
+        build_tile_around_bucket(table[tile.entry], r.space, p.bucket, tile.begin, tile.end, tile.base, parts[thread]);
+    });
+    std::vector<uint64_t> candidates;
+    candidates.reserve(static_cast<size_t>(p.in_bucket));
+    for (auto &part : parts) {
+        candidates.insert(candidates.end(), part.begin(), part.end());
+        std::vector<uint64_t>().swap(part);
+    }
+    const Threshold t = threshold_of(candidates, p);
+    prune_composites(table, bases, n, candidates.data(), p.rank, nt);
+    return t;
 }
 
 Threshold select_small(const TensorEntry &entry, int64_t k) {
@@ -279,32 +358,18 @@ void check_k(int64_t k, int64_t total, int64_t entry) {
     GMP_CHECK(k >= 0 && k <= total, "entry ", entry, ": k must be in [0, ", total, "], got ", k);
 }
 
-} // namespace
-
-void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, int num_threads) {
-    check_table(table, n, false);
+void check_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, const Selection *out, bool needs_mask) {
+    check_table(table, n, needs_mask);
     GMP_CHECK(n == 0 || (k != nullptr && out != nullptr), "k and out pointers must not be null");
     for (int64_t e = 0; e < n; ++e)
         check_k(k[e], table[e].numel, e);
+}
 
-    auto write = [&](int64_t e, const Threshold &t) {
-        out[e] = Selection{static_cast<int64_t>(t.key), t.index, kNative, t.nan_count};
-    };
-    auto select_entry = [&](int64_t e, int threads) {
-        if (table[e].numel <= kSmallEntry) {
-            write(e, select_small(table[e], k[e]));
-            return;
-        }
-        const std::vector<Tile> tiles = make_tiles(&table[e], 1);
-        const KeyRange r{&table[e], &tiles, kNative, threads};
-        const int32_t dtype = static_cast<int32_t>(table[e].dtype);
-        write(e, select_tiles(r, table[e].numel, k[e], key_bits(dtype, kNative), inf_key(dtype, kNative)));
-    };
-
-    // Entries holding more than 1/(2 * threads) of the elements are selected by all threads
-    // together (a few parallel regions each); all others in one region, each by one thread from
-    // the largest down, so a step runs few regions and a thread held back by the OS delays one
-    // entry while the others take the rest.
+// Calls f(e, threads) for every entry. Entries holding more than 1/(2 * threads) of the elements
+// are done by all threads together (a few parallel regions each); all others in one region, each
+// by one thread from the largest down, so a step runs few regions and a thread held back by the
+// OS delays one entry while the others take the rest.
+template <typename F> void for_each_entry(const TensorEntry *table, int64_t n, int num_threads, F &&f) {
     const int64_t total = total_numel(table, n);
     const int nt = threads_for(num_threads, total);
     std::vector<int64_t> order(static_cast<size_t>(n));
@@ -313,29 +378,60 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return table[a].numel > table[b].numel; });
     size_t shared = 0;
     while (shared < order.size() && nt > 1 && table[order[shared]].numel * 2 * nt > total)
-        select_entry(order[shared++], nt);
-    parallel_for(nt, static_cast<int64_t>(order.size() - shared),
-                 [&](int64_t i, int) { select_entry(order[shared + i], 1); });
+        f(order[shared++], nt);
+    parallel_for(nt, static_cast<int64_t>(order.size() - shared), [&](int64_t i, int) { f(order[shared + i], 1); });
 }
 
-void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads) {
-    check_table(table, n, false);
-    GMP_CHECK(n == 0 || out != nullptr, "out pointer must not be null");
-    GMP_CHECK(key_space == kNative || key_space == kWide, "unknown key space ", key_space);
-    const int64_t total = total_numel(table, n);
-    check_k(k, total, -1);
-    GMP_CHECK(total <= int64_t(kIndexMask), "global selection supports at most 2^49 elements, got ", total);
-    const int32_t dtype = n > 0 ? static_cast<int32_t>(table[0].dtype) : kFloat32;
-    for (int64_t e = 0; e < n; ++e)
-        GMP_CHECK(key_space == kWide || table[e].dtype == dtype,
-                  "the native key space needs one dtype for all entries; entry ", e, " differs");
+Selection native_row(const Threshold &t) {
+    return Selection{static_cast<int64_t>(t.key), t.index, kNative, t.nan_count};
+}
 
-    const std::vector<Tile> tiles = make_tiles(table, n);
-    const KeyRange r{table, &tiles, key_space, num_threads};
-    const Threshold t = select_tiles(r, total, k, key_bits(dtype, key_space), inf_key(dtype, key_space));
+// The tiles of one entry above kSmallEntry elements and its key width (not copyable: `range`
+// points at `tiles`).
+struct EntryRange {
+    std::vector<Tile> tiles;
+    KeyRange range;
+    int bits;
+    uint32_t inf;
+    EntryRange(const TensorEntry &entry, int threads)
+        : tiles(make_tiles(&entry, 1)), range{&entry, &tiles, kNative, threads},
+          bits(key_bits(static_cast<int32_t>(entry.dtype), kNative)),
+          inf(inf_key(static_cast<int32_t>(entry.dtype), kNative)) {}
+    EntryRange(const EntryRange &) = delete;
+    EntryRange &operator=(const EntryRange &) = delete;
+};
 
-    // Translate the global (key, index) into each entry's flat index: entries wholly before the
-    // threshold element prune all their ties, entries after it prune none.
+// The checked arguments of a global selection, its tiles and key width (not copyable).
+struct GlobalRange {
+    std::vector<Tile> tiles;
+    KeyRange range;
+    int64_t total;
+    int bits = 0;
+    uint32_t inf = 0;
+    GlobalRange(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, const Selection *out,
+                int num_threads, bool needs_mask) {
+        check_table(table, n, needs_mask);
+        GMP_CHECK(n == 0 || out != nullptr, "out pointer must not be null");
+        GMP_CHECK(key_space == kNative || key_space == kWide, "unknown key space ", key_space);
+        total = total_numel(table, n);
+        check_k(k, total, -1);
+        GMP_CHECK(total <= int64_t(kIndexMask), "global selection supports at most 2^49 elements, got ", total);
+        const int32_t dtype = n > 0 ? static_cast<int32_t>(table[0].dtype) : kFloat32;
+        for (int64_t e = 0; e < n; ++e)
+            GMP_CHECK(key_space == kWide || table[e].dtype == dtype,
+                      "the native key space needs one dtype for all entries; entry ", e, " differs");
+        tiles = make_tiles(table, n);
+        range = KeyRange{table, &tiles, key_space, num_threads};
+        bits = key_bits(dtype, key_space);
+        inf = inf_key(dtype, key_space);
+    }
+    GlobalRange(const GlobalRange &) = delete;
+    GlobalRange &operator=(const GlobalRange &) = delete;
+};
+
+// Translates the global (key, index) into each entry's flat index: entries wholly before the
+// threshold element prune all their ties, entries after it prune none.
+void write_global_rows(const TensorEntry *table, int64_t n, int32_t key_space, const Threshold &t, Selection *out) {
     int64_t base = 0;
     for (int64_t e = 0; e < n; ++e) {
         const int64_t numel = table[e].numel;
@@ -343,6 +439,64 @@ void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_s
         out[e] = Selection{static_cast<int64_t>(t.key), t.index < 0 ? -1 : local, key_space, t.nan_count};
         base += numel;
     }
+}
+
+} // namespace
+
+void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, int num_threads) {
+    check_layerwise(table, n, k, out, false);
+    for_each_entry(table, n, num_threads, [&](int64_t e, int threads) {
+        if (table[e].numel <= kSmallEntry) {
+            out[e] = native_row(select_small(table[e], k[e]));
+            return;
+        }
+        const EntryRange er(table[e], threads);
+        out[e] = native_row(select_tiles(er.range, table[e].numel, k[e], er.bits, er.inf));
+    });
+}
+
+void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, int num_threads) {
+    check_layerwise(table, n, k, out, true);
+    for_each_entry(table, n, num_threads, [&](int64_t e, int threads) {
+        const TensorEntry &entry = table[e];
+        if (entry.numel <= kSmallEntry) {
+            out[e] = native_row(select_small(entry, k[e]));
+            build_tile(entry, out[e], 0, entry.numel, true);
+            return;
+        }
+        const EntryRange er(entry, threads);
+        FirstPass p = first_pass(er.range, k[e], er.bits, er.inf);
+        if (!p.settled && bucket_fits(p, entry.numel)) {
+            const int64_t base = 0;
+            out[e] = native_row(prune_around_bucket(er.range, p, &entry, &base, 1));
+            return;
+        }
+        out[e] = native_row(resolve(er.range, p, entry.numel));
+        parallel_for(threads, static_cast<int64_t>(er.tiles.size()),
+                     [&](int64_t t, int) { build_tile(entry, out[e], er.tiles[t].begin, er.tiles[t].end, true); });
+    });
+}
+
+void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads) {
+    const GlobalRange g(table, n, k, key_space, out, num_threads, false);
+    write_global_rows(table, n, key_space, select_tiles(g.range, g.total, k, g.bits, g.inf), out);
+}
+
+void prune_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads) {
+    const GlobalRange g(table, n, k, key_space, out, num_threads, true);
+    FirstPass p = first_pass(g.range, k, g.bits, g.inf);
+    if (!p.settled && bucket_fits(p, g.total)) {
+        std::vector<int64_t> bases(static_cast<size_t>(n));
+        for (int64_t e = 0, base = 0; e < n; base += table[e++].numel)
+            bases[e] = base;
+        write_global_rows(table, n, key_space, prune_around_bucket(g.range, p, table, bases.data(), n), out);
+        return;
+    }
+    write_global_rows(table, n, key_space, resolve(g.range, p, g.total), out);
+    parallel_for(threads_for(num_threads, g.total), static_cast<int64_t>(g.tiles.size()), [&](int64_t t, int) {
+        const Tile &tile = g.tiles[t];
+        build_tile(table[tile.entry], out[tile.entry], tile.begin, tile.end, true);
+    });
 }
 
 int max_threads() {

@@ -116,22 +116,34 @@ class PreparedStep:
             for group in self.groups:
                 for tensor, copy in group.staged:
                     copy.copy_(tensor)
-                if select and group.lists is not None and self.pattern is not None:
-                    group.backend.nm_gather(group.job, group.lists, self.pattern)
-                if select:
-                    group.backend.select(group.selection)
-                # build + apply are one pass over the weights (the build zeroes what it prunes),
-                # except for N:M, whose build ranks groups first.
-                fused = build and apply and group.lists is None
-                if build and group.lists is not None and self.pattern is not None:
-                    group.backend.nm_build(group.job, group.lists.rows, self.pattern)
-                elif build:
-                    group.backend.build(group.job, zero_pruned=fused)
-                if apply and not fused:
-                    group.backend.apply(group.job)
+                self._run_group(group, select, build, apply)
                 for tensor, copy in group.staged:
                     if apply:
                         tensor.copy_(copy)
+
+    def _run_group(self, group: _Group, select: bool, build: bool, apply: bool) -> None:
+        backend, job, lists = group.backend, group.job, group.lists
+        if lists is not None and self.pattern is not None:  # N:M: the build ranks groups first
+            if select:
+                backend.nm_gather(job, lists, self.pattern)
+                backend.select(lists)
+            if build:
+                backend.nm_build(job, lists.rows, self.pattern)
+            if apply:
+                backend.apply(job)
+            return
+        # build + apply are one pass over the weights (the build zeroes what it prunes); with
+        # select, one prune call, which reads them twice where the kernels can.
+        fused = build and apply
+        if select and fused:
+            backend.prune(job)
+            return
+        if select:
+            backend.select(job)
+        if build:
+            backend.build(job, zero_pruned=fused)
+        if apply and not fused:
+            backend.apply(job)
 
     def run_operators(
         self,

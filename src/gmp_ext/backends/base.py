@@ -116,6 +116,13 @@ class Backend:
     def apply(self, job: Job) -> None:
         raise NotImplementedError
 
+    def prune(self, job: Job) -> None:
+        """A whole prune step of a job with masks and a scope: :meth:`select`, then
+        :meth:`build` with ``zero_pruned`` (same rows, masks and weights). Backends with a fused
+        kernel read the weights fewer times."""
+        self.select(job)
+        self.build(job, zero_pruned=True)
+
     def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:
         """Writes the N:M candidate lists (csrc/common/nm.h) of ``job.tensors`` into
         ``lists.tensors`` (``numel // m * (m - n)`` elements each, of the tensor's dtype), which

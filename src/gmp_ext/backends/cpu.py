@@ -32,6 +32,16 @@ class CpuBackend(Backend):
             k = int(job.counts[0])
             self._C.cpu_select_global(table, n, k, job.key_space, out, thread_count())
 
+    def prune(self, job: Job) -> None:
+        """Select + build + zero in two reads of the weights when the first radix pass leaves
+        a bucket that fits the candidate buffer (csrc/ops.h: prune_layerwise)."""
+        n, table, out = len(job.tensors), job.table.data_ptr(), job.rows.data_ptr()
+        if job.scope == "layer":
+            self._C.cpu_prune_layerwise(table, n, job.counts.data_ptr(), out, thread_count())
+        else:
+            k = int(job.counts[0])
+            self._C.cpu_prune_global(table, n, k, job.key_space, out, thread_count())
+
     def build(self, job: Job, zero_pruned: bool = False) -> None:
         self._C.cpu_build_masks(
             job.table.data_ptr(), len(job.tensors), job.rows.data_ptr(), thread_count(), zero_pruned

@@ -1,0 +1,138 @@
+"""The fused prune step (``Backend.prune``: csrc/ops.h prune_layerwise / prune_global) against
+the reference's select, build and apply: the same rows, masks and weights, bit for bit, on every
+path the kernels take (the bucket gathered by the build, heavy ties that overflow it, the zero
+fast path, NaN rows, k = 0 and k = n, small and empty entries, misaligned views, mixed dtypes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gmp_ext import _reference
+from gmp_ext._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE
+from gmp_ext.backends import REFERENCE
+
+from .utils import DTYPE_IDS, DTYPES, KINDS, assert_same, weights
+
+
+def _prune_both(native, tensors, scope, counts, key_space=KEY_SPACE_NATIVE, old=None):
+    """(rows, masks, weights) of native prune and of the reference's three stages, each on its
+    own copies; ``old``: the masks before the step (random when None)."""
+    device = tensors[0].device
+    if old is None:
+        old = [_reference.pack_bits(torch.rand(t.numel(), device=device) < 0.5) for t in tensors]
+    results = []
+    for backend in (native, REFERENCE):
+        work = [t.clone() for t in tensors]
+        masks = [m.clone() for m in old]
+        job = backend.prepare(work, masks, scope, key_space)
+        job.set_counts(counts)
+        if backend is REFERENCE:
+            backend.select(job)
+            backend.build(job)
+            backend.apply(job)
+        else:
+            backend.prune(job)
+        results.append((job.rows.cpu(), masks, work))
+    return results
+
+
+def _assert_same_step(results):
+    (rows, masks, work), (ref_rows, ref_masks, ref_work) = results
+    assert_same(rows, ref_rows, "rows")
+    for i, (mask, ref_mask) in enumerate(zip(masks, ref_masks)):
+        assert_same(mask, ref_mask, f"mask {i}")
+        assert_same(work[i], ref_work[i], f"weights {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_layerwise_prune_equals_select_build_apply(native, device, dtype, kind, sparsity):
+    sizes = [0, 1, 33, 16385, 70001, 200003]  # empty, small entries, one and several tiles
+    tensors = [weights(n, dtype, device, kind) for n in sizes]
+    counts = [round(sparsity * t.numel()) for t in tensors]
+    _assert_same_step(_prune_both(native, tensors, "layer", counts))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_global_prune_equals_select_build_apply(native, device, dtype, kind, sparsity):
+    tensors = [weights(n, dtype, device, kind) for n in (70001, 0, 1, 33, 131072)]
+    total = sum(t.numel() for t in tensors)
+    _assert_same_step(_prune_both(native, tensors, "global", [round(sparsity * total)]))
+
+
+def test_global_prune_over_mixed_dtypes_in_the_wide_key_space(native, device):
+    tensors = [weights(70001, dtype, device) for dtype in DTYPES]
+    tensors += [weights(5000, torch.float16, device, "pruned")]
+    total = sum(t.numel() for t in tensors)
+    for sparsity in (0.2, 0.7):
+        results = _prune_both(native, tensors, "global", [round(sparsity * total)], KEY_SPACE_WIDE)
+        _assert_same_step(results)
+
+
+def _step(backend, work, masks, counts):
+    job = backend.prepare(work, masks, "layer", KEY_SPACE_NATIVE)
+    job.set_counts(counts)
+    if backend is REFERENCE:
+        backend.select(job)
+        backend.build(job)
+        backend.apply(job)
+    else:
+        backend.prune(job)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_steps_that_ramp_the_sparsity_keep_equal(native, device, dtype):
+    """A gradual ramp on the same weights: each step starts from the last one's zeros and masks
+    (the bucket path, then the zero fast path once the count stops rising)."""
+    tensors = [weights(n, dtype, device) for n in (70001, 131072, 999)]
+    ones = [torch.ones(t.numel(), dtype=torch.bool, device=device) for t in tensors]
+    states = {
+        backend: ([t.clone() for t in tensors], [_reference.pack_bits(o) for o in ones])
+        for backend in (native, REFERENCE)
+    }
+    for sparsity in (0.1, 0.4, 0.7, 0.7, 0.9, 0.9):
+        counts = [round(sparsity * t.numel()) for t in tensors]
+        for backend, (work, masks) in states.items():
+            _step(backend, work, masks, counts)
+        (work, masks), (ref_work, ref_masks) = states.values()
+        for i in range(len(tensors)):
+            assert_same(masks[i], ref_masks[i], f"mask {i} at {sparsity}")
+            assert_same(work[i], ref_work[i], f"weights {i} at {sparsity}")
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_nan_rows_leave_masks_and_zero_by_the_old_ones(native, device, scope):
+    tensors = [weights(70001, torch.float32, device), weights(20000, torch.float32, device)]
+    tensors[1][123] = float("nan")
+    counts = [35000, 10000] if scope == "layer" else [50000]
+    results = _prune_both(native, tensors, scope, counts)
+    _assert_same_step(results)
+    rows = results[0][0]
+    assert int(rows[1, 3]) == 1
+    if scope == "layer":
+        assert int(rows[0, 3]) == 0  # the other entry is pruned as usual
+
+
+def test_misaligned_views(native, device):
+    for dtype in DTYPES:
+        backing = weights(200003 + 1, dtype, device)
+        for scope, counts in (("layer", [120000]), ("global", [50000])):
+            results = _prune_both(native, [backing[1:]], scope, counts)
+            _assert_same_step(results)
+
+
+def test_bucket_path_prunes_exactly_k_with_index_order_ties(native, device):
+    """bf16 weights of few distinct magnitudes spread so that the threshold's ties fit the
+    candidate buffer: the k smallest by (|w|, index), ties broken by index."""
+    values = torch.arange(1, 2001, device=device, dtype=torch.float32) * 1e-3
+    t = values.repeat(100)[torch.randperm(200000, device=device)].to(torch.bfloat16)
+    k = 123457
+    (_, masks, work), _ = results = _prune_both(native, [t], "layer", [k])
+    _assert_same_step(results)
+    keep = _reference.unpack_bits(masks[0], t.numel())
+    assert int((~keep).sum()) == k
+    assert bool((work[0][~keep] == 0).all())
