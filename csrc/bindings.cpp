@@ -186,6 +186,26 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scratch_bytes"), py::arg("total_tiles"), py::arg("stream"), nogil,
         "One selection over all entries of a device-resident table in (|w|, entry, index) order.");
     m.def(
+        "cuda_prune_layerwise",
+        [](uintptr_t table, int64_t n, uintptr_t k, uintptr_t out, uintptr_t scratch, int64_t scratch_bytes,
+           int64_t total_tiles, uintptr_t stream) {
+            gmp::cuda::prune_layerwise(ptr<const TensorEntry>(table), n, ptr<const int64_t>(k), ptr<Selection>(out),
+                                       ptr<void>(scratch), scratch_bytes, total_tiles, stream);
+        },
+        py::arg("table"), py::arg("n"), py::arg("k"), py::arg("out"), py::arg("scratch"), py::arg("scratch_bytes"),
+        py::arg("total_tiles"), py::arg("stream"), nogil,
+        "Per-entry selection, mask build and zeroing of the pruned elements of a device-resident table.");
+    m.def(
+        "cuda_prune_global",
+        [](uintptr_t table, int64_t n, uintptr_t k, int32_t key_space, uintptr_t out, uintptr_t scratch,
+           int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
+            gmp::cuda::prune_global(ptr<const TensorEntry>(table), n, ptr<const int64_t>(k), key_space,
+                                    ptr<Selection>(out), ptr<void>(scratch), scratch_bytes, total_tiles, stream);
+        },
+        py::arg("table"), py::arg("n"), py::arg("k"), py::arg("key_space"), py::arg("out"), py::arg("scratch"),
+        py::arg("scratch_bytes"), py::arg("total_tiles"), py::arg("stream"), nogil,
+        "One selection over all entries of a device-resident table, mask build and zeroing of the pruned elements.");
+    m.def(
         "cuda_build_masks",
         [](uintptr_t table, int64_t n, uintptr_t selection, int64_t total_tiles, uintptr_t stream, bool zero_pruned) {
             gmp::cuda::build_masks(ptr<const TensorEntry>(table), n, ptr<const Selection>(selection), total_tiles,

@@ -92,6 +92,13 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
 void select_global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_space, Selection *out,
                    void *scratch, int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream);
 
+// Same contracts as gmp::cpu::prune_layerwise / prune_global, with the arguments of the selections
+// above (the table's masks in device memory): a fixed sequence of launches, no host synchronisation.
+void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, void *scratch,
+                     int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream);
+void prune_global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_space, Selection *out,
+                  void *scratch, int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream);
+
 // Same contract as gmp::cpu::build_masks with `table` and `selection` in device memory, one launch
 // (with zero_pruned, the pruned elements are zeroed from the registers the build read them into).
 void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles, uintptr_t stream,

@@ -63,6 +63,7 @@ def test_namespace_holds_the_operators_with_annotated_mutation():
             "apply_masks": {"tensors"},
             "nm_gather": {"lists"},
             "nm_build_masks": {"masks"},
+            "prune": {"tensors", "masks"},
         }
         assert written == expected.get(name, set())
 
@@ -81,6 +82,8 @@ def test_opcheck_every_operator(device, dtype):
     rows = OPS.select_layerwise(tensors, counts)
     _opcheck(OPS.build_masks.default, (tensors, rows, _masks(tensors)))
     _opcheck(OPS.apply_masks.default, (tensors, _random_masks(tensors)))
+    _opcheck(OPS.prune.default, (tensors, counts, _random_masks(tensors), False, KEY_SPACE_NATIVE))
+    _opcheck(OPS.prune.default, (tensors, total, _random_masks(tensors), True, key_space))
 
 
 def _lists(tensors: list[torch.Tensor], n: int, m: int) -> list[torch.Tensor]:
@@ -159,6 +162,8 @@ def test_opcheck_mixed_dtypes_and_non_contiguous(device):
     rows = OPS.select_global(tensors, total, KEY_SPACE_WIDE)
     _opcheck(OPS.build_masks.default, (tensors, rows, _masks(tensors)))
     _opcheck(OPS.apply_masks.default, (tensors, _random_masks(tensors)))
+    _opcheck(OPS.prune.default, (tensors, total, _random_masks(tensors), True, KEY_SPACE_WIDE))
+    _opcheck(OPS.prune.default, (tensors, counts, _random_masks(tensors), False, KEY_SPACE_NATIVE))
 
 
 def test_opcheck_empty_lists(device):
@@ -168,6 +173,7 @@ def test_opcheck_empty_lists(device):
     rows = torch.zeros((0, 4), dtype=torch.int64, device=device)
     _opcheck(OPS.build_masks.default, ([], rows, []))
     _opcheck(OPS.apply_masks.default, ([], []))
+    _opcheck(OPS.prune.default, ([], counts, [], False, 0))
     assert OPS.select_layerwise([], counts).shape == (0, 4)
 
 
@@ -184,7 +190,10 @@ def _run_all(tensors: list[torch.Tensor], sparsity: float):
     OPS.build_masks(tensors, global_rows, masks, key_space == KEY_SPACE_WIDE64)
     applied = [t.clone() for t in tensors]
     OPS.apply_masks(applied, masks)
-    return layer, global_rows, masks, applied
+    pruned = [t.clone() for t in tensors]
+    pruned_masks = _random_masks(tensors)
+    pruned_rows = OPS.prune(pruned, counts, pruned_masks, False, KEY_SPACE_NATIVE)
+    return layer, global_rows, masks, applied, pruned_rows, pruned_masks, pruned
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.37, 1.0])
@@ -195,10 +204,13 @@ def test_native_operators_equal_reference(native, device, monkeypatch, sparsity)
         weights(1009, torch.float16, device, "specials"),
         weights(4096, torch.float32, device, "few_values"),
     ]
+    torch.manual_seed(0)
     got = _run_all(tensors, sparsity)
     monkeypatch.setenv("GMP_EXT_BACKEND", "reference")
+    torch.manual_seed(0)
     want = _run_all(tensors, sparsity)
-    for kind, a, b in zip(("layer rows", "global rows", "masks", "weights"), got, want):
+    kinds = ("layer rows", "global rows", "masks", "weights", "prune rows", "prune masks", "pruned")
+    for kind, a, b in zip(kinds, got, want):
         for i, (x, y) in enumerate(zip(a, b) if isinstance(a, list) else [(a, b)]):
             assert_same(x, y, f"{kind} {i}")
 
@@ -274,6 +286,10 @@ def test_build_writes_through_a_misaligned_mask(device):
             ValueError,
             "rows",
         ),
+        (lambda t, m: OPS.prune(t, torch.tensor([1]), m, False, 0), ValueError, r"counts .*\[2\]"),
+        (lambda t, m: OPS.prune(t, torch.tensor([1, 1]), m, True, 0), ValueError, "counts"),
+        (lambda t, m: OPS.prune(t, torch.tensor([1, 1]), m, False, 1), ValueError, "key_space"),
+        (lambda t, m: OPS.prune(t, torch.tensor([1]), m[:1], True, 0), ValueError, "1 masks"),
     ],
 )
 def test_bad_arguments_name_the_value_and_change_nothing(call, error, match):

@@ -18,7 +18,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTileMaskBytes = int(kTileElems) / 8;
 static_assert(kTileElems == 32 * 64, "a warp covers 32 64-bit mask words");
 
 struct Threshold {
@@ -47,14 +46,7 @@ __device__ void build_tile_vector(uint4 *data, uint64_t *words, uint8_t *staging
             bits |= uint32_t(is_kept(KT::key(v[j], q), index + q, t.key, t.index)) << q;
         if (ZeroPruned && bits != kVecBits)
             data[vec] = keep_elements<int(sizeof(typename KT::bits_t))>(v[j], bits);
-        if constexpr (KT::kPerVec == 8) {
-            staging[vec] = static_cast<uint8_t>(bits);
-        } else {
-            // Two neighbouring lanes' nibbles make one byte; the even lane holds the low one.
-            const uint32_t high = __shfl_down_sync(kFullWarp, bits, 1);
-            if (lane % 2 == 0)
-                staging[vec / 2] = static_cast<uint8_t>(bits | (high << 4));
-        }
+        stage_vector_bits<KT::kPerVec>(staging, vec, bits, lane);
     }
     __syncwarp();
     words[lane] = reinterpret_cast<const uint64_t *>(staging)[lane];
@@ -75,22 +67,12 @@ __device__ void build_tile_scalar(typename KT::bits_t *data, uint8_t *mask, int6
         if (lane == c / 2)
             word |= uint64_t(ballot) << (32 * (c % 2));
     }
-    // Like the CPU, touch only the mask_bytes(numel) bytes: the last word may be partial.
-    const int own = count - 64 * lane;
-    if (own <= 0)
-        return;
-    uint8_t *dst = mask + first / 8 + 8 * lane;
-    if (own >= 64 && reinterpret_cast<uintptr_t>(dst) % 8 == 0) {
-        *reinterpret_cast<uint64_t *>(dst) = word;
-    } else {
-        for (int b = 0; b < min(8, ceil_div(own, 8)); ++b)
-            dst[b] = static_cast<uint8_t>(word >> (8 * b));
-    }
+    store_tile_word(mask, first, count, word, lane);
 }
 
 template <bool ZeroPruned>
-__global__ void __launch_bounds__(kThreads)
-    kBuildMasks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles) {
+__global__ void __launch_bounds__(kThreads) kBuildMasks(const TensorEntry *table, int64_t n, const Selection *selection,
+                                                        const int32_t *built, int64_t total_tiles) {
     __shared__ __align__(16) uint8_t staging[kWarps][kTileMaskBytes];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int64_t warps = int64_t(gridDim.x) * kWarps;
@@ -99,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
         const TensorEntry entry = table[e];
         const Selection row = selection[e];
         const int count = tile_count(entry, tile);
-        if (count == 0 || entry.mask == 0)
+        if (count == 0 || entry.mask == 0 || (built != nullptr && built[e] != 0))
             continue;
         const int64_t first = (tile - entry.tile_base) * kTileElems;
         auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
@@ -128,18 +110,23 @@ __global__ void __launch_bounds__(kThreads)
 
 } // namespace
 
-void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles, uintptr_t stream,
-                 bool zero_pruned) {
+void build_masks_except(const TensorEntry *table, int64_t n, const Selection *selection, const int32_t *built,
+                        int64_t total_tiles, uintptr_t stream, bool zero_pruned) {
     GMP_CHECK(n >= 0 && total_tiles >= 0, "n and total_tiles must be >= 0");
     if (n == 0 || total_tiles == 0)
         return;
     GMP_CHECK(table != nullptr && selection != nullptr, "table and selection pointers must not be null");
     const int blocks = persistent_blocks(kThreads, total_tiles);
     if (zero_pruned)
-        kBuildMasks<true><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, total_tiles);
+        kBuildMasks<true><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, built, total_tiles);
     else
-        kBuildMasks<false><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, total_tiles);
+        kBuildMasks<false><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, built, total_tiles);
     GMP_CUDA_CHECK(cudaGetLastError());
+}
+
+void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles, uintptr_t stream,
+                 bool zero_pruned) {
+    build_masks_except(table, n, selection, nullptr, total_tiles, stream, zero_pruned);
 }
 
 } // namespace gmp::cuda

@@ -23,6 +23,11 @@ namespace gmp::cuda {
 
 inline cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
+// build_masks (bitmask.cu) skipping the entries e with built[e] != 0 (built in device memory, or
+// null for none): the entries a fused prune step built during its selection (select.cu).
+void build_masks_except(const TensorEntry *table, int64_t n, const Selection *selection, const int32_t *built,
+                        int64_t total_tiles, uintptr_t stream, bool zero_pruned);
+
 // Grid size of a persistent kernel: enough blocks to fill every SM of the current device.
 inline int persistent_blocks(int threads_per_block, int64_t work_items, int blocks_per_sm = 4) {
     int device = 0, sms = 0;
@@ -122,6 +127,38 @@ __device__ __forceinline__ int tile_count(const TensorEntry &entry, int64_t tile
         return 0;
     const int64_t left = entry.numel - (tile - entry.tile_base) * kTileElems;
     return static_cast<int>(max(int64_t(0), min(kTileElems, left)));
+}
+
+// Bytes of a tile's packed mask: 32 words of 64 bits, one per lane of the warp that builds it.
+constexpr int kTileMaskBytes = int(kTileElems) / 8;
+
+// Stores lane `lane`'s mask word of a tile of `count` elements from element `first`. Like the
+// CPU, touches only the mask_bytes(numel) bytes: the last word of an entry may be partial.
+__device__ __forceinline__ void store_tile_word(uint8_t *mask, int64_t first, int count, uint64_t word, int lane) {
+    const int own = count - 64 * lane;
+    if (own <= 0)
+        return;
+    uint8_t *dst = mask + first / 8 + 8 * lane;
+    if (own >= 64 && reinterpret_cast<uintptr_t>(dst) % 8 == 0) {
+        *reinterpret_cast<uint64_t *>(dst) = word;
+    } else {
+        for (int b = 0; b < min(8, ceil_div(own, 8)); ++b)
+            dst[b] = static_cast<uint8_t>(word >> (8 * b));
+    }
+}
+
+// Puts the keep-bits of vector `vec` of a full tile (PerVec elements of 16 bytes) into the warp's
+// staging buffer, where lane l later finds mask word l; every lane calls it (with 4 elements per
+// vector two neighbouring lanes' nibbles make one byte, the even lane's the low one).
+template <int PerVec>
+__device__ __forceinline__ void stage_vector_bits(uint8_t *staging, int vec, uint32_t bits, int lane) {
+    if constexpr (PerVec == 8) {
+        staging[vec] = static_cast<uint8_t>(bits);
+    } else {
+        const uint32_t high = __shfl_down_sync(kFullWarp, bits, 1);
+        if (lane % 2 == 0)
+            staging[vec / 2] = static_cast<uint8_t>(bits | (high << 4));
+    }
 }
 
 // x with its elements whose bit in `bits` is 0 cleared (bit q: element q of the 16-byte vector).

@@ -17,7 +17,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTileMaskBytes = int(kTileElems) / 8;
 static_assert(kTileElems % kMaxGroup == 0, "tiles hold whole groups");
 
 template <typename KT, int M>
@@ -85,16 +84,7 @@ __device__ void build_tile(const typename KT::bits_t *data, uint8_t *mask, uint8
         }
     }
     __syncwarp();
-    const int own = count - 64 * lane;
-    if (own > 0) {
-        uint8_t *dst = mask + first / 8 + 8 * lane;
-        if (own >= 64 && reinterpret_cast<uintptr_t>(dst) % 8 == 0) {
-            *reinterpret_cast<uint64_t *>(dst) = reinterpret_cast<const uint64_t *>(staging)[lane];
-        } else {
-            for (int b = 0; b < min(8, ceil_div(own, 8)); ++b)
-                dst[b] = staging[8 * lane + b];
-        }
-    }
+    store_tile_word(mask, first, count, reinterpret_cast<const uint64_t *>(staging)[lane], lane);
     __syncwarp(); // the staging buffer is rewritten by the warp's next tile
 }
 

@@ -20,6 +20,15 @@
 //   kScan: one warp walks the target tile in index order to the rank-th tie.
 // A position is (tile - the segment's first tile) * kTileElems + offset: the flat index in
 // layerwise mode and, in global mode, a stand-in for the global index with the same order.
+//
+// A prune step (prune_layerwise / prune_global: the selection, then build_masks with zero_pruned)
+// runs the same sequence with one change: a segment's compacting pass also builds its masks and
+// zeroes its pruned elements (SegState::fused), from the registers it read the tile into. Keys
+// above the bucket are kept, keys below it pruned and zeroed; the bucket's elements are left
+// pruned in the mask and unzeroed until kFixup, after the finish, sets the bits of those above
+// the threshold and zeroes the others. A step whose bucket fits the slots after the first pass
+// thus reads the weights twice; other segments (small entries, heavy ties, the zero fast path,
+// NaN weights, k == 0, mixed dtypes in the wide key space) are built by build_masks afterwards.
 #include "cuda_common.cuh"
 
 #include <algorithm>
@@ -75,6 +84,7 @@ struct SegState {
     int32_t comp_shift; // kBuf: composite bits below comp_prefix
     int32_t tile_shift; // kTile: log2 of the tiles per bin
     int32_t zero_tiles; // kTile: ties per tile are the first pass's zero counts in the slots
+    int32_t fused;      // prune step: the compacting pass builds the masks, kFixup completes them
 };
 
 // Updated with atomics during passes, so kept apart from the plan that blocks copy.
@@ -488,6 +498,132 @@ __device__ void key_pass(const PassArgs &p, int64_t seg, const SegState &s, int6
     }
 }
 
+// The compacting key pass of a prune step (SegState::fused): besides the histogram of the next
+// digit and the composites of the bucket's elements (key >> key_shift == prefix), it writes each
+// tile's mask and zeroes its pruned elements. Above the bucket: kept; below: pruned and zeroed;
+// in it: pruned in the mask, not zeroed (kFixup decides). Full tiles of 16-byte aligned data with
+// an 8-byte aligned mask stay in registers across the block's slot reservation, so the weights
+// are read once; partial and misaligned tiles go element by element and are read again for the
+// composites. All tiles of the segment have the element type KT.
+template <bool Global, typename KT>
+__device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, int64_t a, int64_t b, uint32_t *bins) {
+    using Bits = typename KT::bits_t;
+    constexpr int kVecs = int(kTileElems) / KT::kPerVec / 32; // vectors per lane
+    constexpr uint32_t kVecBits = (1u << KT::kPerVec) - 1;
+    __shared__ uint32_t block_matches;
+    __shared__ unsigned long long block_slot;
+    __shared__ __align__(16) uint8_t staging_all[kWarps][kTileMaskBytes];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    uint8_t *staging = staging_all[warp];
+    const uint32_t prefix = s.key_prefix, low_mask = (1u << s.key_shift) - 1;
+    const int key_shift = s.key_shift, digit_shift = s.digit_shift, idx_bits = s.idx_bits;
+    const int nbins = 1 << s.digit_bits;
+    const uint32_t digit_mask = nbins - 1;
+    uint64_t *out = p.cand + s.cand_begin;
+    const int64_t cap = s.cand_cap, tile0 = s.tile0;
+    if (threadIdx.x == 0)
+        block_matches = 0;
+    for (int64_t c0 = a; c0 < b; c0 += kFlushTiles) {
+        const int64_t c1 = min(b, c0 + kFlushTiles);
+        clear_bins(bins, nbins);
+        for (int64_t base = c0; base < c1; base += kWarps) {
+            const int64_t tile = base + warp;
+            uint32_t matches = 0;
+            Bits *data = nullptr;
+            int64_t first = 0;
+            int count = 0;
+            bool vector = false;
+            uint4 v[kVecs];
+            if (tile < c1) {
+                const TensorEntry entry = p.table[Global ? entry_of_tile(p.table, p.n, tile) : seg];
+                count = tile_count(entry, tile);
+                first = (tile - entry.tile_base) * kTileElems;
+                data = reinterpret_cast<Bits *>(entry.data);
+                auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
+                vector = count == kTileElems && entry.data % 16 == 0 && entry.mask % 8 == 0;
+                if (vector) {
+                    auto *vecs = reinterpret_cast<uint4 *>(data + first);
+#pragma unroll
+                    for (int j = 0; j < kVecs; ++j)
+                        v[j] = vecs[j * 32 + lane];
+#pragma unroll
+                    for (int j = 0; j < kVecs; ++j) {
+                        uint32_t keep = 0, unzeroed = 0;
+#pragma unroll
+                        for (int q = 0; q < KT::kPerVec; ++q) {
+                            const uint32_t key = KT::key(v[j], q);
+                            const uint32_t high = key >> key_shift;
+                            keep |= uint32_t(high > prefix) << q;
+                            unzeroed |= uint32_t(high >= prefix) << q;
+                            if (high == prefix) {
+                                ++matches;
+                                atomicAdd(&bins[(key >> digit_shift) & digit_mask], 1u);
+                            }
+                        }
+                        if (unzeroed != kVecBits)
+                            vecs[j * 32 + lane] = keep_elements<int(sizeof(Bits))>(v[j], unzeroed);
+                        stage_vector_bits<KT::kPerVec>(staging, j * 32 + lane, keep, lane);
+                    }
+                    __syncwarp();
+                    reinterpret_cast<uint64_t *>(mask + first / 8)[lane] =
+                        reinterpret_cast<const uint64_t *>(staging)[lane];
+                    __syncwarp(); // the staging buffer is rewritten by the warp's next tile
+                } else if (count > 0) {
+                    // Step c covers elements [32c, 32c + 32): half of word c / 2, which lane c / 2 keeps.
+                    uint64_t word = 0;
+                    for (int c = 0; c * 32 < count; ++c) {
+                        const int i = c * 32 + lane;
+                        bool keep = false;
+                        if (i < count) {
+                            const uint32_t key = KT::key(data[first + i]);
+                            const uint32_t high = key >> key_shift;
+                            keep = high > prefix;
+                            if (high < prefix)
+                                data[first + i] = Bits(0);
+                            if (high == prefix) {
+                                ++matches;
+                                atomicAdd(&bins[(key >> digit_shift) & digit_mask], 1u);
+                            }
+                        }
+                        const uint32_t ballot = __ballot_sync(kFullWarp, keep);
+                        if (lane == c / 2)
+                            word |= uint64_t(ballot) << (32 * (c % 2));
+                    }
+                    store_tile_word(mask, first, count, word, lane);
+                }
+            }
+            // One global atomic per block and round reserves the slots of all its matches.
+            const uint32_t offset = matches != 0 ? atomicAdd(&block_matches, matches) : 0;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                const uint32_t round = block_matches;
+                block_slot = round != 0 ? atomicAdd(&p.counters[seg].fill, static_cast<unsigned long long>(round)) : 0;
+                block_matches = 0;
+            }
+            __syncthreads();
+            if (matches == 0)
+                continue;
+            int64_t slot = static_cast<int64_t>(block_slot) + offset;
+            const int64_t pos0 = (tile - tile0) * kTileElems;
+            const auto store = [&](uint32_t key, int i) {
+                if ((key >> key_shift) == prefix && slot < cap)
+                    out[slot++] = (uint64_t(key & low_mask) << idx_bits) | static_cast<uint64_t>(pos0 + i);
+            };
+            if (vector) {
+#pragma unroll
+                for (int j = 0; j < kVecs; ++j)
+#pragma unroll
+                    for (int q = 0; q < KT::kPerVec; ++q)
+                        store(KT::key(v[j], q), (j * 32 + lane) * KT::kPerVec + q);
+            } else {
+                for (int i = lane; i < count; i += 32)
+                    store(KT::key(data[first + i]), i);
+            }
+        }
+        flush_bins(bins, nbins, p.hist + s.hist_row * kBins);
+    }
+}
+
 template <bool Global>
 __device__ void tile_pass(const PassArgs &p, int64_t seg, const SegState &s, int64_t a, int64_t b, uint32_t *bins) {
     a = max(a, s.tile_begin);
@@ -544,7 +680,8 @@ __device__ void buf_pass(const PassArgs &p, int64_t seg, const SegState &s, int6
     }
 }
 
-template <bool Global> __global__ void __launch_bounds__(kThreads) kPass(PassArgs p) {
+// Prune: the variant of a prune step, whose fused segments build their masks in the compacting pass.
+template <bool Global, bool Prune> __global__ void __launch_bounds__(kThreads) kPass(PassArgs p) {
     __shared__ uint32_t bins[kBins];
     const int64_t per = ceil_div<int64_t>(p.total_tiles, gridDim.x);
     const int64_t lo = int64_t(blockIdx.x) * per, hi = min(lo + per, p.total_tiles);
@@ -564,19 +701,24 @@ template <bool Global> __global__ void __launch_bounds__(kThreads) kPass(PassArg
         if (a >= b)
             continue;
         const SegState s = p.state[seg];
-        if (s.stage == kKey)
+        if (Prune && s.stage == kKey && s.fused) {
+            const int64_t dtype = p.table[Global ? 0 : seg].dtype; // global: one dtype (native keys)
+            visit_key_type(dtype, p.space, [&](auto kt) { build_pass<Global, decltype(kt)>(p, seg, s, a, b, bins); });
+        } else if (s.stage == kKey) {
             key_pass<Global>(p, seg, s, a, b, bins);
-        else if (s.stage == kTile)
+        } else if (s.stage == kTile) {
             tile_pass<Global>(p, seg, s, a, b, bins);
-        else if (s.stage == kBuf)
+        } else if (s.stage == kBuf) {
             buf_pass(p, seg, s, a, b, bins);
+        }
     }
 }
 
 // One block per segment: picks the bucket of the pass just run and zeroes the histogram row for
 // the next pass.
+// fuse: a prune step's segments build their masks in the compacting pass.
 __global__ void __launch_bounds__(kThreads)
-    kResolve(SegState *state, const SegCounters *counters, unsigned long long *hist) {
+    kResolve(SegState *state, const SegCounters *counters, unsigned long long *hist, int32_t fuse) {
     const int64_t seg = blockIdx.x;
     SegState s = state[seg];
     if (s.stage != kKey && s.stage != kBuf && s.stage != kTile)
@@ -615,6 +757,8 @@ __global__ void __launch_bounds__(kThreads)
             after_comp_digit(s, bin);
         else
             after_tile_digit(s, bin);
+        if (fuse && s.stage == kKey && s.compact)
+            s.fused = 1;
     }
     state[seg] = s;
 }
@@ -657,8 +801,9 @@ __global__ void __launch_bounds__(32) kScanTile(const TensorEntry *table, int64_
 
 // Output rows.
 
+// built (prune steps, else null): 1 for the entries whose masks the fused pass built.
 __global__ void __launch_bounds__(kThreads)
-    kFinishLayerwise(const SegState *state, const SegCounters *counters, int64_t n, Selection *out) {
+    kFinishLayerwise(const SegState *state, const SegCounters *counters, int64_t n, Selection *out, int32_t *built) {
     const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
     if (e >= n)
         return;
@@ -666,10 +811,13 @@ __global__ void __launch_bounds__(kThreads)
     const bool done = s.stage == kDone;
     out[e] = Selection{done ? int64_t(s.key_prefix) : 0, done ? s.result_pos : -1, kNative,
                        static_cast<int64_t>(counters[e].nan_count)};
+    if (built != nullptr)
+        built[e] = s.fused;
 }
 
-__global__ void __launch_bounds__(kThreads) kFinishGlobal(const TensorEntry *table, int64_t n, const SegState *state,
-                                                          const SegCounters *counters, int32_t space, Selection *out) {
+__global__ void __launch_bounds__(kThreads)
+    kFinishGlobal(const TensorEntry *table, int64_t n, const SegState *state, const SegCounters *counters,
+                  int32_t space, Selection *out, int32_t *built) {
     const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
     if (e >= n)
         return;
@@ -684,16 +832,54 @@ __global__ void __launch_bounds__(kThreads) kFinishGlobal(const TensorEntry *tab
         index = e < owner ? entry.numel - 1 : e > owner ? -1 : pos - entry.tile_base * kTileElems;
     }
     out[e] = Selection{done ? int64_t(s.key_prefix) : 0, index, space, static_cast<int64_t>(counters[0].nan_count)};
+    if (built != nullptr)
+        built[e] = s.fused;
+}
+
+// A prune step's last launch: the bucket's composites that a fused segment stored are compared
+// with its threshold's; the elements above it get their mask bit, the others are zeroed. One
+// thread per candidate slot (slots mirror tiles, so a slot's tile names its segment in layerwise
+// mode).
+template <bool Global>
+__global__ void __launch_bounds__(kThreads) kFixup(const TensorEntry *table, int64_t n, const SegState *state,
+                                                   const SegCounters *counters, const uint64_t *cand, int64_t slots) {
+    for (int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x; q < slots; q += int64_t(gridDim.x) * kThreads) {
+        const int64_t seg = Global ? 0 : entry_of_tile(table, n, q / kSlotsPerTile);
+        const SegState &s = state[seg];
+        if (!s.fused || s.stage != kDone || s.result_pos < 0)
+            continue;
+        const int64_t filled = min(static_cast<int64_t>(counters[seg].fill), s.cand_cap);
+        if (q < s.cand_begin || q >= s.cand_begin + filled)
+            continue;
+        const uint64_t c = cand[q];
+        const uint64_t low_mask = (uint64_t(1) << s.key_shift) - 1;
+        const uint64_t cut = ((uint64_t(s.key_prefix) & low_mask) << s.idx_bits) | static_cast<uint64_t>(s.result_pos);
+        const int64_t pos = static_cast<int64_t>(c & ((uint64_t(1) << s.idx_bits) - 1));
+        const TensorEntry entry = table[Global ? entry_of_tile(table, n, pos / kTileElems) : seg];
+        const int64_t i = pos - (Global ? entry.tile_base * kTileElems : 0);
+        if (c > cut) {
+            // Other threads set other bits of the same word: an atomic on the aligned 32-bit word.
+            const uintptr_t byte = static_cast<uintptr_t>(entry.mask) + static_cast<uintptr_t>(i / 8);
+            const uint32_t bit = uint32_t(1) << ((byte % 4) * 8 + i % 8);
+            atomicOr(reinterpret_cast<unsigned int *>(byte - byte % 4), bit);
+        } else if (entry.dtype == kFloat32) {
+            reinterpret_cast<uint32_t *>(entry.data)[i] = 0;
+        } else {
+            reinterpret_cast<uint16_t *>(entry.data)[i] = 0;
+        }
+    }
 }
 
 // Host side.
 
 constexpr int64_t round_up(int64_t x, int64_t a) { return ceil_div(x, a) * a; }
 
-// Bytes zeroed by every call: plans, counters and histogram rows (resolve re-zeroes what it reads).
-int64_t fixed_bytes(int64_t segments, int64_t rows) {
+// Bytes zeroed by every call: plans, counters, histogram rows (resolve re-zeroes what it reads)
+// and one built flag per entry.
+int64_t fixed_bytes(int64_t segments, int64_t rows, int64_t entries) {
     return round_up(segments * int64_t(sizeof(SegState)), 256) +
-           round_up(segments * int64_t(sizeof(SegCounters)), 256) + rows * kBins * int64_t(sizeof(unsigned long long));
+           round_up(segments * int64_t(sizeof(SegCounters)), 256) + rows * kBins * int64_t(sizeof(unsigned long long)) +
+           round_up(entries * int64_t(sizeof(int32_t)), 256);
 }
 
 int64_t layerwise_rows(int64_t n, int64_t tiles) { return std::min(n, tiles / kMinLargeTiles); }
@@ -702,13 +888,14 @@ struct Scratch {
     SegState *state;
     SegCounters *counters;
     unsigned long long *hist;
+    int32_t *built;
     uint64_t *cand;
     int64_t slots;
     int64_t fixed;
 };
 
-Scratch carve(void *scratch, int64_t bytes, int64_t segments, int64_t rows, int64_t total_tiles) {
-    const int64_t fixed = fixed_bytes(segments, rows);
+Scratch carve(void *scratch, int64_t bytes, int64_t segments, int64_t rows, int64_t entries, int64_t total_tiles) {
+    const int64_t fixed = fixed_bytes(segments, rows, entries);
     const int64_t needed = fixed + total_tiles * kSlotsPerTile * int64_t(sizeof(uint64_t));
     GMP_CHECK(scratch != nullptr, "scratch pointer is null");
     GMP_CHECK(reinterpret_cast<uintptr_t>(scratch) % 16 == 0, "scratch must be 16-byte aligned");
@@ -717,9 +904,11 @@ Scratch carve(void *scratch, int64_t bytes, int64_t segments, int64_t rows, int6
     char *base = static_cast<char *>(scratch);
     const int64_t counters_at = round_up(segments * int64_t(sizeof(SegState)), 256);
     const int64_t hist_at = counters_at + round_up(segments * int64_t(sizeof(SegCounters)), 256);
+    const int64_t built_at = hist_at + rows * kBins * int64_t(sizeof(unsigned long long));
     return Scratch{reinterpret_cast<SegState *>(base),
                    reinterpret_cast<SegCounters *>(base + counters_at),
                    reinterpret_cast<unsigned long long *>(base + hist_at),
+                   reinterpret_cast<int32_t *>(base + built_at),
                    reinterpret_cast<uint64_t *>(base + fixed),
                    (bytes - fixed) / int64_t(sizeof(uint64_t)),
                    fixed};
@@ -741,13 +930,15 @@ template <typename Kernel> int pass_blocks(Kernel kernel, int64_t total_tiles) {
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(std::max(per_sm, 1)) * sms)));
 }
 
-template <bool Global> void run_passes(const PassArgs &args, int64_t segments, cudaStream_t stream) {
-    const int blocks = pass_blocks(kPass<Global>, args.total_tiles);
+// fuse (Prune only): the segments' compacting passes build their masks.
+template <bool Global, bool Prune>
+void run_passes(const PassArgs &args, int64_t segments, bool fuse, cudaStream_t stream) {
+    const int blocks = pass_blocks(kPass<Global, Prune>, args.total_tiles);
     const unsigned grid = static_cast<unsigned>(segments);
     for (int pass = 0; pass < kMaxPasses; ++pass) {
-        kPass<Global><<<blocks, kThreads, 0, stream>>>(args);
+        kPass<Global, Prune><<<blocks, kThreads, 0, stream>>>(args);
         GMP_CUDA_CHECK(cudaGetLastError());
-        kResolve<<<grid, kThreads, 0, stream>>>(args.state, args.counters, args.hist);
+        kResolve<<<grid, kThreads, 0, stream>>>(args.state, args.counters, args.hist, Prune && fuse ? 1 : 0);
         GMP_CUDA_CHECK(cudaGetLastError());
     }
     kScanTile<Global><<<grid, 32, 0, stream>>>(args.table, args.n, args.state, args.space);
@@ -755,6 +946,64 @@ template <bool Global> void run_passes(const PassArgs &args, int64_t segments, c
 }
 
 unsigned row_blocks(int64_t n) { return static_cast<unsigned>(ceil_div<int64_t>(n, kThreads)); }
+
+// The selection of select_layerwise, and with Prune the rest of the step: the fixup of the fused
+// entries, then build_masks (zeroing the pruned) of the others.
+template <bool Prune>
+void layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, void *scratch,
+               int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
+    check_sizes(n, total_tiles);
+    if (n == 0)
+        return;
+    GMP_CHECK(table != nullptr && k != nullptr && out != nullptr, "table, k and out pointers must not be null");
+    const int64_t rows = layerwise_rows(n, total_tiles);
+    const Scratch sc = carve(scratch, scratch_bytes, n, rows, n, total_tiles);
+    const cudaStream_t s = as_stream(stream);
+    GMP_CUDA_CHECK(cudaMemsetAsync(scratch, 0, static_cast<size_t>(sc.fixed), s));
+    kInitLayerwise<<<1, kThreads, 0, s>>>(table, n, k, sc.state, rows, sc.slots);
+    GMP_CUDA_CHECK(cudaGetLastError());
+    kSelectSmall<<<static_cast<unsigned>(n), kThreads, 0, s>>>(table, sc.state, sc.counters);
+    GMP_CUDA_CHECK(cudaGetLastError());
+    const PassArgs args{table, n, sc.state, sc.counters, sc.hist, sc.cand, total_tiles, kNative};
+    run_passes<false, Prune>(args, n, true, s);
+    kFinishLayerwise<<<row_blocks(n), kThreads, 0, s>>>(sc.state, sc.counters, n, out, Prune ? sc.built : nullptr);
+    GMP_CUDA_CHECK(cudaGetLastError());
+    if constexpr (Prune) {
+        const int64_t slots = total_tiles * kSlotsPerTile;
+        const int blocks = persistent_blocks(kThreads, ceil_div<int64_t>(slots, 32));
+        kFixup<false><<<blocks, kThreads, 0, s>>>(table, n, sc.state, sc.counters, sc.cand, slots);
+        GMP_CUDA_CHECK(cudaGetLastError());
+        build_masks_except(table, n, out, sc.built, total_tiles, stream, true);
+    }
+}
+
+template <bool Prune>
+void global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_space, Selection *out, void *scratch,
+            int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
+    check_sizes(n, total_tiles);
+    GMP_CHECK(key_space == kNative || key_space == kWide, "unknown key space ", key_space);
+    if (n == 0)
+        return;
+    GMP_CHECK(table != nullptr && k != nullptr && out != nullptr, "table, k and out pointers must not be null");
+    const Scratch sc = carve(scratch, scratch_bytes, 1, 1, n, total_tiles);
+    const cudaStream_t s = as_stream(stream);
+    GMP_CUDA_CHECK(cudaMemsetAsync(scratch, 0, static_cast<size_t>(sc.fixed), s));
+    kInitGlobal<<<1, kThreads, 0, s>>>(table, n, k, key_space, sc.state, total_tiles, sc.slots);
+    GMP_CUDA_CHECK(cudaGetLastError());
+    const PassArgs args{table, n, sc.state, sc.counters, sc.hist, sc.cand, total_tiles, key_space};
+    // The fused pass reads a segment's tiles with one element type: not for mixed dtypes (wide keys).
+    run_passes<true, Prune>(args, 1, key_space == kNative, s);
+    kFinishGlobal<<<row_blocks(n), kThreads, 0, s>>>(table, n, sc.state, sc.counters, key_space, out,
+                                                     Prune ? sc.built : nullptr);
+    GMP_CUDA_CHECK(cudaGetLastError());
+    if constexpr (Prune) {
+        const int64_t slots = total_tiles * kSlotsPerTile;
+        const int blocks = persistent_blocks(kThreads, ceil_div<int64_t>(slots, 32));
+        kFixup<true><<<blocks, kThreads, 0, s>>>(table, n, sc.state, sc.counters, sc.cand, slots);
+        GMP_CUDA_CHECK(cudaGetLastError());
+        build_masks_except(table, n, out, sc.built, total_tiles, stream, true);
+    }
+}
 
 } // namespace
 
@@ -767,44 +1016,28 @@ int64_t select_scratch_bytes(int64_t n, int64_t total_numel, int32_t mode) {
         return 0;
     // Each entry adds at most one partial tile.
     const int64_t tiles = ceil_div<int64_t>(total_numel, kTileElems) + n;
-    const int64_t bytes = mode == 0 ? fixed_bytes(n, layerwise_rows(n, tiles)) : fixed_bytes(1, 1);
+    const int64_t bytes = mode == 0 ? fixed_bytes(n, layerwise_rows(n, tiles), n) : fixed_bytes(1, 1, n);
     return bytes + tiles * kSlotsPerTile * int64_t(sizeof(uint64_t));
 }
 
 void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, void *scratch,
                       int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
-    check_sizes(n, total_tiles);
-    if (n == 0)
-        return;
-    GMP_CHECK(table != nullptr && k != nullptr && out != nullptr, "table, k and out pointers must not be null");
-    const int64_t rows = layerwise_rows(n, total_tiles);
-    const Scratch sc = carve(scratch, scratch_bytes, n, rows, total_tiles);
-    const cudaStream_t s = as_stream(stream);
-    GMP_CUDA_CHECK(cudaMemsetAsync(scratch, 0, static_cast<size_t>(sc.fixed), s));
-    kInitLayerwise<<<1, kThreads, 0, s>>>(table, n, k, sc.state, rows, sc.slots);
-    GMP_CUDA_CHECK(cudaGetLastError());
-    kSelectSmall<<<static_cast<unsigned>(n), kThreads, 0, s>>>(table, sc.state, sc.counters);
-    GMP_CUDA_CHECK(cudaGetLastError());
-    run_passes<false>(PassArgs{table, n, sc.state, sc.counters, sc.hist, sc.cand, total_tiles, kNative}, n, s);
-    kFinishLayerwise<<<row_blocks(n), kThreads, 0, s>>>(sc.state, sc.counters, n, out);
-    GMP_CUDA_CHECK(cudaGetLastError());
+    layerwise<false>(table, n, k, out, scratch, scratch_bytes, total_tiles, stream);
 }
 
 void select_global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_space, Selection *out,
                    void *scratch, int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
-    check_sizes(n, total_tiles);
-    GMP_CHECK(key_space == kNative || key_space == kWide, "unknown key space ", key_space);
-    if (n == 0)
-        return;
-    GMP_CHECK(table != nullptr && k != nullptr && out != nullptr, "table, k and out pointers must not be null");
-    const Scratch sc = carve(scratch, scratch_bytes, 1, 1, total_tiles);
-    const cudaStream_t s = as_stream(stream);
-    GMP_CUDA_CHECK(cudaMemsetAsync(scratch, 0, static_cast<size_t>(sc.fixed), s));
-    kInitGlobal<<<1, kThreads, 0, s>>>(table, n, k, key_space, sc.state, total_tiles, sc.slots);
-    GMP_CUDA_CHECK(cudaGetLastError());
-    run_passes<true>(PassArgs{table, n, sc.state, sc.counters, sc.hist, sc.cand, total_tiles, key_space}, 1, s);
-    kFinishGlobal<<<row_blocks(n), kThreads, 0, s>>>(table, n, sc.state, sc.counters, key_space, out);
-    GMP_CUDA_CHECK(cudaGetLastError());
+    global<false>(table, n, k, key_space, out, scratch, scratch_bytes, total_tiles, stream);
+}
+
+void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, void *scratch,
+                     int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
+    layerwise<true>(table, n, k, out, scratch, scratch_bytes, total_tiles, stream);
+}
+
+void prune_global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_space, Selection *out,
+                  void *scratch, int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream) {
+    global<true>(table, n, k, key_space, out, scratch, scratch_bytes, total_tiles, stream);
 }
 
 } // namespace gmp::cuda

@@ -20,7 +20,8 @@ intermediate, output) are pruned; the pooler and the classifier stay dense. Arms
   target along the cubic curve from 1/4 to 1/2 of the budget, updates every 1/16 of it, the
   Trainer's linear learning-rate decay;
 * ``gmp_large_first``: the first pruning step at the dense checkpoint is large (``--init``,
-  default 0.7), then cubic to the target by half the budget, updates every 1/16 of it;
+  default 0.7), then cubic to the target by ``--end`` of the budget (default half), updates
+  every 1/16 of it;
 * ``gmp_large_first_rewarm``: as ``gmp_large_first``, and the learning rate re-warmed to its
   peak at every pruning update, decaying linearly until the next one, then to 0 over
   fine-tuning (the sawtooth schedule of Kurtic & Alistarh, arXiv 2210.06384);
@@ -206,7 +207,7 @@ def run_arm(
             schedule = gmp_ext.GMPSchedule(0.05, target, epochs / 4, epochs / 2, epochs / 16)
         else:
             init = min(args.init, target)
-            schedule = gmp_ext.GMPSchedule(init, target, 0.0, epochs / 2, epochs / 16)
+            schedule = gmp_ext.GMPSchedule(init, target, 0.0, epochs * args.end, epochs / 16)
         if arm.endswith("rewarm"):
             lr_factor = PruningRestarts(schedule, steps_per_epoch, args.steps)
         callback = GMPCallback(schedule, params=encoder_weights, scope=args.scope, log_layers=False)
@@ -261,6 +262,9 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--scope", choices=["layer", "global"], default="layer")
     parser.add_argument("--init", type=float, default=0.7, help="first step of gmp_large_first*")
+    parser.add_argument(
+        "--end", type=float, default=0.5, help="gmp_large_first*: pruning ends at this fraction"
+    )
     parser.add_argument("--steps", type=int, default=256, help="optimizer steps, dense and arm")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")

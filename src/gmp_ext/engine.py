@@ -163,6 +163,13 @@ class PreparedStep:
                 selection = group.selection
                 work = [tensors[i] for i in group.indices]
                 group_masks = [masks[i] for i in group.indices]
+                if select and build and apply and self.pattern is None:
+                    global_scope = self.scope == "global"
+                    rows = library.prune(
+                        work, selection.counts, group_masks, global_scope, self.key_space
+                    )
+                    selection.rows.copy_(rows)
+                    continue
                 if select:
                     ranked = work
                     if group.lists is not None and self.pattern is not None:

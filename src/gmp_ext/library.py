@@ -25,6 +25,11 @@ Operators (one device per call; ``n = len(tensors)``):
   read (the native kernels reject or misread such rows).
 * ``apply_masks(Tensor(a!)[] tensors, Tensor[] masks) -> ()``: zeroes, in place, every element
   whose mask bit is 0.
+* ``prune(Tensor(a!)[] tensors, Tensor counts, Tensor(b!)[] masks, bool global_scope,
+  int key_space) -> Tensor``: a whole prune step, ``select_layerwise`` (or, with
+  ``global_scope``, ``select_global`` in ``key_space``) then ``build_masks`` and
+  ``apply_masks``: returns the rows, writes ``masks``, zeroes the pruned elements of
+  ``tensors``; the native kernels read the weights twice where they can (csrc/ops.h).
 * ``nm_gather(Tensor[] tensors, Tensor(a!)[] lists, int n, int m) -> ()``: writes each tensor's
   N:M candidate list (``csrc/common/nm.h``: per group of ``m`` consecutive elements, its
   ``m - n`` smallest by (|w|, index), in index order) into ``lists[i]``, a 1-D tensor of
@@ -79,6 +84,7 @@ __all__ = [
     "clear_job_cache",
     "nm_build_masks",
     "nm_gather",
+    "prune",
     "select_global",
     "select_layerwise",
 ]
@@ -92,6 +98,10 @@ SCHEMAS = {
         "build_masks(Tensor[] tensors, Tensor rows, Tensor(a!)[] masks, bool wide64=False) -> ()"
     ),
     "apply_masks": "apply_masks(Tensor(a!)[] tensors, Tensor[] masks) -> ()",
+    "prune": (
+        "prune(Tensor(a!)[] tensors, Tensor counts, Tensor(b!)[] masks, bool global_scope, "
+        "int key_space) -> Tensor"
+    ),
     "nm_gather": "nm_gather(Tensor[] tensors, Tensor(a!)[] lists, int n, int m) -> ()",
     "nm_build_masks": (
         "nm_build_masks(Tensor[] tensors, Tensor rows, Tensor(a!)[] masks, int n, int m, "
@@ -223,6 +233,22 @@ def _build_masks_fake(
 def _apply_masks_fake(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
     _check_tensors(tensors)
     _check_masks(tensors, masks)
+
+
+def _prune_fake(
+    tensors: list[torch.Tensor],
+    counts: torch.Tensor,
+    masks: list[torch.Tensor],
+    global_scope: bool,
+    key_space: int,
+) -> torch.Tensor:
+    _check_tensors(tensors)
+    _check_counts(counts, 1 if global_scope else len(tensors))
+    _check_key_space(key_space)
+    if not global_scope and key_space != KEY_SPACE_NATIVE:
+        raise ValueError(f"key_space: a per-tensor prune ranks native keys, got {key_space}")
+    _check_masks(tensors, masks)
+    return _new_rows(len(tensors), _device_of(tensors, counts))
 
 
 def _nm_gather_fake(tensors: list[torch.Tensor], lists: list[torch.Tensor], n: int, m: int) -> None:
@@ -361,6 +387,34 @@ def _build_masks(
             mask[:nbytes].copy_(stored[:nbytes])
 
 
+def _prune(
+    backend: Backend,
+    tensors: list[torch.Tensor],
+    counts: torch.Tensor,
+    masks: list[torch.Tensor],
+    global_scope: bool,
+    key_space: int,
+) -> torch.Tensor:
+    rows = _prune_fake(tensors, counts, masks, global_scope, key_space)
+    if not tensors:
+        return rows
+    with torch.no_grad():  # the tensors may be parameters; the kernels write in place
+        work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        storage = [_storage(m, t.numel()) for t, m in zip(work, masks)]
+        if _on_reference(work, key_space):
+            backend = REFERENCE
+        job = _job(backend, work, storage, "global" if global_scope else "layer", key_space)
+        backend.prune(replace(job, counts=counts.to(rows.device).contiguous(), rows=rows))
+        for target, staged in zip(tensors, work):
+            if staged is not target:
+                target.copy_(staged)
+        for mask, stored, tensor in zip(masks, storage, work):
+            if stored is not mask:
+                nbytes = mask_bytes(tensor.numel())
+                mask[:nbytes].copy_(stored[:nbytes])
+    return rows
+
+
 def _nm_gather(
     backend: Backend, tensors: list[torch.Tensor], lists: list[torch.Tensor], n: int, m: int
 ) -> None:
@@ -451,6 +505,7 @@ _register("select_layerwise", _select_layerwise, _select_layerwise_fake)
 _register("select_global", _select_global, _select_global_fake)
 _register("build_masks", _build_masks, _build_masks_fake)
 _register("apply_masks", _apply_masks, _apply_masks_fake)
+_register("prune", _prune, _prune_fake)
 _register("nm_gather", _nm_gather, _nm_gather_fake)
 _register("nm_build_masks", _nm_build_masks, _nm_build_masks_fake)
 
@@ -483,6 +538,17 @@ def build_masks(
 def apply_masks(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
     """``torch.ops.gmp_ext.apply_masks``: zeroes the pruned elements of ``tensors`` in place."""
     torch.ops.gmp_ext.apply_masks(tensors, masks)
+
+
+def prune(
+    tensors: Sequence[torch.Tensor],
+    counts: torch.Tensor,
+    masks: Sequence[torch.Tensor],
+    global_scope: bool,
+    key_space: int,
+) -> torch.Tensor:
+    """``torch.ops.gmp_ext.prune``: select, build the masks, zero the pruned; returns the rows."""
+    return torch.ops.gmp_ext.prune(tensors, counts, masks, global_scope, key_space)
 
 
 def nm_gather(

@@ -53,15 +53,24 @@ class CudaBackend(Backend):
         return torch.cuda.current_stream(job.rows.device).cuda_stream
 
     def select(self, job: Job) -> None:
+        self._select(job, prune=False)
+
+    def prune(self, job: Job) -> None:
+        """Select + build + zero as one launch sequence; where the first pass's bucket fits the
+        candidate slots, the build is the selection's compacting pass (two reads of the
+        weights; csrc/cuda/select.cu)."""
+        self._select(job, prune=True)
+
+    def _select(self, job: Job, prune: bool) -> None:
         n = len(job.tensors)
         scratch = (job.scratch.data_ptr(), job.scratch.numel(), job.tiles, self._stream(job))
         with torch.cuda.device(job.rows.device):
             if job.scope == "layer":
-                self._C.cuda_select_layerwise(
-                    job.table.data_ptr(), n, job.counts.data_ptr(), job.rows.data_ptr(), *scratch
-                )
+                run = self._C.cuda_prune_layerwise if prune else self._C.cuda_select_layerwise
+                run(job.table.data_ptr(), n, job.counts.data_ptr(), job.rows.data_ptr(), *scratch)
             else:
-                self._C.cuda_select_global(
+                run = self._C.cuda_prune_global if prune else self._C.cuda_select_global
+                run(
                     job.table.data_ptr(),
                     n,
                     job.counts.data_ptr(),
