@@ -681,7 +681,9 @@ __device__ void buf_pass(const PassArgs &p, int64_t seg, const SegState &s, int6
 }
 
 // Prune: the variant of a prune step, whose fused segments build their masks in the compacting pass.
-template <bool Global, bool Prune> __global__ void __launch_bounds__(kThreads) kPass(PassArgs p) {
+// At least 2 blocks per SM: without the bound the per-layer prune variant takes 249 registers
+// (1 block per SM, for every pass of the step), with it 128.
+template <bool Global, bool Prune> __global__ void __launch_bounds__(kThreads, 2) kPass(PassArgs p) {
     __shared__ uint32_t bins[kBins];
     const int64_t per = ceil_div<int64_t>(p.total_tiles, gridDim.x);
     const int64_t lo = int64_t(blockIdx.x) * per, hi = min(lo + per, p.total_tiles);
