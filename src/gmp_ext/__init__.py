@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loaded before gmp_ext._C so both share torch's OpenMP runtime)
 
-from . import deploy, distributed, ops
+from . import deploy, distributed, lr_schedule, ops
 from ._version import __version__
 from .controller import GMP
 from .deploy import is_nm_sparse, load_sparse, save_sparse, to_semi_structured
@@ -46,6 +46,7 @@ __all__ = [
     "distributed",
     "is_nm_sparse",
     "load_sparse",
+    "lr_schedule",
     "masks",
     "ops",
     "prune_step",
