@@ -511,6 +511,7 @@ UNDER_LOAD = (
     "gmp_ext",
     "gmp_ext + masks",
     "gmp_ext prepared (+ masks)",
+    "gmp_ext prune step (select + build + zero)",
     "torch.kthvalue loop",
     "torch.topk(sorted=False) loop",
 )

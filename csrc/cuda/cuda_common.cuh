@@ -179,19 +179,31 @@ template <int ElemBytes> __device__ __forceinline__ uint4 keep_elements(uint4 x,
 
 // Zeroes the pruned elements of a full tile of 16-byte aligned data (one warp): lane l holds mask
 // word l of the tile and each lane takes the bits of its vectors from the owning lane by shuffle.
+// All of a lane's loads (only vectors that are partly kept need their data) are issued before
+// the first store, so a warp has its whole share of the tile in flight at once.
 template <int ElemBytes> __device__ void apply_tile_vector(uint4 *data, uint64_t my_word, int lane) {
     constexpr int kPerVec = 16 / ElemBytes;     // elements per 16-byte vector
     constexpr int kVecs = kTileElems / kPerVec; // vectors per tile
     constexpr int kVecsPerWord = 64 / kPerVec;  // vectors sharing one mask word
+    constexpr int kLaneVecs = kVecs / 32;       // vectors per lane
     constexpr uint32_t kVecBits = (1u << kPerVec) - 1;
+    uint32_t bits[kLaneVecs];
 #pragma unroll
-    for (int j = 0; j < kVecs / 32; ++j) {
+    for (int j = 0; j < kLaneVecs; ++j) {
         const int v = j * 32 + lane;
         const uint64_t word = __shfl_sync(0xffffffffu, my_word, v / kVecsPerWord);
-        const uint32_t bits = static_cast<uint32_t>(word >> ((v % kVecsPerWord) * kPerVec)) & kVecBits;
-        if (bits == kVecBits)
+        bits[j] = static_cast<uint32_t>(word >> ((v % kVecsPerWord) * kPerVec)) & kVecBits;
+    }
+    uint4 x[kLaneVecs] = {};
+#pragma unroll
+    for (int j = 0; j < kLaneVecs; ++j)
+        if (bits[j] != kVecBits && bits[j] != 0)
+            x[j] = data[j * 32 + lane];
+#pragma unroll
+    for (int j = 0; j < kLaneVecs; ++j) {
+        if (bits[j] == kVecBits)
             continue; // all kept: no store
-        data[v] = bits == 0 ? make_uint4(0, 0, 0, 0) : keep_elements<ElemBytes>(data[v], bits);
+        data[j * 32 + lane] = bits[j] == 0 ? make_uint4(0, 0, 0, 0) : keep_elements<ElemBytes>(x[j], bits[j]);
     }
 }
 
