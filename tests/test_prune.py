@@ -25,16 +25,22 @@ def _prune_both(native, tensors, scope, counts, key_space=KEY_SPACE_NATIVE, old=
     for backend in (native, REFERENCE):
         work = [t.clone() for t in tensors]
         masks = [m.clone() for m in old]
-        job = backend.prepare(work, masks, scope, key_space)
-        job.set_counts(counts)
-        if backend is REFERENCE:
-            backend.select(job)
-            backend.build(job)
-            backend.apply(job)
-        else:
-            backend.prune(job)
-        results.append((job.rows.cpu(), masks, work))
+        rows = _step(backend, work, masks, counts, scope, key_space)
+        results.append((rows.cpu(), masks, work))
     return results
+
+
+def _step(backend, work, masks, counts, scope="layer", key_space=KEY_SPACE_NATIVE):
+    """The native backend's prune, or the reference's select, build and apply; the rows."""
+    job = backend.prepare(work, masks, scope, key_space)
+    job.set_counts(counts)
+    if backend is REFERENCE:
+        backend.select(job)
+        backend.build(job)
+        backend.apply(job)
+    else:
+        backend.prune(job)
+    return job.rows
 
 
 def _assert_same_step(results):
@@ -71,17 +77,6 @@ def test_global_prune_over_mixed_dtypes_in_the_wide_key_space(native, device):
     for sparsity in (0.2, 0.7):
         results = _prune_both(native, tensors, "global", [round(sparsity * total)], KEY_SPACE_WIDE)
         _assert_same_step(results)
-
-
-def _step(backend, work, masks, counts):
-    job = backend.prepare(work, masks, "layer", KEY_SPACE_NATIVE)
-    job.set_counts(counts)
-    if backend is REFERENCE:
-        backend.select(job)
-        backend.build(job)
-        backend.apply(job)
-    else:
-        backend.prune(job)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -420,10 +420,29 @@ __device__ __forceinline__ void flush_bins(const uint32_t *bins, int count, unsi
     }
 }
 
+// Slot reservation of the compacting passes: one global atomic per block and round of kWarps
+// tiles reserves the slots of all its warps' matches. Every thread of the block calls it (two
+// barriers); `r.matches` must be 0 before a block's first call, and is again after every call.
+struct Reservation {
+    uint32_t matches;
+    unsigned long long slot;
+};
+
+__device__ int64_t reserve_slots(Reservation &r, uint32_t matches, unsigned long long *fill) {
+    const uint32_t offset = matches != 0 ? atomicAdd(&r.matches, matches) : 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const uint32_t round = r.matches;
+        r.slot = round != 0 ? atomicAdd(fill, static_cast<unsigned long long>(round)) : 0;
+        r.matches = 0;
+    }
+    __syncthreads();
+    return static_cast<int64_t>(r.slot) + offset;
+}
+
 template <bool Global>
 __device__ void key_pass(const PassArgs &p, int64_t seg, const SegState &s, int64_t a, int64_t b, uint32_t *bins) {
-    __shared__ uint32_t block_matches;
-    __shared__ unsigned long long block_slot;
+    __shared__ Reservation reservation;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const uint32_t prefix = s.key_prefix, inf = s.inf, low_mask = (1u << s.key_shift) - 1;
     const int key_shift = s.key_shift, digit_shift = s.digit_shift, idx_bits = s.idx_bits;
@@ -436,7 +455,7 @@ __device__ void key_pass(const PassArgs &p, int64_t seg, const SegState &s, int6
     uint64_t *out = p.cand + s.cand_begin;
     const int64_t cap = s.cand_cap, tile0 = s.tile0;
     if (threadIdx.x == 0)
-        block_matches = 0;
+        reservation.matches = 0;
     for (int64_t c0 = a; c0 < b; c0 += kFlushTiles) {
         const int64_t c1 = min(b, c0 + kFlushTiles);
         clear_bins(bins, nbins);
@@ -467,18 +486,9 @@ __device__ void key_pass(const PassArgs &p, int64_t seg, const SegState &s, int6
             }
             if (!compact)
                 continue;
-            // One global atomic per block and round reserves the slots of all its matches.
-            const uint32_t offset = matches != 0 ? atomicAdd(&block_matches, matches) : 0;
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                const uint32_t round = block_matches;
-                block_slot = round != 0 ? atomicAdd(&p.counters[seg].fill, static_cast<unsigned long long>(round)) : 0;
-                block_matches = 0;
-            }
-            __syncthreads();
+            int64_t slot = reserve_slots(reservation, matches, &p.counters[seg].fill);
             if (matches == 0)
                 continue;
-            int64_t slot = static_cast<int64_t>(block_slot) + offset;
             const int64_t pos0 = (tile - tile0) * kTileElems;
             visit_tile<Global>(p, seg, tile, lane, [&](uint32_t key, int i) {
                 if ((key >> key_shift) == prefix && slot < cap)
@@ -510,8 +520,7 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
     using Bits = typename KT::bits_t;
     constexpr int kVecs = int(kTileElems) / KT::kPerVec / 32; // vectors per lane
     constexpr uint32_t kVecBits = (1u << KT::kPerVec) - 1;
-    __shared__ uint32_t block_matches;
-    __shared__ unsigned long long block_slot;
+    __shared__ Reservation reservation;
     __shared__ __align__(16) uint8_t staging_all[kWarps][kTileMaskBytes];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     uint8_t *staging = staging_all[warp];
@@ -522,7 +531,7 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
     uint64_t *out = p.cand + s.cand_begin;
     const int64_t cap = s.cand_cap, tile0 = s.tile0;
     if (threadIdx.x == 0)
-        block_matches = 0;
+        reservation.matches = 0;
     for (int64_t c0 = a; c0 < b; c0 += kFlushTiles) {
         const int64_t c1 = min(b, c0 + kFlushTiles);
         clear_bins(bins, nbins);
@@ -592,18 +601,9 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                     store_tile_word(mask, first, count, word, lane);
                 }
             }
-            // One global atomic per block and round reserves the slots of all its matches.
-            const uint32_t offset = matches != 0 ? atomicAdd(&block_matches, matches) : 0;
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                const uint32_t round = block_matches;
-                block_slot = round != 0 ? atomicAdd(&p.counters[seg].fill, static_cast<unsigned long long>(round)) : 0;
-                block_matches = 0;
-            }
-            __syncthreads();
+            int64_t slot = reserve_slots(reservation, matches, &p.counters[seg].fill);
             if (matches == 0)
                 continue;
-            int64_t slot = static_cast<int64_t>(block_slot) + offset;
             const int64_t pos0 = (tile - tile0) * kTileElems;
             const auto store = [&](uint32_t key, int i) {
                 if ((key >> key_shift) == prefix && slot < cap)

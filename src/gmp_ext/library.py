@@ -365,6 +365,23 @@ def _storage(mask: torch.Tensor, numel: int) -> torch.Tensor:
     return storage
 
 
+def _write_back(targets: Sequence[torch.Tensor], staged: Sequence[torch.Tensor]) -> None:
+    """Copies the contiguous stand-ins a kernel wrote into the tensors they stood in for."""
+    for target, copy in zip(targets, staged):
+        if copy is not target:
+            target.copy_(copy)
+
+
+def _write_back_masks(
+    masks: Sequence[torch.Tensor], storage: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]
+) -> None:
+    """Copies the mask bytes written into padded stand-ins (:func:`_storage`) back to the masks."""
+    for mask, stored, tensor in zip(masks, storage, tensors):
+        if stored is not mask:
+            nbytes = mask_bytes(tensor.numel())
+            mask[:nbytes].copy_(stored[:nbytes])
+
+
 def _build_masks(
     backend: Backend,
     tensors: list[torch.Tensor],
@@ -381,10 +398,7 @@ def _build_masks(
     if wide64 or _on_reference(work):
         backend = REFERENCE
     backend.build(replace(_job(backend, work, storage, None, KEY_SPACE_NATIVE), rows=selection))
-    for mask, stored, tensor in zip(masks, storage, work):
-        if stored is not mask:
-            nbytes = mask_bytes(tensor.numel())
-            mask[:nbytes].copy_(stored[:nbytes])
+    _write_back_masks(masks, storage, work)
 
 
 def _prune(
@@ -405,13 +419,8 @@ def _prune(
             backend = REFERENCE
         job = _job(backend, work, storage, "global" if global_scope else "layer", key_space)
         backend.prune(replace(job, counts=counts.to(rows.device).contiguous(), rows=rows))
-        for target, staged in zip(tensors, work):
-            if staged is not target:
-                target.copy_(staged)
-        for mask, stored, tensor in zip(masks, storage, work):
-            if stored is not mask:
-                nbytes = mask_bytes(tensor.numel())
-                mask[:nbytes].copy_(stored[:nbytes])
+        _write_back(tensors, work)
+        _write_back_masks(masks, storage, work)
     return rows
 
 
@@ -450,10 +459,7 @@ def _nm_build_masks(
         backend = REFERENCE
     job = _job(backend, work, storage, None, KEY_SPACE_NATIVE)
     backend.nm_build(job, rows.contiguous(), (n, m))
-    for mask, stored, tensor in zip(masks, storage, work):
-        if stored is not mask:
-            nbytes = mask_bytes(tensor.numel())
-            mask[:nbytes].copy_(stored[:nbytes])
+    _write_back_masks(masks, storage, work)
 
 
 def _apply_masks(backend: Backend, tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
@@ -466,9 +472,7 @@ def _apply_masks(backend: Backend, tensors: list[torch.Tensor], masks: list[torc
         if _on_reference(work):
             backend = REFERENCE
         backend.apply(_job(backend, work, storage, None, KEY_SPACE_NATIVE))
-        for target, staged in zip(tensors, work):
-            if staged is not target:
-                target.copy_(staged)
+        _write_back(tensors, work)
 
 
 # --- registration ---------------------------------------------------------------------------
