@@ -44,50 +44,62 @@ inline void apply_byte(uint16_t *data, uint32_t byte) {
 #endif
 }
 
-// Clears the elements of one tile whose mask bit is 0, 64 at a time; all-kept words are
-// skipped without a store, all-pruned words become one memset.
+// Clears the `count` (<= 64) elements from `data` whose bit in `word` is 0: an all-kept word
+// stores nothing, an all-pruned one is one memset.
+template <typename Bits> inline void apply_word_to(Bits *data, uint64_t word, int64_t count) {
+    const uint64_t all = count == 64 ? ~uint64_t(0) : (uint64_t(1) << count) - 1;
+    if ((word & all) == all)
+        return;
+    if ((word & all) == 0) {
+        std::memset(data, 0, static_cast<size_t>(count) * sizeof(Bits));
+        return;
+    }
+    if (count == 64) {
+        for (int byte = 0; byte < 8; ++byte)
+            apply_byte(data + 8 * byte, static_cast<uint32_t>(word >> (8 * byte)) & 0xffu);
+        return;
+    }
+    for (int64_t j = 0; j < count; ++j)
+        data[j] &= static_cast<Bits>(Bits(0) - static_cast<Bits>((word >> j) & 1u));
+}
+
+// Clears the elements of one tile whose mask bit is 0, 64 at a time.
 template <typename Bits> void apply_tile(Bits *data, const uint8_t *mask, int64_t begin, int64_t end) {
     for (int64_t first = begin; first < end; first += 64) {
         const int64_t count = std::min<int64_t>(64, end - first);
         uint64_t word = 0;
         std::memcpy(&word, mask + first / 8, static_cast<size_t>(ceil_div<int64_t>(count, 8)));
-        const uint64_t all = count == 64 ? ~uint64_t(0) : (uint64_t(1) << count) - 1;
-        if ((word & all) == all)
-            continue;
-        if ((word & all) == 0) {
-            std::memset(data + first, 0, static_cast<size_t>(count) * sizeof(Bits));
-            continue;
-        }
-        if (count == 64) {
-            for (int byte = 0; byte < 8; ++byte)
-                apply_byte(data + first + 8 * byte, static_cast<uint32_t>(word >> (8 * byte)) & 0xffu);
-            continue;
-        }
-        for (int64_t j = 0; j < count; ++j)
-            data[first + j] &= static_cast<Bits>(Bits(0) - static_cast<Bits>((word >> j) & 1u));
+        apply_word_to(data + first, word, count);
     }
 }
 
 #ifdef GMP_HAVE_AVX2_DISPATCH
 // 8 fp32 lanes per mask byte in one 256-bit operation; chosen at run time on CPUs with AVX2.
-__attribute__((target("avx2"))) void apply_tile_avx2(uint32_t *data, const uint8_t *mask, int64_t begin, int64_t end) {
+__attribute__((target("avx2"))) void apply_word_avx2(uint32_t *data, uint64_t word) {
+    if (word == ~uint64_t(0))
+        return;
     const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (int byte = 0; byte < 8; ++byte) {
+        const __m256i b = _mm256_set1_epi32(static_cast<int>((word >> (8 * byte)) & 0xffu));
+        auto *p = reinterpret_cast<__m256i *>(data + 8 * byte);
+        const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(b, bits), bits);
+        _mm256_storeu_si256(p, _mm256_and_si256(_mm256_loadu_si256(p), keep));
+    }
+}
+
+__attribute__((target("avx2"))) void apply_tile_avx2(uint32_t *data, const uint8_t *mask, int64_t begin, int64_t end) {
     int64_t first = begin;
     for (; first + 64 <= end; first += 64) {
         uint64_t word;
         std::memcpy(&word, mask + first / 8, 8);
-        if (word == ~uint64_t(0))
-            continue;
-        for (int byte = 0; byte < 8; ++byte) {
-            const __m256i b = _mm256_set1_epi32(static_cast<int>((word >> (8 * byte)) & 0xffu));
-            auto *p = reinterpret_cast<__m256i *>(data + first + 8 * byte);
-            const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(b, bits), bits);
-            _mm256_storeu_si256(p, _mm256_and_si256(_mm256_loadu_si256(p), keep));
-        }
+        apply_word_avx2(data + first, word);
     }
     if (first < end)
         apply_tile(data, mask, first, end);
 }
+
+// __builtin_cpu_init first: this initializer may run before libgcc's own constructor.
+const bool kHaveAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
 #endif
 
 } // namespace
@@ -96,13 +108,28 @@ void apply_mask_range(const TensorEntry &entry, int64_t begin, int64_t end) {
     const auto *mask = reinterpret_cast<const uint8_t *>(entry.mask);
     if (entry.dtype == kFloat32)
 #ifdef GMP_HAVE_AVX2_DISPATCH
-        if (__builtin_cpu_supports("avx2"))
+        if (kHaveAvx2)
             apply_tile_avx2(reinterpret_cast<uint32_t *>(entry.data), mask, begin, end);
         else
 #endif
             apply_tile(reinterpret_cast<uint32_t *>(entry.data), mask, begin, end);
     else
         apply_tile(reinterpret_cast<uint16_t *>(entry.data), mask, begin, end);
+}
+
+void apply_word(const TensorEntry &entry, int64_t first, uint64_t word, int64_t count) {
+    if (entry.dtype == kFloat32) {
+        auto *data = reinterpret_cast<uint32_t *>(entry.data) + first;
+#ifdef GMP_HAVE_AVX2_DISPATCH
+        if (kHaveAvx2 && count == 64 && word != 0) {
+            apply_word_avx2(data, word);
+            return;
+        }
+#endif
+        apply_word_to(data, word, count);
+    } else {
+        apply_word_to(reinterpret_cast<uint16_t *>(entry.data) + first, word, count);
+    }
 }
 
 void apply_masks(const TensorEntry *table, int64_t n, int num_threads) {

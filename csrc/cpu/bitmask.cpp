@@ -77,9 +77,9 @@ void build_tile_around_bucket(const TensorEntry &entry, int32_t key_space, const
                 composites.push_back((uint64_t(key_of(i) & low_mask) << kCompositeIndexBits) | uint64_t(base + i));
             }
             store_word(mask, first, at_least_low, count);
+            apply_word(entry, first, at_least_low, count); // while the word's elements are in L1
         }
     });
-    apply_mask_range(entry, begin, end);
 }
 
 void prune_composites(const TensorEntry *table, const int64_t *bases, int64_t n, const uint64_t *composites,

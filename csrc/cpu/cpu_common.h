@@ -92,6 +92,10 @@ inline void store_word(uint8_t *mask, int64_t first, uint64_t word, int64_t coun
 // apply_masks' tile loop (cpu/apply_masks.cpp), also run by a build that zeroes what it prunes.
 void apply_mask_range(const TensorEntry &entry, int64_t begin, int64_t end);
 
+// Zeroes the elements [first, first + count) of the entry (first a multiple of 64, count <= 64)
+// whose bit in `word` is 0: the same apply for a word a kernel holds in a register.
+void apply_word(const TensorEntry &entry, int64_t first, uint64_t word, int64_t count);
+
 // Mask build from a selection row over elements [begin, end) of the entry (begin a multiple of
 // 64): build_masks' tile loop (cpu/bitmask.cpp), also run by the fused prune step.
 void build_tile(const TensorEntry &entry, const Selection &s, int64_t begin, int64_t end, bool zero_pruned);
