@@ -166,6 +166,26 @@ def train(
         trainer.train()
 
 
+def curve_callback(test_set: Encoded, every: int, curve: list[list[float]]) -> Any:
+    """Test accuracy every ``every`` optimizer steps (and at step 0), appended to ``curve`` as
+    [step, accuracy]."""
+    from transformers import TrainerCallback
+
+    class Curve(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.record(0, kw["model"])
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step % every == 0:
+                self.record(state.global_step, kw["model"])
+
+        def record(self, step: int, model: Any) -> None:
+            curve.append([step, evaluate(model, test_set)["accuracy"]])
+            model.train()
+
+    return Curve()
+
+
 def mask_callback() -> Any:
     """Re-apply the one-shot masks after every optimizer step of the Trainer."""
     import torch
@@ -218,10 +238,16 @@ def run_arm(
         if arm.endswith("rewarm"):
             lr_factor = PruningRestarts(schedule, steps_per_epoch, args.steps)
         callback = GMPCallback(schedule, params=encoder_weights, scope=args.scope, log_layers=False)
-    train(model, data[0], args, seed, [callback], lr_factor)
+    curve: list[list[float]] = []
+    callbacks = [callback]
+    if args.eval_every > 0:
+        callbacks.append(curve_callback(data[1], args.eval_every, curve))
+    train(model, data[0], args, seed, callbacks, lr_factor)
     record: dict[str, Any] = {"arm": arm, "target": target, "seed": seed}
     record["train_s"] = time.perf_counter() - start
     record.update(evaluate(model, data[1]))
+    if curve:
+        record["curve"] = curve
     weights = [p for n, p in model.named_parameters() if encoder_weights(n, p)]
     zeros = sum(int((p == 0).sum()) for p in weights)
     record["achieved"] = zeros / sum(p.numel() for p in weights)
@@ -280,6 +306,10 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--eval-every", type=int, default=0, help="test accuracy every N steps of each arm (0: end)"
+    )
+    parser.add_argument("--plot", type=Path, help="PNG of the arms' accuracy curves (--eval-every)")
+    parser.add_argument(
         "--dense-dir",
         type=Path,
         default=CACHE / "spam_minilm_dense",
@@ -321,6 +351,32 @@ def main() -> None:
         report["wall_s"] = time.perf_counter() - start
         args.out.write_text(json.dumps(report, indent=1))
     print_table(report["runs"])
+    if args.plot is not None:
+        plot_curves(report["runs"], args.plot)
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
+    """Test accuracy against optimizer step, one panel per sparsity, one line per arm and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = sorted({r["target"] for r in runs if "curve" in r})
+    if not targets:
+        return
+    fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        for r in runs:
+            if r["target"] == target and "curve" in r:
+                steps, acc = zip(*r["curve"])
+                ax.plot(steps, [100 * a for a in acc], label=f"{r['arm']} (seed {r['seed']})")
+        ax.set(title=f"{target:.0%} sparsity", xlabel="optimizer step", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def print_table(runs: list[dict[str, Any]]) -> None:
