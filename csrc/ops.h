@@ -80,7 +80,7 @@ constexpr int64_t kTileElems = 2048;
 void apply_masks(const TensorEntry *table, int64_t n, int64_t total_tiles, uintptr_t stream);
 
 // Bytes of device scratch that select_layerwise (mode 0) or select_global (mode 1) needs for n
-// entries of total_numel elements in all: per-entry state, histograms and candidate slots.
+// entries of total_numel elements in all: per-entry state and flags, histograms, candidate slots.
 int64_t select_scratch_bytes(int64_t n, int64_t total_numel, int32_t mode);
 
 // Same contracts as the gmp::cpu selections with `table`, `k` (layerwise: one per entry; global: one

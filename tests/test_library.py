@@ -21,7 +21,7 @@ from gmp_ext._layout import (
     mask_storage_bytes,
 )
 
-from .utils import DTYPE_IDS, DTYPES, assert_same, weights
+from .utils import DTYPE_IDS, DTYPES, assert_models_equal, assert_same, weights
 
 OPS = torch.ops.gmp_ext
 ALL_DTYPES = [*DTYPES, torch.float64]
@@ -354,15 +354,6 @@ def _perturb(*models: nn.Module, seed: int) -> None:
                 p.add_(torch.randn_like(p))
 
 
-def _assert_models_equal(a: nn.Module, b: nn.Module, what: str) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert_same(p, q, f"{what}: {name}")
-    masks_a, masks_b = gmp_ext.masks(a), gmp_ext.masks(b)
-    assert list(masks_a) == list(masks_b)
-    for name in masks_a:
-        assert torch.equal(masks_a[name], masks_b[name]), f"{what}: mask {name}"
-
-
 def _explain(dynamo, fn):
     explained = dynamo.explain(fn)()
     assert explained.graph_break_count == 0, explained.break_reasons
@@ -385,7 +376,7 @@ def test_compiled_apply_masks_is_one_graph_and_matches_eager(dynamo, device):
         _perturb(compiled, eager, seed=seed)
         step()
         gmp_ext.apply_masks(eager)
-        _assert_models_equal(compiled, eager, f"round {seed}")
+        assert_models_equal(compiled, eager, f"round {seed}")
         assert int((compiled.fc.weight == 0).sum()) == round(0.6 * 45 * 31)
 
 
@@ -403,7 +394,7 @@ def test_compiled_apply_follows_a_replaced_parameter(dynamo):
         model.fc.weight = nn.Parameter(torch.randn(31, 45))
     step()
     gmp_ext.apply_masks(eager)
-    _assert_models_equal(compiled, eager, "replaced fc.weight")
+    assert_models_equal(compiled, eager, "replaced fc.weight")
     assert int((compiled.fc.weight == 0).sum()) == round(0.5 * 45 * 31)
 
 
@@ -451,7 +442,7 @@ def test_compiled_plan_step_is_one_graph_and_matches_eager(dynamo, device, scope
         step()
         plans[1].step()
         assert plans[0].check() == plans[1].check()
-        _assert_models_equal(compiled, eager, f"{scope} s={sparsity}")
+        assert_models_equal(compiled, eager, f"{scope} s={sparsity}")
         _perturb(compiled, eager, seed=i)
 
 
@@ -477,7 +468,7 @@ def test_compiled_nm_plan_step_is_one_graph_and_matches_eager(dynamo, device, sc
         step()
         plans[1].step()
         assert plans[0].check() == plans[1].check()
-        _assert_models_equal(compiled, eager, f"{scope} s={sparsity}")
+        assert_models_equal(compiled, eager, f"{scope} s={sparsity}")
         _perturb(compiled, eager, seed=i)
     kept = gmp_ext.masks(compiled)["0.weight"].reshape(-1, 4).sum(1)
     assert int(kept.min()) >= 2

@@ -11,7 +11,7 @@ from torch import nn
 import gmp_ext
 from gmp_ext import PrunePlan
 
-from .utils import assert_same, weights
+from .utils import assert_models_equal, assert_same, weights
 
 
 class Mixed(nn.Module):
@@ -38,15 +38,6 @@ def _pair(device: torch.device, dtype: torch.dtype | None = None) -> tuple[nn.Mo
     return model, copy.deepcopy(model)
 
 
-def _assert_models_equal(a: nn.Module, b: nn.Module, what: str) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert_same(p, q, f"{what}: {name}")
-    masks_a, masks_b = gmp_ext.masks(a), gmp_ext.masks(b)
-    assert list(masks_a) == list(masks_b)
-    for name in masks_a:
-        assert torch.equal(masks_a[name], masks_b[name]), f"{what}: mask {name}"
-
-
 def _perturb(*models: nn.Module, seed: int) -> None:
     """The same update to every model: pruned weights become non-zero, as after a step."""
     for model in models:
@@ -66,7 +57,7 @@ def test_steps_equal_prune_step(device, scope):
         summary = plan.check()
         want = gmp_ext.prune_step(stepped, sparsity, scope=scope)
         assert summary == want
-        _assert_models_equal(planned, stepped, f"{scope} s={sparsity}")
+        assert_models_equal(planned, stepped, f"{scope} s={sparsity}")
         _perturb(planned, stepped, seed=i)
 
 
@@ -80,7 +71,7 @@ def test_per_layer_sparsity_dict(device):
     }
     plan.step()
     assert plan.check() == gmp_ext.prune_step(stepped, targets)
-    _assert_models_equal(planned, stepped, "dict")
+    assert_models_equal(planned, stepped, "dict")
 
 
 def test_float64_parameters_run_on_the_reference(device):
@@ -88,7 +79,7 @@ def test_float64_parameters_run_on_the_reference(device):
     plan = PrunePlan(planned, 0.7, scope="global")
     plan.step()
     assert plan.check() == gmp_ext.prune_step(stepped, 0.7, scope="global")
-    _assert_models_equal(planned, stepped, "float64")
+    assert_models_equal(planned, stepped, "float64")
 
 
 def test_masks_are_the_stores_and_attach_keeps_them(device):
@@ -164,7 +155,7 @@ def test_storage_moved_by_half_gets_new_tables(device):
     _perturb(planned, stepped, seed=3)
     plan.step()
     assert plan.check() == gmp_ext.prune_step(stepped, 0.4)
-    _assert_models_equal(planned, stepped, "after .half()")
+    assert_models_equal(planned, stepped, "after .half()")
 
 
 @pytest.mark.parametrize(
@@ -208,9 +199,9 @@ def test_step_takes_the_masks_back_after_prune_step_replaced_them(device):
     _perturb(planned, stepped, seed=1)
     plan.step()
     assert plan.check() == gmp_ext.prune_step(stepped, 0.5)
-    _assert_models_equal(planned, stepped, "after prune_step")
+    assert_models_equal(planned, stepped, "after prune_step")
     gmp_ext.apply_masks(planned)  # the store applies the plan's masks
-    _assert_models_equal(planned, stepped, "after apply_masks")
+    assert_models_equal(planned, stepped, "after apply_masks")
 
 
 def test_a_plan_that_cannot_be_prepared_registers_no_masks(monkeypatch):

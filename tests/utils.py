@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import gmp_ext
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 SIZES = [0, 1, 2, 31, 33, 64, 65, 127, 1009, 16384, 16385, 65537, (1 << 20) + 7]
@@ -58,6 +60,16 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str = "") ->
         f"{what}: {diff.numel()} of {a.numel()} differ; first at {diff[:5].tolist()}: "
         f"{a[diff[:5]].tolist()} vs {e[diff[:5]].tolist()}"
     )
+
+
+def assert_models_equal(a: nn.Module, b: nn.Module, what: str) -> None:
+    """Same parameters (bit for bit) and the same gmp_ext masks, by name."""
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert_same(p, q, f"{what}: {name}")
+    masks_a, masks_b = gmp_ext.masks(a), gmp_ext.masks(b)
+    assert list(masks_a) == list(masks_b)
+    for name in masks_a:
+        assert torch.equal(masks_a[name], masks_b[name]), f"{what}: mask {name}"
 
 
 def check_pruned_set(tensor: torch.Tensor, keep: torch.Tensor, k: int) -> None:

@@ -224,7 +224,6 @@ struct FirstPass {
     Bucket bucket{0, 0};
     int64_t rank = 0;
     int64_t in_bucket = 0;
-    std::vector<uint64_t> counts;
 };
 
 // Keys have `bits` bits and NaNs are the keys above `inf`. k == 0 still scans once so NaNs are
@@ -234,14 +233,14 @@ FirstPass first_pass(const KeyRange &r, int64_t k, int bits, uint32_t inf) {
     const int low_bits = bits > 16 ? bits - 16 : 0;
     const uint32_t bins = 1u << (bits - low_bits);
     std::vector<int64_t> zeros(r.tiles->size(), 0);
-    p.counts = histogram<false, true>(r, low_bits, bins, 0, 0, zeros.data());
+    const std::vector<uint64_t> counts = histogram<false, true>(r, low_bits, bins, 0, 0, zeros.data());
 
     const uint32_t inf_bucket = inf >> low_bits;
-    if (low_bits > 0 && p.counts[inf_bucket] > 0) {
+    if (low_bits > 0 && counts[inf_bucket] > 0) {
         p.result.nan_count = count_above(r, inf); // the infinity bucket also holds small NaN payloads
     } else {
         for (uint32_t b = inf_bucket + 1; b < bins; ++b)
-            p.result.nan_count += static_cast<int64_t>(p.counts[b]);
+            p.result.nan_count += static_cast<int64_t>(counts[b]);
     }
     if (p.result.nan_count > 0 || k == 0)
         return p;
@@ -256,8 +255,8 @@ FirstPass first_pass(const KeyRange &r, int64_t k, int bits, uint32_t inf) {
     }
     p.settled = false;
     p.rank = k;
-    p.bucket = Bucket{find_bucket(p.counts, p.rank), low_bits};
-    p.in_bucket = static_cast<int64_t>(p.counts[p.bucket.prefix]);
+    p.bucket = Bucket{find_bucket(counts, p.rank), low_bits};
+    p.in_bucket = static_cast<int64_t>(counts[p.bucket.prefix]);
     return p;
 }
 
