@@ -1,7 +1,8 @@
 """The fused prune step (``Backend.prune``: csrc/ops.h prune_layerwise / prune_global) against
 the reference's select, build and apply: the same rows, masks and weights, bit for bit, on every
 path the kernels take (the bucket gathered by the build, heavy ties that overflow it, the zero
-fast path, NaN rows, k = 0 and k = n, small and empty entries, misaligned views, mixed dtypes)."""
+fast path, NaN rows, k = 0 and k = n, small and empty entries, misaligned views, mixed dtypes,
+the CPU's sample select on layers with structure and when its sample misleads it)."""
 
 from __future__ import annotations
 
@@ -131,3 +132,68 @@ def test_bucket_path_prunes_exactly_k_with_index_order_ties(native, device):
     keep = _reference.unpack_bits(masks[0], t.numel())
     assert int((~keep).sum()) == k
     assert bool((work[0][~keep] == 0).all())
+
+
+def _layers_like_real_ones(n, device):
+    """fp32 layers whose magnitudes are not independent of their position: a scale per row of
+    64 (filters), runs of 8 nearly equal weights, sorted both ways, heavy tails. Sample select
+    (csrc/cpu/sample_select.cpp) brackets the threshold from a sample of runs; these are the
+    layouts that could mislead it."""
+    g = torch.Generator().manual_seed(7)
+    normal = torch.randn(n, generator=g)
+    rows = torch.rand(n // 64 + 1, generator=g).repeat_interleave(64)[:n] * 4
+    layers = [
+        normal * rows,
+        torch.randn(n // 8 + 1, generator=g).repeat_interleave(8)[:n] + 1e-4 * normal,
+        normal.abs().sort().values,
+        normal.abs().sort(descending=True).values,
+        torch.distributions.Cauchy(0.0, 1.0).sample((n,)),
+    ]
+    return [t.to(device) for t in layers]
+
+
+def _sampled_positions(n):
+    """The elements sample select samples from an n-element layer (sample_keys in
+    csrc/cpu/sample_select.cpp, mirrored here)."""
+    m = min(max(n // 64, 1024), 8192)
+    runs = m // 8
+    stride = n // runs
+    hashes = [((r * 0x9E3779B97F4A7C15) % 2**64) >> 32 for r in range(runs)]
+    starts = [r * stride + (h * (stride - 7) >> 32) for r, h in enumerate(hashes)]
+    return torch.tensor(starts).repeat_interleave(8) + torch.arange(8).repeat(runs)
+
+
+@pytest.mark.parametrize("sparsity", [1e-4, 0.05, 0.5, 0.9, 0.999])
+def test_layers_with_structure_prune_exactly(native, device, sparsity):
+    n = 100003  # one thread per layer: each holds under 1 / (2 * threads) of the elements
+    tensors = _layers_like_real_ones(n, device)
+    counts = [round(sparsity * n)] * len(tensors)
+    _assert_same_step(_prune_both(native, tensors, "layer", counts))
+
+
+def test_layers_with_structure_at_k_1_and_n(native, device):
+    n = 70001
+    tensors = _layers_like_real_ones(n, device)
+    for k in (1, 2, n - 1, n):
+        _assert_same_step(_prune_both(native, tensors, "layer", [k] * len(tensors)))
+
+
+def test_a_misleading_sample_falls_back_exactly(native, device):
+    """Every sampled element is made larger than all the others, so the sample's bracket lies
+    above the true threshold: the kernel must find the miss and select by histogram."""
+    tensors = []
+    for n in (50000, 300007, 1 << 19):
+        t = torch.randn(n) * 0.02
+        t[_sampled_positions(n)] = 1.0 + torch.rand(len(_sampled_positions(n)))
+        tensors.append(t.to(device))
+    # Most elements, so that each of the others is selected by one thread.
+    tensors.append(torch.randn(1 << 21, device=device))
+    counts = [t.numel() // 2 for t in tensors]
+    _assert_same_step(_prune_both(native, tensors, "layer", counts))
+    rows = []
+    for backend in (native, REFERENCE):
+        job = backend.prepare([t.clone() for t in tensors], None, "layer", KEY_SPACE_NATIVE)
+        job.set_counts(counts)
+        backend.select(job)
+        rows.append(job.rows.cpu())
+    assert_same(rows[0], rows[1], "select rows")

@@ -7,10 +7,6 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define GMP_HAVE_AVX2_DISPATCH 1
-#endif
 
 namespace gmp::cpu {
 namespace {
@@ -97,9 +93,6 @@ __attribute__((target("avx2"))) void apply_tile_avx2(uint32_t *data, const uint8
     if (first < end)
         apply_tile(data, mask, first, end);
 }
-
-// __builtin_cpu_init first: this initializer may run before libgcc's own constructor.
-const bool kHaveAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
 #endif
 
 } // namespace
@@ -108,7 +101,7 @@ void apply_mask_range(const TensorEntry &entry, int64_t begin, int64_t end) {
     const auto *mask = reinterpret_cast<const uint8_t *>(entry.mask);
     if (entry.dtype == kFloat32)
 #ifdef GMP_HAVE_AVX2_DISPATCH
-        if (kHaveAvx2)
+        if (have_avx2())
             apply_tile_avx2(reinterpret_cast<uint32_t *>(entry.data), mask, begin, end);
         else
 #endif
@@ -121,7 +114,7 @@ void apply_word(const TensorEntry &entry, int64_t first, uint64_t word, int64_t 
     if (entry.dtype == kFloat32) {
         auto *data = reinterpret_cast<uint32_t *>(entry.data) + first;
 #ifdef GMP_HAVE_AVX2_DISPATCH
-        if (kHaveAvx2 && count == 64 && word != 0) {
+        if (have_avx2() && count == 64 && word != 0) {
             apply_word_avx2(data, word);
             return;
         }

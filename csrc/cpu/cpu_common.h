@@ -14,6 +14,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define GMP_HAVE_AVX2_DISPATCH 1
+#endif
 
 namespace gmp::cpu {
 
@@ -49,6 +53,15 @@ inline int64_t total_numel(const TensorEntry *table, int64_t n) {
         total += table[e].numel;
     return total;
 }
+
+#ifdef GMP_HAVE_AVX2_DISPATCH
+// Whether this CPU runs the kernels' target("avx2") variants (the build targets baseline x86-64).
+// __builtin_cpu_init first: the first call may come before libgcc's own constructor has run.
+inline bool have_avx2() {
+    static const bool have = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
+    return have;
+}
+#endif
 
 inline int threads_for(int requested, int64_t elems) { return elems < kMinParallelElems ? 1 : std::max(1, requested); }
 
@@ -117,6 +130,11 @@ struct Bucket {
 // keeps the bucket's for now and appends their composites (index: `base` + flat index).
 void build_tile_around_bucket(const TensorEntry &entry, int32_t key_space, const Bucket &bucket, int64_t begin,
                               int64_t end, int64_t base, std::vector<uint64_t> &composites);
+
+// The exact k-th smallest (key, index) of one entry in the native key space by sample select
+// (cpu/sample_select.cpp), or false when it cannot tell in one read: the caller then runs the
+// histogram select. 0 < k <= numel.
+bool select_by_sample(const TensorEntry &entry, int64_t k, uint32_t &key, int64_t &index);
 
 // Clears the mask bit and zeroes the element of each of `count` composites; an index belongs to
 // the entry e with bases[e] <= index < bases[e + 1] (bases ascending, n of them).

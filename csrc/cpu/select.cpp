@@ -8,11 +8,14 @@
 // Zero fast path: pass 1 also counts the exact zeros of every tile; when there are at least k
 // (weights that already hold their pruned zeros), the k-th zero is found from those counts and
 // one tile, without further passes.
+// An entry one thread selects (per layer) first tries sample select (sample_select.cpp), which
+// needs one read where it can tell.
 // Threads: a per-layer call is one parallel region over its entries, each selected by one thread
 // (only an entry too large to balance is shared by all threads); tiles and entries are handed out
 // one at a time, so few regions and barriers are met and a thread the OS holds back (other
 // processes busy on the cores) delays one unit of work instead of a fixed share.
-// Extra memory: one histogram per thread, one count per tile and at most `cap` composites.
+// Extra memory: one histogram per thread (256 KiB kept by each thread that selected alone), one
+// count per tile and at most `cap` composites.
 #include "../ops.h"
 #include "cpu_common.h"
 #include "keep_word.h"
@@ -44,15 +47,10 @@ struct Threshold {
     int64_t nan_count = 0;
 };
 
-// counts[(key >> shift) & (bins - 1)] over elements whose key >> prefix_shift == prefix (when
-// Filtered); with CountZeros, zeros[t] = exact zero keys in tile t as well (the zero fast path).
-// Zeros are found 64 at a time by a vector compare and left out of the histogram (bin 0 gets them
-// back at the end): weights holding the pruned zeros of an earlier step would otherwise send most
-// increments to one bin, a chain of dependent memory updates. Per-thread uint32 histograms are
-// flushed into uint64 ones before they could overflow.
-template <bool Filtered, bool CountZeros = false>
-std::vector<uint64_t> histogram(const KeyRange &r, int shift, uint32_t bins, int prefix_shift, uint32_t prefix,
-                                int64_t *zeros = nullptr) {
+// Counts of the low `bins` digits (key & (bins - 1)) of the elements whose key >> prefix_shift
+// == prefix: the histogram of a bucket too large for the candidate buffer (heavy ties).
+// Per-thread uint32 histograms are flushed into uint64 ones before they could overflow.
+std::vector<uint64_t> bucket_histogram(const KeyRange &r, uint32_t bins, int prefix_shift, uint32_t prefix) {
     const auto &tiles = *r.tiles;
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     const int nt = threads_for(r.num_threads, num_tiles * kTileElems);
@@ -70,40 +68,11 @@ std::vector<uint64_t> histogram(const KeyRange &r, int shift, uint32_t bins, int
             pending[thread] = 0;
         }
         pending[thread] += tile.end - tile.begin;
-        const uint32_t digit_mask = bins - 1;
         visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
-            if constexpr (CountZeros) {
-                int64_t tile_zeros = 0;
-                for (int64_t first = tile.begin; first < tile.end; first += 64) {
-                    const int64_t count = std::min<int64_t>(64, tile.end - first);
-                    uint64_t nonzero = 0;
-                    if (count == 64) {
-                        nonzero = keep_word(key_of, first, 1);
-                    } else {
-                        for (int64_t j = 0; j < count; ++j)
-                            nonzero |= uint64_t(key_of(first + j) != 0) << j;
-                    }
-                    if (nonzero == ~uint64_t(0)) {
-                        // Digits first (a vector loop), then the increments: they no longer wait
-                        // on the loads and shifts of their own element.
-                        uint32_t digits[64];
-                        for (int j = 0; j < 64; ++j)
-                            digits[j] = (key_of(first + j) >> shift) & digit_mask;
-                        for (uint32_t d : digits)
-                            ++counts[d];
-                        continue;
-                    }
-                    tile_zeros += count - __builtin_popcountll(nonzero);
-                    for (; nonzero != 0; nonzero &= nonzero - 1)
-                        ++counts[(key_of(first + __builtin_ctzll(nonzero)) >> shift) & digit_mask];
-                }
-                zeros[t] = tile_zeros;
-            } else {
-                for (int64_t i = tile.begin; i < tile.end; ++i) {
-                    const uint32_t key = key_of(i);
-                    if (!Filtered || (key >> prefix_shift) == prefix)
-                        ++counts[(key >> shift) & digit_mask];
-                }
+            for (int64_t i = tile.begin; i < tile.end; ++i) {
+                const uint32_t key = key_of(i);
+                if ((key >> prefix_shift) == prefix)
+                    ++counts[key & (bins - 1)];
             }
         });
     });
@@ -111,11 +80,130 @@ std::vector<uint64_t> histogram(const KeyRange &r, int shift, uint32_t bins, int
     for (int thread = 0; thread < nt; ++thread)
         for (uint32_t b = 0; b < bins; ++b)
             counts[b] += local[thread][b] + (wide[thread].empty() ? 0 : wide[thread][b]);
-    if constexpr (CountZeros)
-        for (int64_t t = 0; t < num_tiles; ++t)
-            counts[0] += static_cast<uint64_t>(zeros[t]); // key 0 is in bin 0
     return counts;
 }
+
+// Pass 1 over one tile: adds the digits (key >> shift) of its nonzero keys to `counts` and
+// returns the tile's exact zero count. Zeros are found 64 at a time by a vector compare and left
+// out of the histogram (the caller puts them in bin 0): weights holding the pruned zeros of an
+// earlier step would otherwise send most increments to one bin, a chain of dependent memory
+// updates.
+template <typename KeyOf> int64_t count_high_digits(KeyOf key_of, const Tile &tile, int shift, uint32_t *counts) {
+    int64_t zeros = 0;
+    for (int64_t first = tile.begin; first < tile.end; first += 64) {
+        const int64_t count = std::min<int64_t>(64, tile.end - first);
+        uint64_t nonzero = 0;
+        if (count == 64) {
+            nonzero = keep_word(key_of, first, 1);
+        } else {
+            for (int64_t j = 0; j < count; ++j)
+                nonzero |= uint64_t(key_of(first + j) != 0) << j;
+        }
+        if (nonzero == ~uint64_t(0)) {
+            // Digits first (a vector loop), then the increments: they no longer wait on the
+            // loads and shifts of their own element.
+            uint32_t digits[64];
+            for (int j = 0; j < 64; ++j)
+                digits[j] = key_of(first + j) >> shift;
+            for (uint32_t d : digits)
+                ++counts[d];
+            continue;
+        }
+        zeros += count - __builtin_popcountll(nonzero);
+        for (; nonzero != 0; nonzero &= nonzero - 1)
+            ++counts[key_of(first + __builtin_ctzll(nonzero)) >> shift];
+    }
+    return zeros;
+}
+
+// Pass 1's histogram of the high digit (key >> shift, `bins` of them) with the exact zeros in
+// bin 0, and zeros[t] = exact zeros of tile t (the zero fast path). One thread counts into uint32
+// bins of its own that it keeps between calls and clears with one memset: a per-layer step runs
+// one such pass per layer, and allocating, clearing and summing fresh 64K-bin histograms cost
+// ~60 us a layer, more than counting a layer of 20K weights. Several threads count into fresh
+// uint32 bins, summed into uint64 ones.
+class HighDigitHistogram {
+  public:
+    HighDigitHistogram(const KeyRange &r, int shift, uint32_t bins, int64_t *zeros) : bins_(bins) {
+        const auto &tiles = *r.tiles;
+        const auto num_tiles = static_cast<int64_t>(tiles.size());
+        const int nt = threads_for(r.num_threads, num_tiles * kTileElems);
+        int64_t zero_count = 0;
+        if (nt == 1 && num_tiles * kTileElems <= int64_t(UINT32_MAX)) {
+            narrow_ = kept_bins(bins);
+            for (int64_t t = 0; t < num_tiles; ++t)
+                visit_keys(r.table[tiles[t].entry], r.space,
+                           [&](auto key_of) { zeros[t] = count_high_digits(key_of, tiles[t], shift, narrow_); });
+            for (int64_t t = 0; t < num_tiles; ++t)
+                zero_count += zeros[t];
+            narrow_[0] += static_cast<uint32_t>(zero_count);
+            return;
+        }
+        std::vector<std::vector<uint32_t>> local(nt, std::vector<uint32_t>(bins, 0));
+        // A thread flushes its uint32 bins into the uint64 ones before they could overflow.
+        const int64_t max_tiles_per_flush = int64_t(UINT32_MAX) / kTileElems;
+        std::vector<int64_t> unflushed(nt, 0);
+        wide_.assign(bins, 0);
+        parallel_for(nt, num_tiles, [&](int64_t t, int thread) {
+            if (++unflushed[thread] > max_tiles_per_flush) {
+                flush(local[thread]);
+                unflushed[thread] = 1;
+            }
+            visit_keys(r.table[tiles[t].entry], r.space, [&](auto key_of) {
+                zeros[t] = count_high_digits(key_of, tiles[t], shift, local[thread].data());
+            });
+        });
+        for (auto &counts : local)
+            flush(counts);
+        for (int64_t t = 0; t < num_tiles; ++t)
+            zero_count += zeros[t];
+        wide_[0] += static_cast<uint64_t>(zero_count);
+    }
+    ~HighDigitHistogram() {
+        if (narrow_ != nullptr)
+            std::fill(narrow_, narrow_ + bins_, 0u);
+    }
+    HighDigitHistogram(const HighDigitHistogram &) = delete;
+    HighDigitHistogram &operator=(const HighDigitHistogram &) = delete;
+
+    int64_t operator[](uint32_t b) const {
+        return narrow_ != nullptr ? static_cast<int64_t>(narrow_[b]) : static_cast<int64_t>(wide_[b]);
+    }
+    // Elements in the bins above `b`.
+    int64_t count_above(uint32_t b) const {
+        int64_t total = 0;
+        for (uint32_t i = b + 1; i < bins_; ++i)
+            total += (*this)[i];
+        return total;
+    }
+    // First bin whose cumulative count reaches rank (1-based); rank becomes the rank inside it.
+    uint32_t find_bucket(int64_t &rank) const {
+        for (uint32_t b = 0; b < bins_; ++b) {
+            if ((*this)[b] >= rank)
+                return b;
+            rank -= (*this)[b];
+        }
+        throw std::runtime_error("gmp_ext._C: selection rank exceeds the element count");
+    }
+
+  private:
+    // This thread's bins, all zero between uses.
+    static uint32_t *kept_bins(uint32_t bins) {
+        thread_local std::vector<uint32_t> cleared;
+        if (cleared.size() < bins)
+            cleared.assign(bins, 0u);
+        return cleared.data();
+    }
+    void flush(std::vector<uint32_t> &counts) {
+        for (uint32_t b = 0; b < bins_; ++b)
+            wide_[b] += counts[b];
+        std::fill(counts.begin(), counts.end(), 0u);
+    }
+
+    uint32_t bins_;
+    uint32_t *narrow_ = nullptr;
+    std::vector<uint64_t> wide_;
+};
 
 // Count of elements with key > limit (exact NaN count when limit is the infinity key).
 int64_t count_above(const KeyRange &r, uint32_t limit) {
@@ -231,17 +319,14 @@ struct FirstPass {
 FirstPass first_pass(const KeyRange &r, int64_t k, int bits, uint32_t inf) {
     FirstPass p;
     const int low_bits = bits > 16 ? bits - 16 : 0;
-    const uint32_t bins = 1u << (bits - low_bits);
     std::vector<int64_t> zeros(r.tiles->size(), 0);
-    const std::vector<uint64_t> counts = histogram<false, true>(r, low_bits, bins, 0, 0, zeros.data());
+    const HighDigitHistogram counts(r, low_bits, 1u << (bits - low_bits), zeros.data());
 
     const uint32_t inf_bucket = inf >> low_bits;
-    if (low_bits > 0 && counts[inf_bucket] > 0) {
+    if (low_bits > 0 && counts[inf_bucket] > 0)
         p.result.nan_count = count_above(r, inf); // the infinity bucket also holds small NaN payloads
-    } else {
-        for (uint32_t b = inf_bucket + 1; b < bins; ++b)
-            p.result.nan_count += static_cast<int64_t>(counts[b]);
-    }
+    else
+        p.result.nan_count = counts.count_above(inf_bucket);
     if (p.result.nan_count > 0 || k == 0)
         return p;
     // Zero fast path: the weights already hold at least k pruned zeros (the steady state of a
@@ -255,8 +340,8 @@ FirstPass first_pass(const KeyRange &r, int64_t k, int bits, uint32_t inf) {
     }
     p.settled = false;
     p.rank = k;
-    p.bucket = Bucket{find_bucket(counts, p.rank), low_bits};
-    p.in_bucket = static_cast<int64_t>(counts[p.bucket.prefix]);
+    p.bucket = Bucket{counts.find_bucket(p.rank), low_bits};
+    p.in_bucket = counts[p.bucket.prefix];
     return p;
 }
 
@@ -285,7 +370,7 @@ Threshold resolve(const KeyRange &r, FirstPass &p, int64_t total) {
             std::vector<uint64_t> candidates = gather_bucket(r, low_bits, p.bucket.prefix, p.in_bucket);
             return threshold_of(candidates, p);
         }
-        const std::vector<uint64_t> low = histogram<true>(r, 0, 1u << low_bits, low_bits, p.bucket.prefix);
+        const std::vector<uint64_t> low = bucket_histogram(r, 1u << low_bits, low_bits, p.bucket.prefix);
         key = (p.bucket.prefix << low_bits) | find_bucket(low, p.rank);
     }
     Threshold result;
@@ -381,6 +466,12 @@ template <typename F> void for_each_entry(const TensorEntry *table, int64_t n, i
     parallel_for(nt, static_cast<int64_t>(order.size() - shared), [&](int64_t i, int) { f(order[shared + i], 1); });
 }
 
+// Sample select (cpu/sample_select.cpp) for an entry one thread selects: one read instead of the
+// histogram select's two when it can tell.
+bool select_alone_by_sample(const TensorEntry &entry, int64_t k, int threads, Threshold &t) {
+    return threads == 1 && k > 0 && select_by_sample(entry, k, t.key, t.index);
+}
+
 Selection native_row(const Threshold &t) {
     return Selection{static_cast<int64_t>(t.key), t.index, kNative, t.nan_count};
 }
@@ -449,6 +540,11 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
             out[e] = native_row(select_small(table[e], k[e]));
             return;
         }
+        Threshold sampled;
+        if (select_alone_by_sample(table[e], k[e], threads, sampled)) {
+            out[e] = native_row(sampled);
+            return;
+        }
         const EntryRange er(table[e], threads);
         out[e] = native_row(select_tiles(er.range, table[e].numel, k[e], er.bits, er.inf));
     });
@@ -464,6 +560,13 @@ void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sele
             return;
         }
         const EntryRange er(entry, threads);
+        Threshold sampled;
+        if (select_alone_by_sample(entry, k[e], threads, sampled)) {
+            out[e] = native_row(sampled);
+            for (const Tile &tile : er.tiles)
+                build_tile(entry, out[e], tile.begin, tile.end, true);
+            return;
+        }
         FirstPass p = first_pass(er.range, k[e], er.bits, er.inf);
         if (!p.settled && bucket_fits(p, entry.numel)) {
             const int64_t base = 0;
