@@ -197,7 +197,7 @@ bool select_by_sample(const TensorEntry &entry, int64_t k, uint32_t &key, int64_
     const int64_t m = std::clamp(n / kSampleStride, kMinSample, kMaxSample) / kSampleRun * kSampleRun;
     std::vector<uint32_t> sample = sample_keys(bits, n, m);
     Bracket bracket{};
-    if (!choose_bracket(sample, n, k, std::max(n / 16, kMinCandidateCap), bracket))
+    if (!choose_bracket(sample, n, k, std::max(n / 8, kMinCandidateCap), bracket))
         return false;
     std::vector<uint64_t> candidates;
     candidates.reserve(static_cast<size_t>(bracket.expected + bracket.expected / 4 + 64));
