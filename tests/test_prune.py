@@ -155,7 +155,9 @@ def _layers_like_real_ones(n, device):
 def _sampled_positions(n):
     """The elements sample select samples from an n-element layer (sample_keys in
     csrc/cpu/sample_select.cpp, mirrored here)."""
-    m = min(max(n // 64, 1024), 8192)
+    m = 1024  # sample_size: the power of two nearest below (0.3 n)^(2/3), in [1024, 65536]
+    while m < 65536 and 100.0 * (2.0 * m) ** 3 <= 9.0 * n * n:
+        m *= 2
     runs = m // 8
     stride = n // runs
     hashes = [((r * 0x9E3779B97F4A7C15) % 2**64) >> 32 for r in range(runs)]
@@ -190,9 +192,24 @@ def test_a_misleading_sample_falls_back_exactly(native, device):
     tensors.append(torch.randn(1 << 21, device=device))
     counts = [t.numel() // 2 for t in tensors]
     _assert_same_step(_prune_both(native, tensors, "layer", counts))
+    _assert_same_select(native, tensors, "layer", counts)
+
+
+def test_a_misleading_global_sample_falls_back_exactly(native, device):
+    sizes = (40000, 7, 250001, 123457)
+    flat = torch.randn(sum(sizes)) * 0.02
+    positions = _sampled_positions(flat.numel())
+    flat[positions] = 1.0 + torch.rand(len(positions))
+    tensors = [t.to(device) for t in flat.split(sizes)]
+    counts = [flat.numel() // 2]
+    _assert_same_step(_prune_both(native, tensors, "global", counts))
+    _assert_same_select(native, tensors, "global", counts)
+
+
+def _assert_same_select(native, tensors, scope, counts):
     rows = []
     for backend in (native, REFERENCE):
-        job = backend.prepare([t.clone() for t in tensors], None, "layer", KEY_SPACE_NATIVE)
+        job = backend.prepare([t.clone() for t in tensors], None, scope, KEY_SPACE_NATIVE)
         job.set_counts(counts)
         backend.select(job)
         rows.append(job.rows.cpu())

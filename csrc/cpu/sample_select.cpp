@@ -1,11 +1,14 @@
 // Sample select (Alabi et al., "Fast k-selection algorithms for graphics processing units", ACM
-// JEA 2012): the keys of a sample of the entry bracket its k-th smallest key; one read then
-// counts the keys below the bracket and gathers those inside it as (key << 32 | index)
-// composites, and the k-th of these is the exact (key, index). The read costs a few vector
+// JEA 2012): the keys of a sample of the selection's elements (one entry, or all entries in
+// global order) bracket its k-th smallest key; one read then counts the keys below the bracket
+// and gathers those inside it as ((key - lo) << index bits | index) composites, and the k-th of
+// these is the exact (key, index). The read costs a few vector
 // compares per element, where the histogram select's first pass costs a memory increment each;
 // on the ResNet-50 set one thread selected per layer in ~21 ms this way against ~30-40 ms.
 // When the bracket misses the k-th key (about 1 entry in 400 at 3 standard errors) nothing was
 // decided and the caller runs the histogram select: one read more.
+// Extra memory: the sample (at most 64K keys) and the candidates (at most 1/8 of the elements,
+// and 2^19 + 1/64 of them above 4M).
 // Only fp32 entries on CPUs with AVX2 take this path (the 8-lane compares are what make the
 // read cheap); 16-bit keys settle in the histogram's single 32K-bin pass.
 #include "../ops.h"
@@ -16,60 +19,88 @@
 #include <vector>
 
 namespace gmp::cpu {
+#ifdef GMP_HAVE_AVX2_DISPATCH
 namespace {
 
-constexpr int64_t kSampleStride = 64; // one sampled element per this many
-constexpr int64_t kSampleRun = 8;     // consecutive elements per sampled run
+constexpr int64_t kSampleRun = 8; // consecutive elements per sampled run
 constexpr int64_t kMinSample = 1024;
-constexpr int64_t kMaxSample = int64_t(1) << 13;
+constexpr int64_t kMaxSample = int64_t(1) << 16;
 constexpr double kBracketSigmas = 3.0; // half-width of the bracket, in standard errors of its rank
 constexpr int64_t kMinCandidateCap = int64_t(1) << 12;
 constexpr uint32_t kMagnitude = 0x7fffffffu;
 
-// The key bracket [lo, hi] (inclusive) that holds the k-th smallest key with high probability, and
-// how many elements it is expected to hold.
+// Sample size for n elements: the power of two nearest below (0.3 n)^(2/3), which balances the
+// sample's cost (~12 ns a key to gather and rank) against the candidates' (~4 ns each; a bracket
+// of 3 standard errors holds about 1.8 n / sqrt(m) of them at 90% sparsity).
+int64_t sample_size(int64_t n) {
+    int64_t m = kMinSample;
+    const double nn = static_cast<double>(n);
+    while (m < kMaxSample && 100.0 * std::pow(2.0 * static_cast<double>(m), 3) <= 9.0 * nn * nn)
+        m *= 2;
+    return m;
+}
+
+// The most candidates a bracket may hold before the histogram select is cheaper.
+int64_t candidate_cap(int64_t n) { return std::max(kMinCandidateCap, std::min(n / 8, (int64_t(1) << 19) + n / 64)); }
+
+// The selection's elements: fp32 entries [0, n) of a table, in order.
+struct Elements {
+    const TensorEntry *table;
+    int64_t n;
+    int64_t total;
+};
+
+// The key bracket [lo, hi] (inclusive) that holds the k-th smallest key with high probability,
+// how many elements it is expected to hold, and how the composites of those split their 64 bits.
 struct Bracket {
     uint32_t lo;
     uint32_t hi;
     int64_t expected;
+    int index_bits; // composite = (key - lo) << index_bits | index
 };
 
-// Keys of m elements (m a multiple of kSampleRun): runs of kSampleRun consecutive elements, one
-// run from each of m / kSampleRun equal strides at a hashed offset. A run shares its cache lines;
-// hashed offsets, because weight layouts repeat with strides of their own (kernel taps, heads)
-// that a fixed offset could sample one kind of element of.
-std::vector<uint32_t> sample_keys(const uint32_t *bits, int64_t n, int64_t m) {
+// Keys of m elements (m a multiple of kSampleRun): runs of kSampleRun consecutive elements in
+// the selection's order, one run from each of m / kSampleRun equal strides at a hashed offset.
+// A run shares its cache lines; hashed offsets, because weight layouts repeat with strides of
+// their own (kernel taps, heads) that a fixed offset could sample one kind of element of.
+std::vector<uint32_t> sample_keys(const Elements &el, int64_t m) {
     std::vector<uint32_t> keys(static_cast<size_t>(m));
     const int64_t runs = m / kSampleRun;
-    const int64_t stride = n / runs; // >= kSampleRun
+    const int64_t stride = el.total / runs; // >= kSampleRun
     const auto span = static_cast<uint64_t>(stride - kSampleRun + 1);
+    int64_t e = 0;
+    int64_t base = 0; // of entry e
     for (int64_t r = 0; r < runs; ++r) {
         const uint64_t hash = (uint64_t(r) * 0x9E3779B97F4A7C15ull) >> 32; // 32 well-mixed bits
-        const uint32_t *run = bits + r * stride + static_cast<int64_t>((hash * span) >> 32);
-        for (int64_t j = 0; j < kSampleRun; ++j)
-            keys[r * kSampleRun + j] = run[j] & kMagnitude;
+        const int64_t start = r * stride + static_cast<int64_t>((hash * span) >> 32);
+        for (int64_t j = 0; j < kSampleRun; ++j) {
+            while (start + j >= base + el.table[e].numel)
+                base += el.table[e++].numel;
+            const auto *bits = reinterpret_cast<const uint32_t *>(el.table[e].data);
+            keys[r * kSampleRun + j] = bits[start + j - base] & kMagnitude;
+        }
     }
     return keys;
 }
 
-// The bracket around the sample's k/n quantile, or false when the sample shows NaN or zeros in it
-// (the steady state of a pruned entry: the zero fast path serves it) or ties that would make it
-// hold more than `cap` elements. Its half-width is kBracketSigmas standard errors of the
-// quantile's rank, measured from the spread between runs: neighbouring weights share a filter's
-// or a row's scale, so a run's elements are not independent and the binomial error (the floor
-// here) would be too small.
-bool choose_bracket(std::vector<uint32_t> &sample, int64_t n, int64_t k, int64_t cap, Bracket &bracket) {
+// The bracket around the sample's k/total quantile, or false when the sample shows NaN or zeros in
+// it (the steady state of pruned weights: the zero fast path serves it), ties that would make it
+// hold more than `cap` elements, or more index and key-offset bits than a composite has. Its
+// half-width is kBracketSigmas standard errors of the quantile's rank, measured from the spread
+// between runs: neighbouring weights share a filter's or a row's scale, so a run's elements are
+// not independent and the binomial error (the floor here) would be too small.
+bool choose_bracket(std::vector<uint32_t> &sample, int64_t total, int64_t k, int64_t cap, Bracket &bracket) {
     const auto m = static_cast<int64_t>(sample.size());
     const uint32_t inf = inf_key(kFloat32, kNative);
     for (uint32_t key : sample)
         if (key > inf)
             return false;
-    const double q = static_cast<double>(k) / static_cast<double>(n);
+    const double q = static_cast<double>(k) / static_cast<double>(total);
     const double centre = q * static_cast<double>(m);
     const int64_t centre_rank = std::min(static_cast<int64_t>(centre), m - 1);
-    std::vector<uint32_t> sorted_part(sample); // nth_element reorders; the runs are read below
-    std::nth_element(sorted_part.begin(), sorted_part.begin() + centre_rank, sorted_part.end());
-    const uint32_t centre_key = sorted_part[centre_rank];
+    std::vector<uint32_t> ranked(sample); // nth_element reorders; the runs are read below
+    std::nth_element(ranked.begin(), ranked.begin() + centre_rank, ranked.end());
+    const uint32_t centre_key = ranked[centre_rank];
     double sum = 0;
     double sum_squares = 0;
     for (int64_t r = 0; r < m; r += kSampleRun) {
@@ -88,18 +119,21 @@ bool choose_bracket(std::vector<uint32_t> &sample, int64_t n, int64_t k, int64_t
     bracket.lo = 0;
     bracket.hi = inf;
     if (lo_rank >= 0) {
-        std::nth_element(sorted_part.begin(), sorted_part.begin() + lo_rank, sorted_part.begin() + centre_rank);
-        bracket.lo = sorted_part[lo_rank];
+        std::nth_element(ranked.begin(), ranked.begin() + lo_rank, ranked.begin() + centre_rank);
+        bracket.lo = ranked[lo_rank];
     }
     if (hi_rank < m) {
-        std::nth_element(sorted_part.begin() + centre_rank + 1, sorted_part.begin() + hi_rank, sorted_part.end());
-        bracket.hi = sorted_part[hi_rank];
+        std::nth_element(ranked.begin() + centre_rank + 1, ranked.begin() + hi_rank, ranked.end());
+        bracket.hi = ranked[hi_rank];
     }
     int64_t inside = 0;
     for (uint32_t key : sample)
         inside += key >= bracket.lo && key <= bracket.hi;
-    bracket.expected = inside * n / m;
-    return bracket.lo > 0 && bracket.expected <= cap;
+    bracket.expected = inside * total / m;
+    const int offset_bits = 64 - __builtin_clzll(uint64_t(bracket.hi - bracket.lo) | 1);
+    bracket.index_bits = 64 - offset_bits;
+    return bracket.lo > 0 && bracket.expected <= cap && bracket.index_bits < 64 &&
+           total <= (int64_t(1) << std::min(bracket.index_bits, 62));
 }
 
 // What one read against a bracket finds.
@@ -108,33 +142,34 @@ struct BracketRead {
     bool nan = false;  // any key above the infinity key
 };
 
-// Scalar read of elements [first, n).
-void read_tail(const uint32_t *bits, int64_t first, int64_t n, const Bracket &b, BracketRead &read,
+// Scalar read of elements [first, end) of an entry whose element 0 has index `base`.
+void read_tail(const uint32_t *bits, int64_t first, int64_t end, int64_t base, const Bracket &b, BracketRead &read,
                std::vector<uint64_t> &candidates) {
     const uint32_t inf = inf_key(kFloat32, kNative);
-    for (int64_t i = first; i < n; ++i) {
+    for (int64_t i = first; i < end; ++i) {
         const uint32_t key = bits[i] & kMagnitude;
         read.below += key < b.lo;
         read.nan |= key > inf;
         if (key >= b.lo && key <= b.hi)
-            candidates.push_back((uint64_t(key) << 32) | uint64_t(i));
+            candidates.push_back((uint64_t(key - b.lo) << b.index_bits) | uint64_t(base + i));
     }
 }
 
-#ifdef GMP_HAVE_AVX2_DISPATCH
-// Per 8 keys: three compares, a lane count of keys >= lo, a lane OR of NaNs and one movemask of
-// the keys inside the bracket, whose few set bits are gathered. Keys < 2^31, so signed compares
-// are exact; lo >= 1.
-__attribute__((target("avx2"))) BracketRead read_bracket(const uint32_t *bits, int64_t n, const Bracket &b,
-                                                         std::vector<uint64_t> &candidates) {
+// Reads elements [begin, end) of an entry (begin a multiple of 64) against the bracket. Per 8
+// keys: three compares, a lane count of keys >= lo, a lane OR of NaNs and one movemask of the
+// keys inside the bracket, whose few set bits are gathered. Keys < 2^31, so signed compares are
+// exact; lo >= 1.
+__attribute__((target("avx2"))) void read_bracket(const uint32_t *bits, int64_t begin, int64_t end, int64_t base,
+                                                  const Bracket &b, BracketRead &read,
+                                                  std::vector<uint64_t> &candidates) {
     const __m256i magnitude = _mm256_set1_epi32(static_cast<int32_t>(kMagnitude));
     const __m256i below_lo = _mm256_set1_epi32(static_cast<int32_t>(b.lo - 1));
     const __m256i hi = _mm256_set1_epi32(static_cast<int32_t>(b.hi));
     const __m256i inf = _mm256_set1_epi32(static_cast<int32_t>(inf_key(kFloat32, kNative)));
     __m256i from_lo = _mm256_setzero_si256(); // per lane, minus the count of keys >= lo
     __m256i nan = _mm256_setzero_si256();
-    int64_t first = 0;
-    for (; first + 64 <= n; first += 64) {
+    int64_t first = begin;
+    for (; first + 64 <= end; first += 64) {
         uint64_t inside = 0;
         for (int q = 0; q < 8; ++q) {
             const auto *p = reinterpret_cast<const __m256i *>(bits + first) + q;
@@ -147,40 +182,70 @@ __attribute__((target("avx2"))) BracketRead read_bracket(const uint32_t *bits, i
         }
         for (; inside != 0; inside &= inside - 1) {
             const int64_t i = first + __builtin_ctzll(inside);
-            candidates.push_back((uint64_t(bits[i] & kMagnitude) << 32) | uint64_t(i));
+            candidates.push_back((uint64_t((bits[i] & kMagnitude) - b.lo) << b.index_bits) | uint64_t(base + i));
         }
     }
-    // Each lane counted at most n / 8 < 2^29 keys.
+    // Each lane counted at most (end - begin) / 8 keys: a tile's, or an entry's below 2^32.
     alignas(32) int32_t lanes[8];
     _mm256_store_si256(reinterpret_cast<__m256i *>(lanes), from_lo);
-    BracketRead read;
-    read.below = first;
+    read.below += first - begin;
     for (int32_t lane : lanes)
         read.below += lane;
-    read.nan = !_mm256_testz_si256(nan, nan);
-    read_tail(bits, first, n, b, read, candidates);
+    read.nan |= !_mm256_testz_si256(nan, nan);
+    read_tail(bits, first, end, base, b, read, candidates);
+}
+
+// One read of all elements against the bracket: tiles handed out to `threads` threads, each
+// with its own candidates, joined at the end (composites are unique, so their order is free).
+BracketRead read_elements(const Elements &el, const Bracket &b, int threads, std::vector<uint64_t> &candidates) {
+    const std::vector<Tile> tiles = make_tiles(el.table, el.n);
+    const int nt = threads_for(threads, el.total);
+    std::vector<BracketRead> reads(static_cast<size_t>(nt));
+    std::vector<std::vector<uint64_t>> parts(static_cast<size_t>(nt));
+    for (auto &part : parts)
+        part.reserve(static_cast<size_t>((b.expected + b.expected / 4) / nt + 64));
+    parallel_for(nt, static_cast<int64_t>(tiles.size()), [&](int64_t t, int thread) {
+        const Tile &tile = tiles[t];
+        const auto *bits = reinterpret_cast<const uint32_t *>(el.table[tile.entry].data);
+        read_bracket(bits, tile.begin, tile.end, tile.base, b, reads[thread], parts[thread]);
+    });
+    BracketRead read;
+    size_t count = 0;
+    for (int thread = 0; thread < nt; ++thread) {
+        read.below += reads[thread].below;
+        read.nan |= reads[thread].nan;
+        count += parts[thread].size();
+    }
+    if (nt == 1) {
+        candidates.swap(parts[0]);
+        return read;
+    }
+    candidates.reserve(count);
+    for (auto &part : parts) {
+        candidates.insert(candidates.end(), part.begin(), part.end());
+        std::vector<uint64_t>().swap(part);
+    }
     return read;
 }
-#endif
 
-// The rank-th smallest (1-based) of the candidates, whose keys lie in [lo, hi]: one count of
-// their keys' offsets from lo in at most kCandidateBins bins (an L1-sized table), then
-// nth_element over the bin that holds it. nth_element over all candidates cost ~3x as much.
-uint64_t select_candidate(const std::vector<uint64_t> &candidates, int64_t rank, uint32_t lo, uint32_t hi) {
+// The rank-th smallest (1-based) of the candidates: one count of their key offsets in at most
+// kCandidateBins bins (an L1-sized table), then nth_element over the bin that holds it.
+// nth_element over all candidates cost ~3x as much.
+uint64_t select_candidate(const std::vector<uint64_t> &candidates, int64_t rank, const Bracket &b) {
     constexpr uint32_t kCandidateBins = 2048;
-    int shift = 0;
-    while (((hi - lo) >> shift) >= kCandidateBins)
+    int shift = b.index_bits;
+    while (((uint64_t(b.hi - b.lo) << b.index_bits) >> shift) >= kCandidateBins)
         ++shift;
     std::vector<uint32_t> counts(kCandidateBins, 0);
     for (uint64_t c : candidates)
-        ++counts[(static_cast<uint32_t>(c >> 32) - lo) >> shift];
-    uint32_t bin = 0;
+        ++counts[c >> shift];
+    uint64_t bin = 0;
     for (; counts[bin] < rank; ++bin)
         rank -= counts[bin];
     std::vector<uint64_t> in_bin;
     in_bin.reserve(counts[bin]);
     for (uint64_t c : candidates)
-        if (((static_cast<uint32_t>(c >> 32) - lo) >> shift) == bin)
+        if ((c >> shift) == bin)
             in_bin.push_back(c);
     std::nth_element(in_bin.begin(), in_bin.begin() + (rank - 1), in_bin.end());
     return in_bin[rank - 1];
@@ -188,34 +253,31 @@ uint64_t select_candidate(const std::vector<uint64_t> &candidates, int64_t rank,
 
 } // namespace
 
-bool select_by_sample(const TensorEntry &entry, int64_t k, uint32_t &key, int64_t &index) {
-#ifdef GMP_HAVE_AVX2_DISPATCH
-    const int64_t n = entry.numel;
-    if (!have_avx2() || entry.dtype != kFloat32 || n > int64_t(UINT32_MAX) || n < kMinSample)
+bool select_by_sample(const TensorEntry *table, int64_t n, int64_t k, int num_threads, uint32_t &key, int64_t &index) {
+    if (!have_avx2())
         return false;
-    const auto *bits = reinterpret_cast<const uint32_t *>(entry.data);
-    const int64_t m = std::clamp(n / kSampleStride, kMinSample, kMaxSample) / kSampleRun * kSampleRun;
-    std::vector<uint32_t> sample = sample_keys(bits, n, m);
+    const Elements el{table, n, total_numel(table, n)};
+    for (int64_t e = 0; e < n; ++e)
+        if (table[e].dtype != kFloat32)
+            return false;
+    if (k <= 0 || k > el.total || el.total < 2 * kMinSample)
+        return false;
+    std::vector<uint32_t> sample = sample_keys(el, sample_size(el.total));
     Bracket bracket{};
-    if (!choose_bracket(sample, n, k, std::max(n / 8, kMinCandidateCap), bracket))
+    if (!choose_bracket(sample, el.total, k, candidate_cap(el.total), bracket))
         return false;
     std::vector<uint64_t> candidates;
-    candidates.reserve(static_cast<size_t>(bracket.expected + bracket.expected / 4 + 64));
-    const BracketRead read = read_bracket(bits, n, bracket, candidates);
+    const BracketRead read = read_elements(el, bracket, num_threads, candidates);
     const int64_t rank = k - read.below; // of the k-th key among the candidates, 1-based
     if (read.nan || rank < 1 || rank > static_cast<int64_t>(candidates.size()))
         return false;
-    const uint64_t kth = select_candidate(candidates, rank, bracket.lo, bracket.hi);
-    key = static_cast<uint32_t>(kth >> 32);
-    index = static_cast<int64_t>(kth & 0xffffffffu);
+    const uint64_t kth = select_candidate(candidates, rank, bracket);
+    key = bracket.lo + static_cast<uint32_t>(kth >> bracket.index_bits);
+    index = static_cast<int64_t>(kth & ((uint64_t(1) << bracket.index_bits) - 1));
     return true;
-#else
-    (void)entry;
-    (void)k;
-    (void)key;
-    (void)index;
-    return false;
-#endif
 }
+#else
+bool select_by_sample(const TensorEntry *, int64_t, int64_t, int, uint32_t &, int64_t &) { return false; }
+#endif
 
 } // namespace gmp::cpu

@@ -8,8 +8,8 @@
 // Zero fast path: pass 1 also counts the exact zeros of every tile; when there are at least k
 // (weights that already hold their pruned zeros), the k-th zero is found from those counts and
 // one tile, without further passes.
-// An entry one thread selects (per layer) first tries sample select (sample_select.cpp), which
-// needs one read where it can tell.
+// fp32 selections first try sample select (sample_select.cpp), which needs one read where it can
+// tell: a global one over all entries, and each entry one thread selects per layer.
 // Threads: a per-layer call is one parallel region over its entries, each selected by one thread
 // (only an entry too large to balance is shared by all threads); tiles and entries are handed out
 // one at a time, so few regions and barriers are met and a thread the OS holds back (other
@@ -469,7 +469,7 @@ template <typename F> void for_each_entry(const TensorEntry *table, int64_t n, i
 // Sample select (cpu/sample_select.cpp) for an entry one thread selects: one read instead of the
 // histogram select's two when it can tell.
 bool select_alone_by_sample(const TensorEntry &entry, int64_t k, int threads, Threshold &t) {
-    return threads == 1 && k > 0 && select_by_sample(entry, k, t.key, t.index);
+    return threads == 1 && select_by_sample(&entry, 1, k, 1, t.key, t.index);
 }
 
 Selection native_row(const Threshold &t) {
@@ -581,20 +581,27 @@ void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sele
 
 void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads) {
     const GlobalRange g(table, n, k, key_space, out, num_threads, false);
-    write_global_rows(table, n, key_space, select_tiles(g.range, g.total, k, g.bits, g.inf), out);
+    Threshold t;
+    if (!(key_space == kNative && select_by_sample(table, n, k, num_threads, t.key, t.index)))
+        t = select_tiles(g.range, g.total, k, g.bits, g.inf);
+    write_global_rows(table, n, key_space, t, out);
 }
 
 void prune_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads) {
     const GlobalRange g(table, n, k, key_space, out, num_threads, true);
-    FirstPass p = first_pass(g.range, k, g.bits, g.inf);
-    if (!p.settled && bucket_fits(p, g.total)) {
-        std::vector<int64_t> bases(static_cast<size_t>(n));
-        for (int64_t e = 0, base = 0; e < n; base += table[e++].numel)
-            bases[e] = base;
-        write_global_rows(table, n, key_space, prune_around_bucket(g.range, p, table, bases.data(), n), out);
-        return;
+    Threshold t;
+    if (!(key_space == kNative && select_by_sample(table, n, k, num_threads, t.key, t.index))) {
+        FirstPass p = first_pass(g.range, k, g.bits, g.inf);
+        if (!p.settled && bucket_fits(p, g.total)) {
+            std::vector<int64_t> bases(static_cast<size_t>(n));
+            for (int64_t e = 0, base = 0; e < n; base += table[e++].numel)
+                bases[e] = base;
+            write_global_rows(table, n, key_space, prune_around_bucket(g.range, p, table, bases.data(), n), out);
+            return;
+        }
+        t = resolve(g.range, p, g.total);
     }
-    write_global_rows(table, n, key_space, resolve(g.range, p, g.total), out);
+    write_global_rows(table, n, key_space, t, out);
     parallel_for(threads_for(num_threads, g.total), static_cast<int64_t>(g.tiles.size()), [&](int64_t t, int) {
         const Tile &tile = g.tiles[t];
         build_tile(table[tile.entry], out[tile.entry], tile.begin, tile.end, true);
