@@ -2,11 +2,11 @@
 // JEA 2012): the keys of a sample of the selection's elements (one entry, or all entries in
 // global order) bracket its k-th smallest key; one read then counts the keys below the bracket
 // and gathers those inside it as ((key - lo) << index bits | index) composites, and the k-th of
-// these is the exact (key, index). The read costs a few vector
-// compares per element, where the histogram select's first pass costs a memory increment each;
-// on the ResNet-50 set one thread selected per layer in ~21 ms this way against ~30-40 ms.
-// When the bracket misses the k-th key (about 1 entry in 400 at 3 standard errors) nothing was
-// decided and the caller runs the histogram select: one read more.
+// these is the exact (key, index). The read costs a few vector compares per element, where the
+// histogram select's first pass costs a memory increment each: on the ResNet-50 set the per-layer
+// prune step went from 2.3-3.3 to 1.5-2.2 read passes (benchmarks/README.md).
+// When the bracket misses the k-th key (about 1 selection in 370 at 3 standard errors) nothing
+// was decided and the caller runs the histogram select: one read more.
 // Extra memory: the sample (at most 64K keys) and the candidates (at most 1/8 of the elements,
 // and 2^19 + 1/64 of them above 4M).
 // Only fp32 entries on CPUs with AVX2 take this path (the 8-lane compares are what make the
@@ -132,8 +132,7 @@ bool choose_bracket(std::vector<uint32_t> &sample, int64_t total, int64_t k, int
     bracket.expected = inside * total / m;
     const int offset_bits = 64 - __builtin_clzll(uint64_t(bracket.hi - bracket.lo) | 1);
     bracket.index_bits = 64 - offset_bits;
-    return bracket.lo > 0 && bracket.expected <= cap && bracket.index_bits < 64 &&
-           total <= (int64_t(1) << std::min(bracket.index_bits, 62));
+    return bracket.lo > 0 && bracket.expected <= cap && total <= (int64_t(1) << std::min(bracket.index_bits, 62));
 }
 
 // What one read against a bracket finds.
@@ -185,7 +184,7 @@ __attribute__((target("avx2"))) void read_bracket(const uint32_t *bits, int64_t 
             candidates.push_back((uint64_t((bits[i] & kMagnitude) - b.lo) << b.index_bits) | uint64_t(base + i));
         }
     }
-    // Each lane counted at most (end - begin) / 8 keys: a tile's, or an entry's below 2^32.
+    // Each lane counted at most a tile's 64K / 8 keys.
     alignas(32) int32_t lanes[8];
     _mm256_store_si256(reinterpret_cast<__m256i *>(lanes), from_lo);
     read.below += first - begin;
