@@ -9,7 +9,7 @@
 // (weights that already hold their pruned zeros), the k-th zero is found from those counts and
 // one tile, without further passes.
 // fp32 selections first try sample select (sample_select.cpp), which needs one read where it can
-// tell: a global one over all entries, and each entry one thread selects per layer.
+// tell: a global one over all entries, each entry of a per-layer one.
 // Threads: a per-layer call is one parallel region over its entries, each selected by one thread
 // (only an entry too large to balance is shared by all threads); tiles and entries are handed out
 // one at a time, so few regions and barriers are met and a thread the OS holds back (other
@@ -466,12 +466,6 @@ template <typename F> void for_each_entry(const TensorEntry *table, int64_t n, i
     parallel_for(nt, static_cast<int64_t>(order.size() - shared), [&](int64_t i, int) { f(order[shared + i], 1); });
 }
 
-// Sample select (cpu/sample_select.cpp) for an entry one thread selects: one read instead of the
-// histogram select's two when it can tell.
-bool select_alone_by_sample(const TensorEntry &entry, int64_t k, int threads, Threshold &t) {
-    return threads == 1 && select_by_sample(&entry, 1, k, 1, t.key, t.index);
-}
-
 Selection native_row(const Threshold &t) {
     return Selection{static_cast<int64_t>(t.key), t.index, kNative, t.nan_count};
 }
@@ -541,7 +535,7 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
             return;
         }
         Threshold sampled;
-        if (select_alone_by_sample(table[e], k[e], threads, sampled)) {
+        if (select_by_sample(&table[e], 1, k[e], threads, sampled.key, sampled.index)) {
             out[e] = native_row(sampled);
             return;
         }
@@ -561,10 +555,10 @@ void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sele
         }
         const EntryRange er(entry, threads);
         Threshold sampled;
-        if (select_alone_by_sample(entry, k[e], threads, sampled)) {
+        if (select_by_sample(&entry, 1, k[e], threads, sampled.key, sampled.index)) {
             out[e] = native_row(sampled);
-            for (const Tile &tile : er.tiles)
-                build_tile(entry, out[e], tile.begin, tile.end, true);
+            parallel_for(threads, static_cast<int64_t>(er.tiles.size()),
+                         [&](int64_t t, int) { build_tile(entry, out[e], er.tiles[t].begin, er.tiles[t].end, true); });
             return;
         }
         FirstPass p = first_pass(er.range, k[e], er.bits, er.inf);
