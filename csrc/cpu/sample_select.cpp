@@ -7,8 +7,8 @@
 // prune step went from 2.3-3.3 to 1.5-2.2 read passes (benchmarks/README.md).
 // When the bracket misses the k-th key (about 1 selection in 370 at 3 standard errors) nothing
 // was decided and the caller runs the histogram select: one read more.
-// Extra memory: the sample (at most 64K keys) and the candidates (at most 1/8 of the elements,
-// and 2^19 + 1/64 of them above 4M).
+// Extra memory: the sample (at most 64K keys) and the candidates: a bracket expected to hold more
+// than 1/8 of the elements (above ~4.8M elements: 2^19 + 1/64 of them) is not read.
 // Only fp32 entries on CPUs with AVX2 take this path (the 8-lane compares are what make the
 // read cheap); 16-bit keys settle in the histogram's single 32K-bin pass.
 #include "../ops.h"

@@ -83,6 +83,17 @@ std::vector<uint64_t> bucket_histogram(const KeyRange &r, uint32_t bins, int pre
     return counts;
 }
 
+// First of `bins` buckets whose cumulative count reaches rank (1-based); rank becomes the rank
+// inside it.
+template <typename Counts> uint32_t find_bucket(const Counts &counts, uint32_t bins, int64_t &rank) {
+    for (uint32_t b = 0; b < bins; ++b) {
+        if (static_cast<int64_t>(counts[b]) >= rank)
+            return b;
+        rank -= static_cast<int64_t>(counts[b]);
+    }
+    throw std::runtime_error("gmp_ext._C: selection rank exceeds the element count");
+}
+
 // Pass 1 over one tile: adds the digits (key >> shift) of its nonzero keys to `counts` and
 // returns the tile's exact zero count. Zeros are found 64 at a time by a vector compare and left
 // out of the histogram (the caller puts them in bin 0): weights holding the pruned zeros of an
@@ -128,36 +139,21 @@ class HighDigitHistogram {
         const auto &tiles = *r.tiles;
         const auto num_tiles = static_cast<int64_t>(tiles.size());
         const int nt = threads_for(r.num_threads, num_tiles * kTileElems);
-        int64_t zero_count = 0;
         if (nt == 1 && num_tiles * kTileElems <= int64_t(UINT32_MAX)) {
             narrow_ = kept_bins(bins);
             for (int64_t t = 0; t < num_tiles; ++t)
                 visit_keys(r.table[tiles[t].entry], r.space,
                            [&](auto key_of) { zeros[t] = count_high_digits(key_of, tiles[t], shift, narrow_); });
-            for (int64_t t = 0; t < num_tiles; ++t)
-                zero_count += zeros[t];
-            narrow_[0] += static_cast<uint32_t>(zero_count);
-            return;
+        } else {
+            count_in_threads(r, shift, nt, zeros);
         }
-        std::vector<std::vector<uint32_t>> local(nt, std::vector<uint32_t>(bins, 0));
-        // A thread flushes its uint32 bins into the uint64 ones before they could overflow.
-        const int64_t max_tiles_per_flush = int64_t(UINT32_MAX) / kTileElems;
-        std::vector<int64_t> unflushed(nt, 0);
-        wide_.assign(bins, 0);
-        parallel_for(nt, num_tiles, [&](int64_t t, int thread) {
-            if (++unflushed[thread] > max_tiles_per_flush) {
-                flush(local[thread]);
-                unflushed[thread] = 1;
-            }
-            visit_keys(r.table[tiles[t].entry], r.space, [&](auto key_of) {
-                zeros[t] = count_high_digits(key_of, tiles[t], shift, local[thread].data());
-            });
-        });
-        for (auto &counts : local)
-            flush(counts);
+        int64_t zero_count = 0;
         for (int64_t t = 0; t < num_tiles; ++t)
             zero_count += zeros[t];
-        wide_[0] += static_cast<uint64_t>(zero_count);
+        if (narrow_ != nullptr)
+            narrow_[0] += static_cast<uint32_t>(zero_count);
+        else
+            wide_[0] += static_cast<uint64_t>(zero_count);
     }
     ~HighDigitHistogram() {
         if (narrow_ != nullptr)
@@ -176,17 +172,29 @@ class HighDigitHistogram {
             total += (*this)[i];
         return total;
     }
-    // First bin whose cumulative count reaches rank (1-based); rank becomes the rank inside it.
-    uint32_t find_bucket(int64_t &rank) const {
-        for (uint32_t b = 0; b < bins_; ++b) {
-            if ((*this)[b] >= rank)
-                return b;
-            rank -= (*this)[b];
-        }
-        throw std::runtime_error("gmp_ext._C: selection rank exceeds the element count");
-    }
+    uint32_t bins() const { return bins_; }
 
   private:
+    // Threads count into fresh uint32 bins, flushed into the uint64 ones before they could
+    // overflow and at the end.
+    void count_in_threads(const KeyRange &r, int shift, int nt, int64_t *zeros) {
+        const auto &tiles = *r.tiles;
+        std::vector<std::vector<uint32_t>> local(nt, std::vector<uint32_t>(bins_, 0));
+        const int64_t max_tiles_per_flush = int64_t(UINT32_MAX) / kTileElems;
+        std::vector<int64_t> unflushed(nt, 0);
+        wide_.assign(bins_, 0);
+        parallel_for(nt, static_cast<int64_t>(tiles.size()), [&](int64_t t, int thread) {
+            if (++unflushed[thread] > max_tiles_per_flush) {
+                flush(local[thread]);
+                unflushed[thread] = 1;
+            }
+            visit_keys(r.table[tiles[t].entry], r.space, [&](auto key_of) {
+                zeros[t] = count_high_digits(key_of, tiles[t], shift, local[thread].data());
+            });
+        });
+        for (auto &counts : local)
+            flush(counts);
+    }
     // This thread's bins, all zero between uses.
     static uint32_t *kept_bins(uint32_t bins) {
         thread_local std::vector<uint32_t> cleared;
@@ -221,16 +229,6 @@ int64_t count_above(const KeyRange &r, uint32_t limit) {
     for (int64_t c : per_tile)
         total += c;
     return total;
-}
-
-// First bucket whose cumulative count reaches rank (1-based); rank becomes the rank inside it.
-uint32_t find_bucket(const std::vector<uint64_t> &counts, int64_t &rank) {
-    for (uint32_t b = 0; b < counts.size(); ++b) {
-        if (static_cast<int64_t>(counts[b]) >= rank)
-            return b;
-        rank -= static_cast<int64_t>(counts[b]);
-    }
-    throw std::runtime_error("gmp_ext._C: selection rank exceeds the element count");
 }
 
 // Global index of the rank-th (1-based) element whose key equals `key`, in tile order, given the
@@ -340,7 +338,7 @@ FirstPass first_pass(const KeyRange &r, int64_t k, int bits, uint32_t inf) {
     }
     p.settled = false;
     p.rank = k;
-    p.bucket = Bucket{counts.find_bucket(p.rank), low_bits};
+    p.bucket = Bucket{find_bucket(counts, counts.bins(), p.rank), low_bits};
     p.in_bucket = counts[p.bucket.prefix];
     return p;
 }
@@ -371,7 +369,7 @@ Threshold resolve(const KeyRange &r, FirstPass &p, int64_t total) {
             return threshold_of(candidates, p);
         }
         const std::vector<uint64_t> low = bucket_histogram(r, 1u << low_bits, low_bits, p.bucket.prefix);
-        key = (p.bucket.prefix << low_bits) | find_bucket(low, p.rank);
+        key = (p.bucket.prefix << low_bits) | find_bucket(low, static_cast<uint32_t>(low.size()), p.rank);
     }
     Threshold result;
     result.key = key;
@@ -534,13 +532,12 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
             out[e] = native_row(select_small(table[e], k[e]));
             return;
         }
-        Threshold sampled;
-        if (select_by_sample(&table[e], 1, k[e], threads, sampled.key, sampled.index)) {
-            out[e] = native_row(sampled);
-            return;
+        Threshold t;
+        if (!select_by_sample(&table[e], 1, k[e], threads, t.key, t.index)) {
+            const EntryRange er(table[e], threads);
+            t = select_tiles(er.range, table[e].numel, k[e], er.bits, er.inf);
         }
-        const EntryRange er(table[e], threads);
-        out[e] = native_row(select_tiles(er.range, table[e].numel, k[e], er.bits, er.inf));
+        out[e] = native_row(t);
     });
 }
 
@@ -554,22 +551,19 @@ void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sele
             return;
         }
         const EntryRange er(entry, threads);
-        Threshold sampled;
-        if (select_by_sample(&entry, 1, k[e], threads, sampled.key, sampled.index)) {
-            out[e] = native_row(sampled);
-            parallel_for(threads, static_cast<int64_t>(er.tiles.size()),
-                         [&](int64_t t, int) { build_tile(entry, out[e], er.tiles[t].begin, er.tiles[t].end, true); });
-            return;
+        Threshold t;
+        if (!select_by_sample(&entry, 1, k[e], threads, t.key, t.index)) {
+            FirstPass p = first_pass(er.range, k[e], er.bits, er.inf);
+            if (!p.settled && bucket_fits(p, entry.numel)) {
+                const int64_t base = 0;
+                out[e] = native_row(prune_around_bucket(er.range, p, &entry, &base, 1));
+                return;
+            }
+            t = resolve(er.range, p, entry.numel);
         }
-        FirstPass p = first_pass(er.range, k[e], er.bits, er.inf);
-        if (!p.settled && bucket_fits(p, entry.numel)) {
-            const int64_t base = 0;
-            out[e] = native_row(prune_around_bucket(er.range, p, &entry, &base, 1));
-            return;
-        }
-        out[e] = native_row(resolve(er.range, p, entry.numel));
+        out[e] = native_row(t);
         parallel_for(threads, static_cast<int64_t>(er.tiles.size()),
-                     [&](int64_t t, int) { build_tile(entry, out[e], er.tiles[t].begin, er.tiles[t].end, true); });
+                     [&](int64_t i, int) { build_tile(entry, out[e], er.tiles[i].begin, er.tiles[i].end, true); });
     });
 }
 
@@ -596,8 +590,8 @@ void prune_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_sp
         t = resolve(g.range, p, g.total);
     }
     write_global_rows(table, n, key_space, t, out);
-    parallel_for(threads_for(num_threads, g.total), static_cast<int64_t>(g.tiles.size()), [&](int64_t t, int) {
-        const Tile &tile = g.tiles[t];
+    parallel_for(threads_for(num_threads, g.total), static_cast<int64_t>(g.tiles.size()), [&](int64_t i, int) {
+        const Tile &tile = g.tiles[i];
         build_tile(table[tile.entry], out[tile.entry], tile.begin, tile.end, true);
     });
 }
