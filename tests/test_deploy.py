@@ -419,19 +419,26 @@ def test_is_nm_sparse():
 
 
 def test_is_nm_sparse_groups_along_the_reduction_dimension():
-    conv = torch.zeros(4, 2, 2, 2)  # rows of 8: in_channels x kh x kw
-    conv[:, 0, 0, :] = 1.0  # two non-zeros in each first group of 4
-    assert gmp_ext.is_nm_sparse(conv)
-    conv[:, 0, 1, 0] = 1.0  # a third
+    # A Conv weight [out, in, kh, kw]: groups of 4 input channels at each kernel position.
+    conv = torch.zeros(4, 4, 2, 2)
+    conv[:, 0, :, :] = 1.0  # all four taps of channel 0: one non-zero per group
+    assert gmp_ext.is_nm_sparse(conv, 1, 4)
+    conv[:, 1, 0, 0] = 1.0  # a second at tap (0, 0)
+    assert gmp_ext.is_nm_sparse(conv, 2, 4) and not gmp_ext.is_nm_sparse(conv, 1, 4)
+    conv[:, 2, 0, 0] = 1.0  # a third
     assert not gmp_ext.is_nm_sparse(conv)
     rows = torch.zeros(8, 4)
     rows[:, :2] = 1.0
     assert gmp_ext.is_nm_sparse(rows) and not gmp_ext.is_nm_sparse(rows.t())
+    assert gmp_ext.is_nm_sparse(rows.t(), reduction_dim=0)  # a Conv1D weight [in, out]
+    assert not gmp_ext.is_nm_sparse(rows, reduction_dim=0)
     assert gmp_ext.is_nm_sparse(rows.t().contiguous().t())  # non-contiguous, same values
     assert gmp_ext.is_nm_sparse(rows.to(torch.bfloat16))
 
 
 def test_is_nm_sparse_bad_arguments():
+    with pytest.raises(ValueError, match=r"reduction_dim .* shape \(4, 4\), got 2"):
+        gmp_ext.is_nm_sparse(torch.zeros(4, 4), reduction_dim=2)
     with pytest.raises(ValueError, match=r"n=5, m=4"):
         gmp_ext.is_nm_sparse(torch.zeros(4, 4), 5, 4)
     with pytest.raises(ValueError, match=r"m=0"):

@@ -153,7 +153,12 @@ def model() -> nn.Module:
 
 
 def groups_of(param: torch.Tensor, m: int) -> torch.Tensor:
-    return param.detach().reshape(param.shape[0], -1).reshape(-1, m)
+    """Groups of m along the input channels: of a Conv weight [out, in, *kernel], at each
+    kernel position."""
+    param = param.detach()
+    if param.dim() > 2:
+        param = param.movedim(1, -1)
+    return param.reshape(-1, m)
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
@@ -200,14 +205,24 @@ def test_channels_last_conv_groups_follow_the_logical_rows():
 def test_prune_plan_equals_prune_step():
     net, twin = model(), model()
     twin.load_state_dict(net.state_dict())
-    plan = gmp_ext.PrunePlan(net, 0.25, nm=(2, 4))
+    # The conv's reduction dimension (input channels) is not its last: prune_step only.
+    plan = gmp_ext.PrunePlan(net, 0.25, nm=(2, 4), exclude="0")
     for sparsity in (0.25, 0.5):
         plan.set_sparsity(sparsity)
         plan.step()
         achieved = plan.check()
-        assert achieved == gmp_ext.prune_step(twin, sparsity, nm=(2, 4))
+        assert achieved == gmp_ext.prune_step(twin, sparsity, nm=(2, 4), exclude="0")
         for a, b in zip(net.parameters(), twin.parameters()):
             assert torch.equal(a, b)
+
+
+def test_prune_plan_refuses_nm_across_a_transposed_layout():
+    net = model()
+    before = [p.clone() for p in net.parameters()]
+    with pytest.raises(NotImplementedError, match=r"'0.weight' \(dimension 1 of \(8, 8, 3, 3\)\)"):
+        gmp_ext.PrunePlan(net, 0.5, nm=(2, 4))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert gmp_ext.masks(net) == {}
 
 
 def test_nan_weights_raise_naming_the_parameter_and_modify_nothing():
@@ -220,7 +235,7 @@ def test_nan_weights_raise_naming_the_parameter_and_modify_nothing():
     for k, v in net.state_dict().items():
         assert_same(v, before[k], k)  # bit patterns: NaN == NaN
     assert gmp_ext.masks(net) == {}
-    plan = gmp_ext.PrunePlan(net, 0.5, nm=(2, 4))
+    plan = gmp_ext.PrunePlan(net, 0.5, nm=(2, 4), exclude="0")
     plan.step()
     with pytest.raises(ValueError, match=r"parameter '3.weight' \(2\)"):
         plan.check()

@@ -18,6 +18,7 @@ from .controller import GMP
 from .deploy import is_nm_sparse, load_sparse, save_sparse, to_semi_structured
 from .distributed import verify_masks_across_ranks
 from .exceptions import GMPWarning
+from .layers import register_layer
 from .plan import PrunePlan
 from .pruner import (
     SparsityReport,
@@ -50,6 +51,7 @@ __all__ = [
     "masks",
     "ops",
     "prune_step",
+    "register_layer",
     "remove",
     "save_sparse",
     "select_parameters",

@@ -15,8 +15,9 @@ the last release with them, decompresses these files to the saved weights: see
 ``tests/test_deploy.py``), and because its own 2:4 encoder picks the kept zeros of a group by
 ``topk`` (here: the lowest indices, so a save is deterministic).
 
-N:M groups, as everywhere in gmp_ext: ``m`` consecutive elements of each row of
-``weight.reshape(weight.shape[0], -1)`` (the reduction dimension of Linear and Conv).
+N:M groups, as everywhere in gmp_ext: ``m`` consecutive elements along a weight's reduction
+(input) dimension (:mod:`gmp_ext.layers`). The ``sparse-24-bitmask`` format packs groups along
+the rows of a 2-D weight, so only ``[out, in]`` weights (Linear) are stored in it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from torch import nn
 
 from . import pruner
 from .dtensors import is_dtensor
-from .selection import ParamSpec, bare_name, select_parameters, unwrap
+from .layers import reduction_last
+from .selection import ParamSpec, bare_name, reduction_dims, select_parameters, unwrap
 
 __all__ = [
     "CONFIG_FILE",
@@ -78,32 +80,33 @@ def _import_extra() -> tuple[ModuleType, ModuleType]:
 # -- N:M layout ---------------------------------------------------------------------------------
 
 
-def _groups(tensor: torch.Tensor, m: int) -> torch.Tensor | None:
-    """The tensor as [rows, groups, m], or None when its rows do not split into whole groups."""
-    if tensor.dim() == 0 or tensor.numel() == 0:
-        return None
-    rows = tensor.reshape(tensor.shape[0], -1)
-    if rows.shape[1] % m:
-        return None
-    return rows.reshape(rows.shape[0], -1, m)
+def is_nm_sparse(tensor: torch.Tensor, n: int = 2, m: int = 4, *, reduction_dim: int = 1) -> bool:
+    """Whether every group of ``m`` consecutive elements along dimension ``reduction_dim`` of
+    ``tensor`` holds at most ``n`` non-zeros (``-0.0`` is a zero, NaN is not). The default is
+    the input dimension of Linear (``[out, in]``) and ConvNd (``[out, in, *kernel]``: groups
+    of input channels at each kernel position) weights; transformers' ``Conv1D`` and
+    ``ConvTranspose`` weights take ``reduction_dim=0``.
 
-
-def is_nm_sparse(tensor: torch.Tensor, n: int = 2, m: int = 4) -> bool:
-    """Whether every group of ``m`` consecutive elements of each row of
-    ``tensor.reshape(tensor.shape[0], -1)`` holds at most ``n`` non-zeros (``-0.0`` is a
-    zero, NaN is not).
-
-    False when the row length is not a multiple of ``m`` (the 2:4 kernels and formats need
-    whole groups), and for an empty or 0-d tensor. Raises ValueError unless ``0 <= n <= m``
-    and ``m >= 1``, TypeError for a non-tensor.
+    False when that dimension's size is not a multiple of ``m`` (the 2:4 kernels and formats
+    need whole groups), and for an empty or 0-d tensor. Raises ValueError unless ``0 <= n <=
+    m`` and ``m >= 1``, or ``reduction_dim`` is not a dimension of a tensor of 2 or more
+    dimensions, TypeError for a non-tensor.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     if not (isinstance(n, int) and isinstance(m, int) and m >= 1 and 0 <= n <= m):
         raise ValueError(f"N:M needs integers 0 <= n <= m, m >= 1; got n={n!r}, m={m!r}")
-    groups = _groups(tensor.detach(), m)
-    if groups is None:
+    if tensor.dim() == 0 or tensor.numel() == 0:
         return False
+    ndim = max(tensor.dim(), 2)
+    if not isinstance(reduction_dim, int) or not 0 <= reduction_dim < ndim:
+        raise ValueError(
+            f"reduction_dim must be a dimension of the tensor of shape {tuple(tensor.shape)}, "
+            f"got {reduction_dim!r}"
+        )
+    if tensor.dim() == 1 or tensor.shape[reduction_dim] % m:
+        return False
+    groups = reduction_last(tensor.detach(), reduction_dim).reshape(-1, m)
     return bool(((groups != 0).sum(-1) <= n).all())
 
 
@@ -199,9 +202,13 @@ def _storage_key(tensor: torch.Tensor) -> tuple[object, ...]:
 def _candidates(
     model: nn.Module, params: ParamSpec, exclude: list[str] | str | None
 ) -> dict[str, torch.Tensor]:
-    """The selected 2-D ``<module>.weight`` tensors, by the unwrapped model's names."""
+    """The selected 2-D ``<module>.weight`` tensors, by the unwrapped model's names (the
+    default selection's other matmul weights, ``nn.MultiheadAttention``'s ``in_proj_weight``,
+    are stored dense)."""
     found: dict[str, torch.Tensor] = {}
     for name, param in select_parameters(model, params, exclude).items():
+        if params is None and not name.endswith(".weight"):
+            continue
         if not name.endswith(".weight"):
             raise ValueError(
                 f"parameter '{name}': compressed-tensors stores only '<module>.weight' "
@@ -212,14 +219,15 @@ def _candidates(
     return found
 
 
-def _choose_format(fmt: str, compressible: dict[str, torch.Tensor]) -> str:
+def _choose_format(fmt: str, compressible: dict[str, torch.Tensor], rows_24: set[str]) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    not_24 = [n for n, w in compressible.items() if not is_nm_sparse(w, 2, 4)]
+    not_24 = [n for n in compressible if n not in rows_24]
     if fmt == SPARSE_24 and not_24:
         raise ValueError(
-            f"format='{SPARSE_24}' needs every compressed weight 2:4 sparse (at most 2 "
-            f"non-zeros in each group of 4 along a row, rows a multiple of 4 long); not: {not_24}"
+            f"format='{SPARSE_24}' needs every compressed weight 2:4 sparse along its rows, "
+            "which must be its reduction dimension (at most 2 non-zeros in each group of 4, "
+            f"rows a multiple of 4 long: an [out, in] weight); not: {not_24}"
         )
     if fmt == "auto":
         return SPARSE_24 if compressible and not not_24 else BITMASK
@@ -277,10 +285,13 @@ def save_sparse(
     def smaller(weight: torch.Tensor, fmt: str) -> bool:
         return _compressed_bytes(weight, fmt) < weight.numel() * weight.element_size()
 
+    # 2:4 along rows that are the reduction dimension: transformers' Conv1D ([in, out]) is not.
+    dims = dict(zip(candidates, reduction_dims(inner, list(candidates))))
+    rows_24 = {n for n, w in candidates.items() if dims[n] == 1 and is_nm_sparse(w)}
     compressible = {n: w for n, w in candidates.items() if smaller(w, BITMASK)}
-    fmt = _choose_format(format, compressible)
+    fmt = _choose_format(format, compressible, rows_24)
     if fmt == SPARSE_24:
-        compressible = {n: w for n, w in candidates.items() if is_nm_sparse(w) and smaller(w, fmt)}
+        compressible = {n: w for n, w in candidates.items() if n in rows_24 and smaller(w, fmt)}
 
     # A tied weight is stored once, under its first state-dict name.
     compress = {_storage_key(w.detach()) for w in compressible.values()}

@@ -22,6 +22,7 @@ from .dtensors import any_dtensor
 from .engine import PreparedStep
 from .mask_store import MaskEntry, ensure_store, get_store
 from .pruner import ParamSpec, SparsitySpec, targets_of
+from .selection import reduction_dims, unwrap
 from .strategies import Selection, selection_for
 
 __all__ = ["PrunePlan"]
@@ -75,6 +76,20 @@ class PrunePlan:
         self._names = list(selected)
         self._params = [selected[n] for n in self._names]
         self._labels = [f"parameter '{n}'" for n in self._names]
+        if self._selection.pattern is not None:
+            dims = reduction_dims(unwrap(model)[0], self._names)
+            transposed = [
+                f"'{n}' (dimension {d} of {tuple(p.shape)})"
+                for n, p, d in zip(self._names, self._params, dims)
+                if d != p.dim() - 1
+            ]
+            if transposed:
+                raise NotImplementedError(
+                    "PrunePlan prunes N:M only along a weight's last dimension, and the "
+                    f"reduction dimension of {', '.join(transposed)} is another: use "
+                    "gmp_ext.prune_step or gmp_ext.GMP (they select through a permuted copy), "
+                    "or exclude= them"
+                )
         self._selection.check(self._params, self._names)
         store = get_store(model)
         self._entries = {}

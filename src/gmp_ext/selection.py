@@ -19,29 +19,20 @@ from torch.nn.utils import parametrize
 
 from . import primitives
 from .exceptions import warn
+from .layers import is_instance_named, is_tuner_layer, layer_spec, named_layers, weight_layout
 
 __all__ = [
-    "DEFAULT_PRUNABLE",
     "ParamSpec",
     "bare_name",
     "check_patterns",
     "matches",
+    "named_parameters",
     "owner_of",
     "parameter_by_name",
+    "reduction_dims",
     "select_parameters",
     "unwrap",
 ]
-
-# Weight matrices and kernels; never biases, norms or embeddings.
-DEFAULT_PRUNABLE: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
 
 ParamSpec = Union[
     None,
@@ -57,6 +48,11 @@ ParamSpec = Union[
 def _wrapped_attribute(model: nn.Module) -> str | None:
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return "module"
+    # PEFT: PeftModel.base_model is the tuner (LoraModel...), whose .model is the user's model.
+    if is_instance_named(model, "peft.peft_model.PeftModel"):
+        return "base_model"
+    if is_instance_named(model, "peft.tuners.tuners_utils.BaseTuner"):
+        return "model"
     # torch.compile's OptimizedModule (importing torch._dynamo to check the class is slow).
     if type(model).__name__ == "OptimizedModule" and isinstance(
         getattr(model, "_orig_mod", None), nn.Module
@@ -66,8 +62,9 @@ def _wrapped_attribute(model: nn.Module) -> str | None:
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
-    """The user's model inside DDP / DataParallel / ``torch.compile`` wrappers (nested in any
-    order), and the prefix they add to its parameter names (``""`` for a plain module)."""
+    """The user's model inside DDP / DataParallel / ``torch.compile`` / PEFT wrappers (nested
+    in any order), and the prefix they add to its parameter names (``""`` for a plain
+    module)."""
     prefix = ""
     attribute = _wrapped_attribute(model)
     while attribute is not None:
@@ -84,10 +81,12 @@ def _prefix_tails(prefix: str) -> list[str]:
 
 
 def bare_name(name: str, prefix: str, known: Iterable[str] = ()) -> str:
-    """A name given for a wrapped model (``module.fc.weight``) as the inner model names it;
-    names the inner model has (``known``) are kept as they are."""
+    """A name given for a wrapped model (``module.fc.weight``) as the inner model names it
+    (PEFT's ``base_layer.`` steps dropped, see :func:`named_parameters`); names the inner model
+    has (``known``) are kept as they are."""
     if name in known:
         return name
+    name = name.replace(".base_layer.", ".")
     for tail in _prefix_tails(prefix):
         if name.startswith(tail):
             return name[len(tail) :]
@@ -141,15 +140,25 @@ def check_patterns(
 
 
 def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The module that holds the parameter ``name`` (a ``named_parameters`` name) now, and its
-    attribute there (KeyError when a module on the path is gone). Walks the module tree's
+    """The module that holds the parameter ``name`` (a :func:`named_parameters` name) now, and
+    its attribute there (KeyError when a module on the path is gone). Walks the module tree's
     registries: ``getattr`` would find methods first for submodules named like them
-    (``half``, ``float``, ``train``)."""
+    (``half``, ``float``, ``train``). A PEFT tuner layer on the path is seen through to its
+    base layer where it holds no such child itself, so a name stays valid when LoRA wraps a
+    layer and again after ``merge_and_unload``."""
     *path, attr = name.split(".")
     module = model
     for part in path:
-        module = module._modules[part]  # type: ignore[assignment]
-    return module, attr
+        module = _base_holding(module, part, "_modules")._modules[part]  # type: ignore[assignment]
+    return _base_holding(module, attr, "_parameters"), attr
+
+
+def _base_holding(module: nn.Module, key: str, registry: str) -> nn.Module:
+    """``module``, or the base layer of the PEFT tuner layer ``module`` whose ``registry``
+    holds ``key``."""
+    while key not in getattr(module, registry) and is_tuner_layer(module):
+        module = module._modules["base_layer"]  # type: ignore[assignment]
+    return module
 
 
 def parameter_by_name(model: nn.Module, name: str) -> nn.Parameter:
@@ -161,45 +170,45 @@ def parameter_by_name(model: nn.Module, name: str) -> nn.Parameter:
     return param
 
 
-def _hook_reparametrization(module: nn.Module) -> str | None:
-    """How a forward pre-hook recomputes ``module.weight`` (legacy weight/spectral norm,
+def _hook_reparametrization(module: nn.Module, attr: str) -> str | None:
+    """How a forward pre-hook recomputes ``module.<attr>`` (legacy weight/spectral norm,
     torch.nn.utils.prune), with the call that makes it a plain parameter again."""
     # The modules, not the functions torch.nn.utils exports under the same names.
     legacy_weight = importlib.import_module("torch.nn.utils.weight_norm")
     legacy_spectral = importlib.import_module("torch.nn.utils.spectral_norm")
     prune = importlib.import_module("torch.nn.utils.prune")
     for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, legacy_weight.WeightNorm) and hook.name == "weight":
+        if isinstance(hook, legacy_weight.WeightNorm) and hook.name == attr:
             return "legacy weight_norm hook; torch.nn.utils.remove_weight_norm(module)"
-        if isinstance(hook, legacy_spectral.SpectralNorm) and hook.name == "weight":
+        if isinstance(hook, legacy_spectral.SpectralNorm) and hook.name == attr:
             return "legacy spectral_norm hook; torch.nn.utils.remove_spectral_norm(module)"
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == attr:
             return (
-                "torch.nn.utils.prune's weight_orig * weight_mask; "
-                "torch.nn.utils.prune.remove(module, 'weight')"
+                f"torch.nn.utils.prune's {attr}_orig * {attr}_mask; "
+                f"torch.nn.utils.prune.remove(module, '{attr}')"
             )
     return None
 
 
-def _reparametrization(module: nn.Module, module_name: str) -> str | None:
-    """Why ``module.weight`` is not a parameter gmp_ext can mask, or None when it is one."""
-    if parametrize.is_parametrized(module, "weight"):
-        parametrization = module.get_submodule("parametrizations.weight")
+def _reparametrization(module: nn.Module, module_name: str, attr: str = "weight") -> str | None:
+    """Why ``module.<attr>`` is not a parameter gmp_ext can mask, or None when it is one."""
+    if parametrize.is_parametrized(module, attr):
+        parametrization = module.get_submodule(f"parametrizations.{attr}")
         kinds = ", ".join(type(p).__name__ for p in parametrization.children())
         stored = ", ".join(
-            f"'{_join(module_name, 'parametrizations.weight.' + n)}'"
+            f"'{_join(module_name, f'parametrizations.{attr}.' + n)}'"
             for n, _ in parametrization.named_parameters(recurse=False)
         )
         return (
             f"torch.nn.utils.parametrize {kinds} over {stored}; "
-            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
+            f"torch.nn.utils.parametrize.remove_parametrizations(module, '{attr}')"
         )
-    if isinstance(dict(module.named_parameters(recurse=False)).get("weight"), nn.Parameter):
+    if isinstance(module._parameters.get(attr), nn.Parameter):
         return None
-    reason = _hook_reparametrization(module)
-    weight = getattr(module, "weight", None)
+    reason = _hook_reparametrization(module, attr)
+    weight = getattr(module, attr, None)
     if reason is None and weight is not None:
-        reason = f"its weight is a {type(weight).__name__}, not an nn.Parameter"
+        reason = f"its {attr} is a {type(weight).__name__}, not an nn.Parameter"
     return reason
 
 
@@ -212,10 +221,11 @@ class _Holders:
 
     def __init__(self, model: nn.Module) -> None:
         self.by_id: dict[int, list[tuple[str, nn.Module, str]]] = {}
-        for module_name, module in model.named_modules(remove_duplicate=False):
-            for attr, param in module.named_parameters(recurse=False):
-                entry = (_join(module_name, attr), module, attr)
-                self.by_id.setdefault(id(param), []).append(entry)
+        for module_name, module, _ in named_layers(model):
+            for attr, param in module._parameters.items():
+                if param is not None:
+                    entry = (_join(module_name, attr), module, attr)
+                    self.by_id.setdefault(id(param), []).append(entry)
 
     def names(self, param: nn.Parameter) -> list[str]:
         return [name for name, _, _ in self.by_id.get(id(param), [])]
@@ -226,7 +236,7 @@ class _Holders:
         return [
             f"'{name}' of {type(module).__name__}"
             for name, module, attr in self.by_id.get(id(param), [])
-            if not (isinstance(module, DEFAULT_PRUNABLE) and attr == "weight")
+            if not _is_matmul_weight(module, attr)
         ]
 
 
@@ -244,20 +254,51 @@ def _reparametrized_error(found: list[tuple[str, str]]) -> ValueError:
     )
 
 
+def _is_matmul_weight(module: nn.Module, attr: str) -> bool:
+    spec = layer_spec(module)
+    return spec is not None and attr in spec.weights
+
+
 def _default_candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list]:
     chosen: list[tuple[str, nn.Parameter]] = []
     reparametrized: list[tuple[str, str]] = []
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, DEFAULT_PRUNABLE):
+    for module_name, module, adapter in named_layers(model):
+        spec = layer_spec(module)
+        if spec is None or adapter:
             continue
-        name = _join(module_name, "weight")
-        reason = _reparametrization(module, module_name)
-        weight = module.get_parameter("weight") if reason is None else None
-        if reason is not None:
-            reparametrized.append((name, reason))
-        elif weight is not None:
-            chosen.append((name, weight))
+        for attr in spec.weights:
+            name = _join(module_name, attr)
+            reason = _reparametrization(module, module_name, attr)
+            weight = module._parameters.get(attr) if reason is None else None
+            if reason is not None:
+                reparametrized.append((name, reason))
+            elif weight is not None:
+                chosen.append((name, weight))
     return chosen, reparametrized
+
+
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``model.named_parameters(remove_duplicate=False)``, but a PEFT tuner layer's base
+    weights under the tuner layer's name (``q_proj.weight``, not ``q_proj.base_layer.weight``):
+    the names of the base model, and of the model ``merge_and_unload`` returns."""
+    return {
+        _join(module_name, attr): param
+        for module_name, module, _ in named_layers(model)
+        for attr, param in module._parameters.items()
+        if param is not None
+    }
+
+
+def reduction_dims(model: nn.Module, names: Sequence[str]) -> list[int]:
+    """The reduction (input) dimension of each named parameter of ``model`` (unwrapped): the
+    one its layer type registers (:func:`gmp_ext.register_layer`), else 1 (``[out, in, ...]``)
+    for a tensor of 2 or more dimensions and 0 for one of fewer."""
+    dims = []
+    for name in names:
+        module, attr = owner_of(model, name)
+        param = module._parameters[attr]
+        dims.append(weight_layout(module, attr, 0 if param is None else param.dim()))
+    return dims
 
 
 def _module_reparametrization(model: nn.Module, name: str) -> str | None:
@@ -275,7 +316,7 @@ def _module_reparametrization(model: nn.Module, name: str) -> str | None:
 def _from_names(
     model: nn.Module, entries: Sequence[object], named: dict[str, nn.Parameter]
 ) -> list[tuple[str, nn.Parameter]]:
-    module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    module_names = {id(m): n for n, m, _ in named_layers(model)}
     chosen: list[tuple[str, nn.Parameter]] = []
     reparametrized: list[tuple[str, str]] = []
     for item in entries:
@@ -320,14 +361,19 @@ def select_parameters(
     """The parameters gmp_ext prunes, by name, each tensor once (a tied tensor under its first
     name).
 
-    ``params=None`` (the default selection): the ``weight`` of every ``nn.Linear``,
-    ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d``, never biases, norms or embeddings. A
-    weight tied to a module outside that list (an output layer sharing the embedding matrix,
-    as in most language models) is left out, with a :class:`GMPWarning`; name it in ``params``
-    to prune it. A re-parametrized weight (``torch.nn.utils.parametrize``, the legacy
-    ``weight_norm``/``spectral_norm`` hooks, ``torch.nn.utils.prune``) is a ValueError naming
-    every such layer and the call that makes it a plain parameter, unless ``exclude`` leaves it
-    out: masking it would not keep its zeros.
+    ``params=None`` (the default selection): every weight that carries a matrix multiply, by
+    layer type (:mod:`gmp_ext.layers`): the ``weight`` of ``nn.Linear``, ``nn.Conv1d/2d/3d``,
+    ``nn.ConvTranspose1d/2d/3d`` and transformers' ``Conv1D``, ``nn.MultiheadAttention``'s
+    input projections (``in_proj_weight`` or ``q/k/v_proj_weight``; ``out_proj`` is a Linear),
+    and those of types added with :func:`gmp_ext.register_layer`; never biases, norms or
+    embeddings. On a PEFT model the base layers' weights, under the base model's names, never
+    the adapters. A weight tied to a module outside that list (an output layer sharing the
+    embedding matrix, as in most language models) is left out, with a :class:`GMPWarning`;
+    name it in ``params`` to prune it. A re-parametrized weight
+    (``torch.nn.utils.parametrize``, the legacy ``weight_norm``/``spectral_norm`` hooks,
+    ``torch.nn.utils.prune``) is a ValueError naming every such layer and the call that makes
+    it a plain parameter, unless ``exclude`` leaves it out: masking it would not keep its
+    zeros.
 
     ``params`` may list names or patterns (the rule of :func:`matches`; each must match), or
     ``(module, "weight")`` pairs like ``torch.nn.utils.prune``, or be a predicate ``(name,
@@ -339,7 +385,7 @@ def select_parameters(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, prefix = unwrap(model)
-    named = dict(model.named_parameters(remove_duplicate=False))
+    named = named_parameters(model)
     holders = _Holders(model)
     reparametrized: list[tuple[str, str]] = []
     if params is None:
@@ -386,7 +432,11 @@ def select_parameters(
             "to prune one, name it in params="
         )
     if not selected:
-        why = "the model has no nn.Linear/nn.Conv*/nn.ConvTranspose* weight"
+        why = (
+            "the model has no matmul weight of a known layer type (nn.Linear, nn.Conv*, "
+            "nn.ConvTranspose*, nn.MultiheadAttention, transformers' Conv1D, or a type "
+            "registered with gmp_ext.register_layer(cls, weight=..., reduction_dim=...))"
+        )
         if params is not None:
             why = "`params` selects no parameter"
         if patterns:

@@ -10,7 +10,6 @@ never a scope string.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 
@@ -20,6 +19,7 @@ from . import distributed, ops, primitives
 from ._layout import KEY_SPACE_NATIVE, key_space_for, valid_nm
 from .dtensors import any_dtensor
 from .engine import PreparedStep
+from .layers import reduction_last, restore_layout
 
 __all__ = [
     "GlobalSelection",
@@ -92,12 +92,14 @@ class Selection:
         targets: Sequence[float],
         reuse: Sequence[torch.Tensor | None] | None = None,
         prepare: Prepare | None = None,
+        reduction_dims: Sequence[int] | None = None,
     ) -> tuple[list[torch.Tensor], list[float]]:
         """Fresh masks from the current weights (written over ``reuse[i]`` when given) and the
         threshold |w| of each; ValueError naming the tensor on NaN weights, before any mask is
         written. With ``prepare`` (a source of prepared steps that keeps them for reuse), the
         single-process selection runs as a prepared step, whose tables a repeated prune step
-        reuses."""
+        reuses. ``reduction_dims`` (each tensor's input dimension, see
+        :func:`gmp_ext.selection.reduction_dims`) matters to structured patterns only."""
         self.check(tensors, names)
         counts = self.counts([t.numel() for t in tensors], targets)
         if prepare is not None and self.preparable(tensors):
@@ -207,6 +209,7 @@ class GlobalSelection(Selection):
         targets: Sequence[float],
         reuse: Sequence[torch.Tensor | None] | None = None,
         prepare: Prepare | None = None,
+        reduction_dims: Sequence[int] | None = None,
     ) -> tuple[list[torch.Tensor], list[float]]:
         if not self.caps:
             return super().masks(names, tensors, targets, reuse, prepare)
@@ -259,24 +262,28 @@ def check_nm(nm: object) -> tuple[int, int]:
     return n, m
 
 
-def row_length(shape: Sequence[int]) -> int:
-    """Elements per row of ``weight.reshape(shape[0], -1)``: the reduction dimension of Linear
-    and Conv weights (1 for a 1-D tensor, 0 for a 0-dim one)."""
-    return math.prod(shape[1:]) if len(shape) > 0 else 0
-
-
 class NMSelection(Selection):
-    """N:M sparsity (``n`` of every ``m`` consecutive weights kept), reached gradually.
+    """N:M sparsity (``n`` of every ``m`` consecutive weights along the reduction dimension
+    kept), reached gradually.
 
-    Groups are ``m`` consecutive elements of each row of ``weight.reshape(shape[0], -1)`` (the
-    reduction dimension of Linear and Conv weights, which 2:4 sparse tensor cores need); the
-    row length must be a multiple of ``m``. In each group the ``n`` largest by (|w|, index) are
-    protected and the other ``m - n`` are candidates. A target ``s <= 1 - n/m`` prunes exactly
-    the ``round(s * numel)`` smallest candidates by (|w|, flat index) (``scope="layer"``, per
-    tensor) or ``round(s * total)`` of all tensors' candidates by one threshold
-    (``scope="global"``, ties: tensor position, then index): no group ever loses more than
-    ``m - n``, and at ``s = 1 - n/m`` every group keeps exactly ``n`` (a valid n:m pattern).
-    A target above ``1 - n/m`` is a ValueError. Sharded (DTensor) parameters are not supported.
+    Groups are ``m`` consecutive elements along each weight's reduction (input) dimension, the
+    one 2:4 sparse tensor cores need: ``in_features`` of a Linear, dimension 0 of transformers'
+    ``Conv1D`` (``[in, out]``), the input channels at each kernel position of a ConvNd, the
+    input channels (dimension 0) of a ConvTranspose, the embedding input of
+    ``nn.MultiheadAttention``'s projections (see :mod:`gmp_ext.layers`; a tensor of unknown
+    layout is taken as ``[out, in, ...]``). That dimension's size must be a multiple of ``m``.
+    In each group the ``n`` largest by (|w|, index) are protected and the other ``m - n`` are
+    candidates. A target ``s <= 1 - n/m`` prunes exactly the ``round(s * numel)`` smallest
+    candidates by (|w|, index in the weight viewed with its reduction dimension last)
+    (``scope="layer"``, per tensor) or ``round(s * total)`` of all tensors' candidates by one
+    threshold (``scope="global"``, ties: tensor position, then index): no group ever loses
+    more than ``m - n``, and at ``s = 1 - n/m`` every group keeps exactly ``n`` (a valid n:m
+    pattern). A target above ``1 - n/m`` is a ValueError. Sharded (DTensor) parameters are
+    not supported.
+
+    A weight whose reduction dimension is not its last is selected through its view with that
+    dimension last (a contiguous copy kept with the prepared step, one copy per prune step,
+    none per optimizer step); its mask is then permuted back to the weight's own order.
 
     Sources: 2:4 along the reduction dimension is the pattern of sparse tensor cores (Mishra et
     al., "Accelerating Sparse Deep Neural Networks", arXiv 2104.08378); training toward N:M
@@ -316,7 +323,14 @@ class NMSelection(Selection):
     def key_space(self, dtypes: set[torch.dtype]) -> int:
         return key_space_for(dtypes) if self.scope == "global" else KEY_SPACE_NATIVE
 
-    def check(self, tensors: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> None:
+    def check(
+        self,
+        tensors: Sequence[torch.Tensor],
+        names: Sequence[str] | None = None,
+        reduction_dims: Sequence[int] | None = None,
+    ) -> None:
+        """ValueError unless every tensor's reduction dimension (default: the last, as the
+        views the selection ranks have it) splits into whole groups of ``m``."""
         n, m = self.pattern
         if any_dtensor(tensors):
             raise NotImplementedError(
@@ -326,15 +340,42 @@ class NMSelection(Selection):
         if self.scope == "global":
             primitives.check_one_device(tensors)
         labels = names if names is not None else [f"#{i}" for i in range(len(tensors))]
-        for tensor, name in zip(tensors, labels):
+        dims = reduction_dims or [t.dim() - 1 for t in tensors]
+        for tensor, name, dim in zip(tensors, labels, dims):
             shape = tuple(tensor.shape)
-            if row_length(shape) % m or tensor.dim() == 0:
+            if tensor.dim() < 2 or shape[dim] % m:
+                size = "none" if tensor.dim() < 2 else shape[dim]
                 raise ValueError(
                     f"parameter '{name}' of shape {shape} cannot be pruned {n}:{m}: groups are "
-                    f"{m} consecutive weights of a row of weight.reshape(shape[0], -1), and its "
-                    f"rows hold {row_length(shape)}, not a multiple of {m} (leave it out with "
-                    f"exclude=[{name!r}])"
+                    f"{m} consecutive weights along its reduction (input) dimension {dim}, of "
+                    f"size {size}, not a multiple of {m} (leave it out with exclude=[{name!r}], "
+                    "or declare its layout with gmp_ext.register_layer)"
                 )
+
+    def masks(
+        self,
+        names: Sequence[str],
+        tensors: Sequence[torch.Tensor],
+        targets: Sequence[float],
+        reuse: Sequence[torch.Tensor | None] | None = None,
+        prepare: Prepare | None = None,
+        reduction_dims: Sequence[int] | None = None,
+    ) -> tuple[list[torch.Tensor], list[float]]:
+        dims = list(reduction_dims) if reduction_dims is not None else [1] * len(tensors)
+        self.check(tensors, names, [d if t.dim() > d else 0 for t, d in zip(tensors, dims)])
+        views = [reduction_last(t.detach(), d) for t, d in zip(tensors, dims)]
+        moved = [v.dim() > 1 and d != v.dim() - 1 for v, d in zip(views, dims)]
+        # Masks of permuted views are built in the views' order, then permuted back.
+        given = [None if moved[i] or reuse is None else reuse[i] for i in range(len(tensors))]
+        masks, thresholds = super().masks(names, views, targets, given, prepare)
+        for i, dim in enumerate(dims):
+            if moved[i]:
+                keep = restore_layout(ops.unpack_mask(masks[i], views[i].shape), dim)
+                packed = ops.pack_mask(keep.contiguous())
+                mask = reuse[i] if reuse is not None and reuse[i] is not None else None
+                masks[i] = primitives.new_mask(tensors[i]) if mask is None else mask
+                masks[i][: packed.numel()].copy_(packed)
+        return masks, thresholds
 
     def masks_for_counts(
         self,

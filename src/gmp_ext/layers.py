@@ -1,0 +1,172 @@
+"""What the default selection prunes: the layer types whose weights carry a model's matrix
+multiplies, and each weight's reduction (input) dimension, along which N:M groups run.
+
+Built in: ``nn.Linear`` (and subclasses such as ``nn.MultiheadAttention``'s ``out_proj``),
+``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.MultiheadAttention``'s input
+projections and transformers' ``Conv1D`` (GPT-2's ``[in, out]`` weights, recognised by name so
+that transformers is never imported here). :func:`register_layer` adds a custom or
+third-party layer type.
+
+PEFT's tuner layers (a LoRA ``Linear`` holding ``base_layer``, ``lora_A``, ``lora_B``) are seen
+through: their base layer's weights go by the tuner layer's own name (``q_proj.weight``, as the
+base model and a merged model name them), their adapters are never selected by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LayerSpec",
+    "is_instance_named",
+    "is_tuner_layer",
+    "layer_spec",
+    "named_layers",
+    "reduction_last",
+    "register_layer",
+    "restore_layout",
+    "weight_layout",
+]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The matmul weights of a layer type (attribute names) and the dimension of each that
+    the layer's matrix multiply reduces over (its input features)."""
+
+    weights: tuple[str, ...]
+    reduction_dim: int
+
+
+_CONV_AND_LINEAR = LayerSpec(("weight",), 1)  # [out, in, *kernel]
+_TRANSPOSED_CONV = LayerSpec(("weight",), 0)  # [in, out / groups, *kernel]
+
+_REGISTERED: dict[type[nn.Module], LayerSpec] = {
+    nn.Linear: _CONV_AND_LINEAR,
+    nn.Conv1d: _CONV_AND_LINEAR,
+    nn.Conv2d: _CONV_AND_LINEAR,
+    nn.Conv3d: _CONV_AND_LINEAR,
+    nn.ConvTranspose1d: _TRANSPOSED_CONV,
+    nn.ConvTranspose2d: _TRANSPOSED_CONV,
+    nn.ConvTranspose3d: _TRANSPOSED_CONV,
+    # [3 * embed, embed] packed, or three [embed, kdim/vdim] when kdim/vdim differ from embed.
+    nn.MultiheadAttention: LayerSpec(
+        ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"), 1
+    ),
+}
+
+# Third-party types known by qualified name, so their packages need not be imported.
+_BY_NAME: dict[str, LayerSpec] = {
+    # GPT-2, DistilGPT-2, OpenAI-GPT, ImageGPT...: y = x @ weight, weight [in, out].
+    "transformers.pytorch_utils.Conv1D": LayerSpec(("weight",), 0),
+}
+
+# PEFT's tuner-layer base class: its instances wrap a ``base_layer`` and hold adapters.
+_TUNER_LAYER = "peft.tuners.tuners_utils.BaseTunerLayer"
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_layer(
+    cls: type[nn.Module], weight: str | Sequence[str] = "weight", reduction_dim: int = 1
+) -> None:
+    """Make the default selection prune ``cls``'s ``weight`` attribute(s) (parameters), with
+    N:M groups along ``reduction_dim`` (the dimension its matrix multiply reduces over: 1 for
+    an ``[out, in]`` weight, 0 for ``[in, out]``). Subclasses follow unless registered
+    themselves; registering a type again replaces its entry."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"cls must be a subclass of torch.nn.Module, got {cls!r}")
+    names = (weight,) if isinstance(weight, str) else tuple(weight)
+    if not names or not all(isinstance(n, str) and n and "." not in n for n in names):
+        raise ValueError(
+            f"weight must be an attribute name or a list of them (no dots), got {weight!r}"
+        )
+    if not isinstance(reduction_dim, int) or isinstance(reduction_dim, bool) or reduction_dim < 0:
+        raise ValueError(f"reduction_dim must be a non-negative integer, got {reduction_dim!r}")
+    _REGISTERED[cls] = LayerSpec(names, reduction_dim)
+
+
+def layer_spec(module: nn.Module) -> LayerSpec | None:
+    """The spec of the nearest registered (or known) class in ``module``'s MRO, or None."""
+    for cls in type(module).__mro__:
+        spec = _REGISTERED.get(cls)
+        if spec is None:
+            spec = _BY_NAME.get(_qualified(cls))
+        if spec is not None:
+            return spec
+    return None
+
+
+def is_instance_named(obj: object, qualified_name: str) -> bool:
+    """``isinstance`` against a class named ``module.QualName``, without importing its package
+    (peft, transformers: optional, and slow to import)."""
+    return any(_qualified(cls) == qualified_name for cls in type(obj).__mro__)
+
+
+def is_tuner_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT tuner layer (LoRA, IA3, ...) wrapping a ``base_layer``."""
+    return "base_layer" in module._modules and is_instance_named(module, _TUNER_LAYER)
+
+
+def named_layers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, bool]]:
+    """``(name, module, adapter)`` for every module of ``model``, shared ones each time they
+    are reached. A PEFT tuner layer's ``base_layer`` takes the tuner layer's name (its
+    parameters then have the base model's names); its other children keep theirs, with
+    ``adapter`` True for them and everything inside."""
+    yield from _walk(model, prefix, adapter=False)
+
+
+def _walk(module: nn.Module, name: str, adapter: bool) -> Iterator[tuple[str, nn.Module, bool]]:
+    if is_tuner_layer(module):
+        base = module._modules["base_layer"]
+        assert base is not None
+        yield from _walk(base, name, adapter)
+        for child_name, child in module._modules.items():
+            if child is not None and child_name != "base_layer":
+                yield from _walk(child, _join(name, child_name), True)
+        return
+    yield name, module, adapter
+    for child_name, child in module._modules.items():
+        if child is not None:
+            yield from _walk(child, _join(name, child_name), adapter)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def weight_layout(module: nn.Module, attr: str, ndim: int) -> int:
+    """The reduction dimension of ``module.<attr>`` (a tensor of ``ndim`` dimensions): the
+    registered one for a matmul weight of a known layer type, else 1 (the ``[out, in, ...]``
+    convention of Linear and Conv weights), or 0 for a tensor of fewer than 2 dimensions."""
+    spec = layer_spec(module)
+    if spec is not None and attr in spec.weights and spec.reduction_dim < ndim:
+        return spec.reduction_dim
+    return 1 if ndim >= 2 else 0
+
+
+def _order(ndim: int, dim: int) -> list[int]:
+    return [d for d in range(ndim) if d != dim] + [dim]
+
+
+def reduction_last(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """``tensor`` viewed with dimension ``dim`` last and the others in order (a Conv2d weight
+    ``[out, in, kh, kw]`` with ``dim=1`` as ``[out, kh, kw, in]``): N:M groups are ``m``
+    consecutive elements of its last dimension. ``tensor`` itself when ``dim`` is last."""
+    if dim == tensor.dim() - 1:
+        return tensor
+    return tensor.permute(_order(tensor.dim(), dim))
+
+
+def restore_layout(view: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of :func:`reduction_last`: ``view`` back in the original dimension order."""
+    if dim == view.dim() - 1:
+        return view
+    order = _order(view.dim(), dim)
+    return view.permute([order.index(d) for d in range(view.dim())])
