@@ -10,6 +10,7 @@ backend.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -26,6 +27,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "Threshold",
     "apply_in_place",
+    "apply_sparse_in_place",
     "backend_of",
     "build",
     "check_one_device",
@@ -249,3 +251,30 @@ def apply_in_place(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor
             for target, staged in zip(targets, contiguous):
                 if staged is not target:
                     target.copy_(staged)
+
+
+def apply_sparse_in_place(tensor: torch.Tensor, mask: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """Zero, in place, the stored values of a sparse COO ``tensor`` whose element the packed
+    ``mask`` of the dense tensor (flat index order, on the tensor's device) prunes.
+
+    Indices and the coalesced flag are kept and the values are written where they lie, so every
+    holder of the tensor (``param.grad``, an optimizer about to step) sees the masked values.
+    An uncoalesced tensor's duplicates of a pruned element are each zeroed, so their sum is.
+    Only the mask bytes of the stored elements are read (a sparse gradient of an embedding
+    touches few of its rows); ``chunk`` bounds the int64 index temporaries, in elements.
+    """
+    with torch.no_grad():
+        values = tensor._values()
+        sparse_shape = tensor.shape[: tensor.sparse_dim()]
+        inner = math.prod(values.shape[1:])  # elements per stored index (an embedding's row)
+        # Row-major linear index over the sparse dimensions: the element's flat index / inner.
+        strides = [math.prod(sparse_shape[d + 1 :]) for d in range(len(sparse_shape))]
+        scale = torch.tensor(strides, dtype=torch.int64, device=values.device)
+        rows = (tensor._indices() * scale[:, None]).sum(0)
+        offsets = torch.arange(inner, dtype=torch.int64, device=values.device)
+        step = max(1, chunk // max(inner, 1))
+        for start in range(0, rows.numel(), step):
+            flat = rows[start : start + step, None] * inner + offsets
+            kept = (mask[flat >> 3] >> (flat & 7).to(torch.uint8)) & 1
+            part = values[start : start + step]
+            part.masked_fill_(kept.view(part.shape) == 0, 0)
