@@ -175,10 +175,9 @@ class Pairs(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
 
 
-def hf_train(output_dir, epochs: int = 3, resume=None, save_steps=None, extra_callbacks=()):
+def hf_trainer(output_dir, callbacks, save_steps=None, dataset_size=16, **arguments):
+    """A Trainer over a tiny BERT built from a config (no download)."""
     transformers = pytest.importorskip("transformers")
-    from gmp_ext.integrations.transformers import GMPCallback
-
     config = transformers.BertConfig(
         hidden_size=32,
         num_hidden_layers=2,
@@ -190,13 +189,14 @@ def hf_train(output_dir, epochs: int = 3, resume=None, save_steps=None, extra_ca
     )
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config)
+    options = {
+        "per_device_train_batch_size": 4,  # 4 batches per epoch of the default dataset
+        "gradient_accumulation_steps": 3,  # 2 optimizer steps per epoch (3 + 1 batches)
+        "learning_rate": 1e-3,
+        **arguments,
+    }
     args = transformers.TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        per_device_train_batch_size=4,  # 4 batches per epoch
-        gradient_accumulation_steps=3,  # 2 optimizer steps per epoch (3 + 1 batches)
-        learning_rate=1e-3,
-        weight_decay=0.01,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
         logging_strategy="no",
@@ -204,13 +204,27 @@ def hf_train(output_dir, epochs: int = 3, resume=None, save_steps=None, extra_ca
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        **options,
     )
+    return transformers.Trainer(
+        model=model, args=args, train_dataset=Pairs(dataset_size), callbacks=callbacks
+    )
+
+
+def hf_train(output_dir, epochs: int = 3, resume=None, save_steps=None, extra_callbacks=()):
+    pytest.importorskip("transformers")
+    from gmp_ext.integrations.transformers import GMPCallback
+
     callback = GMPCallback(SCHEDULE, fine_tune_weight_decay=0.0)
-    trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=Pairs(), callbacks=[callback, *extra_callbacks]
+    trainer = hf_trainer(
+        output_dir,
+        [callback, *extra_callbacks],
+        save_steps,
+        num_train_epochs=epochs,
+        weight_decay=0.01,
     )
     trainer.train(resume_from_checkpoint=resume)
-    return model, trainer, callback
+    return trainer.model, trainer, callback
 
 
 def linear_weights(model: nn.Module) -> list[str]:
@@ -267,3 +281,141 @@ def test_transformers_checkpoint_resume(tmp_path):
     assert callback.gmp.step_count == trainer.state.global_step == 6
     for name, p in reference.named_parameters():
         assert torch.equal(p, dict(resumed.named_parameters())[name]), name
+
+
+# -- Hugging Face Trainer: the pretrained-transformer preset ------------------------------------
+
+
+def hf_preset_train(output_dir, resume=None, save_steps=None, **arguments):
+    """``GMPCallback.pretrained_transformer(0.8)`` in a Trainer; also the learning rate each
+    optimizer step ran at, read by a hook on the optimizer."""
+    transformers = pytest.importorskip("transformers")
+    from gmp_ext.integrations.transformers import GMPCallback
+
+    class Rates(transformers.TrainerCallback):
+        def __init__(self) -> None:
+            self.rates: list[float] = []
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            optimizer.optimizer.register_step_pre_hook(  # under accelerate's wrapper
+                lambda opt, *_: self.rates.append(opt.param_groups[0]["lr"])
+            )
+
+    callback = GMPCallback.pretrained_transformer(0.8)
+    spy = Rates()
+    trainer = hf_trainer(output_dir, [callback, spy], save_steps, **arguments)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, callback, spy.rates
+
+
+@pytest.mark.parametrize(
+    ("arguments", "steps_per_epoch", "total_steps"),
+    [
+        # 10 optimizer steps per epoch, stopped at 37 steps (update points 2.3125 steps apart)
+        ({"max_steps": 37, "dataset_size": 40, "gradient_accumulation_steps": 1}, 10, 37),
+        # 9 epochs of 2 optimizer steps (4 batches, accumulation 3); constant schedule replaced
+        ({"num_train_epochs": 9, "lr_scheduler_type": "constant"}, 2, 18),
+    ],
+)
+def test_transformers_pretrained_transformer_preset(
+    tmp_path, arguments, steps_per_epoch, total_steps
+):
+    """One call: the preset built for the Trainer's run, every step at the preset's rate, the
+    peak right after every cut and nowhere else."""
+    from gmp_ext.lr_schedule import pruning_steps
+
+    trainer, callback, rates = hf_preset_train(tmp_path, **arguments)
+    recipe, gmp = callback.recipe, callback.gmp
+    assert (recipe.steps_per_epoch, recipe.total_steps) == (steps_per_epoch, total_steps)
+    assert gmp.steps_per_epoch == steps_per_epoch and gmp.schedule is recipe.schedule
+    assert gmp.step_count == trainer.state.global_step == len(rates) == total_steps
+    cuts = [record["step"] for record in gmp.history]
+    assert cuts == pruning_steps(recipe.schedule, steps_per_epoch) and len(cuts) == 5
+    assert rates == [1e-3 * recipe.lr_lambda(s) for s in range(total_steps)]
+    assert [s for s in range(total_steps) if rates[s] == 1e-3] == cuts
+    assert trainer.lr_scheduler.get_last_lr() == [0.0, 0.0]  # decayed to 0 at the end
+    assert_exact(trainer.model, linear_weights(trainer.model), 0.8)
+
+
+def test_transformers_pretrained_transformer_resume(tmp_path):
+    """The factor's state is saved with the Trainer's scheduler and loaded back with
+    weights_only=True; the resumed run continues at the same rates and cuts."""
+    reference, reference_callback, reference_rates = hf_preset_train(
+        tmp_path / "full", num_train_epochs=9
+    )
+    hf_preset_train(tmp_path / "run", save_steps=7, num_train_epochs=9)
+    checkpoint = tmp_path / "run" / "checkpoint-7"
+    resumed, callback, rates = hf_preset_train(
+        tmp_path / "run", resume=str(checkpoint), num_train_epochs=9
+    )
+    assert rates == reference_rates[7:]
+    assert without_regrowth(callback.gmp.history) == without_regrowth(
+        reference_callback.gmp.history
+    )
+    for name, p in reference.model.named_parameters():
+        assert torch.equal(p, dict(resumed.model.named_parameters())[name]), name
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type must be 'linear' .*got 'cosine'"),
+        ({"warmup_steps": 2}, "warmup_steps must be 0, got 2"),
+    ],
+)
+def test_transformers_pretrained_transformer_refuses_another_schedule(tmp_path, arguments, match):
+    with pytest.raises(ValueError, match=match):
+        hf_preset_train(tmp_path, num_train_epochs=9, **arguments)
+
+
+def test_transformers_pretrained_transformer_checks_arguments_at_once():
+    pytest.importorskip("transformers")
+    from gmp_ext.integrations.transformers import GMPCallback
+
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        GMPCallback.pretrained_transformer(1.0)
+    with pytest.raises(ValueError, match="first_step must be in"):
+        GMPCallback.pretrained_transformer(0.9, first_step=0.0)
+
+
+def test_transformers_callback_refuses_a_preset_of_another_steps_per_epoch(tmp_path):
+    """A preset built for 100 steps per epoch in a Trainer doing 2: an error naming both."""
+    pytest.importorskip("transformers")
+    from gmp_ext.integrations.transformers import GMPCallback
+    from gmp_ext.lr_schedule import pretrained_transformer
+
+    recipe = pretrained_transformer(0.8, 1, 100)
+    trainer = hf_trainer(tmp_path, [GMPCallback(recipe.schedule)], num_train_epochs=9)
+    with pytest.raises(ValueError, match=r"must be the schedule's own, 100 .*got 2"):
+        trainer.train()
+
+
+def test_transformers_pretrained_transformer_needs_the_trainers_lambda_lr(tmp_path):
+    """A scheduler the preset cannot take over (not a LambdaLR, or not at the preset's rate,
+    e.g. one passed as Trainer(optimizers=...)) is an error before anything is pruned."""
+    transformers = pytest.importorskip("transformers")
+    import gmp_ext
+    from gmp_ext.integrations.transformers import GMPCallback
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    callback = GMPCallback.pretrained_transformer(0.8, steps_per_epoch=4)
+    for scheduler, match in [
+        (torch.optim.lr_scheduler.StepLR(optimizer, 5), "the Trainer's scheduler is a StepLR"),
+        (
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 0.5),
+            r"learning rates for optimizer step 1 are \[0.0005\], the preset's \[0.001\]",
+        ),
+    ]:
+        state = transformers.TrainerState(max_steps=32)
+        with pytest.raises(ValueError, match=match):
+            callback.on_train_begin(
+                args,
+                state,
+                transformers.TrainerControl(),
+                model=model,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+            )
+        assert callback.gmp is None and gmp_ext.masks(model) == {}

@@ -76,9 +76,11 @@ class GMPConfig:
     resolved to the selected parameter names.
 
     ``steps_per_epoch`` converts the optimizer's step count into the schedule's epochs (see
-    :mod:`gmp_ext.controller` for the exact timing). ``scope="layer"`` prunes every selected
-    parameter to the target; ``scope="global"`` prunes ``round(target * total)`` of all of them
-    with one threshold.
+    :mod:`gmp_ext.controller` for the exact timing). A schedule with a ``steps_per_epoch`` of its
+    own (:class:`gmp_ext.lr_schedule.RunSchedule`, built with a learning-rate factor for that
+    value) must get the same one: another is a ValueError naming both. ``scope="layer"`` prunes
+    every selected parameter to the target; ``scope="global"`` prunes ``round(target * total)``
+    of all of them with one threshold.
 
     ``layer_sparsity`` ({name or pattern: final sparsity}, layer scope) gives some layers their
     own final target: such a layer follows the schedule's curve scaled by
@@ -153,6 +155,15 @@ class GMPConfig:
             "steps_per_epoch",
             "optimizer steps per epoch; 1 to give the schedule in steps",
         )
+        # A schedule built with a learning-rate factor for one steps_per_epoch (a RunSchedule of
+        # gmp_ext.lr_schedule) says so: with another, the cuts miss the factor's restarts.
+        built_for = getattr(schedule, "steps_per_epoch", None)
+        if built_for is not None and built_for != spe:
+            raise ValueError(
+                f"steps_per_epoch must be the schedule's own, {built_for} (the learning-rate "
+                f"factor built with it restarts on that clock), got {spe}: pass "
+                f"steps_per_epoch={built_for}, or build the schedule for {spe}"
+            )
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
         if layer_sparsity is not None and scope != "layer":

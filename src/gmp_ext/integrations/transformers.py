@@ -1,4 +1,6 @@
-"""Hugging Face Trainer callback: ``Trainer(..., callbacks=[GMPCallback(schedule)])``."""
+"""Hugging Face Trainer callbacks: ``Trainer(..., callbacks=[GMPCallback(schedule)])``, or for
+fine-tuning a pretrained transformer, the preset with its learning rate in one call:
+``Trainer(..., callbacks=[GMPCallback.pretrained_transformer(0.9)])``."""
 
 from __future__ import annotations
 
@@ -18,11 +20,18 @@ except ImportError as exc:
     ) from exc
 
 from ..controller import GMP
+from ..lr_schedule import PruningRestarts, TransformerRecipe, pretrained_transformer
 from ..schedule import GMPSchedule
 from ..telemetry import scalars
 from . import start_gmp
 
-__all__ = ["CHECKPOINT_FILE", "GMPCallback", "checkpoint_file", "optimizer_steps_per_epoch"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "GMPCallback",
+    "PretrainedTransformerCallback",
+    "checkpoint_file",
+    "optimizer_steps_per_epoch",
+]
 
 CHECKPOINT_FILE = "gmp_ext.pt"
 
@@ -86,6 +95,9 @@ class GMPCallback(TrainerCallback):
     TensorBoard, also call ``callback.gmp.log_to(SummaryWriter(...))`` (e.g. in a callback's
     ``on_train_begin`` placed after this one). ``gmp_kwargs`` go to
     :class:`gmp_ext.controller.GMP`.
+
+    :meth:`pretrained_transformer` is the preset for fine-tuning a pretrained transformer, its
+    learning rate included.
     """
 
     def __init__(
@@ -104,6 +116,30 @@ class GMPCallback(TrainerCallback):
         self._logged = 0  # records of gmp.history already added to the Trainer's logs
         self.gmp_kwargs = gmp_kwargs
         self.gmp: GMP | None = None
+
+    @classmethod
+    def pretrained_transformer(
+        cls,
+        sparsity: float,
+        *,
+        first_step: float = 0.7,
+        steps_per_epoch: int | None = None,
+        remove_on_train_end: bool = False,
+        log_layers: bool = True,
+        **gmp_kwargs: Any,
+    ) -> PretrainedTransformerCallback:
+        """GMP to ``sparsity`` with :func:`gmp_ext.lr_schedule.pretrained_transformer`, built for
+        the Trainer's run and with its learning rate: ``Trainer(...,
+        callbacks=[GMPCallback.pretrained_transformer(0.9)])``. See
+        :class:`PretrainedTransformerCallback`."""
+        return PretrainedTransformerCallback(
+            sparsity,
+            first_step=first_step,
+            steps_per_epoch=steps_per_epoch,
+            remove_on_train_end=remove_on_train_end,
+            log_layers=log_layers,
+            **gmp_kwargs,
+        )
 
     def on_train_begin(
         self,
@@ -193,3 +229,140 @@ class GMPCallback(TrainerCallback):
         if self.remove_on_train_end and self.gmp is not None:
             self.gmp.remove()
             self.gmp = None
+
+
+def _check_trainer_schedule(args: TrainingArguments, max_steps: int) -> None:
+    """The preset replaces the Trainer's learning-rate schedule: one the user chose otherwise
+    would be ignored, so it is an error."""
+    kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if kind not in ("linear", "constant"):
+        raise ValueError(
+            "GMPCallback.pretrained_transformer sets the learning rate (back at its peak after "
+            "every pruning update): TrainingArguments lr_scheduler_type must be 'linear' (the "
+            f"default, which it replaces) or 'constant', got {kind!r}"
+        )
+    if args.get_warmup_steps(max_steps):
+        raise ValueError(
+            "GMPCallback.pretrained_transformer sets the learning rate (the peak from the first "
+            f"step): TrainingArguments warmup_steps must be 0, got {args.warmup_steps!r}"
+        )
+
+
+def _lambda_lr(scheduler: Any, factor: PruningRestarts) -> torch.optim.lr_scheduler.LambdaLR:
+    """The Trainer's LambdaLR, checked to be at the preset's rate for the next step (a fresh
+    run's linear or constant schedule starts at the peak, as the preset does; a resumed run's
+    rate comes from its checkpoint)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise ValueError(
+            "GMPCallback.pretrained_transformer sets the learning-rate factor of the Trainer's "
+            f"LambdaLR, but the Trainer's scheduler is a {type(scheduler).__name__}; let the "
+            "Trainer create it (no scheduler in Trainer(optimizers=...), no DeepSpeed scheduler)"
+        )
+    step = scheduler.last_epoch
+    rates = [group["lr"] for group in scheduler.optimizer.param_groups]
+    wanted = [base * factor(step) for base in scheduler.base_lrs]
+    if not all(math.isclose(r, w, rel_tol=1e-9, abs_tol=1e-15) for r, w in zip(rates, wanted)):
+        raise ValueError(
+            f"the Trainer's learning rates for optimizer step {step + 1} are {rates}, the "
+            f"preset's {wanted}: a scheduler passed to the Trainer, or a checkpoint of a run "
+            "without GMPCallback.pretrained_transformer?"
+        )
+    return scheduler
+
+
+class PretrainedTransformerCallback(TrainerCallback):
+    """:func:`gmp_ext.lr_schedule.pretrained_transformer` in a Trainer, its learning rate
+    included; made by :meth:`GMPCallback.pretrained_transformer`.
+
+    At ``on_train_begin`` it builds the preset (``self.recipe``) for the run the Trainer is
+    about to do: ``state.max_steps`` optimizer steps (``max_steps``, or ``num_train_epochs``
+    epochs) of ``steps_per_epoch`` (default :func:`optimizer_steps_per_epoch`); runs a
+    :class:`GMPCallback` with its schedule (``self.pruning``; its controller is ``self.gmp``);
+    and makes the Trainer's own scheduler, a ``LambdaLR``, follow the preset's factor
+    (:class:`gmp_ext.lr_schedule.PruningRestarts`): ``learning_rate`` is the peak, reached
+    again right after every pruning update. That replaces the Trainer's schedule, so
+    ``lr_scheduler_type`` must be ``"linear"`` (the default) or ``"constant"`` and there must be
+    no warmup, else a ValueError at the start of training (as for a run under 16 steps).
+    Checkpoints and resuming work as with :class:`GMPCallback` (the factor's state is builtins,
+    saved with the Trainer's scheduler). ``gmp_kwargs`` go to :class:`gmp_ext.controller.GMP`.
+    """
+
+    def __init__(
+        self,
+        sparsity: float,
+        *,
+        first_step: float = 0.7,
+        steps_per_epoch: int | None = None,
+        remove_on_train_end: bool = False,
+        log_layers: bool = True,
+        **gmp_kwargs: Any,
+    ) -> None:
+        # Checks sparsity and first_step now, not when training starts (16 steps: the shortest
+        # run the preset takes).
+        pretrained_transformer(sparsity, first_step=first_step, total_steps=16)
+        self.sparsity = sparsity
+        self.first_step = first_step
+        self.steps_per_epoch = steps_per_epoch
+        self.remove_on_train_end = remove_on_train_end
+        self.log_layers = log_layers
+        self.gmp_kwargs = gmp_kwargs
+        self.recipe: TransformerRecipe | None = None
+        self.pruning: GMPCallback | None = None
+
+    @property
+    def gmp(self) -> GMP | None:
+        """The controller of the current run (None before training starts)."""
+        return None if self.pruning is None else self.pruning.gmp
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        lr_scheduler: Any = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        _check_trainer_schedule(args, state.max_steps)
+        steps = self.steps_per_epoch or optimizer_steps_per_epoch(args, train_dataloader)
+        recipe = pretrained_transformer(
+            self.sparsity,
+            first_step=self.first_step,
+            total_steps=state.max_steps,
+            steps_per_epoch=steps,
+        )
+        scheduler = _lambda_lr(lr_scheduler, recipe.lr_lambda)
+        pruning = GMPCallback(
+            recipe.schedule,
+            steps_per_epoch=steps,
+            remove_on_train_end=self.remove_on_train_end,
+            log_layers=self.log_layers,
+            **self.gmp_kwargs,
+        )
+        pruning.on_train_begin(args, state, control, train_dataloader=train_dataloader, **kwargs)
+        scheduler.lr_lambdas = [recipe.lr_lambda] * len(scheduler.lr_lambdas)
+        self.recipe, self.pruning = recipe, pruning
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.pruning is not None:
+            self.pruning.on_step_end(args, state, control, **kwargs)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.pruning is not None:
+            self.pruning.on_log(args, state, control, **kwargs)
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.pruning is not None:
+            self.pruning.on_save(args, state, control, **kwargs)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.pruning is not None:
+            self.pruning.on_train_end(args, state, control, **kwargs)
