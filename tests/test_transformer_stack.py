@@ -247,6 +247,23 @@ def test_peft_model_default_selection_is_the_base_weights_under_base_names():
             assert int((param == 0).sum()) == 0, name
 
 
+def test_peft_task_head_prunes_the_trained_copy_merge_keeps():
+    peft_lib = pytest.importorskip("peft")
+    config = peft_lib.LoraConfig(
+        r=4, task_type="SEQ_CLS", target_modules=["c_attn"], fan_in_fan_out=True
+    )
+    wrapped = peft_lib.get_peft_model(gpt2(), config)
+    head = wrapped.base_model.model.score  # a ModulesToSaveWrapper: original + trained copy
+    achieved = gmp_ext.prune_step(wrapped, 0.5)
+    assert set(achieved) == set(matmul_weights(gpt2()))
+    assert int((head.modules_to_save["default"].weight == 0).sum()) == 32
+    assert int((head.original_module.weight == 0).sum()) == 0  # frozen, unused: left alone
+    merged = wrapped.merge_and_unload()
+    assert gmp_ext.apply_masks(merged) == len(achieved)
+    assert set(gmp_ext.masks(merged)) == set(achieved)
+    assert int((merged.score.weight == 0).sum()) == 32
+
+
 def test_masks_of_a_pruned_model_survive_peft_wrapping_training_and_merge():
     model = gpt2()
     gmp_ext.prune_step(model, 0.9)

@@ -7,9 +7,11 @@ projections and transformers' ``Conv1D`` (GPT-2's ``[in, out]`` weights, recogni
 that transformers is never imported here). :func:`register_layer` adds a custom or
 third-party layer type.
 
-PEFT's tuner layers (a LoRA ``Linear`` holding ``base_layer``, ``lora_A``, ``lora_B``) are seen
-through: their base layer's weights go by the tuner layer's own name (``q_proj.weight``, as the
-base model and a merged model name them), their adapters are never selected by default.
+PEFT's wrappers are seen through: a tuner layer (a LoRA ``Linear`` holding ``base_layer``,
+``lora_A``, ``lora_B``) stands for its base layer, a ``ModulesToSaveWrapper`` (``task_type``'s
+classifier head) for its active trained copy, the one ``merge_and_unload`` keeps. Their weights
+go by the wrapper's own name (``q_proj.weight``, as the base model and a merged model name
+them); adapters and the frozen original of a saved module are never selected by default.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from torch import nn
 
 __all__ = [
     "LayerSpec",
+    "inner_layer",
     "is_instance_named",
-    "is_tuner_layer",
     "layer_spec",
     "named_layers",
     "reduction_last",
@@ -65,8 +67,10 @@ _BY_NAME: dict[str, LayerSpec] = {
     "transformers.pytorch_utils.Conv1D": LayerSpec(("weight",), 0),
 }
 
-# PEFT's tuner-layer base class: its instances wrap a ``base_layer`` and hold adapters.
+# PEFT's tuner-layer base class (its instances wrap a ``base_layer`` and hold adapters), and
+# the wrapper of modules trained in full beside the adapters (a trained copy per adapter).
 _TUNER_LAYER = "peft.tuners.tuners_utils.BaseTunerLayer"
+_MODULES_TO_SAVE = "peft.utils.other.ModulesToSaveWrapper"
 
 
 def _qualified(cls: type) -> str:
@@ -109,26 +113,35 @@ def is_instance_named(obj: object, qualified_name: str) -> bool:
     return any(_qualified(cls) == qualified_name for cls in type(obj).__mro__)
 
 
-def is_tuner_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a PEFT tuner layer (LoRA, IA3, ...) wrapping a ``base_layer``."""
-    return "base_layer" in module._modules and is_instance_named(module, _TUNER_LAYER)
+def inner_layer(module: nn.Module) -> nn.Module | None:
+    """The layer a PEFT wrapper stands for: a tuner layer's (LoRA, IA3, ...) ``base_layer``,
+    a ``ModulesToSaveWrapper``'s active trained copy; None for any other module."""
+    if "base_layer" in module._modules and is_instance_named(module, _TUNER_LAYER):
+        return module._modules["base_layer"]
+    if is_instance_named(module, _MODULES_TO_SAVE):
+        active = getattr(module, "active_adapter", None)
+        if isinstance(active, (list, tuple)):
+            active = active[0] if len(active) == 1 else None
+        copies = module._modules.get("modules_to_save")
+        if isinstance(copies, nn.ModuleDict) and isinstance(active, str) and active in copies:
+            return copies[active]
+    return None
 
 
 def named_layers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, bool]]:
     """``(name, module, adapter)`` for every module of ``model``, shared ones each time they
-    are reached. A PEFT tuner layer's ``base_layer`` takes the tuner layer's name (its
-    parameters then have the base model's names); its other children keep theirs, with
-    ``adapter`` True for them and everything inside."""
+    are reached. The layer a PEFT wrapper stands for (:func:`inner_layer`) takes the wrapper's
+    name (its parameters then have the base model's names); the wrapper's children keep
+    theirs, with ``adapter`` True for them and everything inside."""
     yield from _walk(model, prefix, adapter=False)
 
 
 def _walk(module: nn.Module, name: str, adapter: bool) -> Iterator[tuple[str, nn.Module, bool]]:
-    if is_tuner_layer(module):
-        base = module._modules["base_layer"]
-        assert base is not None
-        yield from _walk(base, name, adapter)
+    inner = inner_layer(module)
+    if inner is not None:
+        yield from _walk(inner, name, adapter)
         for child_name, child in module._modules.items():
-            if child is not None and child_name != "base_layer":
+            if child is not None and child is not inner:
                 yield from _walk(child, _join(name, child_name), True)
         return
     yield name, module, adapter

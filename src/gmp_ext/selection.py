@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from . import primitives
 from .exceptions import warn
-from .layers import is_instance_named, is_tuner_layer, layer_spec, named_layers, weight_layout
+from .layers import inner_layer, is_instance_named, layer_spec, named_layers, weight_layout
 
 __all__ = [
     "ParamSpec",
@@ -143,8 +143,8 @@ def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module that holds the parameter ``name`` (a :func:`named_parameters` name) now, and
     its attribute there (KeyError when a module on the path is gone). Walks the module tree's
     registries: ``getattr`` would find methods first for submodules named like them
-    (``half``, ``float``, ``train``). A PEFT tuner layer on the path is seen through to its
-    base layer where it holds no such child itself, so a name stays valid when LoRA wraps a
+    (``half``, ``float``, ``train``). A PEFT wrapper on the path is seen through to the layer
+    it stands for where it holds no such child itself, so a name stays valid when LoRA wraps a
     layer and again after ``merge_and_unload``."""
     *path, attr = name.split(".")
     module = model
@@ -154,10 +154,11 @@ def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _base_holding(module: nn.Module, key: str, registry: str) -> nn.Module:
-    """``module``, or the base layer of the PEFT tuner layer ``module`` whose ``registry``
+    """``module``, or the layer the PEFT wrapper ``module`` stands for whose ``registry``
     holds ``key``."""
-    while key not in getattr(module, registry) and is_tuner_layer(module):
-        module = module._modules["base_layer"]  # type: ignore[assignment]
+    inner = inner_layer(module)
+    while key not in getattr(module, registry) and inner is not None:
+        module, inner = inner, inner_layer(inner)
     return module
 
 
