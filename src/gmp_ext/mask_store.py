@@ -25,6 +25,7 @@ __all__ = [
     "ensure_store",
     "find_store",
     "get_store",
+    "inner_stores",
     "maskable",
 ]
 
@@ -208,32 +209,46 @@ class MaskStore:
         self,
         tensors_of: Callable[[MaskEntry], Iterable[object]],
         names: Iterable[str] | None = None,
+        *,
+        required: str | None = None,
     ) -> int:
         """Zero, in the tensors tied to each parameter (its gradient, its optimizer state), the
-        elements its mask prunes: one fused call per device for all of them.
+        elements its mask prunes: one fused call per device for the dense ones; a sparse COO
+        tensor's stored values are masked in place (:func:`primitives.apply_sparse_in_place`).
 
         ``tensors_of(entry)`` names the candidates of one entry (of the entries ``names``
         lists, default all); only those :func:`maskable` accepts are masked, the others (a
-        scalar ``step``, factored rows, integer buffers) are left alone. Returns how many
-        tensors were masked.
+        scalar ``step``, factored rows, integer buffers) are left alone, unless ``required``
+        says what the candidates are (``"gradient"``): then each must be masked, and one that
+        cannot be is a ValueError naming the parameter and the tensor's layout, raised before
+        anything is modified. Returns how many tensors were masked.
         """
         self.resolve()
-        chosen = self.entries.values() if names is None else [self.entries[n] for n in names]
+        chosen = list(self.entries) if names is None else list(names)
         targets: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
-        for entry in chosen:
+        sparse: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name in chosen:
+            entry = self.entries[name]
             moved: dict[torch.device, torch.Tensor] = {entry.mask.device: entry.mask}
             for tensor in tensors_of(entry):
                 local = maskable(entry.param, tensor)
                 if local is None:
-                    continue
+                    if required is None:
+                        continue
+                    raise ValueError(_unmaskable(required, name, entry.param, tensor))
                 if local.device not in moved:  # e.g. optimizer state offloaded to the CPU
                     moved[local.device] = entry.mask.to(local.device)
-                targets.append(local)
-                masks.append(moved[local.device])
+                if local.layout == torch.sparse_coo:
+                    sparse.append((local, moved[local.device]))
+                else:
+                    targets.append(local)
+                    masks.append(moved[local.device])
         if targets:
             primitives.apply_in_place(targets, masks)
-        return len(targets)
+        for tensor, mask in sparse:
+            primitives.apply_sparse_in_place(tensor, mask)
+        return len(targets) + len(sparse)
 
     def replace_controller(self, controller: object, optimizer: object) -> object | None:
         """Make ``controller`` (driven by ``optimizer``) the model's one controller; returns the
@@ -259,17 +274,23 @@ class MaskStore:
 def maskable(param: torch.Tensor, tensor: object) -> torch.Tensor | None:
     """The storage to mask of ``tensor`` (a DTensor's local shard) if it is tied element for
     element to ``param``: a dense floating tensor of a dtype gmp_ext supports, shaped like the
-    parameter (a DTensor: sharded like it, so its local shard is shaped like the parameter's);
-    None otherwise."""
+    parameter (a DTensor: sharded like it, so its local shard is shaped like the parameter's),
+    or such a sparse COO tensor (e.g. ``nn.Embedding(sparse=True)``'s gradient), returned as
+    is, of a parameter that is not a DTensor; None otherwise."""
     if (
         not isinstance(tensor, torch.Tensor)
-        or tensor.layout != torch.strided
+        or tensor.layout not in (torch.strided, torch.sparse_coo)
         or tensor.dtype not in ops.SUPPORTED_DTYPES
         or tensor.device.type == "meta"
         or tensor.shape != param.shape
     ):
         return None
     sharded = is_dtensor(param)
+    if tensor.layout == torch.sparse_coo:
+        # Its stored values are masked where they lie: a DTensor holds no sparse shard here.
+        if sharded or is_dtensor(tensor) or _expanded(tensor._values()):
+            return None
+        return tensor
     if is_dtensor(tensor) != sharded:
         return None
     if sharded and (
@@ -278,12 +299,34 @@ def maskable(param: torch.Tensor, tensor: object) -> torch.Tensor | None:
     ):
         return None
     local = local_tensor(tensor)
-    if local.shape != local_tensor(param).shape:
-        return None
-    # An expanded tensor (stride 0) has no element of its own to zero.
-    if any(stride == 0 and size > 1 for stride, size in zip(local.stride(), local.shape)):
+    if local.shape != local_tensor(param).shape or _expanded(local):
         return None
     return local
+
+
+def _expanded(tensor: torch.Tensor) -> bool:
+    """An expanded tensor (stride 0) has no element of its own to zero."""
+    return any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape))
+
+
+def _unmaskable(what: str, name: str, param: torch.Tensor, tensor: object) -> str:
+    """Why :func:`maskable` refused the ``what`` of parameter ``name``: the tensor as found and
+    what gmp_ext masks."""
+    if isinstance(tensor, torch.Tensor):
+        kind = "DTensor" if is_dtensor(tensor) else "tensor"
+        found = f"a {kind} of layout {tensor.layout}, dtype {tensor.dtype}, shape "
+        found += f"{list(tensor.shape)} on {tensor.device}"
+        if tensor.layout == torch.strided:
+            found += f", strides {tensor.stride()}"
+    else:
+        found = f"a {type(tensor).__name__}"
+    of = "DTensor parameter" if is_dtensor(param) else "parameter"
+    return (
+        f"cannot mask the {what} of {of} '{name}' ({param.dtype}, shape {list(param.shape)}) "
+        f"exactly: it is {found}. gmp_ext masks dense (strided) tensors shaped (of a DTensor: "
+        "sharded) like the parameter with no expanded (stride 0) dimension, and sparse COO "
+        "ones (not of DTensor parameters); nothing was modified"
+    )
 
 
 # The stores by id(model). A plain dict, so that a lookup under torch.compile is guarded on its
@@ -337,6 +380,18 @@ def find_store(model: nn.Module) -> tuple[MaskStore, str] | None:
         return store, ""
     nested = _nesting(model)
     return None if nested is None else (_STORES[id(nested[0])], nested[1])
+
+
+def inner_stores(model: nn.Module) -> list[tuple[MaskStore, str]]:
+    """The stores held by submodules of ``model`` (a pruned model wrapped in a larger one, e.g.
+    ``nn.Sequential(pruned, head)``), each with that submodule's name prefix in ``model``."""
+    model, _ = unwrap(model)
+    found = []
+    for name, module in model.named_modules():
+        store = _own_store(unwrap(module)[0]) if name else None
+        if store is not None:
+            found.append((store, name + "."))
+    return found
 
 
 def get_store(model: nn.Module, create: bool = False) -> MaskStore | None:

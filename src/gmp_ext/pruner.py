@@ -12,8 +12,23 @@ from torch.utils.hooks import RemovableHandle
 
 from . import distributed, ops, primitives
 from .dtensors import local_tensor
-from .mask_store import MaskEntry, MaskStore, drop_store, ensure_store, find_store, get_store
-from .selection import ParamSpec, bare_name, select_parameters, unwrap
+from .mask_store import (
+    MaskEntry,
+    MaskStore,
+    drop_store,
+    ensure_store,
+    find_store,
+    get_store,
+    inner_stores,
+)
+from .selection import (
+    ParamSpec,
+    bare_name,
+    named_parameters,
+    reduction_dims,
+    select_parameters,
+    unwrap,
+)
 from .strategies import Selection, selection_for
 
 __all__ = [
@@ -52,7 +67,7 @@ def targets_of(
     if not selection.per_tensor_targets:
         raise ValueError("a per-parameter sparsity dict needs scope='layer'")
     inner, prefix = unwrap(model)
-    named = dict(inner.named_parameters(remove_duplicate=False))
+    named = named_parameters(inner)
     targets = {
         bare_name(name, prefix, named): ops.check_sparsity(v, f"sparsity[{name!r}]")
         for name, v in sparsity.items()
@@ -133,6 +148,7 @@ def prune_parameters(
         lambda local, masks, scope, key_space, pattern: store.prune_step(
             names, local, masks, scope, key_space, pattern
         ),
+        reduction_dims(unwrap(model)[0], names),
     )
     entries = {
         name: MaskEntry(param, mask, targets[name], threshold)
@@ -147,49 +163,62 @@ def prune_parameters(
     return entries
 
 
-def _masked_entries(model: nn.Module) -> tuple[MaskStore | None, str, dict[str, MaskEntry]]:
-    """The store masking ``model`` and its entries under ``model``'s own parameter names (a
-    submodule of a pruned model: the entries of its parameters), bound to the model's current
-    parameters, with ``model``'s name prefix in the store."""
+def _masked_entries(model: nn.Module) -> list[tuple[MaskStore, dict[str, str]]]:
+    """The stores masking ``model``'s parameters, bound to the current parameters, each with
+    ``{model's name: the store's name}`` of its entries: the store of ``model`` or of a model
+    enclosing it (a submodule of a pruned model: its own parameters), else the stores of its
+    submodules (a pruned model inside a larger one: ``nn.Sequential(pruned, head)``)."""
     found = find_store(model)
-    if found is None:
-        return None, "", {}
-    store, prefix = found
-    store.resolve()
-    entries = {
-        name[len(prefix) :]: entry
-        for name, entry in store.entries.items()
-        if name.startswith(prefix)
+    if found is not None:
+        store, prefix = found
+        store.resolve()
+        return [(store, {n[len(prefix) :]: n for n in store.entries if n.startswith(prefix)})]
+    stores = []
+    for store, prefix in inner_stores(model):
+        store.resolve()
+        stores.append((store, {prefix + n: n for n in store.entries}))
+    return stores
+
+
+def _entries_of(model: nn.Module) -> dict[str, MaskEntry]:
+    """Every masked parameter of ``model``, by ``model``'s names (see :func:`_masked_entries`)."""
+    return {
+        name: store.entries[held]
+        for store, names in _masked_entries(model)
+        for name, held in names.items()
     }
-    return store, prefix, entries
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """{name: bool tensor of the weight's shape, True = kept} for every masked parameter of
-    ``model`` (a submodule of a pruned model: its own parameters, by their names in it; a
-    DTensor parameter's: a bool DTensor sharded like it). Empty when nothing is masked."""
+    ``model`` (a submodule of a pruned model: its own parameters, by their names in it; a model
+    holding pruned submodules: theirs, by its names; a DTensor parameter's: a bool DTensor
+    sharded like it). Empty when nothing is masked."""
     _check_model(model)
     return {
         name: distributed.keep_flags(entry.param, entry.mask)
-        for name, entry in _masked_entries(model)[2].items()
+        for name, entry in _entries_of(model).items()
     }
 
 
-def apply_masks(model: nn.Module) -> None:
+def apply_masks(model: nn.Module) -> int:
     """Re-zero every pruned weight of the model (a submodule of a pruned model: of its own
-    parameters); a no-op before the first prune_step."""
+    parameters; a model holding pruned submodules, a PEFT model around a pruned one, a model
+    ``merge_and_unload`` returned: all of them, which restores the exact sparsity a LoRA merge
+    filled in). Returns the number of parameters re-zeroed (0 when nothing is masked)."""
     _check_model(model)
-    store, _, entries = _masked_entries(model)
-    if store is None or not entries:
-        return
-    if len(entries) == len(store.entries):
-        store.apply()  # the cached fused apply
-    else:
-        with torch.no_grad():
-            primitives.apply_in_place(
-                [local_tensor(e.param).detach() for e in entries.values()],
-                [e.mask for e in entries.values()],
-            )
+    count = 0
+    for store, names in _masked_entries(model):
+        if len(names) == len(store.entries):
+            store.apply()  # the cached fused apply
+        elif names:
+            entries = [store.entries[n] for n in names.values()]
+            with torch.no_grad():
+                primitives.apply_in_place(
+                    [local_tensor(e.param).detach() for e in entries], [e.mask for e in entries]
+                )
+        count += len(names)
+    return count
 
 
 def _check_optimizer(optimizer: object) -> torch.optim.Optimizer:
@@ -229,10 +258,12 @@ def _grad_of(entry: MaskEntry) -> Iterable[object]:
 
 
 def mask_gradients_hook(store: MaskStore) -> Callable[..., None]:
-    """An optimizer step pre-hook zeroing the gradients of the store's pruned weights."""
+    """An optimizer step pre-hook zeroing the gradients of the store's pruned weights (a
+    sparse COO gradient's stored values in place, so e.g. SparseAdam sees them masked); a
+    gradient it cannot mask exactly fails the step before anything is modified."""
 
     def hook(_optimizer: torch.optim.Optimizer, _args: object, _kwargs: object) -> None:
-        store.apply_to(_grad_of)
+        store.apply_to(_grad_of, required="gradient")
 
     return hook
 
@@ -257,16 +288,22 @@ def zero_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> int
 def zero_pruned_grads(model: nn.Module) -> int:
     """Zero the ``.grad`` entries of the model's pruned weights (parameters without a gradient
     are skipped), e.g. before ``clip_grad_norm_`` so that the norm counts only kept weights.
-    Returns the number of gradients masked."""
+    A sparse COO gradient (``nn.Embedding(sparse=True)``) keeps its indices, its stored values
+    of pruned weights are zeroed. Returns the number of gradients masked. A gradient that
+    cannot be masked exactly (another sparse layout, a sparse gradient of a DTensor, an
+    expanded one) is a ValueError naming the parameter, and no gradient is modified."""
     _check_model(model)
-    return _apply_to_masked(model, _grad_of)
+    return sum(
+        store.apply_to(_grad_of, list(names.values()), required="gradient")
+        for store, names in _masked_entries(model)
+    )
 
 
 def _apply_to_masked(model: nn.Module, tensors_of: Callable[[MaskEntry], Iterable[object]]) -> int:
-    store, prefix, entries = _masked_entries(model)
-    if store is None:
-        return 0
-    return store.apply_to(tensors_of, names=[prefix + name for name in entries])
+    return sum(
+        store.apply_to(tensors_of, names=list(names.values()))
+        for store, names in _masked_entries(model)
+    )
 
 
 class AttachHandle:
@@ -300,7 +337,8 @@ def attach(
 
     Attaching the same model to the same optimizer again replaces the earlier hooks (never
     two sets). Raises ValueError when a :class:`gmp_ext.GMP` controller already drives this
-    model with this optimizer (it re-applies the masks itself).
+    model with this optimizer (it re-applies the masks itself). A model holding pruned
+    submodules (``nn.Sequential(pruned, head)``) attaches each of them.
 
     Returns an :class:`AttachHandle` whose ``remove()`` removes the hooks; ``remove(model)``
     also removes them.
@@ -308,6 +346,13 @@ def attach(
     _check_model(model)
     _check_optimizer(optimizer)
     _check_flag(mask_gradients, "mask_gradients")
+    if find_store(model) is None:
+        # A model around pruned submodules (a PEFT model's base is its own): attach theirs.
+        held = [s.model() for s, _ in inner_stores(model) if s.model is not None]
+        inner = [m for m in held if m is not None]
+        if inner:
+            each = [attach(m, optimizer, mask_gradients=mask_gradients) for m in inner]
+            return AttachHandle(*(handle for one in each for handle in one.handles))
     store = ensure_store(model)
     controller = None if store.controller is None else store.controller()
     if controller is not None and getattr(controller, "optimizer", None) is optimizer:
@@ -327,11 +372,24 @@ def attach(
     return handle
 
 
-def remove(model: nn.Module) -> None:
-    """Drop the model's masks and hooks; the weights stay as they are."""
-    store = drop_store(model)
-    if store is not None:
+def remove(model: nn.Module) -> int:
+    """Drop the model's masks and hooks (a model holding pruned submodules: theirs); the
+    weights stay as they are. Returns the number of masks dropped. Raises ValueError for a
+    submodule of a pruned model: its masks belong to that model's, which ``remove`` drops."""
+    _check_model(model)
+    found = find_store(model)
+    if found is not None and found[1]:
+        raise ValueError(
+            f"this module is '{found[1][:-1]}' of a model whose masks gmp_ext holds; call "
+            "gmp_ext.remove on that model (or prune it with exclude= to leave this module out)"
+        )
+    stores = [found[0]] if found is not None else [s for s, _ in inner_stores(model)]
+    for store in stores:
+        held = None if store.model is None else store.model()
+        if held is not None:
+            drop_store(held)
         store.remove_hooks()
+    return sum(len(store.entries) for store in stores)
 
 
 @dataclass(frozen=True)
@@ -385,7 +443,7 @@ def sparsity_report(
     """Per-parameter zeros, counted in the weights: of the model's masked parameters (a
     submodule of a pruned model: of its own), or of :func:`select_parameters`' selection when
     nothing is masked or ``params``/``exclude`` is given (its errors included)."""
-    _, _, entries = _masked_entries(_check_model(model))
+    entries = _entries_of(_check_model(model))
     if entries and params is None and exclude is None:
         chosen = {name: e.param for name, e in entries.items()}
     else:
