@@ -1,8 +1,8 @@
 """The models of today's fine-tuning stack, built from configs (no downloads): BERT, GPT-2
 (transformers' Conv1D), a Llama decoder, nn.TransformerEncoder, a ConvNet with a transposed
 convolution, and GPT-2 under PEFT/LoRA. Every matmul weight is selected and pruned exactly, N:M
-runs along each weight's reduction dimension (checked here by an independent reshape), masks
-survive wrappers and a LoRA merge, and the Hugging Face Trainer with fused AdamW, bf16 and
+runs along each weight's reduction dimension (checked here by an independent reshape; on
+every device present: the CUDA cases run where a GPU is), masks survive wrappers and a LoRA merge, and the Hugging Face Trainer with fused AdamW, bf16 and
 gradient accumulation prunes exactly and resumes mid-pruning bit for bit."""
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ def input_groups(weight: torch.Tensor, dim: int, m: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_default_selection_prunes_every_matmul_weight_exactly(name):
-    model = MODELS[name]()
+def test_default_selection_prunes_every_matmul_weight_exactly(name, device):
+    model = MODELS[name]().to(device)
     expected = matmul_weights(model)
     achieved = gmp_ext.prune_step(model, 0.9)
     assert set(achieved) == set(expected)
@@ -132,8 +132,8 @@ def test_global_scope_prunes_the_total_exactly(name):
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_nm_runs_along_the_reduction_dimension(name, scope):
-    model = MODELS[name]()
+def test_nm_runs_along_the_reduction_dimension(name, scope, device):
+    model = MODELS[name]().to(device)
     expected = matmul_weights(model)
     gmp_ext.prune_step(model, 0.25, nm=(2, 4), scope=scope)  # halfway: no group over m - n
     for key, (weight, dim) in expected.items():
