@@ -12,7 +12,7 @@ from torch import nn
 from gmp_ext import GMPWarning, ops
 from gmp_ext.schedule import GMPSchedule
 
-from .utils import without_regrowth
+from .utils import TokenPairs, without_regrowth
 
 SCHEDULE = GMPSchedule(0.1, 0.6, 0, 2, 0.5)
 
@@ -163,18 +163,6 @@ def test_lightning_remove_on_fit_end(tmp_path):
 # -- Hugging Face Trainer -------------------------------------------------------------------
 
 
-class Pairs(torch.utils.data.Dataset):
-    def __init__(self, n: int = 16) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 100, (n, 8), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
-
-
 def hf_trainer(output_dir, callbacks, save_steps=None, dataset_size=16, **arguments):
     """A Trainer over a tiny BERT built from a config (no download)."""
     transformers = pytest.importorskip("transformers")
@@ -207,7 +195,7 @@ def hf_trainer(output_dir, callbacks, save_steps=None, dataset_size=16, **argume
         **options,
     )
     return transformers.Trainer(
-        model=model, args=args, train_dataset=Pairs(dataset_size), callbacks=callbacks
+        model=model, args=args, train_dataset=TokenPairs(dataset_size), callbacks=callbacks
     )
 
 

@@ -1,9 +1,10 @@
 """The models of today's fine-tuning stack, built from configs (no downloads): BERT, GPT-2
 (transformers' Conv1D), a Llama decoder, nn.TransformerEncoder, a ConvNet with a transposed
 convolution, and GPT-2 under PEFT/LoRA. Every matmul weight is selected and pruned exactly, N:M
-runs along each weight's reduction dimension (checked here by an independent reshape; on
-every device present: the CUDA cases run where a GPU is), masks survive wrappers and a LoRA merge, and the Hugging Face Trainer with fused AdamW, bf16 and
-gradient accumulation prunes exactly and resumes mid-pruning bit for bit."""
+runs along each weight's reduction dimension (checked here by an independent reshape; on every
+device present: the CUDA cases run where a GPU is), masks survive wrappers and a LoRA merge, and
+the Hugging Face Trainer with fused AdamW, bf16 and gradient accumulation prunes exactly and
+resumes mid-pruning bit for bit."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from torch import nn
 
 import gmp_ext
 from gmp_ext import GMPSchedule, GMPWarning
+
+from .utils import TokenPairs
 
 transformers = pytest.importorskip("transformers")
 
@@ -322,18 +325,6 @@ def test_model_level_calls_find_masks_held_by_a_submodule():
 # -- the Hugging Face Trainer: fused AdamW, bf16, accumulation, resume --------------------------
 
 
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, size: int = 16) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(3, 64, (size, 8), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
-
-
 SCHEDULE = GMPSchedule(0.2, 0.9, 0, 2, 0.5)  # updates at epochs 0, 0.5, 1, 1.5, 2
 
 
@@ -358,7 +349,7 @@ def trainer_run(output_dir, resume=None, save_steps=None):
         seed=0,
     )
     trainer = transformers.Trainer(
-        model=gpt2(), args=args, train_dataset=Tokens(), callbacks=[callback]
+        model=gpt2(), args=args, train_dataset=TokenPairs(vocab=64, low=3), callbacks=[callback]
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer, callback

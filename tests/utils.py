@@ -112,3 +112,18 @@ def without_regrowth(history: list[dict]) -> list[dict]:
     return [
         {**strip(r), "layers": {n: strip(row) for n, row in r["layers"].items()}} for r in history
     ]
+
+
+class TokenPairs(torch.utils.data.Dataset):
+    """Random token sequences of 8 ids in [low, vocab) labelled by their first id's parity: a
+    Hugging Face Trainer dataset for tiny models built from configs."""
+
+    def __init__(self, n: int = 16, vocab: int = 100, low: int = 0) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(low, vocab, (n, 8), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
