@@ -12,7 +12,12 @@ steps_per_epoch``):
   zero when the masks are recomputed and stay pruned as the sparsity grows, and every layer
   holds exactly ``round(target * numel)`` zeros right after an update.
 * Steps that never reach ``optimizer.step()`` (micro-batches of gradient accumulation, steps a
-  ``GradScaler`` skips on inf/NaN gradients) are not counted.
+  ``GradScaler`` skips on inf/NaN gradients) are not counted, nor those a ``GradScaler`` hands
+  to an optimizer that skips them itself (fused Adam(W), SGD, Adagrad: ``optimizer.step()`` runs
+  with ``optimizer.found_inf`` set). That flag is a device tensor, and reading it waits for the
+  device: it is summed where it lives and read only when an update point or a stage change
+  may fall on one of the steps not read yet, when ``step_count`` (``epoch``, ``sparsity``,
+  ``stage``) is asked for, and by ``state_dict``, ``epoch_end`` and ``plot``.
 * When step ``s`` reaches ``end_epoch`` (the stage becomes ``"fine_tuning"``), the weight decay
   of every param group becomes ``fine_tune_weight_decay`` (if given), from step ``s + 1`` on.
 
@@ -34,7 +39,7 @@ from .dtensors import any_dtensor
 from .exceptions import GMPWarning, warn
 from .mask_store import MaskStore, ensure_store, get_store
 from .pruner import mask_gradients_hook, optimizer_state_of, prune_parameters, remove
-from .run_checks import ForwardCounter, check_counts, check_epoch_steps, check_run_length
+from .run_checks import PassCounter, check_counts, check_epoch_steps, check_run_length
 from .schedule import GMPSchedule, Recipe, Schedule, Stage, load_recipe
 from .selection import ParamSpec, parameter_by_name, select_parameters, unwrap
 from .telemetry import ScalarWriter, UpdateProbe, Writers
@@ -44,6 +49,40 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
 __all__ = ["GMP", "GMPWarning"]
+
+
+def _found_inf(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The flag a ``GradScaler`` sets on an optimizer that handles the scaling itself
+    (``_step_supports_amp_scaling``: the fused ones) for the duration of its ``step()``: nonzero
+    when the gradients hold inf/NaN and the step changed nothing. None for other optimizers,
+    whose skipped steps never reach ``optimizer.step()``."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    found_inf = getattr(optimizer, "found_inf", None)
+    return found_inf if isinstance(found_inf, torch.Tensor) else None
+
+
+class _Unread:
+    """Optimizer steps whose ``found_inf`` flag is not read yet, and on the flags' device how
+    many of them were skipped."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.skipped: torch.Tensor | None = None
+
+    def add(self, found_inf: torch.Tensor) -> None:
+        # found_inf sums the flags of the gradients' devices: any nonzero skipped the step.
+        skipped = found_inf > 0
+        if self.skipped is None:
+            self.skipped = torch.zeros((), dtype=torch.int64, device=found_inf.device)
+        self.skipped.add_(skipped.to(self.skipped.device))
+        self.steps += 1
+
+    def read(self) -> int:
+        """How many of the steps ran (waits for the device); forgets them."""
+        ran = self.steps - (0 if self.skipped is None else int(self.skipped.item()))
+        self.steps, self.skipped = 0, None
+        return ran
 
 
 class GMP:
@@ -103,8 +142,9 @@ class GMP:
         self._optimizer = optimizer
         self._names = list(selected)
         self._selection = self.config.selection({n: p.numel() for n, p in selected.items()})
-        self._progress = checkpoint.Progress()
-        self._forwards = ForwardCounter(self.config.gradient_accumulation_steps)
+        self._progress = checkpoint.Progress()  # its step counts the steps read so far
+        self._unread = _Unread()
+        self._passes = PassCounter(self.config.gradient_accumulation_steps)
         self._store = store
         self._writers = Writers()
         self._take_over(store)
@@ -120,7 +160,8 @@ class GMP:
         self._handles = [optimizer.register_step_post_hook(self._after_step)]
         if self.config.mask_gradients:
             self._handles.append(optimizer.register_step_pre_hook(mask_gradients_hook(store)))
-        self._handles.append(unwrap(model)[0].register_forward_pre_hook(self._forwards.hook))
+        trainable = [*selected.values(), *(p for g in optimizer.param_groups for p in g["params"])]
+        self._handles.extend(self._passes.attach(unwrap(model)[0], trainable))
         store.hooks.extend(self._handles)
 
     def _take_over(self, store: MaskStore) -> None:
@@ -167,13 +208,16 @@ class GMP:
 
     @property
     def step_count(self) -> int:
-        """Optimizer steps taken since the controller was created (or of the resumed run)."""
+        """Optimizer steps taken since the controller was created (or of the resumed run); with
+        a fused optimizer under a GradScaler, asking waits for the device (see the module
+        docstring)."""
+        self._read_flags()
         return self._progress.step
 
     @property
     def epoch(self) -> float:
         """``step_count / steps_per_epoch``: the schedule's clock."""
-        return self._progress.step / self.steps_per_epoch
+        return self.step_count / self.steps_per_epoch
 
     @property
     def sparsity(self) -> float:
@@ -218,21 +262,49 @@ class GMP:
 
     # -- the step hook ----------------------------------------------------------------------
 
-    def _after_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-        previous = self.epoch
-        self._progress.step += 1
-        self._forwards.step(self.schedule, self.steps_per_epoch)
-        update = self.schedule.crossed_update(previous, self.epoch)
+    def _after_step(self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        ran = self._ran(_found_inf(optimizer))
+        spe = self.steps_per_epoch
+        # The steps counted so far: nothing is due on those not read yet (see _ran).
+        previous = self._progress.step / spe
+        if ran:
+            self._progress.step += 1
+        current = self._progress.step / spe
+        self._passes.step(self.schedule, spe)
+        update = self.schedule.crossed_update(previous, current)
         # At an update, the regrowth the re-apply is about to zero is counted first.
         probe = UpdateProbe(self._store, self._names) if update else None
         # Re-zero first, also before an update: momentum and weight decay may have moved pruned
         # weights off zero in this step, and they must not outrank kept weights in the new masks.
+        # A skipped step moved nothing, so the re-apply changes nothing then.
         self._store.apply()
         if probe is not None:
             self._update(probe)
         decay = self.config.fine_tune_weight_decay
-        if decay is not None and self.stage == "fine_tuning":
+        if decay is not None and self.schedule.stage_at(current) == "fine_tuning":
             self._progress.start_fine_tuning(self._optimizer, decay)
+
+    def _ran(self, found_inf: torch.Tensor | None) -> bool | None:
+        """Whether the step that just ended ran: True, False (a GradScaler skipped it), or None
+        when its found_inf flag joins the unread ones, since no update point and no stage change
+        lies within the steps not read yet, however many of them ran. When one may, the flags
+        are read (which waits for the device)."""
+        if found_inf is None and not self._unread.steps:
+            return True
+        spe, low = self.steps_per_epoch, self._progress.step
+        first, last = low / spe, (low + self._unread.steps + 1) / spe
+        due = self.schedule.crossed_update(first, last)
+        if not due and self.schedule.stage_at(first) == self.schedule.stage_at(last):
+            if found_inf is None:
+                return True
+            self._unread.add(found_inf)
+            return None
+        self._read_flags()
+        return found_inf is None or not bool(found_inf.item())
+
+    def _read_flags(self) -> None:
+        """Count the steps whose found_inf flag is not read yet (waits for the device)."""
+        self._progress.step += self._unread.read()
 
     def _current_params(self) -> dict[str, nn.Parameter]:
         """The pruned parameters as the model holds them now, looked up by name: loading a
@@ -269,8 +341,9 @@ class GMP:
     def epoch_end(self) -> None:
         """Optional: tell the controller an epoch ended, so it can check ``steps_per_epoch``
         against the optimizer steps since the last call (a GMPWarning when they differ)."""
-        check_epoch_steps(self._progress.step - self._progress.epoch_mark, self.steps_per_epoch)
-        self._progress.epoch_mark = self._progress.step
+        steps = self.step_count
+        check_epoch_steps(steps - self._progress.epoch_mark, self.steps_per_epoch)
+        self._progress.epoch_mark = steps
 
     def log_to(
         self, writer: ScalarWriter, *, prefix: str = "gmp", layers: bool = True
@@ -293,7 +366,7 @@ class GMP:
             path,
             schedule=self.schedule if isinstance(self.schedule, GMPSchedule) else None,
             steps_per_epoch=self.steps_per_epoch,
-            until_step=self._progress.step,
+            until_step=self.step_count,
         )
 
     def remove(self) -> None:
@@ -318,6 +391,7 @@ class GMP:
         if store is not None:
             store.resolve()
         entries = {} if store is None else store.entries
+        self._read_flags()
         return checkpoint.encode(
             self.config, self._progress, self.stage, self._current_params(), entries
         )
@@ -332,6 +406,7 @@ class GMP:
             state, self.config, self._current_params(), len(self._optimizer.param_groups)
         )
         self._progress = progress
+        self._unread = _Unread()  # steps of the run this state replaces
         if progress.original_decay is not None:
             decay = self.config.fine_tune_weight_decay
             progress.set_decay(self._optimizer, decay)  # type: ignore[arg-type]

@@ -4,41 +4,73 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .dtensors import is_dtensor
 from .exceptions import warn
 from .schedule import Schedule
 from .strategies import Selection
 
-__all__ = ["ForwardCounter", "check_counts", "check_epoch_steps", "check_run_length"]
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+__all__ = ["PassCounter", "check_counts", "check_epoch_steps", "check_run_length"]
 
 
-class ForwardCounter:
-    """Counts the model's training forward passes between optimizer steps (a forward pre-hook)
-    and warns once when, two steps in a row, there are more than ``expected``: with gradient
-    accumulation, ``steps_per_epoch=len(loader)`` counts micro-batches, and the run then ends
-    long before its schedule does."""
+class PassCounter:
+    """Counts the model's training passes between optimizer steps and warns once when, two steps
+    in a row, there are more than ``expected``: with gradient accumulation,
+    ``steps_per_epoch=len(loader)`` counts micro-batches, and the run then ends long before its
+    schedule does.
 
-    # The hook lives in the model's hook registry, so it is pickled and deep-copied with the
-    # model (torch.save(model), AveragedModel): it holds counters only.
+    Two counts, of which a step takes the larger: forward passes of the model in training mode
+    with gradients on (a forward pre-hook), and backward passes that accumulate into one trainable
+    parameter's ``.grad`` (a post-accumulate-grad hook; the autograd engine runs it also when the
+    forward is compiled). Neither counts inside code that Dynamo compiles, where a Python side
+    effect would recompile the graph at every count. So under ``torch.compile`` only the
+    backward count checks a run, and no count does with compiled autograd
+    (``torch._dynamo.config.compiled_autograd``), when no parameter outside a DTensor (FSDP2)
+    trains, or when the counted parameter stops training or is replaced
+    (``load_state_dict(assign=True)``) after GMP was created.
+    """
+
+    # The forward hook lives in the model's hook registry, so it is pickled and deep-copied with
+    # the model (torch.save(model), AveragedModel): it holds counters only. A tensor's
+    # post-accumulate-grad hooks are neither pickled nor deep-copied.
     def __init__(self, expected: int | None) -> None:
         self.expected = expected
         self.forwards = 0  # since the last optimizer step
+        self.backwards = 0  # since the last optimizer step
         self.before = 0  # before the last optimizer step
         self.warned = False
 
-    def hook(self, module: nn.Module, _args: object) -> None:
-        # Compiled regions skip the count: a Python side effect there would break the graph.
+    def attach(self, module: nn.Module, params: Iterable[torch.Tensor]) -> list[RemovableHandle]:
+        """Count the training forward passes of ``module`` and the backward passes of the first
+        of ``params`` that trains and is not a DTensor: FSDP2 calls a shard's hook only when it
+        reduces the gradient, and one on a CPU-offloaded shard keeps it from overlapping the
+        gradient's copy to the host."""
+        handles = [module.register_forward_pre_hook(self.forward_hook)]
+        counted = next((p for p in params if p.requires_grad and not is_dtensor(p)), None)
+        if counted is not None:
+            handles.append(counted.register_post_accumulate_grad_hook(self.backward_hook))
+        return handles
+
+    def forward_hook(self, module: nn.Module, _args: object) -> None:
         if module.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self.forwards += 1
 
+    def backward_hook(self, _param: torch.Tensor) -> None:
+        if not torch.compiler.is_compiling():
+            self.backwards += 1
+
     def step(self, schedule: Schedule, steps_per_epoch: int) -> None:
         """Called after every optimizer step of a run with this schedule."""
-        observed, before = self.forwards, self.before
-        self.forwards, self.before = 0, observed
+        observed, before = max(self.forwards, self.backwards), self.before
+        self.forwards, self.backwards, self.before = 0, 0, observed
         # One odd step (an epoch's last, partial accumulation window) is no pattern.
         if self.warned or observed <= 1 or observed == (self.expected or 1) or observed != before:
             return
