@@ -10,7 +10,7 @@ from torch import nn
 from gmp_ext.controller import GMP
 from gmp_ext.schedule import GMPSchedule
 
-from .utils import batch
+from .utils import TokenPairs, batch
 
 SCHEDULE = GMPSchedule(0.2, 0.6, 1, 3)  # steps_per_epoch=2: updates at real steps 2, 4 and 6
 SKIPPED = {1, 3, 4, 7}  # loop iterations whose gradients overflow
@@ -113,18 +113,6 @@ def test_fused_flags_are_read_only_when_a_count_matters(monkeypatch):
 # -- the Hugging Face Trainer with its default fused AdamW ------------------------------------
 
 
-class Pairs(torch.utils.data.Dataset):
-    def __init__(self, n: int = 16) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 100, (n, 8), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
-
-
 def hf_train(tmp_path, overflow: set[int], on_cpu: bool, **precision):
     """8 optimizer steps; the loss is inf on the Trainer's steps in ``overflow`` (0-based), so
     their gradients are too."""
@@ -174,7 +162,7 @@ def hf_train(tmp_path, overflow: set[int], on_cpu: bool, **precision):
     # Updates at steps 0, 1, 2, 3 and 4 (8 steps per epoch); the real steps reach the last.
     callback, updates = GMPCallback(GMPSchedule(0.1, 0.6, 0, 0.5, 0.125)), Updates()
     trainer = Overflowing(
-        model=model, args=args, train_dataset=Pairs(), callbacks=[callback, updates]
+        model=model, args=args, train_dataset=TokenPairs(), callbacks=[callback, updates]
     )
     if on_cpu:
         # accelerate makes no GradScaler on CPU (fp16=True there trains in fp32, unscaled); the
