@@ -100,7 +100,8 @@ class GMPConfig:
     starts; ``total_epochs`` (if given) must leave the schedule room to finish.
 
     ``gradient_accumulation_steps`` states how many training forward passes of the model make
-    one optimizer step. GMP counts them (a forward pre-hook) and warns once, naming the
+    one optimizer step. GMP counts them (a forward pre-hook, and a backward hook on one trained
+    parameter that also counts under torch.compile) and warns once, naming the
     ``steps_per_epoch`` that fits, when it sees more than stated: with gradient accumulation,
     ``steps_per_epoch=len(loader)`` counts micro-batches and the run ends long before the
     schedule does.
