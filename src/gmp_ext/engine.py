@@ -107,14 +107,18 @@ class PreparedStep:
         for group in self.groups:
             group.selection.set_counts([counts[i] for i in group.indices] if per_tensor else counts)
 
-    def run(self, select: bool = True, build: bool = True, apply: bool = True) -> None:
-        """The chosen stages, in order, for every group (as operators when compiling)."""
+    def run(
+        self, select: bool = True, build: bool = True, apply: bool = True, restage: bool = True
+    ) -> None:
+        """The chosen stages, in order, for every group (as operators when compiling).
+        ``restage=False`` keeps the contiguous copies of non-contiguous tensors as the last run
+        left them (the caller knows nothing wrote the tensors since)."""
         if torch.compiler.is_compiling():
             self.run_operators(self.tensors, self.masks, select, build, apply)
             return
         with torch.no_grad():
             for group in self.groups:
-                for tensor, copy in group.staged:
+                for tensor, copy in group.staged if restage else ():
                     copy.copy_(tensor)
                 self._run_group(group, select, build, apply)
                 for tensor, copy in group.staged:

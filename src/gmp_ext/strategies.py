@@ -132,7 +132,7 @@ class Selection:
         step.run(build=False, apply=False)
         labels = [f"parameter '{n}'" for n in names]
         primitives.raise_on_nan_counts(step.nan_counts(), local, labels)  # one read per group
-        step.run(select=False, apply=False)
+        step.run(select=False, apply=False, restage=False)  # the select's copies still hold
         return masks, step.thresholds()
 
     def masks_for_counts(
@@ -365,15 +365,13 @@ class NMSelection(Selection):
         self.check(tensors, names, [d if t.dim() > d else 0 for t, d in zip(tensors, dims)])
         views = [reduction_last(t.detach(), d) for t, d in zip(tensors, dims)]
         moved = [v.dim() > 1 and d != v.dim() - 1 for v, d in zip(views, dims)]
-        # Masks of permuted views are built in the views' order, then permuted back.
-        given = [None if moved[i] or reuse is None else reuse[i] for i in range(len(tensors))]
-        masks, thresholds = super().masks(names, views, targets, given, prepare)
+        # Masks of permuted views are built in the views' order, then permuted back in place (the
+        # same storage each step, so the store's prepared step stays bound to it).
+        masks, thresholds = super().masks(names, views, targets, reuse, prepare)
         for i, dim in enumerate(dims):
             if moved[i]:
                 keep = restore_layout(ops.unpack_mask(masks[i], views[i].shape), dim)
                 packed = ops.pack_mask(keep.contiguous())
-                mask = reuse[i] if reuse is not None and reuse[i] is not None else None
-                masks[i] = primitives.new_mask(tensors[i]) if mask is None else mask
                 masks[i][: packed.numel()].copy_(packed)
         return masks, thresholds
 
