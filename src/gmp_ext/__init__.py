@@ -18,6 +18,7 @@ from .controller import GMP
 from .deploy import is_nm_sparse, load_sparse, save_sparse, to_semi_structured
 from .distributed import verify_masks_across_ranks
 from .exceptions import GMPWarning
+from .exporter import MaskCheck, check_masks, export, load_masks
 from .layers import register_layer
 from .plan import PrunePlan
 from .pruner import (
@@ -38,14 +39,18 @@ __all__ = [
     "GMP",
     "GMPSchedule",
     "GMPWarning",
+    "MaskCheck",
     "PrunePlan",
     "SparsityReport",
     "__version__",
     "apply_masks",
     "attach",
+    "check_masks",
     "deploy",
     "distributed",
+    "export",
     "is_nm_sparse",
+    "load_masks",
     "load_sparse",
     "lr_schedule",
     "masks",

@@ -3,7 +3,9 @@
 * :func:`save_sparse` / :func:`load_sparse` write and read a checkpoint in compressed-tensors'
   sparse formats (``sparse-bitmask`` for unstructured sparsity, ``sparse-24-bitmask`` when every
   compressed weight is 2:4 sparse): one ``model.safetensors`` plus a ``config.json`` whose
-  ``quantization_config`` holds compressed-tensors' ``sparsity_config``.
+  ``quantization_config`` holds compressed-tensors' ``sparsity_config`` (merged into the
+  model's own ``config.json`` when one is there). For serving (vLLM, transformers) write a
+  dense checkpoint with :func:`gmp_ext.export` instead: neither reads these formats any more.
 * :func:`to_semi_structured` swaps the 2:4-sparse ``nn.Linear`` weights of a model for
   PyTorch's semi-structured sparse tensors (cuSPARSELt / CUTLASS kernels, sm_80 and later).
 * :func:`is_nm_sparse` checks the N:M layout those need.
@@ -234,6 +236,39 @@ def _choose_format(fmt: str, compressible: dict[str, torch.Tensor], rows_24: set
     return fmt
 
 
+def _merged_config(path: Path, key: str, quantization: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` to write: ``{key: quantization}`` merged into the one at ``path``
+    when that is a transformers config (``model_type``) or one save_sparse wrote, so
+    ``save_pretrained(d); save_sparse(model, d)`` keeps the model's config. Any other existing
+    file is a ValueError: its keys or its own quantization would be lost."""
+    if not path.is_file():
+        return {key: quantization}
+    try:
+        existing = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(
+            f"{str(path)!r} exists and is not JSON ({exc}); save_sparse merges its "
+            "quantization_config into an existing config.json: move the file or save elsewhere"
+        ) from None
+    if not isinstance(existing, dict):
+        raise ValueError(f"{str(path)!r} is not a JSON object; move it or save elsewhere")
+    previous = existing.get(key)
+    ours = isinstance(previous, dict) and set(previous) <= set(quantization)
+    if previous is not None and not (ours and previous.get("quant_method") == "compressed-tensors"):
+        method = previous.get("quant_method") if isinstance(previous, dict) else previous
+        raise ValueError(
+            f"{str(path)!r} already has a {key} (quant_method {method!r}) that save_sparse did "
+            "not write; replacing it would misdescribe the weights: save to another directory"
+        )
+    others = sorted(set(existing) - {key})
+    if others and "model_type" not in existing:
+        raise ValueError(
+            f"{str(path)!r} is neither a transformers config (no model_type) nor one save_sparse "
+            f"wrote (keys {others[:5]}); save_sparse does not change it: save elsewhere"
+        )
+    return {**existing, key: quantization}
+
+
 def save_sparse(
     model: nn.Module,
     directory: PathLike,
@@ -244,11 +279,23 @@ def save_sparse(
 ) -> dict[str, StoredTensor]:
     """Write ``model``'s state dict to ``directory`` as a compressed-tensors sparse checkpoint.
 
-    ``directory`` (created if needed; the two files are overwritten) then holds
-    ``model.safetensors`` and ``config.json``, whose ``quantization_config`` is
-    ``{"quant_method": "compressed-tensors", "version": ..., "sparsity_config": {"format",
-    "targets" (the compressed modules' names), "ignore", "global_sparsity" (zeros over all
-    parameters), "sparsity_structure"}}``, as compressed-tensors' ``ModelCompressor`` writes it.
+    ``directory`` (created if needed) then holds ``model.safetensors`` (overwritten) and
+    ``config.json`` with a ``quantization_config`` ``{"quant_method": "compressed-tensors",
+    "version": ..., "sparsity_config": {"format", "targets" (the compressed modules' names),
+    "ignore", "global_sparsity" (zeros over all parameters), "sparsity_structure"}}``, as
+    compressed-tensors' ``ModelCompressor`` writes it. An existing ``config.json`` is kept and
+    the ``quantization_config`` merged into it when it is a transformers config (it has a
+    ``model_type``: ``model.save_pretrained(d); save_sparse(model, d)`` keeps every key) or one
+    save_sparse wrote; any other existing file, or one whose ``quantization_config`` save_sparse
+    did not write (another quantization), is a ValueError and nothing is written.
+
+    Who reads it: :func:`load_sparse`, and compressed-tensors releases before 0.15 (0.15
+    removed the sparse decompressors; vLLM refuses a ``sparsity_config`` with targets).
+    transformers 5 with compressed-tensors 0.15 or later does not decompress it:
+    ``from_pretrained`` reports the compressed weights missing and initializes them at random
+    (measured with transformers 5.25, compressed-tensors 0.20). To hand a pruned model to
+    transformers, vLLM or any other loader as an ordinary dense model, use
+    :func:`gmp_ext.export` instead.
 
     Which tensors are compressed: of the weights ``params``/``exclude`` select (the rules of
     :func:`gmp_ext.select_parameters`; default every Linear/Conv weight), the 2-D ones that the
@@ -270,7 +317,8 @@ def save_sparse(
     Returns ``{state-dict name: StoredTensor}``. Raises ImportError naming the ``deploy`` extra
     when compressed-tensors or safetensors is missing, ValueError for an unknown ``format``, a
     forced ``"sparse-24-bitmask"`` over a weight that is not 2:4 sparse, or a selected
-    parameter that is not a ``<module>.weight``.
+    parameter that is not a ``<module>.weight``, and for an existing ``config.json`` it does
+    not merge into (see above).
     """
     compressed_tensors, safetensors_torch = _import_extra()
     helpers = importlib.import_module("compressed_tensors.utils")
@@ -343,14 +391,13 @@ def save_sparse(
         global_sparsity=zeros / total if total else 0.0,
         sparsity_structure="2:4" if fmt == SPARSE_24 else "unstructured",
     )
-    config = {
-        base.QUANTIZATION_CONFIG_NAME: {
-            base.COMPRESSION_VERSION_NAME: compressed_tensors.__version__,
-            base.QUANTIZATION_METHOD_NAME: "compressed-tensors",
-            base.SPARSITY_CONFIG_NAME: sparsity_config.model_dump(),
-        }
+    quantization = {
+        base.COMPRESSION_VERSION_NAME: compressed_tensors.__version__,
+        base.QUANTIZATION_METHOD_NAME: "compressed-tensors",
+        base.SPARSITY_CONFIG_NAME: sparsity_config.model_dump(),
     }
     folder = Path(directory)
+    config = _merged_config(folder / CONFIG_FILE, base.QUANTIZATION_CONFIG_NAME, quantization)
     folder.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", ALIASES_KEY: json.dumps(aliases)}
     safetensors_torch.save_file(tensors, str(folder / WEIGHTS_FILE), metadata=metadata)
