@@ -17,7 +17,7 @@ from torch import nn
 import gmp_ext
 from gmp_ext import GMPSchedule, exporter
 
-from .utils import assert_same
+from .utils import TokenPairs, assert_same
 
 pytest.importorskip("safetensors")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -198,6 +198,24 @@ def test_plain_module_round_trip_with_a_tied_weight(tmp_path):
     assert gmp_ext.check_masks(fresh).ok
 
 
+def test_masks_follow_the_device(tmp_path, device):
+    """Exported from a model on ``device``, attached to one on ``device``, checked there."""
+    model = nn.Sequential(nn.Linear(16, 40), nn.Linear(40, 8)).to(device)
+    gmp_ext.prune_step(model, 0.7)
+    gmp_ext.export(model, tmp_path)
+    fresh = nn.Sequential(nn.Linear(16, 40), nn.Linear(40, 8))
+    safetensors_torch.load_model(fresh, str(tmp_path / "model.safetensors"))
+    fresh.to(device)
+    gmp_ext.load_masks(fresh, tmp_path)
+    states_identical(model.state_dict(), fresh.state_dict())
+    for name, keep in gmp_ext.masks(fresh).items():
+        assert keep.device.type == device.type and torch.equal(keep, gmp_ext.masks(model)[name])
+    assert gmp_ext.check_masks(fresh).ok
+    with torch.no_grad():
+        fresh[0].weight.add_(1.0)
+    assert gmp_ext.check_masks(fresh).as_dict() == {"0.weight": 448, "1.weight": 0}
+
+
 def test_load_masks_resumes_training_with_the_same_masks(tmp_path):
     model = Tied()
     gmp_ext.prune_step(model, 0.8, params=["fc.weight"])
@@ -344,6 +362,90 @@ def test_save_sparse_refuses_a_config_it_would_damage(tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="exists and is not JSON"):
         gmp_ext.save_sparse(model, tmp_path / "broken")
+
+
+# -- the callbacks' export_to ------------------------------------------------------------------
+
+
+def pruned_by_load(model: nn.Module, directory: Path, sparsity: float) -> None:
+    """The masks in ``directory`` attach to ``model``, prune ``sparsity`` of each weight, and
+    its weights hold their zeros."""
+    gmp_ext.load_masks(model, directory)
+    for name, keep in gmp_ext.masks(model).items():
+        assert int((~keep).sum()) == round(sparsity * keep.numel()), name
+    assert gmp_ext.check_masks(model).ok
+
+
+def test_hf_callback_exports_at_the_end_of_training(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gmp_ext.integrations.transformers import GMPCallback
+
+    callback = GMPCallback(
+        GMPSchedule(0.2, 0.9, 0, 1, 0.5), export_to=tmp_path / "export", remove_on_train_end=True
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=8,
+        num_train_epochs=2,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=gpt2(), args=args, train_dataset=TokenPairs(vocab=64, low=3), callbacks=[callback]
+    )
+    trainer.train()
+    assert callback.gmp is None and gmp_ext.masks(trainer.model) == {}  # exported, then removed
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "export")
+    states_identical(trainer.model.state_dict(), loaded.state_dict())
+    pruned_by_load(loaded, tmp_path / "export", 0.9)
+    assert json.loads((tmp_path / "export/gmp_masks.json").read_text())["controller"]["step"] == 4
+
+
+@pytest.mark.filterwarnings(
+    "ignore::UserWarning:lightning", "ignore::FutureWarning", "ignore::DeprecationWarning"
+)
+def test_lightning_callback_exports_at_the_end_of_fit(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from gmp_ext.integrations.lightning import GMPCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1 = nn.Linear(8, 24)
+            self.fc2 = nn.Linear(24, 2)
+
+        def training_step(self, batch, _index):
+            x, y = batch
+            return nn.functional.cross_entropy(self.fc2(torch.relu(self.fc1(x))), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g), torch.arange(16) % 2)
+    callback = GMPCallback(
+        GMPSchedule(0.2, 0.5, 0, 1, 0.5), export_to=tmp_path, remove_on_fit_end=True
+    )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[callback],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = Tiny()
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+    assert callback.gmp is None and gmp_ext.masks(model) == {}
+    fresh = Tiny()
+    safetensors_torch.load_model(fresh, str(tmp_path / "model.safetensors"))
+    states_identical(model.state_dict(), fresh.state_dict())
+    pruned_by_load(fresh, tmp_path, 0.5)
 
 
 # -- the recipe --------------------------------------------------------------------------------

@@ -221,6 +221,9 @@ def export(
 
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
+    # The JSON is written last, so a directory holding one holds the masks it lists: an earlier
+    # export's must not outlive a write that fails halfway.
+    (folder / MASKS_INFO_FILE).unlink(missing_ok=True)
     if pretrained:
         options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         inner.save_pretrained(str(folder), **options)  # type: ignore[operator]
@@ -228,7 +231,6 @@ def export(
         safetensors_torch.save_model(inner, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     metadata = {"format": "pt", "gmp_ext_masks": str(FORMAT)}
     safetensors_torch.save_file(packed, str(folder / MASKS_FILE), metadata=metadata)
-    # Written last: a directory with the JSON has the masks it lists (in the model's order).
     (folder / MASKS_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return list(entries)
 

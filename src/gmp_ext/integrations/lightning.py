@@ -6,6 +6,7 @@ Works with ``lightning`` (``lightning.pytorch``) or the older ``pytorch_lightnin
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 try:
@@ -23,6 +24,7 @@ except ImportError:
         ) from exc
 
 from ..controller import GMP
+from ..exporter import export
 from ..schedule import GMPSchedule
 from ..telemetry import scalars
 from . import start_gmp
@@ -57,7 +59,11 @@ class GMPCallback(Callback):
     trainer's loggers (``trainer.loggers``: TensorBoard, CSV, W&B, ...) at the update's step,
     at the end of the batch it falls in, as :func:`gmp_ext.telemetry.scalars` names it
     (``gmp/churn``, ``gmp/<layer>/regrowth``, ...; ``log_layers=False``: totals only; a resumed
-    run logs the updates after its checkpoint). ``gmp_kwargs`` go to
+    run logs the updates after its checkpoint). ``export_to``: a directory the global-zero
+    process writes the LightningModule to at the end of ``fit`` with :func:`gmp_ext.export`
+    (``model.safetensors`` and the mask sidecar, names as the module's state dict has them;
+    before ``remove_on_fit_end`` drops the masks); sharded (FSDP2) parameters and
+    ``export_to`` are a ValueError at the start of training. ``gmp_kwargs`` go to
     :class:`gmp_ext.controller.GMP`.
     """
 
@@ -68,9 +74,11 @@ class GMPCallback(Callback):
         steps_per_epoch: int | None = None,
         remove_on_fit_end: bool = False,
         log_layers: bool = True,
+        export_to: str | os.PathLike[str] | None = None,
         **gmp_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.export_to = export_to
         self.schedule = schedule
         self.steps_per_epoch = steps_per_epoch
         self.remove_on_fit_end = remove_on_fit_end
@@ -92,6 +100,12 @@ class GMPCallback(Callback):
         planned = trainer.estimated_stepping_batches
         if math.isfinite(planned):
             self.gmp.check_run_length(int(planned))
+        if self.export_to is not None and self.gmp.sharded:
+            raise ValueError(
+                f"export_to={str(self.export_to)!r}: the pruned parameters are sharded (FSDP2), "
+                "and gmp_ext.export writes full tensors from one process; gather a full state "
+                "dict after training and export an unsharded copy instead"
+            )
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, index: int
@@ -120,6 +134,8 @@ class GMPCallback(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.gmp is not None:
             self.gmp.check_run_length(self.gmp.step_count)
+        if self.gmp is not None and self.export_to is not None and trainer.is_global_zero:
+            export(pl_module, self.export_to)
         if self.remove_on_fit_end and self.gmp is not None:
             self.gmp.remove()
             self.gmp = None

@@ -20,6 +20,7 @@ except ImportError as exc:
     ) from exc
 
 from ..controller import GMP
+from ..exporter import export
 from ..lr_schedule import PruningRestarts, TransformerRecipe, pretrained_transformer
 from ..schedule import GMPSchedule
 from ..telemetry import scalars
@@ -96,6 +97,11 @@ class GMPCallback(TrainerCallback):
     ``on_train_begin`` placed after this one). ``gmp_kwargs`` go to
     :class:`gmp_ext.controller.GMP`.
 
+    ``export_to``: a directory the main process writes the model to at the end of training
+    with :func:`gmp_ext.export` (its ``save_pretrained`` checkpoint, dense with its exact zeros,
+    and the mask sidecar; before ``remove_on_train_end`` drops the masks). Sharded (FSDP2)
+    parameters and ``export_to`` are a ValueError at the start of training.
+
     :meth:`pretrained_transformer` is the preset for fine-tuning a pretrained transformer, its
     learning rate included.
     """
@@ -107,9 +113,11 @@ class GMPCallback(TrainerCallback):
         steps_per_epoch: int | None = None,
         remove_on_train_end: bool = False,
         log_layers: bool = True,
+        export_to: str | os.PathLike[str] | None = None,
         **gmp_kwargs: Any,
     ) -> None:
         self.schedule = schedule
+        self.export_to = export_to
         self.steps_per_epoch = steps_per_epoch
         self.remove_on_train_end = remove_on_train_end
         self.log_layers = log_layers
@@ -126,6 +134,7 @@ class GMPCallback(TrainerCallback):
         steps_per_epoch: int | None = None,
         remove_on_train_end: bool = False,
         log_layers: bool = True,
+        export_to: str | os.PathLike[str] | None = None,
         **gmp_kwargs: Any,
     ) -> PretrainedTransformerCallback:
         """GMP to ``sparsity`` with :func:`gmp_ext.lr_schedule.pretrained_transformer`, built for
@@ -138,6 +147,7 @@ class GMPCallback(TrainerCallback):
             steps_per_epoch=steps_per_epoch,
             remove_on_train_end=remove_on_train_end,
             log_layers=log_layers,
+            export_to=export_to,
             **gmp_kwargs,
         )
 
@@ -168,6 +178,12 @@ class GMPCallback(TrainerCallback):
             self._logged = len(self.gmp.history)
         if state.max_steps and state.max_steps > 0:
             self.gmp.check_run_length(state.max_steps)
+        if self.export_to is not None and self.gmp.sharded:
+            raise ValueError(
+                f"export_to={str(self.export_to)!r}: the pruned parameters are sharded (FSDP2), "
+                "and gmp_ext.export writes full tensors from one process; gather a full state "
+                "dict after training and export an unsharded copy instead"
+            )
 
     @staticmethod
     def _saved_state(args: TrainingArguments, state: TrainerState, name: str) -> dict[str, Any]:
@@ -226,6 +242,11 @@ class GMPCallback(TrainerCallback):
     ) -> None:
         if self.gmp is not None:
             self.gmp.check_run_length(self.gmp.step_count)
+        if self.gmp is not None and self.export_to is not None and state.is_world_process_zero:
+            model = kwargs.get("model")
+            if model is None:
+                raise ValueError("GMPCallback(export_to=...) needs the model from the Trainer")
+            export(model, self.export_to)
         if self.remove_on_train_end and self.gmp is not None:
             self.gmp.remove()
             self.gmp = None
@@ -284,7 +305,8 @@ class PretrainedTransformerCallback(TrainerCallback):
     ``lr_scheduler_type`` must be ``"linear"`` (the default) or ``"constant"`` and there must be
     no warmup, else a ValueError at the start of training (as for a run under 16 steps).
     Checkpoints and resuming work as with :class:`GMPCallback` (the factor's state is builtins,
-    saved with the Trainer's scheduler). ``gmp_kwargs`` go to :class:`gmp_ext.controller.GMP`.
+    saved with the Trainer's scheduler). ``export_to`` works as with :class:`GMPCallback`.
+    ``gmp_kwargs`` go to :class:`gmp_ext.controller.GMP`.
     """
 
     def __init__(
@@ -295,6 +317,7 @@ class PretrainedTransformerCallback(TrainerCallback):
         steps_per_epoch: int | None = None,
         remove_on_train_end: bool = False,
         log_layers: bool = True,
+        export_to: str | os.PathLike[str] | None = None,
         **gmp_kwargs: Any,
     ) -> None:
         # Checks sparsity and first_step now, not when training starts (16 steps: the shortest
@@ -305,6 +328,7 @@ class PretrainedTransformerCallback(TrainerCallback):
         self.steps_per_epoch = steps_per_epoch
         self.remove_on_train_end = remove_on_train_end
         self.log_layers = log_layers
+        self.export_to = export_to
         self.gmp_kwargs = gmp_kwargs
         self.recipe: TransformerRecipe | None = None
         self.pruning: GMPCallback | None = None
@@ -337,6 +361,7 @@ class PretrainedTransformerCallback(TrainerCallback):
             steps_per_epoch=steps,
             remove_on_train_end=self.remove_on_train_end,
             log_layers=self.log_layers,
+            export_to=self.export_to,
             **self.gmp_kwargs,
         )
         pruning.on_train_begin(args, state, control, train_dataloader=train_dataloader, **kwargs)
