@@ -16,6 +16,7 @@ them); adapters and the frozen original of a saved module are never selected by 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -110,7 +111,18 @@ def layer_spec(module: nn.Module) -> LayerSpec | None:
 def is_instance_named(obj: object, qualified_name: str) -> bool:
     """``isinstance`` against a class named ``module.QualName``, without importing its package
     (peft, transformers: optional, and slow to import)."""
-    return any(_qualified(cls) == qualified_name for cls in type(obj).__mro__)
+    return qualified_name in _class_names(type(obj))
+
+
+# Qualified names of each class's MRO, computed once per class (a prune step asks per module).
+_CLASS_NAMES: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _class_names(cls: type) -> frozenset[str]:
+    names = _CLASS_NAMES.get(cls)
+    if names is None:
+        names = _CLASS_NAMES[cls] = frozenset(_qualified(c) for c in cls.__mro__)
+    return names
 
 
 def inner_layer(module: nn.Module) -> nn.Module | None:

@@ -198,10 +198,16 @@ _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.in
 
 
 def popcount(mask: torch.Tensor, numel: int, chunk: int = 1 << 18) -> int:
-    """Set bits among the first ``numel`` of a packed mask (kept elements). Chunks keep the
-    int64 temporaries at 4 MB, so counting adds nothing to a prune step's memory peak; the sum
-    stays on the device until the end (one read-back)."""
+    """Set bits among the first ``numel`` of a packed mask (kept elements; bits past ``numel``
+    are never set). On the CPU numpy counts 64-bit words in place; elsewhere chunks keep the
+    int64 temporaries at 4 MB, so counting adds nothing to a prune step's memory peak, and the
+    sum stays on the device until the end (one read-back)."""
     data = mask[: mask_bytes(numel)]
+    if data.device.type == "cpu" and hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        array = data.numpy()
+        whole = len(array) // 8 * 8
+        words = np.bitwise_count(array[:whole].view(np.uint64)).sum(dtype=np.int64)
+        return int(words) + int(np.bitwise_count(array[whole:]).sum(dtype=np.int64))
     table = _POPCOUNT.to(mask.device)
     total = torch.zeros((), dtype=torch.int64, device=mask.device)
     for i in range(0, data.numel(), chunk):

@@ -119,7 +119,15 @@ def prune_step(
     entries = prune_parameters(model, selected, targets, selection)
     if optimizer is not None:
         get_store(model).apply_to(optimizer_state_of(optimizer), names=entries)  # type: ignore[union-attr]
-    return distributed.mask_sparsities(entries)
+    if not selection.per_tensor_targets:  # one count for all: the split is in the masks
+        return distributed.mask_sparsities(entries)
+    # Each mask prunes exactly its count (the selection's contract): no need to count bits.
+    numels = [p.numel() for p in selected.values()]
+    counts = selection.counts(numels, [targets[n] for n in selected])
+    return {  # as MaskEntry.sparsity computes it, to the last bit
+        n: 1.0 - (numel - c) / numel if numel else 0.0
+        for n, c, numel in zip(selected, counts, numels)
+    }
 
 
 def prune_parameters(
@@ -132,9 +140,10 @@ def prune_parameters(
     """The prune step of parameters already chosen and checked (``selected``, by the model's
     names, each with its target; one target for all when the strategy takes one): fresh masks
     from the current weights, stored and applied. ``inspect(entries)``, when given, sees the
-    new entries before the pruned weights are zeroed (the weights the selection ranked).
-    Returns the new entries. Raises ValueError on NaN weights before anything is modified
-    (selection runs before any mask is written)."""
+    new entries before the pruned weights are zeroed (the weights the selection ranked);
+    without it the mask build zeroes them in its own pass. The store's other masks are
+    re-applied too. Returns the new entries. Raises ValueError on NaN weights before anything
+    is modified (selection runs before any mask is written)."""
     store = ensure_store(model)
     names = list(selected)
     store.resolve(skip=names)
@@ -148,16 +157,23 @@ def prune_parameters(
         lambda local, masks, scope, key_space, pattern: store.prune_step(
             names, local, masks, scope, key_space, pattern
         ),
-        reduction_dims(unwrap(model)[0], names),
+        reduction_dims(unwrap(model)[0], names) if selection.pattern is not None else None,
+        zero_pruned=inspect is None,
     )
     entries = {
         name: MaskEntry(param, mask, targets[name], threshold)
         for name, param, mask, threshold in zip(names, tensors, new_masks, thresholds)
     }
+    others = [e for n, e in store.entries.items() if n not in entries]
+    store.set_masks(entries)
     if inspect is not None:
         inspect(entries)
-    store.set_masks(entries)
-    store.apply()
+        store.apply()
+    elif others:  # the build zeroed this step's weights
+        with torch.no_grad():
+            primitives.apply_in_place(
+                [local_tensor(e.param).detach() for e in others], [e.mask for e in others]
+            )
     if distributed.debug_checks_enabled():
         distributed.verify_masks_across_ranks(model)
     return entries

@@ -220,9 +220,9 @@ def _join(module_name: str, attr: str) -> str:
 class _Holders:
     """Every (module, attribute) holding each parameter: a tied tensor has several."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, layers: Sequence[tuple[str, nn.Module, bool]]) -> None:
         self.by_id: dict[int, list[tuple[str, nn.Module, str]]] = {}
-        for module_name, module, _ in named_layers(model):
+        for module_name, module, _ in layers:
             for attr, param in module._parameters.items():
                 if param is not None:
                     entry = (_join(module_name, attr), module, attr)
@@ -260,10 +260,12 @@ def _is_matmul_weight(module: nn.Module, attr: str) -> bool:
     return spec is not None and attr in spec.weights
 
 
-def _default_candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list]:
+def _default_candidates(
+    layers: Sequence[tuple[str, nn.Module, bool]],
+) -> tuple[list[tuple[str, nn.Parameter]], list]:
     chosen: list[tuple[str, nn.Parameter]] = []
     reparametrized: list[tuple[str, str]] = []
-    for module_name, module, adapter in named_layers(model):
+    for module_name, module, adapter in layers:
         spec = layer_spec(module)
         if spec is None or adapter:
             continue
@@ -278,13 +280,16 @@ def _default_candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]
     return chosen, reparametrized
 
 
-def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def named_parameters(
+    model: nn.Module, layers: Sequence[tuple[str, nn.Module, bool]] | None = None
+) -> dict[str, nn.Parameter]:
     """``model.named_parameters(remove_duplicate=False)``, but a PEFT tuner layer's base
     weights under the tuner layer's name (``q_proj.weight``, not ``q_proj.base_layer.weight``):
-    the names of the base model, and of the model ``merge_and_unload`` returns."""
+    the names of the base model, and of the model ``merge_and_unload`` returns. ``layers``:
+    ``list(named_layers(model))`` when the caller has it."""
     return {
         _join(module_name, attr): param
-        for module_name, module, _ in named_layers(model)
+        for module_name, module, _ in (named_layers(model) if layers is None else layers)
         for attr, param in module._parameters.items()
         if param is not None
     }
@@ -386,11 +391,12 @@ def select_parameters(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, prefix = unwrap(model)
-    named = named_parameters(model)
-    holders = _Holders(model)
+    layers = list(named_layers(model))  # one walk of the module tree for every use below
+    named = named_parameters(model, layers)
+    holders = _Holders(layers)
     reparametrized: list[tuple[str, str]] = []
     if params is None:
-        chosen, reparametrized = _default_candidates(model)
+        chosen, reparametrized = _default_candidates(layers)
     elif callable(params):
         chosen = [(n, p) for n, p in named.items() if params(n, p)]
     elif isinstance(params, (str, bytes)) or not isinstance(params, Iterable):

@@ -17,7 +17,7 @@ import torch
 
 from . import distributed, ops, primitives
 from ._layout import KEY_SPACE_NATIVE, key_space_for, valid_nm
-from .dtensors import any_dtensor
+from .dtensors import any_dtensor, local_tensor
 from .engine import PreparedStep
 from .layers import reduction_last, restore_layout
 
@@ -30,6 +30,7 @@ __all__ = [
     "select_rows_global",
     "select_rows_layerwise",
     "selection_for",
+    "zero_pruned_of",
 ]
 
 
@@ -93,18 +94,24 @@ class Selection:
         reuse: Sequence[torch.Tensor | None] | None = None,
         prepare: Prepare | None = None,
         reduction_dims: Sequence[int] | None = None,
+        zero_pruned: bool = False,
     ) -> tuple[list[torch.Tensor], list[float]]:
         """Fresh masks from the current weights (written over ``reuse[i]`` when given) and the
         threshold |w| of each; ValueError naming the tensor on NaN weights, before any mask is
         written. With ``prepare`` (a source of prepared steps that keeps them for reuse), the
         single-process selection runs as a prepared step, whose tables a repeated prune step
         reuses. ``reduction_dims`` (each tensor's input dimension, see
-        :func:`gmp_ext.selection.reduction_dims`) matters to structured patterns only."""
+        :func:`gmp_ext.selection.reduction_dims`) matters to structured patterns only.
+        ``zero_pruned`` also zeroes the pruned elements, in the mask build's own pass where the
+        kernels can (after the NaN check: nothing is modified on error)."""
         self.check(tensors, names)
         counts = self.counts([t.numel() for t in tensors], targets)
         if prepare is not None and self.preparable(tensors):
-            return self._prepared_masks(names, tensors, counts, reuse, prepare)
-        return self.masks_for_counts(names, tensors, counts, reuse)
+            return self._prepared_masks(names, tensors, counts, reuse, prepare, zero_pruned)
+        masks, thresholds = self.masks_for_counts(names, tensors, counts, reuse)
+        if zero_pruned:
+            zero_pruned_of(tensors, masks)
+        return masks, thresholds
 
     def preparable(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether one prepared step can select these tensors (sharded ones need collectives
@@ -118,6 +125,7 @@ class Selection:
         counts: Sequence[int],
         reuse: Sequence[torch.Tensor | None] | None,
         prepare: Prepare,
+        zero_pruned: bool = False,
     ) -> tuple[list[torch.Tensor], list[float]]:
         local = [t.detach() for t in tensors]
         masks = [
@@ -132,7 +140,9 @@ class Selection:
         step.run(build=False, apply=False)
         labels = [f"parameter '{n}'" for n in names]
         primitives.raise_on_nan_counts(step.nan_counts(), local, labels)  # one read per group
-        step.run(select=False, apply=False, restage=False)  # the select's copies still hold
+        # The select's staged copies still hold the tensors; a build that also applies zeroes
+        # the pruned elements in its own pass (the fused build).
+        step.run(select=False, apply=zero_pruned, restage=False)
         return masks, step.thresholds()
 
     def masks_for_counts(
@@ -210,9 +220,10 @@ class GlobalSelection(Selection):
         reuse: Sequence[torch.Tensor | None] | None = None,
         prepare: Prepare | None = None,
         reduction_dims: Sequence[int] | None = None,
+        zero_pruned: bool = False,
     ) -> tuple[list[torch.Tensor], list[float]]:
         if not self.caps:
-            return super().masks(names, tensors, targets, reuse, prepare)
+            return super().masks(names, tensors, targets, reuse, prepare, None, zero_pruned)
         k = self.counts([t.numel() for t in tensors], targets)[0]
         by_name = dict(zip(names, tensors))
         result: dict[str, tuple[torch.Tensor, float]] = {}
@@ -239,7 +250,16 @@ class GlobalSelection(Selection):
             rows = select_rows_layerwise(members, [f"parameter '{n}'" for n in fixed], ks)
             thresholds = [th.value for th in primitives.thresholds(rows, members, ks)]
             result.update(zip(fixed, zip(primitives.build(members, rows), thresholds)))
-        return [result[n][0] for n in names], [result[n][1] for n in names]
+        masks = [result[n][0] for n in names]
+        if zero_pruned:
+            zero_pruned_of(tensors, masks)
+        return masks, [result[n][1] for n in names]
+
+
+def zero_pruned_of(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
+    """Zero the elements ``masks`` prune (a DTensor: in its local shard)."""
+    with torch.no_grad():
+        primitives.apply_in_place([local_tensor(t).detach() for t in tensors], masks)
 
 
 def check_nm(nm: object) -> tuple[int, int]:
@@ -360,6 +380,7 @@ class NMSelection(Selection):
         reuse: Sequence[torch.Tensor | None] | None = None,
         prepare: Prepare | None = None,
         reduction_dims: Sequence[int] | None = None,
+        zero_pruned: bool = False,
     ) -> tuple[list[torch.Tensor], list[float]]:
         dims = list(reduction_dims) if reduction_dims is not None else [1] * len(tensors)
         self.check(tensors, names, [d if t.dim() > d else 0 for t, d in zip(tensors, dims)])
@@ -367,7 +388,9 @@ class NMSelection(Selection):
         moved = [v.dim() > 1 and d != v.dim() - 1 for v, d in zip(views, dims)]
         # Masks of permuted views are built in the views' order, then permuted back in place (the
         # same storage each step, so the store's prepared step stays bound to it).
-        masks, thresholds = super().masks(names, views, targets, reuse, prepare)
+        masks, thresholds = super().masks(
+            names, views, targets, reuse, prepare, zero_pruned=zero_pruned
+        )
         for i, dim in enumerate(dims):
             if moved[i]:
                 keep = restore_layout(ops.unpack_mask(masks[i], views[i].shape), dim)
