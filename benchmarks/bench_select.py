@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -74,10 +75,10 @@ from utils import (
     write_rows,
 )
 
+import gmp_ext
 from gmp_ext import ops, primitives
 from gmp_ext._layout import key_space_for
 from gmp_ext.engine import PreparedStep
-from gmp_ext.strategies import row_length
 
 SPARSITY = 0.9
 # One read of the weights, the unit of ``read_passes`` (p50 over this row's p50, same run).
@@ -96,8 +97,9 @@ def _nm_k(numel: int) -> int:
 
 
 def _two_four_ready(ws: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The weights whose rows are whole groups of 4 (a stem conv with 3 input channels is not)."""
-    return [w for w in ws if w.dim() >= 2 and row_length(w.shape) % 4 == 0]
+    """The weights whose flattened rows are whole groups of 4 (a stem conv with 3 input channels
+    is not): the kernels' groups are 4 consecutive elements."""
+    return [w for w in ws if w.dim() >= 2 and math.prod(w.shape[1:]) % 4 == 0]
 
 
 def _two_four_threshold(w: torch.Tensor) -> torch.Tensor:
@@ -138,6 +140,9 @@ class _Holder(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
+
+
+gmp_ext.register_layer(_Holder)  # the default selection of gmp_ext.prune_step takes its weight
 
 
 def _holders(ws: list[torch.Tensor]) -> nn.ModuleList:
@@ -225,13 +230,42 @@ def _names(ws: list[torch.Tensor]) -> list[str]:
     return [f"w{i}" for i in range(len(ws))]
 
 
+class _EagerPruneStep:
+    """``gmp_ext.prune_step(model, SPARSITY)`` (the default selection, validation, the store)
+    on a model holding fresh copies of the weights, copied back in the untimed set-up."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+        self.model: nn.ModuleList | None = None
+        self.source: list[torch.Tensor] = []
+
+    def setup(self, ws: list[torch.Tensor]) -> nn.ModuleList:
+        if self.model is None or self.source is not ws:
+            self.model = _holders([w.clone() for w in ws])
+            self.source = ws
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in self.model.parameters()], ws)
+        return self.model
+
+    def run(self, model: nn.ModuleList) -> dict[str, float]:
+        return gmp_ext.prune_step(model, SPARSITY, scope=self.scope)
+
+
 def _prune_step_methods(scope: str) -> dict[str, Method]:
     step = _PruneStep(scope)
+    eager = _EagerPruneStep(scope)
     return {
         "gmp_ext prune step (select + build + zero)": Method(
             step.run,
             lambda s: s.n * s.e + s.n / 8 + 2**20,
             setup=step.setup,
+            masks=True,
+            native=True,
+        ),
+        "gmp_ext.prune_step (eager: selection, checks, store)": Method(
+            eager.run,
+            lambda s: s.n * s.e + s.n / 8 + 2**20,
+            setup=eager.setup,
             masks=True,
             native=True,
         ),
