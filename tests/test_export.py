@@ -322,19 +322,24 @@ def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
 # -- save_sparse beside save_pretrained --------------------------------------------------------
 
 
-def test_save_sparse_merges_into_an_existing_transformers_config(tmp_path):
+def test_save_sparse_leaves_a_save_pretrained_directory_loadable(tmp_path):
     pytest.importorskip("compressed_tensors")
     model = gpt2()
     gmp_ext.prune_step(model, 0.9)
-    model.save_pretrained(tmp_path)
-    original = json.loads((tmp_path / "config.json").read_text())
-    for _ in range(2):  # a second save replaces the quantization_config it wrote
-        gmp_ext.save_sparse(model, tmp_path)
-        config = json.loads((tmp_path / "config.json").read_text())
-        assert {k: v for k, v in config.items() if k != "quantization_config"} == original
-        assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-bitmask"
+    model.save_pretrained(tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    with pytest.raises(ValueError, match=r"transformers config \(model_type 'gpt2'\).*export"):
+        gmp_ext.save_sparse(model, tmp_path / "hf")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+    transformers = pytest.importorskip("transformers")
+    loaded = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path / "hf")
+    states_identical(model.state_dict(), loaded.state_dict())
+    for _ in range(2):  # its own directory: a second save replaces what the first wrote
+        gmp_ext.save_sparse(model, tmp_path / "archive")
+        config = json.loads((tmp_path / "archive" / "config.json").read_text())
+        assert list(config) == ["quantization_config"]
     loaded = gpt2()
-    gmp_ext.load_sparse(loaded, tmp_path)
+    gmp_ext.load_sparse(loaded, tmp_path / "archive")
     states_identical(model.state_dict(), loaded.state_dict())
 
 
@@ -343,10 +348,10 @@ def test_save_sparse_refuses_a_config_it_would_damage(tmp_path):
     model = nn.Sequential(nn.Linear(16, 24))
     gmp_ext.prune_step(model, 0.9)
     cases = {
-        "other": ({"hidden": 3}, r"neither a transformers config .*\['hidden'\]"),
+        "other": ({"hidden": 3}, r"save_sparse did not write it \(keys \['hidden'\]\)"),
         "quantized": (
-            {"model_type": "gpt2", "quantization_config": {"quant_method": "awq", "bits": 4}},
-            r"already has a quantization_config \(quant_method 'awq'\)",
+            {"quantization_config": {"quant_method": "awq", "bits": 4}},
+            r"save_sparse did not write it \(keys \['quantization_config'\]\)",
         ),
         "list": ([1, 2], "not a JSON object"),
     }

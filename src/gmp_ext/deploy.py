@@ -3,9 +3,10 @@
 * :func:`save_sparse` / :func:`load_sparse` write and read a checkpoint in compressed-tensors'
   sparse formats (``sparse-bitmask`` for unstructured sparsity, ``sparse-24-bitmask`` when every
   compressed weight is 2:4 sparse): one ``model.safetensors`` plus a ``config.json`` whose
-  ``quantization_config`` holds compressed-tensors' ``sparsity_config`` (merged into the
-  model's own ``config.json`` when one is there). For serving (vLLM, transformers) write a
-  dense checkpoint with :func:`gmp_ext.export` instead: neither reads these formats any more.
+  ``quantization_config`` holds compressed-tensors' ``sparsity_config`` (a directory holding
+  another ``config.json``, such as ``save_pretrained``'s, is refused). For serving (vLLM,
+  transformers) write a dense checkpoint with :func:`gmp_ext.export` instead: neither reads
+  these formats any more.
 * :func:`to_semi_structured` swaps the 2:4-sparse ``nn.Linear`` weights of a model for
   PyTorch's semi-structured sparse tensors (cuSPARSELt / CUTLASS kernels, sm_80 and later).
 * :func:`is_nm_sparse` checks the N:M layout those need.
@@ -236,37 +237,45 @@ def _choose_format(fmt: str, compressible: dict[str, torch.Tensor], rows_24: set
     return fmt
 
 
-def _merged_config(path: Path, key: str, quantization: dict[str, Any]) -> dict[str, Any]:
-    """The ``config.json`` to write: ``{key: quantization}`` merged into the one at ``path``
-    when that is a transformers config (``model_type``) or one save_sparse wrote, so
-    ``save_pretrained(d); save_sparse(model, d)`` keeps the model's config. Any other existing
-    file is a ValueError: its keys or its own quantization would be lost."""
+def _config_to_write(path: Path, key: str, quantization: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` to write: ``{key: quantization}``, over an existing file only when
+    save_sparse wrote it. Any other existing file is a ValueError: a transformers config
+    (``save_pretrained``) would keep its ``model_type`` beside compressed weights that
+    ``from_pretrained`` no longer decompresses (it reads them as missing and initializes them
+    at random), and any other file would lose its keys."""
     if not path.is_file():
         return {key: quantization}
     try:
         existing = json.loads(path.read_text())
     except ValueError as exc:
         raise ValueError(
-            f"{str(path)!r} exists and is not JSON ({exc}); save_sparse merges its "
-            "quantization_config into an existing config.json: move the file or save elsewhere"
+            f"{str(path)!r} exists and is not JSON ({exc}); save_sparse writes its own "
+            "config.json: save to another directory"
         ) from None
     if not isinstance(existing, dict):
-        raise ValueError(f"{str(path)!r} is not a JSON object; move it or save elsewhere")
+        raise ValueError(f"{str(path)!r} is not a JSON object; save to another directory")
     previous = existing.get(key)
-    ours = isinstance(previous, dict) and set(previous) <= set(quantization)
-    if previous is not None and not (ours and previous.get("quant_method") == "compressed-tensors"):
-        method = previous.get("quant_method") if isinstance(previous, dict) else previous
+    written_here = (
+        set(existing) == {key}
+        and isinstance(previous, dict)
+        and previous.get("quant_method") == "compressed-tensors"
+        and "sparsity_config" in previous
+    )
+    if written_here:
+        return {key: quantization}
+    if "model_type" in existing:
         raise ValueError(
-            f"{str(path)!r} already has a {key} (quant_method {method!r}) that save_sparse did "
-            "not write; replacing it would misdescribe the weights: save to another directory"
+            f"{str(path)!r} is a transformers config (model_type {existing['model_type']!r}): "
+            "save_sparse would replace the model's weights with compressed parts that "
+            "from_pretrained no longer decompresses (transformers 5 reads them as missing and "
+            "initializes them at random), and leave the directory unloadable as it is. Write "
+            "the archive to another directory; for a directory from_pretrained and vLLM load, "
+            "use gmp_ext.export"
         )
-    others = sorted(set(existing) - {key})
-    if others and "model_type" not in existing:
-        raise ValueError(
-            f"{str(path)!r} is neither a transformers config (no model_type) nor one save_sparse "
-            f"wrote (keys {others[:5]}); save_sparse does not change it: save elsewhere"
-        )
-    return {**existing, key: quantization}
+    raise ValueError(
+        f"{str(path)!r} exists and save_sparse did not write it (keys "
+        f"{sorted(existing)[:5]}); save_sparse does not change it: save to another directory"
+    )
 
 
 def save_sparse(
@@ -283,11 +292,10 @@ def save_sparse(
     ``config.json`` with a ``quantization_config`` ``{"quant_method": "compressed-tensors",
     "version": ..., "sparsity_config": {"format", "targets" (the compressed modules' names),
     "ignore", "global_sparsity" (zeros over all parameters), "sparsity_structure"}}``, as
-    compressed-tensors' ``ModelCompressor`` writes it. An existing ``config.json`` is kept and
-    the ``quantization_config`` merged into it when it is a transformers config (it has a
-    ``model_type``: ``model.save_pretrained(d); save_sparse(model, d)`` keeps every key) or one
-    save_sparse wrote; any other existing file, or one whose ``quantization_config`` save_sparse
-    did not write (another quantization), is a ValueError and nothing is written.
+    compressed-tensors' ``ModelCompressor`` writes it. A ``config.json`` save_sparse wrote is
+    replaced; any other existing one is a ValueError and nothing is written: into a
+    ``save_pretrained`` directory the archive would replace weights that ``from_pretrained``
+    could then no longer read (see below), so the model stays loadable only elsewhere.
 
     Who reads it: :func:`load_sparse`, and compressed-tensors releases before 0.15 (0.15
     removed the sparse decompressors; vLLM refuses a ``sparsity_config`` with targets).
@@ -317,8 +325,8 @@ def save_sparse(
     Returns ``{state-dict name: StoredTensor}``. Raises ImportError naming the ``deploy`` extra
     when compressed-tensors or safetensors is missing, ValueError for an unknown ``format``, a
     forced ``"sparse-24-bitmask"`` over a weight that is not 2:4 sparse, or a selected
-    parameter that is not a ``<module>.weight``, and for an existing ``config.json`` it does
-    not merge into (see above).
+    parameter that is not a ``<module>.weight``, and for an existing ``config.json`` it did
+    not write (see above).
     """
     compressed_tensors, safetensors_torch = _import_extra()
     helpers = importlib.import_module("compressed_tensors.utils")
@@ -397,7 +405,7 @@ def save_sparse(
         base.SPARSITY_CONFIG_NAME: sparsity_config.model_dump(),
     }
     folder = Path(directory)
-    config = _merged_config(folder / CONFIG_FILE, base.QUANTIZATION_CONFIG_NAME, quantization)
+    config = _config_to_write(folder / CONFIG_FILE, base.QUANTIZATION_CONFIG_NAME, quantization)
     folder.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", ALIASES_KEY: json.dumps(aliases)}
     safetensors_torch.save_file(tensors, str(folder / WEIGHTS_FILE), metadata=metadata)
