@@ -17,7 +17,8 @@ from torch import nn
 import gmp_ext
 from gmp_ext import GMPSchedule, exporter
 
-from .utils import TokenPairs, assert_same
+from .test_integrations import lightning_run
+from .utils import TokenPairs, assert_same, tiny_bert, tiny_gpt2
 
 pytest.importorskip("safetensors")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -26,32 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # peft's get_peft_model reads a deprecated transformers property.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-
-_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-
-
-def gpt2() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16, **_TOKENS
-    )
-    torch.manual_seed(0)
-    return transformers.GPT2ForSequenceClassification(config)
-
-
-def bert() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=64,
-        max_position_embeddings=16,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config)
 
 
 class Tied(nn.Module):
@@ -106,7 +81,7 @@ for directory in sys.argv[1:]:
 
 
 def test_transformers_models_reload_bit_exact_in_a_fresh_process(tmp_path):
-    models = {"gpt2": gpt2(), "bert": bert(), "gpt2_sharded": gpt2()}
+    models = {"gpt2": tiny_gpt2(), "bert": tiny_bert(), "gpt2_sharded": tiny_gpt2()}
     for name, model in models.items():
         gmp_ext.prune_step(model, 0.9)
         shard = {"max_shard_size": "20KB"} if name == "gpt2_sharded" else {}
@@ -240,11 +215,11 @@ def test_load_masks_resumes_training_with_the_same_masks(tmp_path):
 
 def test_load_masks_into_a_lora_wrapped_copy(tmp_path):
     peft = pytest.importorskip("peft")
-    model = gpt2()
+    model = tiny_gpt2()
     gmp_ext.prune_step(model, 0.9)
     gmp_ext.export(model, tmp_path)
     config = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)
-    wrapped = peft.get_peft_model(gpt2(), config)
+    wrapped = peft.get_peft_model(tiny_gpt2(), config)
     assert gmp_ext.load_masks(wrapped, tmp_path) == list(gmp_ext.masks(model))
     assert sorted(gmp_ext.masks(wrapped)) == sorted(gmp_ext.masks(model))
     report = gmp_ext.check_masks(wrapped)  # the copy holds dense weights: all of them refill
@@ -324,7 +299,7 @@ def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
 
 def test_save_sparse_leaves_a_save_pretrained_directory_loadable(tmp_path):
     pytest.importorskip("compressed_tensors")
-    model = gpt2()
+    model = tiny_gpt2()
     gmp_ext.prune_step(model, 0.9)
     model.save_pretrained(tmp_path / "hf")
     before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
@@ -338,7 +313,7 @@ def test_save_sparse_leaves_a_save_pretrained_directory_loadable(tmp_path):
         gmp_ext.save_sparse(model, tmp_path / "archive")
         config = json.loads((tmp_path / "archive" / "config.json").read_text())
         assert list(config) == ["quantization_config"]
-    loaded = gpt2()
+    loaded = tiny_gpt2()
     gmp_ext.load_sparse(loaded, tmp_path / "archive")
     states_identical(model.state_dict(), loaded.state_dict())
 
@@ -399,7 +374,10 @@ def test_hf_callback_exports_at_the_end_of_training(tmp_path):
         disable_tqdm=True,
     )
     trainer = transformers.Trainer(
-        model=gpt2(), args=args, train_dataset=TokenPairs(vocab=64, low=3), callbacks=[callback]
+        model=tiny_gpt2(),
+        args=args,
+        train_dataset=TokenPairs(vocab=64, low=3),
+        callbacks=[callback],
     )
     trainer.train()
     assert callback.gmp is None and gmp_ext.masks(trainer.model) == {}  # exported, then removed
@@ -413,44 +391,15 @@ def test_hf_callback_exports_at_the_end_of_training(tmp_path):
     "ignore::UserWarning:lightning", "ignore::FutureWarning", "ignore::DeprecationWarning"
 )
 def test_lightning_callback_exports_at_the_end_of_fit(tmp_path):
-    pl = pytest.importorskip("lightning.pytorch")
-    from gmp_ext.integrations.lightning import GMPCallback
-
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.fc1 = nn.Linear(8, 24)
-            self.fc2 = nn.Linear(24, 2)
-
-        def training_step(self, batch, _index):
-            x, y = batch
-            return nn.functional.cross_entropy(self.fc2(torch.relu(self.fc1(x))), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g), torch.arange(16) % 2)
-    callback = GMPCallback(
-        GMPSchedule(0.2, 0.5, 0, 1, 0.5), export_to=tmp_path, remove_on_fit_end=True
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model, _, callback = lightning_run(
+        tmp_path, max_epochs=2, export_to=tmp_path / "out", remove_on_fit_end=True
     )
-    trainer = pl.Trainer(
-        max_epochs=2,
-        callbacks=[callback],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    model = Tiny()
-    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
     assert callback.gmp is None and gmp_ext.masks(model) == {}
-    fresh = Tiny()
-    safetensors_torch.load_model(fresh, str(tmp_path / "model.safetensors"))
+    fresh = type(model)()
+    safetensors_torch.load_model(fresh, str(tmp_path / "out" / "model.safetensors"))
     states_identical(model.state_dict(), fresh.state_dict())
-    pruned_by_load(fresh, tmp_path, 0.5)
+    pruned_by_load(fresh, tmp_path / "out", 0.6)  # the schedule's final sparsity
 
 
 # -- the recipe --------------------------------------------------------------------------------

@@ -15,39 +15,12 @@ from torch import nn
 import gmp_ext
 from gmp_ext import GMPSchedule, GMPWarning
 
-from .utils import TokenPairs
+from .utils import TokenPairs, tiny_bert, tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 
 # peft's get_peft_model reads a deprecated transformers property.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-
-
-def gpt2(lm_head: bool = False) -> nn.Module:
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16, **_TOKENS
-    )
-    torch.manual_seed(0)
-    if lm_head:
-        return transformers.GPT2LMHeadModel(config)
-    return transformers.GPT2ForSequenceClassification(config)
-
-
-_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-
-
-def bert() -> nn.Module:
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=64,
-        max_position_embeddings=16,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config)
 
 
 def llama() -> nn.Module:
@@ -60,7 +33,9 @@ def llama() -> nn.Module:
         vocab_size=64,
         max_position_embeddings=16,
         tie_word_embeddings=False,
-        **_TOKENS,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config)
@@ -83,7 +58,13 @@ def convnet() -> nn.Module:
     )
 
 
-MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama, "encoder": encoder, "convnet": convnet}
+MODELS = {
+    "bert": tiny_bert,
+    "gpt2": tiny_gpt2,
+    "llama": llama,
+    "encoder": encoder,
+    "convnet": convnet,
+}
 
 
 def matmul_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
@@ -151,7 +132,7 @@ def test_nm_runs_along_the_reduction_dimension(name, scope, device):
 
 
 def test_gpt2_conv1d_groups_are_input_features_not_output_features():
-    model = gpt2()
+    model = tiny_gpt2()
     gmp_ext.prune_step(model, 0.5, nm=(2, 4))
     weight = model.transformer.h[0].attn.c_attn.weight  # [in 32, out 96]
     assert gmp_ext.is_nm_sparse(weight, reduction_dim=0)
@@ -159,7 +140,7 @@ def test_gpt2_conv1d_groups_are_input_features_not_output_features():
 
 
 def test_gpt2_lm_head_tied_to_the_embedding_is_left_out_with_a_warning():
-    model = gpt2(lm_head=True)
+    model = tiny_gpt2(lm_head=True)
     with pytest.warns(GMPWarning, match=r"'lm_head.weight' \(also 'transformer.wte.weight'"):
         achieved = gmp_ext.prune_step(model, 0.9)
     assert set(achieved) == set(matmul_weights(model)) - {"lm_head.weight"}
@@ -237,8 +218,8 @@ def lora(model: nn.Module) -> nn.Module:
 
 
 def test_peft_model_default_selection_is_the_base_weights_under_base_names():
-    base_names = set(matmul_weights(gpt2()))
-    wrapped = lora(gpt2())
+    base_names = set(matmul_weights(tiny_gpt2()))
+    wrapped = lora(tiny_gpt2())
     achieved = gmp_ext.prune_step(wrapped, 0.9)
     assert set(achieved) == base_names  # no lora_A / lora_B, no base_layer in the names
     base = wrapped.base_model.model
@@ -255,10 +236,10 @@ def test_peft_task_head_prunes_the_trained_copy_merge_keeps():
     config = peft_lib.LoraConfig(
         r=4, task_type="SEQ_CLS", target_modules=["c_attn"], fan_in_fan_out=True
     )
-    wrapped = peft_lib.get_peft_model(gpt2(), config)
+    wrapped = peft_lib.get_peft_model(tiny_gpt2(), config)
     head = wrapped.base_model.model.score  # a ModulesToSaveWrapper: original + trained copy
     achieved = gmp_ext.prune_step(wrapped, 0.5)
-    assert set(achieved) == set(matmul_weights(gpt2()))
+    assert set(achieved) == set(matmul_weights(tiny_gpt2()))
     assert int((head.modules_to_save["default"].weight == 0).sum()) == 32
     assert int((head.original_module.weight == 0).sum()) == 0  # frozen, unused: left alone
     merged = wrapped.merge_and_unload()
@@ -268,7 +249,7 @@ def test_peft_task_head_prunes_the_trained_copy_merge_keeps():
 
 
 def test_masks_of_a_pruned_model_survive_peft_wrapping_training_and_merge():
-    model = gpt2()
+    model = tiny_gpt2()
     gmp_ext.prune_step(model, 0.9)
     names = set(gmp_ext.masks(model))
     wrapped = lora(model)
@@ -349,7 +330,10 @@ def trainer_run(output_dir, resume=None, save_steps=None):
         seed=0,
     )
     trainer = transformers.Trainer(
-        model=gpt2(), args=args, train_dataset=TokenPairs(vocab=64, low=3), callbacks=[callback]
+        model=tiny_gpt2(),
+        args=args,
+        train_dataset=TokenPairs(vocab=64, low=3),
+        callbacks=[callback],
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer, callback

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -127,3 +128,34 @@ class TokenPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
+
+
+_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def tiny_gpt2(lm_head: bool = False) -> nn.Module:
+    """A 2-layer GPT-2 (transformers' Conv1D weights) from a config, seeded: no download."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16, **_TOKENS
+    )
+    torch.manual_seed(0)
+    if lm_head:
+        return transformers.GPT2LMHeadModel(config)
+    return transformers.GPT2ForSequenceClassification(config)
+
+
+def tiny_bert() -> nn.Module:
+    """A 2-layer BERT classifier from a config, seeded: no download."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=64,
+        max_position_embeddings=16,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
