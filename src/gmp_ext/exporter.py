@@ -33,7 +33,8 @@ from .checkpoint import export_mask, import_mask
 from .controller import GMP
 from .dtensors import is_dtensor, local_tensor
 from .layers import inner_layer
-from .mask_store import MaskEntry, MaskStore, ensure_store, find_store, inner_stores
+from .mask_store import MaskEntry, ensure_store, find_store
+from .pruner import entries_of, format_table
 from .selection import parameter_by_name, unwrap
 
 __all__ = [
@@ -68,26 +69,6 @@ def _check_module(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return model
-
-
-def _held_entries(model: nn.Module) -> dict[str, MaskEntry]:
-    """Every masked parameter of ``model`` by ``model``'s names, bound to the current
-    parameters: its own store's (or, for a submodule of a pruned model, its part of the
-    enclosing one's), else those of its pruned submodules."""
-    found = find_store(model)
-    if found is not None:
-        held: list[tuple[MaskStore, str]] = [found]
-    else:
-        held = inner_stores(model)
-    entries: dict[str, MaskEntry] = {}
-    for store, prefix in held:
-        store.resolve()
-        for name, entry in store.entries.items():
-            if found is None:
-                entries[prefix + name] = entry
-            elif name.startswith(prefix):
-                entries[name[len(prefix) :]] = entry
-    return entries
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -195,7 +176,7 @@ def export(
     inner, _ = unwrap(model)
     _refuse_adapters(inner)
     _refuse_dtensors(inner)
-    entries = _held_entries(model)
+    entries = entries_of(model)
     if not entries:
         raise ValueError(
             "gmp_ext holds no masks for this model (prune it with gmp_ext.prune_step or a GMP "
@@ -329,7 +310,7 @@ def load_masks(model: nn.Module, directory: PathLike) -> list[str]:
     _check_module(model)
     folder = Path(directory)
     info, packed = _read_sidecar(folder)
-    held = sorted(_held_entries(model))
+    held = sorted(entries_of(model))
     if held:
         raise ValueError(
             f"gmp_ext already holds masks for this model ({held[:3]}"
@@ -393,9 +374,7 @@ class MaskCheck:
         ]
         largest = max((r.max_abs for r in self.rows), default=0.0)
         lines.append(("total", "", str(self.pruned), str(self.refilled), f"{largest:.3g}"))
-        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(5)]
-        fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
-        return "\n".join(fmt.format(*row) for row in [header, *lines])
+        return format_table(header, lines)
 
 
 def check_masks(model: nn.Module) -> MaskCheck:
@@ -410,7 +389,7 @@ def check_masks(model: nn.Module) -> MaskCheck:
     TypeError for a non-Module, ValueError when gmp_ext holds no masks for the model.
     """
     _check_module(model)
-    entries = _held_entries(model)
+    entries = entries_of(model)
     if not entries:
         raise ValueError(
             "gmp_ext holds no masks for this model, so there is nothing to check against "

@@ -36,6 +36,8 @@ __all__ = [
     "SparsityReport",
     "apply_masks",
     "attach",
+    "entries_of",
+    "format_table",
     "mask_gradients_hook",
     "masks",
     "optimizer_state_of",
@@ -196,8 +198,9 @@ def _masked_entries(model: nn.Module) -> list[tuple[MaskStore, dict[str, str]]]:
     return stores
 
 
-def _entries_of(model: nn.Module) -> dict[str, MaskEntry]:
-    """Every masked parameter of ``model``, by ``model``'s names (see :func:`_masked_entries`)."""
+def entries_of(model: nn.Module) -> dict[str, MaskEntry]:
+    """Every masked parameter of ``model``, by ``model``'s names, bound to the current
+    parameters (see :func:`_masked_entries`)."""
     return {
         name: store.entries[held]
         for store, names in _masked_entries(model)
@@ -213,7 +216,7 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     _check_model(model)
     return {
         name: distributed.keep_flags(entry.param, entry.mask)
-        for name, entry in _entries_of(model).items()
+        for name, entry in entries_of(model).items()
     }
 
 
@@ -448,9 +451,16 @@ class SparsityReport:
             for r in self.rows
         ]
         lines.append(("total", "", str(self.numel), str(self.zeros), f"{self.sparsity:.4f}"))
-        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(5)]
-        fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
-        return "\n".join(fmt.format(*row) for row in [header, *lines])
+        return format_table(header, lines)
+
+
+def format_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell: the first two (name, shape) left-aligned, the
+    numbers right-aligned."""
+    rows = [header, *lines]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join(fmt.format(*row) for row in rows)
 
 
 def sparsity_report(
@@ -459,7 +469,7 @@ def sparsity_report(
     """Per-parameter zeros, counted in the weights: of the model's masked parameters (a
     submodule of a pruned model: of its own), or of :func:`select_parameters`' selection when
     nothing is masked or ``params``/``exclude`` is given (its errors included)."""
-    entries = _entries_of(_check_model(model))
+    entries = entries_of(_check_model(model))
     if entries and params is None and exclude is None:
         chosen = {name: e.param for name, e in entries.items()}
     else:
