@@ -30,7 +30,6 @@ __all__ = [
     "select_rows_global",
     "select_rows_layerwise",
     "selection_for",
-    "zero_pruned_of",
 ]
 
 
@@ -110,7 +109,7 @@ class Selection:
             return self._prepared_masks(names, tensors, counts, reuse, prepare, zero_pruned)
         masks, thresholds = self.masks_for_counts(names, tensors, counts, reuse)
         if zero_pruned:
-            zero_pruned_of(tensors, masks)
+            _zero_pruned(tensors, masks)
         return masks, thresholds
 
     def preparable(self, tensors: Sequence[torch.Tensor]) -> bool:
@@ -252,11 +251,11 @@ class GlobalSelection(Selection):
             result.update(zip(fixed, zip(primitives.build(members, rows), thresholds)))
         masks = [result[n][0] for n in names]
         if zero_pruned:
-            zero_pruned_of(tensors, masks)
+            _zero_pruned(tensors, masks)
         return masks, [result[n][1] for n in names]
 
 
-def zero_pruned_of(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
+def _zero_pruned(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
     """Zero the elements ``masks`` prune (a DTensor: in its local shard)."""
     with torch.no_grad():
         primitives.apply_in_place([local_tensor(t).detach() for t in tensors], masks)
