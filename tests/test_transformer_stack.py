@@ -354,3 +354,18 @@ def test_trainer_resumes_gpt2_mid_pruning_bit_for_bit(tmp_path):
     assert callback.gmp.step_count == 6
     for name, param in reference.model.named_parameters():
         assert torch.equal(param, resumed.model.get_parameter(name)), name
+
+
+def test_save_sparse_labels_2_4_only_for_rows_along_the_reduction_dimension(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    gpt2 = tiny_gpt2()  # Conv1D [in, out]: 2:4 along dim 0, not along the stored rows
+    gmp_ext.prune_step(gpt2, 0.5, nm=(2, 4))
+    with pytest.raises(ValueError, match=r"sparse-24-bitmask.*transformer.h.0.attn.c_attn"):
+        gmp_ext.save_sparse(gpt2, tmp_path / "forced", format="sparse-24-bitmask")
+    gmp_ext.save_sparse(gpt2, tmp_path / "auto")
+    config = (tmp_path / "auto" / "config.json").read_text()
+    assert '"format": "sparse-bitmask"' in config
+    llama_model = llama()  # Linear [out, in]: 2:4 along the rows, which the format packs
+    gmp_ext.prune_step(llama_model, 0.5, nm=(2, 4))
+    gmp_ext.save_sparse(llama_model, tmp_path / "llama")
+    assert '"format": "sparse-24-bitmask"' in (tmp_path / "llama" / "config.json").read_text()
