@@ -22,7 +22,8 @@ __global__ void __launch_bounds__(kThreads) kApplyMasks(const TensorEntry *table
         const int64_t first = (tile - entry.tile_base) * kTileElems;
         const int64_t count = min(kTileElems, entry.numel - first);
         const auto *mask = reinterpret_cast<const uint8_t *>(entry.mask);
-        const bool vector = count == kTileElems && entry.data % 16 == 0;
+        // The word loads need an 8-byte aligned mask; a view at another offset goes bit by bit.
+        const bool vector = count == kTileElems && entry.data % 16 == 0 && entry.mask % 8 == 0;
         if (vector) {
             // Masks are padded to kMaskAlignBytes, so every word of a full tile is in bounds.
             const uint64_t my_word = reinterpret_cast<const uint64_t *>(mask)[first / 64 + lane];

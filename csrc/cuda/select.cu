@@ -541,7 +541,7 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
             Bits *data = nullptr;
             int64_t first = 0;
             int count = 0;
-            bool vector = false;
+            bool vector = false, has_mask = false;
             uint4 v[kVecs];
             if (tile < c1) {
                 const TensorEntry entry = p.table[Global ? entry_of_tile(p.table, p.n, tile) : seg];
@@ -549,7 +549,9 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                 first = (tile - entry.tile_base) * kTileElems;
                 data = reinterpret_cast<Bits *>(entry.data);
                 auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
-                vector = count == kTileElems && entry.data % 16 == 0 && entry.mask % 8 == 0;
+                // Without a mask (as kBuildMasks) the tile is only ranked: nothing written.
+                has_mask = entry.mask != 0;
+                vector = has_mask && count == kTileElems && entry.data % 16 == 0 && entry.mask % 8 == 0;
                 if (vector) {
                     auto *vecs = reinterpret_cast<uint4 *>(data + first);
 #pragma unroll
@@ -587,7 +589,7 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                             const uint32_t key = KT::key(data[first + i]);
                             const uint32_t high = key >> key_shift;
                             keep = high > prefix;
-                            if (high < prefix)
+                            if (high < prefix && has_mask)
                                 data[first + i] = Bits(0);
                             if (high == prefix) {
                                 ++matches;
@@ -598,7 +600,8 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                         if (lane == c / 2)
                             word |= uint64_t(ballot) << (32 * (c % 2));
                     }
-                    store_tile_word(mask, first, count, word, lane);
+                    if (has_mask)
+                        store_tile_word(mask, first, count, word, lane);
                 }
             }
             int64_t slot = reserve_slots(reservation, matches, &p.counters[seg].fill);
@@ -859,6 +862,8 @@ __global__ void __launch_bounds__(kThreads) kFixup(const TensorEntry *table, int
         const int64_t pos = static_cast<int64_t>(c & ((uint64_t(1) << s.idx_bits) - 1));
         const TensorEntry entry = table[Global ? entry_of_tile(table, n, pos / kTileElems) : seg];
         const int64_t i = pos - (Global ? entry.tile_base * kTileElems : 0);
+        if (entry.mask == 0) // as kBuildMasks: an entry without a mask is left as it is
+            continue;
         if (c > cut) {
             // Other threads set other bits of the same word: an atomic on the aligned 32-bit word.
             const uintptr_t byte = static_cast<uintptr_t>(entry.mask) + static_cast<uintptr_t>(i / 8);

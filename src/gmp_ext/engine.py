@@ -55,6 +55,13 @@ class PreparedStep:
     tensor's candidate list into a buffer kept with the step and ranks the lists (the ``scope``
     selection over them), build keeps the protected elements and the candidates above the cut.
     Selection rows then index positions in the lists.
+
+    Streams and graphs (CUDA): the step's buffers are written on the stream current when it is
+    made, and a run on another stream first waits for them; the step's scratch is shared by its
+    runs, so run it on one stream at a time. A CUDA graph that captured :meth:`run` reads the
+    step's tables, scratch and staged copies at every replay: keep the step (or the
+    :class:`gmp_ext.PrunePlan` holding it) alive as long as the graph. Make it before a capture:
+    preparing during one is refused.
     """
 
     def __init__(

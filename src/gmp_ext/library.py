@@ -57,8 +57,10 @@ for every other device. Tests: ``tests/test_library.py`` (``opcheck`` and native
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -84,6 +86,7 @@ __all__ = [
     "clear_job_cache",
     "nm_build_masks",
     "nm_gather",
+    "pinned_jobs",
     "prune",
     "select_global",
     "select_layerwise",
@@ -274,15 +277,39 @@ def _nm_build_masks_fake(
 # Tables of recent calls, so a call repeated over the same storage (every step of a compiled
 # training loop) builds no table and, on CUDA, copies none to the device. A table holds only
 # what its key holds (addresses, sizes, dtypes, in order), so a hit is correct even when a
-# freed tensor's address was reused; the cached jobs keep no tensor alive. The CUDA selection
-# scratch is shared by the calls of one key, which run in stream order.
+# freed tensor's address was reused; the cached jobs keep no tensor alive.
+#
+# The CUDA selection scratch is shared by the launches of one job, so a job belongs to one
+# stream (the key holds the current stream: its copies and kernels run in that stream's order)
+# and its launch sequences are serialized across Python threads by _LOCK (the bindings release
+# the GIL). A CUDA graph bakes in the addresses of the job it captured: a job used while the
+# current stream captures is pinned, never evicted nor dropped by clear_job_cache, and lives as
+# long as the process (the graph may be replayed at any time).
 _JOBS: OrderedDict[tuple, Job] = OrderedDict()
+_PINNED: dict[tuple, Job] = {}
 _JOB_CACHE_SIZE = 64
+_LOCK = threading.RLock()
 
 
 def clear_job_cache() -> None:
-    """Drop the cached tables (and CUDA selection scratch) of the operators' kernels."""
-    _JOBS.clear()
+    """Drop the cached tables (and CUDA selection scratch) of the operators' kernels; the jobs
+    CUDA graphs captured stay (see ``pinned_jobs``)."""
+    with _LOCK:
+        _JOBS.clear()
+
+
+def pinned_jobs() -> int:
+    """How many cached jobs CUDA graph captures pinned for the life of the process."""
+    return len(_PINNED)
+
+
+def _stream_id(device: torch.device) -> int:
+    """The current stream of ``device`` (0 off CUDA), part of a cached job's key."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _job(
@@ -292,24 +319,32 @@ def _job(
     scope: str | None,
     key_space: int,
 ) -> Job:
+    """The cached job of a call; a CUDA caller holds _LOCK until its launches are queued."""
     if backend is REFERENCE:  # no table to build
         return backend.prepare(tensors, masks, scope, key_space)
+    device = tensors[0].device  # every tensor's (checked)
     key = (
         backend.name,
-        tensors[0].device,  # every tensor's (checked)
+        device,
+        _stream_id(device),
         scope,
         key_space,
         tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors),
         None if masks is None else tuple(m.data_ptr() for m in masks),
     )
-    cached = _JOBS.get(key)
-    if cached is None:
-        cached = replace(backend.prepare(tensors, masks, scope, key_space), tensors=[], masks=[])
-        _JOBS[key] = cached
-        if len(_JOBS) > _JOB_CACHE_SIZE:
-            _JOBS.popitem(last=False)
-    else:
-        _JOBS.move_to_end(key)
+    with _LOCK:
+        cached = _PINNED.get(key)
+        if cached is None:
+            cached = _JOBS.pop(key, None)
+            if cached is None:
+                job = backend.prepare(tensors, masks, scope, key_space)
+                cached = replace(job, tensors=[], masks=[])
+            if _capturing(device):
+                _PINNED[key] = cached
+            else:
+                _JOBS[key] = cached
+                if len(_JOBS) > _JOB_CACHE_SIZE:
+                    _JOBS.popitem(last=False)
     return replace(cached, tensors=list(tensors), masks=[] if masks is None else list(masks))
 
 
@@ -484,8 +519,13 @@ def _native_kernel(kernel: Callable[..., object]) -> Callable[..., object]:
     """``kernel`` on the backend of its tensors' device (native, or the reference fallback)."""
 
     def run(tensors: list[torch.Tensor], *args: object) -> object:
-        # An empty list has nothing to run: its kernel only returns empty rows.
-        return kernel(backend_for(tensors[0].device) if tensors else REFERENCE, tensors, *args)
+        # An empty list has nothing to run: its kernel only returns empty rows. CPU jobs share
+        # nothing written (their rows and counts are the call's), so only CUDA calls serialize.
+        if not tensors:
+            return kernel(REFERENCE, tensors, *args)
+        device = tensors[0].device
+        with _LOCK if device.type == "cuda" else nullcontext():
+            return kernel(backend_for(device), tensors, *args)
 
     return run
 

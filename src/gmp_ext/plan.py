@@ -53,6 +53,11 @@ class PrunePlan:
         plan.set_sparsity(0.7)
         graph.replay()
         plan.check()                      # {name: sparsity}; raises on NaN weights
+
+    The graph reads the plan's tables, scratch and masks by address at every replay: keep the
+    plan alive as long as the graph, and capture again after a step that re-prepared it (its
+    parameters moved), which frees what the old graph reads. Set the sparsity on the stream
+    that replays the graph.
     """
 
     def __init__(

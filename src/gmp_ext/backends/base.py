@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,7 +47,13 @@ class Job:
     CUDA), the counts to prune (``[n]`` for layer scope, ``[1]`` for global), the selection rows
     and the CUDA scratch. ``scope`` is "layer", "global", or None for a job that only builds
     or applies masks. The table holds raw addresses: ``tensors`` and ``masks`` keep them
-    alive, and a tensor whose storage moves needs a new job."""
+    alive, and a tensor whose storage moves needs a new job.
+
+    On CUDA, ``ready`` is the event recorded on the preparing stream once the buffers are
+    written, and ``streams`` the streams ordered after it (the preparing one, then each stream
+    the job ran on): the backend makes any other stream wait for ``ready`` before its first
+    launch (:meth:`order_on`). A CUDA graph that captured the job reads its buffers at
+    every replay: keep the job (its prepared step, plan) alive as long as the graph."""
 
     tensors: list[torch.Tensor]
     masks: list[torch.Tensor]  # empty for a job that only selects
@@ -58,10 +64,49 @@ class Job:
     table: torch.Tensor = _NONE  # empty for the reference backend, which needs none
     tiles: int = 0
     scratch: torch.Tensor = _NONE  # empty for a job that only builds or applies masks
+    ready: torch.cuda.Event | None = None  # CUDA only
+    streams: set[int] = field(default_factory=set)  # CUDA only: ``cuda_stream`` handles
 
     def set_counts(self, counts: Sequence[int]) -> None:
-        """Elements to prune, written without waiting for the device (read when select runs)."""
-        self.counts.copy_(torch.tensor(list(counts), dtype=torch.int64), non_blocking=True)
+        """Elements to prune, written without waiting for the device (read when select runs).
+        On CUDA the copy is queued on the current stream, which becomes the one the job's other
+        streams wait for (a graph replay does not: replay it on the stream that set the counts).
+        """
+        values = torch.tensor(list(counts), dtype=torch.int64)
+        if self.ready is None:
+            self.counts.copy_(values, non_blocking=True)
+            return
+        stream = torch.cuda.current_stream(self.counts.device)
+        self.order_on(stream, torch.cuda.is_current_stream_capturing())
+        self.counts.copy_(values, non_blocking=True)
+        self.ready.record(stream)
+        self.streams.clear()
+        self.streams.add(stream.cuda_stream)
+
+    def order_on(self, stream: torch.cuda.Stream, capturing: bool) -> None:
+        """Orders CUDA ``stream`` after the writes of the job's buffers before its first launch
+        there.
+
+        Outside a capture the stream waits for ``ready`` and the buffers are recorded as used by
+        it (the caching allocator then keeps them until its work is done). A capturing stream
+        may not wait for an event recorded outside the capture (CUDA refuses the dependency);
+        it may use the job once that event is complete (``torch.cuda.graph`` synchronizes before
+        it captures), and a job still being written is refused."""
+        if stream.cuda_stream in self.streams or self.ready is None:
+            return
+        if capturing:
+            if not self.ready.query():
+                written = min(self.streams, default=0)
+                raise RuntimeError(
+                    f"gmp_ext: the job's buffers, written on CUDA stream {written:#x}, may not "
+                    f"have landed when stream {stream.cuda_stream:#x} captures it: synchronize "
+                    "(or run it once on the capturing stream) before the capture"
+                )
+        else:
+            stream.wait_event(self.ready)
+            for buffer in (self.table, self.counts, self.rows, self.scratch):
+                buffer.record_stream(stream)
+        self.streams.add(stream.cuda_stream)
 
 
 def new_job(

@@ -4,6 +4,12 @@ Tables, counts, selection rows and scratch are allocated by torch on the tensors
 caching allocator, never cudaMalloc in the extension) when a job is prepared; running a job is
 launches only, on torch's current stream, with nothing read back: a prepared job can be captured
 in a CUDA graph, and the counts it prunes can change between replays (``Job.set_counts``).
+
+Streams: a job's buffers are written on the stream current at ``prepare``; its first launch on
+any other stream makes that stream wait for them (``Job.order_on``). A job may run on one stream at
+a time: its scratch is shared by its launches. Graphs: preparing allocates and copies the table
+from host memory, which a capture cannot hold, so ``prepare`` refuses while the current stream
+captures; a captured job must stay alive (with its step or plan) as long as the graph.
 """
 
 from __future__ import annotations
@@ -18,6 +24,11 @@ from .._layout import KEY_SPACE_NATIVE
 from .base import Backend, Job, build_table, new_job
 
 _SCRATCH_MODE = {"layer": 0, "global": 1}
+
+
+def _capturing() -> bool:
+    """Whether the current stream is capturing a CUDA graph (the tests replace this)."""
+    return torch.cuda.is_current_stream_capturing()
 
 
 class CudaBackend(Backend):
@@ -35,6 +46,13 @@ class CudaBackend(Backend):
         key_space: int = KEY_SPACE_NATIVE,
     ) -> Job:
         device = tensors[0].device if tensors else torch.device("cuda")
+        if _capturing():
+            raise RuntimeError(
+                "gmp_ext: cannot prepare a CUDA job while the current stream captures a CUDA "
+                "graph (its tensor table is copied from host memory): prepare it before the "
+                "capture (make the PrunePlan, or run the step or operator once on the capturing "
+                "stream)"
+            )
         with torch.cuda.device(device):
             table = build_table(tensors, masks, self.tile_elems).to(device, non_blocking=True)
             tiles = sum(-(-t.numel() // self.tile_elems) for t in tensors)
@@ -44,13 +62,20 @@ class CudaBackend(Backend):
                 mode = _SCRATCH_MODE[scope]
                 nbytes = int(self._C.cuda_select_scratch_bytes(len(tensors), total, mode))
                 scratch = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
-        return new_job(
-            tensors, masks, scope, key_space, device, table=table, tiles=tiles, scratch=scratch
-        )
+            job = new_job(
+                tensors, masks, scope, key_space, device, table=table, tiles=tiles, scratch=scratch
+            )
+            stream = torch.cuda.current_stream(device)
+            job.ready = torch.cuda.Event()
+            job.ready.record(stream)
+            job.streams.add(stream.cuda_stream)
+        return job
 
     @staticmethod
     def _stream(job: Job) -> int:
-        return torch.cuda.current_stream(job.rows.device).cuda_stream
+        stream = torch.cuda.current_stream(job.rows.device)
+        job.order_on(stream, _capturing())
+        return stream.cuda_stream
 
     def select(self, job: Job) -> None:
         self._select(job, prune=False)
