@@ -303,6 +303,17 @@ def test_model_level_calls_find_masks_held_by_a_submodule():
     assert gmp_ext.masks(pruned) == {} and gmp_ext.masks(outer) == {}
 
 
+def test_a_compiled_pruned_submodule_is_found_once():
+    pruned = convnet()
+    gmp_ext.prune_step(pruned, 0.75)
+    outer = nn.Sequential(torch.compile(pruned), nn.Linear(8, 2))
+    names = {f"0._orig_mod.{n}" for n in gmp_ext.masks(pruned)}
+    assert set(gmp_ext.masks(outer)) == names  # the outer model's own parameter names
+    assert names <= set(dict(outer.named_parameters()))
+    assert gmp_ext.apply_masks(outer) == 3
+    assert gmp_ext.remove(outer) == 3
+
+
 # -- the Hugging Face Trainer: fused AdamW, bf16, accumulation, resume --------------------------
 
 

@@ -388,7 +388,9 @@ def inner_stores(model: nn.Module) -> list[tuple[MaskStore, str]]:
     model, _ = unwrap(model)
     found = []
     for name, module in model.named_modules():
-        store = _own_store(unwrap(module)[0]) if name else None
+        # A wrapped submodule (torch.compile's) is reached again as the module it wraps: its
+        # store is found there, once, under the names the model's parameters have.
+        store = _own_store(module) if name else None
         if store is not None:
             found.append((store, name + "."))
     return found
