@@ -7,6 +7,12 @@ it, and running it is launches only (on CUDA nothing is allocated or read back, 
 captured in a CUDA graph). The mask store's per-step re-apply, :class:`gmp_ext.PrunePlan` and
 the eager prune step all run through it.
 
+The engine knows no pattern and no score. What is ranked is either the tensors themselves
+(magnitude: the fused prune, which ranks and zeroes the same memory) or separate ``ranked``
+tensors a score computed (the masks are built from those, then applied to the tensors). How the
+ranked values become masks is the strategy's :class:`StepPattern`: :data:`UNSTRUCTURED` ranks
+every element; an N:M pattern (:class:`gmp_ext.strategies.NMPattern`) ranks candidate lists.
+
 Under ``torch.compile`` the same stages run as the operators of :mod:`gmp_ext.library`
 (``torch.ops.gmp_ext.*``), which take tensors where the jobs hold raw addresses: Dynamo traces
 them without a graph break, and their kernels find the tables in a cache keyed by storage.
@@ -24,7 +30,56 @@ from . import library, primitives
 from ._layout import KEY_SPACE_NATIVE
 from .backends import REFERENCE, Backend, Job, backend_for
 
-__all__ = ["PreparedStep"]
+__all__ = ["UNSTRUCTURED", "PreparedStep", "StepPattern"]
+
+
+class StepPattern:
+    """How a prepared step turns ranked values into masks: one select over a job, one build
+    from its rows. This base is the unstructured pattern (every element ranked); a structured
+    pattern overrides the methods, keeping the contract: :meth:`prepare` allocates what its
+    select needs beside ``source`` (the job over the ranked tensors and the masks),
+    :meth:`select` writes rows into the job :meth:`prepare` returned (``source`` when None),
+    :meth:`build` writes the masks of ``source`` from them. ``*_operators`` are the same over
+    tensors, for ``torch.compile``. ``fusable`` says whether select + build + apply may run
+    as the backend's fused prune when the ranked tensors are the zeroed ones."""
+
+    fusable = True
+    exact_nan_counts = True  # the selection's rows count every NaN (else they are recounted)
+
+    def prepare(
+        self, backend: Backend, ranked: Sequence[torch.Tensor], scope: str | None, key_space: int
+    ) -> Job | None:
+        return None
+
+    def select(self, backend: Backend, source: Job, lists: Job | None) -> None:
+        backend.select(source)
+
+    def build(self, backend: Backend, source: Job, lists: Job | None) -> None:
+        backend.build(source)
+
+    def select_operators(
+        self,
+        ranked: Sequence[torch.Tensor],
+        lists: Job | None,
+        counts: torch.Tensor,
+        scope: str | None,
+        key_space: int,
+    ) -> torch.Tensor:
+        if scope == "layer":
+            return library.select_layerwise(ranked, counts)
+        return library.select_global(ranked, counts, key_space)
+
+    def build_operators(
+        self,
+        ranked: Sequence[torch.Tensor],
+        rows: torch.Tensor,
+        masks: Sequence[torch.Tensor],
+        wide64: bool,
+    ) -> None:
+        library.build_masks(ranked, rows, masks, wide64)
+
+
+UNSTRUCTURED = StepPattern()
 
 
 @dataclass(eq=False)
@@ -33,14 +88,20 @@ class _Group:
 
     indices: list[int]
     backend: Backend
-    job: Job  # the tensors and their masks (and, without a pattern, their selection)
+    job: Job  # the tensors and their masks (what apply zeroes)
     staged: list[tuple[torch.Tensor, torch.Tensor]]  # (tensor, contiguous copy) pairs
-    lists: Job | None = None  # N:M: the selection over the tensors' candidate lists
+    ranked: Job | None = None  # a score's ranked tensors and the same masks (None: ``job``)
+    lists: Job | None = None  # what the pattern selects over, when not the ranked tensors
+
+    @property
+    def source(self) -> Job:
+        """The job over what is ranked, whose masks the build writes."""
+        return self.job if self.ranked is None else self.ranked
 
     @property
     def selection(self) -> Job:
         """The job whose rows the selection writes."""
-        return self.job if self.lists is None else self.lists
+        return self.source if self.lists is None else self.lists
 
 
 class PreparedStep:
@@ -49,12 +110,10 @@ class PreparedStep:
 
     ``scope`` is the selection's job kind (``"layer"``, ``"global"``) or None for a step that
     only applies the masks; ``key_space`` the keys it ranks in. A selection in the float64 key
-    space, and float64 tensors, run on the reference backend.
-
-    With ``pattern=(n, m)`` the step selects N:M (csrc/common/nm.h): select writes each
-    tensor's candidate list into a buffer kept with the step and ranks the lists (the ``scope``
-    selection over them), build keeps the protected elements and the candidates above the cut.
-    Selection rows then index positions in the lists.
+    space, and float64 tensors, run on the reference backend. ``pattern`` (a
+    :class:`StepPattern`) says how the ranked values become masks; ``ranked`` (one tensor per
+    tensor, same number of elements) is what a score ranks instead of the tensors' |w|: the
+    masks are built from it and applied to the tensors.
 
     Streams and graphs (CUDA): the step's buffers are written on the stream current when it is
     made, and a run on another stream first waits for them; the step's scratch is shared by its
@@ -70,14 +129,16 @@ class PreparedStep:
         masks: Sequence[torch.Tensor],
         scope: str | None = None,
         key_space: int = KEY_SPACE_NATIVE,
-        pattern: tuple[int, int] | None = None,
+        pattern: StepPattern = UNSTRUCTURED,
+        ranked: Sequence[torch.Tensor] | None = None,
     ) -> None:
         self.tensors = list(tensors)
         self.masks = list(masks)
+        self.ranked = None if ranked is None else list(ranked)
         self.scope = scope
         self.key_space = key_space
         self.pattern = pattern
-        self.key = self.binding(self.tensors, self.masks)
+        self.key = self.binding(self.tensors, self.masks, self.ranked)
         on_reference = [primitives.uses_reference(key_space)] * len(self.tensors)
         self.groups: list[_Group] = []
         for (_, reference), indices in primitives.groups(self.tensors, on_reference).items():
@@ -90,23 +151,29 @@ class PreparedStep:
                 work.append(tensor)
             backend = REFERENCE if reference else backend_for(work[0].device)
             masks = [self.masks[i] for i in indices]
-            if pattern is None:
-                job = backend.prepare(work, masks, scope, key_space)
-                self.groups.append(_Group(indices, backend, job, staged))
+            ranked_work = work if self.ranked is None else [self.ranked[i] for i in indices]
+            lists = pattern.prepare(backend, ranked_work, scope, key_space)
+            selecting = scope if lists is None else None
+            if self.ranked is None:
+                job = backend.prepare(work, masks, selecting, key_space)
+                self.groups.append(_Group(indices, backend, job, staged, None, lists))
                 continue
-            n, m = pattern
-            lists = [t.new_empty(t.numel() // m * (m - n)) for t in work]
             job = backend.prepare(work, masks, None, key_space)
-            listed = backend.prepare(lists, None, scope, key_space)
-            self.groups.append(_Group(indices, backend, job, staged, listed))
+            source = backend.prepare(ranked_work, masks, selecting, key_space)
+            self.groups.append(_Group(indices, backend, job, staged, source, lists))
 
     @staticmethod
-    def binding(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> tuple:
-        """What a prepared step is bound to: the tensors' storage and layout, the masks'
-        storage. A step whose binding differs from the current one must be prepared again."""
-        return tuple((t.data_ptr(), t.stride(), t.dtype, t.device) for t in tensors) + tuple(
-            m.data_ptr() for m in masks
-        )
+    def binding(
+        tensors: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        ranked: Sequence[torch.Tensor] | None = None,
+    ) -> tuple:
+        """What a prepared step is bound to: the tensors' (and ranked tensors') storage and
+        layout, the masks' storage. A step whose binding differs from the current one must be
+        prepared again."""
+        layout = tuple((t.data_ptr(), t.stride(), t.dtype, t.device) for t in tensors)
+        scored = () if ranked is None else tuple((r.data_ptr(), r.dtype) for r in ranked)
+        return layout + tuple(m.data_ptr() for m in masks) + (scored,)
 
     def set_counts(self, counts: Sequence[int], per_tensor: bool) -> None:
         """Elements to prune at the next select: one count per tensor (``per_tensor``), or one
@@ -133,27 +200,22 @@ class PreparedStep:
                         tensor.copy_(copy)
 
     def _run_group(self, group: _Group, select: bool, build: bool, apply: bool) -> None:
-        backend, job, lists = group.backend, group.job, group.lists
-        if lists is not None and self.pattern is not None:  # N:M: the build ranks groups first
-            if select:
-                backend.nm_gather(job, lists, self.pattern)
-                backend.select(lists)
-            if build:
-                backend.nm_build(job, lists.rows, self.pattern)
-            if apply:
-                backend.apply(job)
-            return
-        # build + apply are one pass over the weights (the build zeroes what it prunes); with
-        # select, one prune call, which reads them twice where the kernels can.
-        fused = build and apply
+        backend, job, pattern = group.backend, group.job, self.pattern
+        # Ranking the zeroed memory itself, build + apply are one pass over the weights (the
+        # build zeroes what it prunes); with select, one prune call, which reads them twice
+        # where the kernels can.
+        fused = build and apply and group.ranked is None and pattern.fusable
         if select and fused:
             backend.prune(job)
             return
         if select:
-            backend.select(job)
+            pattern.select(backend, group.source, group.lists)
+        if build and fused:
+            backend.build(job, zero_pruned=True)
+            return
         if build:
-            backend.build(job, zero_pruned=fused)
-        if apply and not fused:
+            pattern.build(backend, group.source, group.lists)
+        if apply:
             backend.apply(job)
 
     def run_operators(
@@ -169,12 +231,14 @@ class PreparedStep:
         which a compiled graph would see as two inputs sharing storage), with the step's counts.
         The rows land in the step's buffers, where :meth:`rows` reads them."""
         wide64 = primitives.uses_reference(self.key_space)
+        pattern = self.pattern
         with torch.no_grad():
             for group in self.groups:
                 selection = group.selection
                 work = [tensors[i] for i in group.indices]
                 group_masks = [masks[i] for i in group.indices]
-                if select and build and apply and self.pattern is None:
+                ranked = work if self.ranked is None else [self.ranked[i] for i in group.indices]
+                if select and build and apply and self.ranked is None and pattern.fusable:
                     global_scope = self.scope == "global"
                     rows = library.prune(
                         work, selection.counts, group_masks, global_scope, self.key_space
@@ -182,21 +246,12 @@ class PreparedStep:
                     selection.rows.copy_(rows)
                     continue
                 if select:
-                    ranked = work
-                    if group.lists is not None and self.pattern is not None:
-                        ranked = group.lists.tensors
-                        library.nm_gather(work, ranked, *self.pattern)
-                    if self.scope == "layer":
-                        rows = library.select_layerwise(ranked, selection.counts)
-                    else:
-                        rows = library.select_global(ranked, selection.counts, self.key_space)
-                    selection.rows.copy_(rows)
-                if build and self.pattern is not None:
-                    library.nm_build_masks(
-                        work, selection.rows, group_masks, *self.pattern, wide64=wide64
+                    rows = pattern.select_operators(
+                        ranked, group.lists, selection.counts, self.scope, self.key_space
                     )
-                elif build:
-                    library.build_masks(work, selection.rows, group_masks, wide64)
+                    selection.rows.copy_(rows)
+                if build:
+                    pattern.build_operators(ranked, selection.rows, group_masks, wide64)
                 if apply:
                     library.apply_masks(work, group_masks)
 
@@ -209,15 +264,17 @@ class PreparedStep:
         return rows
 
     def nan_counts(self) -> list[int]:
-        """NaN weights the last selection counted per tensor (global scope: the total, on the
-        first tensor of the group); waits for the device. An N:M selection sees at most one NaN
-        per group, so its counts are taken again from the tensors when there are any."""
+        """NaN values the last selection counted per ranked tensor (global scope: the total, on
+        the first tensor of the group); waits for the device. A pattern whose rows do not count
+        every NaN (N:M sees at most one per group) has them counted again from the ranked
+        tensors when there are any."""
         counts = [0] * len(self.tensors)
         for group in self.groups:
             for i, count in zip(group.indices, group.selection.rows[:, 3].tolist()):
                 counts[i] = count
-        if self.pattern is not None and any(counts):
-            nans = [int(torch.isnan(t).sum()) for t in self.tensors]
+        if not self.pattern.exact_nan_counts and any(counts):
+            ranked = self.tensors if self.ranked is None else self.ranked
+            nans = [int(torch.isnan(t).sum()) for t in ranked]
             if self.scope == "global":
                 for group in self.groups:
                     counts[group.indices[0]] = sum(nans[i] for i in group.indices)
@@ -226,7 +283,9 @@ class PreparedStep:
         return counts
 
     def thresholds(self) -> list[float]:
-        """|w| at the last selection's cut, per tensor (global scope: the cut over all)."""
+        """The ranked value at the last selection's cut, per tensor (|w| without a score;
+        global scope: the cut over all)."""
         rows = self.rows()
         ones = [1] * len(self.tensors)
-        return [th.value for th in primitives.thresholds(rows, self.tensors, ones)]
+        ranked = self.tensors if self.ranked is None else self.ranked
+        return [th.value for th in primitives.thresholds(rows, ranked, ones)]

@@ -16,7 +16,7 @@ from torch import nn
 from . import library, ops, primitives
 from ._layout import mask_storage_bytes
 from .dtensors import is_dtensor, local_tensor
-from .engine import PreparedStep
+from .engine import UNSTRUCTURED, PreparedStep, StepPattern
 from .selection import owner_of, unwrap
 
 __all__ = [
@@ -161,15 +161,16 @@ class MaskStore:
         masks: Sequence[torch.Tensor],
         scope: str,
         key_space: int,
-        pattern: tuple[int, int] | None = None,
+        pattern: StepPattern = UNSTRUCTURED,
+        ranked: Sequence[torch.Tensor] | None = None,
     ) -> PreparedStep:
-        """The prepared select -> build step of these parameters and masks (N:M with
-        ``pattern``), made once and reused while they keep their storage (a repeated prune step
-        builds no tables)."""
-        key = (tuple(names), scope, key_space, pattern)
+        """The prepared select -> build step of these parameters and masks (with the strategy's
+        ``pattern``, ranking a score's ``ranked`` tensors when given), made once and reused
+        while they keep their storage (a repeated prune step builds no tables)."""
+        key = (tuple(names), scope, key_space, pattern, ranked is None)
         step = self._prune_steps.get(key)
-        if step is None or step.key != PreparedStep.binding(tensors, masks):
-            step = PreparedStep(tensors, masks, scope, key_space, pattern)
+        if step is None or step.key != PreparedStep.binding(tensors, masks, ranked):
+            step = PreparedStep(tensors, masks, scope, key_space, pattern, ranked)
             self._prune_steps[key] = step
         return step
 

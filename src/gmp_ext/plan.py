@@ -22,6 +22,7 @@ from .dtensors import any_dtensor
 from .engine import PreparedStep
 from .mask_store import MaskEntry, ensure_store, get_store
 from .pruner import ParamSpec, SparsitySpec, targets_of
+from .scores import ScoreSpec, rank_tensors, score_for, signed_thresholds
 from .selection import reduction_dims, unwrap
 from .strategies import Selection, selection_for
 
@@ -31,11 +32,14 @@ __all__ = ["PrunePlan"]
 class PrunePlan:
     """Select -> build -> apply for a fixed set of parameters, prepared once.
 
-    ``scope``, ``nm``, ``params`` and ``exclude`` choose and group the parameters as in
-    :func:`gmp_ext.prune_step`; ``sparsity`` (a number, or {name: sparsity} in layer scope) sets
-    the first counts. The plan writes the masks kept in the model's mask store in place, so
-    :func:`gmp_ext.attach`, :func:`gmp_ext.masks` and :func:`gmp_ext.apply_masks` see every
-    update; parameters without a mask yet start with all weights kept.
+    ``scope``, ``nm``, ``params``, ``exclude`` and ``score`` choose, group and rank the
+    parameters as in :func:`gmp_ext.prune_step` (a score other than magnitude computes its
+    values in Python at every step, into buffers the plan holds: such a step reads the score
+    back and is not captured in a CUDA graph); ``sparsity`` (a number, or {name: sparsity} in
+    layer scope) sets the first counts. The plan writes the masks kept in the model's mask
+    store in place, so :func:`gmp_ext.attach`, :func:`gmp_ext.masks` and
+    :func:`gmp_ext.apply_masks` see every update; parameters without a mask yet start with
+    all weights kept.
 
     Memory held while the plan lives: the CUDA selection scratch (one bit per weight), a
     contiguous copy of each non-contiguous parameter, a few bytes per parameter and, with
@@ -69,8 +73,10 @@ class PrunePlan:
         nm: tuple[int, int] | None = None,
         params: ParamSpec = None,
         exclude: Sequence[str] | str | None = None,
+        score: ScoreSpec = None,
     ) -> None:
         self._selection = selection_for(scope, nm)
+        self._score = score_for(score)
         selected, _ = targets_of(model, sparsity, params, exclude, self._selection)
         if any_dtensor(list(selected.values())):
             raise NotImplementedError(
@@ -81,7 +87,7 @@ class PrunePlan:
         self._names = list(selected)
         self._params = [selected[n] for n in self._names]
         self._labels = [f"parameter '{n}'" for n in self._names]
-        if self._selection.pattern is not None:
+        if self._selection.needs_layout:
             dims = reduction_dims(unwrap(model)[0], self._names)
             transposed = [
                 f"'{n}' (dimension {d} of {tuple(p.shape)})"
@@ -102,6 +108,12 @@ class PrunePlan:
             mask = None if store is None else store.reusable_mask(name, param)
             self._entries[name] = MaskEntry(param, self._all_kept(param) if mask is None else mask)
         self._counts: list[int] = [0] * len(self._params)
+        ensure_store(model).hooks.extend(self._score.attach(model, self._names))
+        self._values: list[torch.Tensor] | None = None  # a signed score's last values
+        # A score's ranked values live in buffers of the plan, so the step's tables stay bound.
+        self._ranked: list[torch.Tensor] | None = None
+        if not self._score.in_place:
+            self._ranked = [torch.empty(p.shape, device=p.device) for p in self._params]
         self._prepare()
         self.set_sparsity(sparsity)
         ensure_store(model).set_masks(self._entries)
@@ -122,7 +134,7 @@ class PrunePlan:
         key_space = self._selection.key_space({p.dtype for p in self._params})
         tensors = [p.detach() for p in self._params]
         scope, pattern = self._selection.scope, self._selection.pattern
-        self._step = PreparedStep(tensors, masks, scope, key_space, pattern)
+        self._step = PreparedStep(tensors, masks, scope, key_space, pattern, self._ranked)
         self._devices = [p.device for p in self._params]
 
     @property
@@ -182,7 +194,28 @@ class PrunePlan:
             self._check_devices()
             self._prepare()
             self.set_sparsity(self._sparsity)
+        if self._ranked is not None:
+            self._rank()
         self._step.run()
+
+    def _rank(self) -> None:
+        """The score's values for this step, into the plan's buffers (computed in Python, and a
+        signed score's mapping reads its negative counts: such a step is not graph-capturable)."""
+        scored = rank_tensors(
+            self._score, self._names, self._params, self._counts, self._selection.per_tensor_targets
+        )
+        assert scored is not None
+        assert self._ranked is not None
+        if scored[0] is not scored[1] and self._selection.needs_layout:
+            raise ValueError(
+                f"nm= ranks non-negative scores only; score {self._score.name!r} gave negative "
+                "values (nothing was modified)"
+            )
+        with torch.no_grad():
+            for buffer, ranked in zip(self._ranked, scored[0]):
+                buffer.copy_(ranked)
+        self._values = None if scored[0] is scored[1] else scored[1]
+        self._score.reset()
 
     def _check_devices(self) -> None:
         if [p.device for p in self._params] != self._devices:
@@ -208,7 +241,14 @@ class PrunePlan:
                 f"NaN weights in {', '.join(nan_params)}: magnitudes of NaN weights cannot be "
                 "ranked, so the last step left their masks as before"
             )
-        for name, threshold in zip(self._names, self._step.thresholds()):
+        thresholds = (
+            self._step.thresholds()
+            if self._values is None
+            else signed_thresholds(
+                self._values, self._step.rows(), self._selection.per_tensor_targets
+            )
+        )
+        for name, threshold in zip(self._names, thresholds):
             self._entries[name].threshold = threshold
         return distributed.mask_sparsities(self._entries)
 

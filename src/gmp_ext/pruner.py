@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from .mask_store import (
     get_store,
     inner_stores,
 )
+from .scores import Score, ScoreSpec, score_for
 from .selection import (
     ParamSpec,
     bare_name,
@@ -100,6 +101,8 @@ def prune_step(
     params: ParamSpec = None,
     exclude: Sequence[str] | str | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    score: ScoreSpec = None,
+    calibration: Iterable[Any] | None = None,
 ) -> dict[str, float]:
     """Compute fresh masks from the current weights and zero the pruned weights in place.
 
@@ -112,13 +115,23 @@ def prune_step(
     ``sparsity`` may be a dict {parameter name: sparsity} (layer scope). Default selection:
     the weight of every Linear, Conv and ConvTranspose module. With ``optimizer``, the pruned
     entries of its state for these parameters are zeroed too (see :func:`zero_pruned_state`).
+    ``score`` chooses what is ranked (:mod:`gmp_ext.scores`): ``"magnitude"`` (default, |w|),
+    ``"wanda"`` (|w| times input-feature norms: give ``calibration``, an iterable of model
+    inputs, or a :class:`gmp_ext.scores.Wanda` attached while the model ran), ``"movement"``
+    (``-w * grad``: accumulated by an attached :class:`gmp_ext.scores.Movement`, else the
+    gradients present), a Score, or ``f(name, param) -> values``. With ``calibration`` the
+    model runs on each item (a tensor, a tuple of positional inputs, or a dict of keyword
+    inputs) without gradients while the score observes it.
     Returns {name: sparsity of the new mask}. On any error nothing is modified.
     """
     if optimizer is not None:
         _check_optimizer(optimizer)
     selection = selection_for(scope, nm)
+    chosen = score_for(score)
     selected, targets = targets_of(model, sparsity, params, exclude, selection)
-    entries = prune_parameters(model, selected, targets, selection)
+    if calibration is not None:
+        _calibrate(model, chosen, list(selected), calibration)
+    entries = prune_parameters(model, selected, targets, selection, score=chosen)
     if optimizer is not None:
         get_store(model).apply_to(optimizer_state_of(optimizer), names=entries)  # type: ignore[union-attr]
     if not selection.per_tensor_targets:  # one count for all: the split is in the masks
@@ -132,19 +145,49 @@ def prune_step(
     }
 
 
+def _calibrate(
+    model: nn.Module, score: Score, names: Sequence[str], batches: Iterable[Any]
+) -> None:
+    """Run ``model`` on each calibration item, without gradients, while ``score`` observes."""
+    handles = score.attach(model, names)
+    if not handles:
+        raise ValueError(
+            f"calibration= is for scores that observe forward passes; score {score.name!r} "
+            "observes none"
+        )
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if isinstance(batch, Mapping):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not seen:
+        raise ValueError("calibration= gave no batches")
+
+
 def prune_parameters(
     model: nn.Module,
     selected: Mapping[str, nn.Parameter],
     targets: Mapping[str, float],
     selection: Selection,
     inspect: Callable[[Mapping[str, MaskEntry]], None] | None = None,
+    score: Score | None = None,
 ) -> dict[str, MaskEntry]:
     """The prune step of parameters already chosen and checked (``selected``, by the model's
     names, each with its target; one target for all when the strategy takes one): fresh masks
     from the current weights, stored and applied. ``inspect(entries)``, when given, sees the
     new entries before the pruned weights are zeroed (the weights the selection ranked);
     without it the mask build zeroes them in its own pass. The store's other masks are
-    re-applied too. Returns the new entries. Raises ValueError on NaN weights before anything
+    re-applied too. ``score`` ranks (default |w|); its window is reset after the masks are
+    made. Returns the new entries. Raises ValueError on NaN weights or scores before anything
     is modified (selection runs before any mask is written)."""
     store = ensure_store(model)
     names = list(selected)
@@ -156,12 +199,15 @@ def prune_parameters(
         tensors,
         [targets[n] for n in names],
         reuse,
-        lambda local, masks, scope, key_space, pattern: store.prune_step(
-            names, local, masks, scope, key_space, pattern
+        lambda local, masks, scope, key_space, pattern, ranked: store.prune_step(
+            names, local, masks, scope, key_space, pattern, ranked
         ),
-        reduction_dims(unwrap(model)[0], names) if selection.pattern is not None else None,
+        reduction_dims(unwrap(model)[0], names) if selection.needs_layout else None,
         zero_pruned=inspect is None,
+        score=score,
     )
+    if score is not None:
+        score.reset()
     entries = {
         name: MaskEntry(param, mask, targets[name], threshold)
         for name, param, mask, threshold in zip(names, tensors, new_masks, thresholds)

@@ -4,32 +4,40 @@
 :class:`GlobalSelection`; ``nm=(n, m)`` makes an :class:`NMSelection`. A strategy turns
 targets into counts, selects (eagerly, for single-process or sharded tensors alike) and builds
 masks; prepared jobs (:class:`gmp_ext.PrunePlan`) read its ``scope``, ``pattern``, ``counts``
-and ``key_space``. A new pattern is a new strategy plus its kernels: callers hold a strategy,
-never a scope string.
+and ``key_space``, and run its :class:`gmp_ext.engine.StepPattern` (how ranked values become
+masks: every element, or N:M candidate lists). What is ranked is a score's
+(:mod:`gmp_ext.scores`): |w| by default, ranked in place. A new pattern is a new strategy with
+its step pattern: callers hold a strategy, never a scope string.
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from . import distributed, ops, primitives
+from . import distributed, library, ops, primitives
 from ._layout import KEY_SPACE_NATIVE, key_space_for, valid_nm
+from .backends import Backend, Job
 from .dtensors import any_dtensor, local_tensor
-from .engine import PreparedStep
+from .engine import UNSTRUCTURED, PreparedStep, StepPattern
 from .layers import reduction_last, restore_layout
+from .scores import Score, rank_tensors, signed_thresholds
 
 __all__ = [
     "GlobalSelection",
     "LayerSelection",
+    "NMPattern",
     "NMSelection",
     "Selection",
     "check_nm",
     "select_rows_global",
     "select_rows_layerwise",
     "selection_for",
+    "selection_from_dict",
 ]
 
 
@@ -54,20 +62,40 @@ def select_rows_global(
     return primitives.select_rows_global(tensors, labels, k)
 
 
-# Makes (or reuses) the prepared step of (tensors, masks, scope, key space, N:M pattern).
+# Makes (or reuses) the prepared step of (tensors, masks, scope, key space, step pattern,
+# ranked tensors or None).
 Prepare = Callable[
-    [Sequence[torch.Tensor], Sequence[torch.Tensor], str, int, "tuple[int, int] | None"],
+    [
+        Sequence[torch.Tensor],
+        Sequence[torch.Tensor],
+        str,
+        int,
+        StepPattern,
+        "Sequence[torch.Tensor] | None",
+    ],
     PreparedStep,
 ]
+# A score's (ranked, values) for the kernels (gmp_ext.scores.rank_tensors), None for |w|.
+Scored = Optional[tuple[list[torch.Tensor], list[torch.Tensor]]]
 
 
 class Selection:
     """The base of every strategy; subclasses set ``scope`` (the kind of backend job that
-    selects for them), ``per_tensor_targets`` and, for N:M, ``pattern``."""
+    selects for them), ``per_tensor_targets`` and, for a structured pattern, ``pattern`` and
+    ``needs_layout``."""
 
     scope: str
     per_tensor_targets: bool  # one target per tensor, or one for all of them
-    pattern: tuple[int, int] | None = None  # (n, m) of an N:M selection
+    pattern: StepPattern = UNSTRUCTURED  # how the prepared step turns ranks into masks
+    needs_layout = False  # whether masks() needs each tensor's reduction dimension
+    name = ""  # registered name (checkpoints): see selection_from_dict
+
+    def params(self) -> dict[str, object]:
+        """Constructor arguments, builtins only (``to_dict`` round-trips through them)."""
+        return {}
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, **self.params()}
 
     def counts(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
         """The counts a job prunes: one per tensor, or one for all."""
@@ -94,20 +122,53 @@ class Selection:
         prepare: Prepare | None = None,
         reduction_dims: Sequence[int] | None = None,
         zero_pruned: bool = False,
+        score: Score | None = None,
     ) -> tuple[list[torch.Tensor], list[float]]:
         """Fresh masks from the current weights (written over ``reuse[i]`` when given) and the
-        threshold |w| of each; ValueError naming the tensor on NaN weights, before any mask is
-        written. With ``prepare`` (a source of prepared steps that keeps them for reuse), the
-        single-process selection runs as a prepared step, whose tables a repeated prune step
+        threshold of each (|w|, or with ``score`` the score's value at the cut); ValueError
+        naming the tensor on NaN weights or scores, before any mask is written. With
+        ``prepare`` (a source of prepared steps that keeps them for reuse), the single-
+        process selection runs as a prepared step, whose tables a repeated prune step
         reuses. ``reduction_dims`` (each tensor's input dimension, see
         :func:`gmp_ext.selection.reduction_dims`) matters to structured patterns only.
-        ``zero_pruned`` also zeroes the pruned elements, in the mask build's own pass where the
-        kernels can (after the NaN check: nothing is modified on error)."""
+        ``zero_pruned`` also zeroes the pruned elements, in the mask build's own pass where
+        the kernels can (after the NaN check: nothing is modified on error)."""
         self.check(tensors, names)
         counts = self.counts([t.numel() for t in tensors], targets)
+        scored = self.scored(score, names, tensors, counts)
+        return self.masks_with(names, tensors, counts, reuse, prepare, zero_pruned, scored)
+
+    def scored(
+        self,
+        score: Score | None,
+        names: Sequence[str],
+        tensors: Sequence[torch.Tensor],
+        counts: Sequence[int],
+    ) -> Scored:
+        """The score's tensors for the kernels (None: |w| in place), checked."""
+        if score is None or score.in_place:
+            return None
+        if any_dtensor(tensors):
+            raise NotImplementedError(
+                f"score {score.name!r} does not take sharded (DTensor) parameters yet; prune "
+                "them by magnitude"
+            )
+        return rank_tensors(score, names, tensors, counts, self.per_tensor_targets)
+
+    def masks_with(
+        self,
+        names: Sequence[str],
+        tensors: Sequence[torch.Tensor],
+        counts: Sequence[int],
+        reuse: Sequence[torch.Tensor | None] | None,
+        prepare: Prepare | None,
+        zero_pruned: bool,
+        scored: Scored,
+    ) -> tuple[list[torch.Tensor], list[float]]:
+        """:meth:`masks` for counts and score tensors already known."""
         if prepare is not None and self.preparable(tensors):
-            return self._prepared_masks(names, tensors, counts, reuse, prepare, zero_pruned)
-        masks, thresholds = self.masks_for_counts(names, tensors, counts, reuse)
+            return self._prepared_masks(names, tensors, counts, reuse, prepare, zero_pruned, scored)
+        masks, thresholds = self.masks_for_counts(names, tensors, counts, reuse, scored)
         if zero_pruned:
             _zero_pruned(tensors, masks)
         return masks, thresholds
@@ -125,6 +186,7 @@ class Selection:
         reuse: Sequence[torch.Tensor | None] | None,
         prepare: Prepare,
         zero_pruned: bool = False,
+        scored: Scored = None,
     ) -> tuple[list[torch.Tensor], list[float]]:
         local = [t.detach() for t in tensors]
         masks = [
@@ -133,8 +195,9 @@ class Selection:
             else primitives.new_mask(t)
             for i, t in enumerate(local)
         ]
-        key_space = self.key_space({t.dtype for t in local})
-        step = prepare(local, masks, self.scope, key_space, self.pattern)
+        ranked = None if scored is None else scored[0]
+        key_space = self.key_space({t.dtype for t in (local if ranked is None else ranked)})
+        step = prepare(local, masks, self.scope, key_space, self.pattern, ranked)
         step.set_counts(counts, self.per_tensor_targets)
         step.run(build=False, apply=False)
         labels = [f"parameter '{n}'" for n in names]
@@ -142,6 +205,8 @@ class Selection:
         # The select's staged copies still hold the tensors; a build that also applies zeroes
         # the pruned elements in its own pass (the fused build).
         step.run(select=False, apply=zero_pruned, restage=False)
+        if scored is not None and scored[0] is not scored[1]:  # signed values, mapped
+            return masks, signed_thresholds(scored[1], step.rows(), self.per_tensor_targets)
         return masks, step.thresholds()
 
     def masks_for_counts(
@@ -150,13 +215,18 @@ class Selection:
         tensors: Sequence[torch.Tensor],
         counts: Sequence[int],
         reuse: Sequence[torch.Tensor | None] | None = None,
+        scored: Scored = None,
     ) -> tuple[list[torch.Tensor], list[float]]:
-        """:meth:`masks` for counts already known."""
-        rows = self.rows(tensors, [f"parameter '{n}'" for n in names], counts)
-        reference = primitives.uses_reference(self.key_space({t.dtype for t in tensors}))
-        masks = primitives.build(tensors, rows, [reference] * len(tensors), reuse)
+        """:meth:`masks` for counts (and score tensors) already known; the masks are built from
+        what is ranked, nothing is zeroed."""
+        ranked = list(tensors) if scored is None else scored[0]
+        rows = self.rows(ranked, [f"parameter '{n}'" for n in names], counts)
+        reference = primitives.uses_reference(self.key_space({t.dtype for t in ranked}))
+        masks = primitives.build(ranked, rows, [reference] * len(ranked), reuse)
+        if scored is not None and scored[0] is not scored[1]:
+            return masks, signed_thresholds(scored[1], rows, self.per_tensor_targets)
         # In global scope every tensor's threshold is the cut over all of them.
-        thresholds = primitives.thresholds(rows, tensors, [1] * len(tensors))
+        thresholds = primitives.thresholds(rows, ranked, [1] * len(ranked))
         return masks, [th.value for th in thresholds]
 
     def expected_zeros(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
@@ -167,6 +237,7 @@ class Selection:
 class LayerSelection(Selection):
     """``round(target * numel)`` of every tensor, each by its own threshold."""
 
+    name = "layer"
     scope = "layer"
     per_tensor_targets = True
 
@@ -191,11 +262,15 @@ class GlobalSelection(Selection):
     unless the caps leave too little room.
     """
 
+    name = "global"
     scope = "global"
     per_tensor_targets = False
 
     def __init__(self, caps: Mapping[str, int] | None = None) -> None:
         self.caps = dict(caps or {})
+
+    def params(self) -> dict[str, object]:
+        return {"caps": dict(self.caps)} if self.caps else {}
 
     def counts(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
         return [ops.prune_count(sum(numels), targets[0])] if numels else [0]
@@ -220,9 +295,15 @@ class GlobalSelection(Selection):
         prepare: Prepare | None = None,
         reduction_dims: Sequence[int] | None = None,
         zero_pruned: bool = False,
+        score: Score | None = None,
     ) -> tuple[list[torch.Tensor], list[float]]:
         if not self.caps:
-            return super().masks(names, tensors, targets, reuse, prepare, None, zero_pruned)
+            return super().masks(names, tensors, targets, reuse, prepare, None, zero_pruned, score)
+        if score is not None and not score.in_place:
+            raise NotImplementedError(
+                f"max_sparsity caps rank by magnitude only; score {score.name!r} needs them "
+                "left out (or scope='layer' with layer_sparsity)"
+            )
         k = self.counts([t.numel() for t in tensors], targets)[0]
         by_name = dict(zip(names, tensors))
         result: dict[str, tuple[torch.Tensor, float]] = {}
@@ -281,6 +362,55 @@ def check_nm(nm: object) -> tuple[int, int]:
     return n, m
 
 
+@dataclass(frozen=True)
+class NMPattern(StepPattern):
+    """The prepared step of an N:M selection (``csrc/common/nm.h``): select writes each ranked
+    tensor's candidate list (its ``m - n`` smallest of every ``m``, the ``n`` largest
+    protected) into buffers kept with the step and ranks the lists; build keeps the protected
+    elements and the candidates above the cut. Selection rows index positions in the lists."""
+
+    n: int
+    m: int
+    fusable = False
+    exact_nan_counts = False  # a group lists at most one NaN
+
+    def prepare(
+        self, backend: Backend, ranked: Sequence[torch.Tensor], scope: str | None, key_space: int
+    ) -> Job:
+        lists = [t.new_empty(t.numel() // self.m * (self.m - self.n)) for t in ranked]
+        return backend.prepare(lists, None, scope, key_space)
+
+    def select(self, backend: Backend, source: Job, lists: Job | None) -> None:
+        assert lists is not None
+        backend.nm_gather(source, lists, (self.n, self.m))
+        backend.select(lists)
+
+    def build(self, backend: Backend, source: Job, lists: Job | None) -> None:
+        assert lists is not None
+        backend.nm_build(source, lists.rows, (self.n, self.m))
+
+    def select_operators(
+        self,
+        ranked: Sequence[torch.Tensor],
+        lists: Job | None,
+        counts: torch.Tensor,
+        scope: str | None,
+        key_space: int,
+    ) -> torch.Tensor:
+        assert lists is not None
+        library.nm_gather(ranked, lists.tensors, self.n, self.m)
+        return super().select_operators(lists.tensors, None, counts, scope, key_space)
+
+    def build_operators(
+        self,
+        ranked: Sequence[torch.Tensor],
+        rows: torch.Tensor,
+        masks: Sequence[torch.Tensor],
+        wide64: bool,
+    ) -> None:
+        library.nm_build_masks(ranked, rows, masks, self.n, self.m, wide64=wide64)
+
+
 class NMSelection(Selection):
     """N:M sparsity (``n`` of every ``m`` consecutive weights along the reduction dimension
     kept), reached gradually.
@@ -311,24 +441,29 @@ class NMSelection(Selection):
     ramps it.
     """
 
-    pattern: tuple[int, int]
+    name = "nm"
+    needs_layout = True
 
     def __init__(self, n: int, m: int, scope: str = "layer") -> None:
-        self.pattern = check_nm((n, m))
+        self.nm = check_nm((n, m))
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
         self.scope = scope
         self.per_tensor_targets = scope == "layer"
+        self.pattern = NMPattern(*self.nm)
+
+    def params(self) -> dict[str, object]:
+        return {"n": self.nm[0], "m": self.nm[1], "scope": self.scope}
 
     @property
     def max_sparsity(self) -> float:
         """``1 - n/m``, the sparsity at which every group keeps exactly ``n`` (exact in
         binary: ``m`` is a power of two)."""
-        n, m = self.pattern
+        n, m = self.nm
         return 1 - n / m
 
     def counts(self, numels: Sequence[int], targets: Sequence[float]) -> list[int]:
-        n, m = self.pattern
+        n, m = self.nm
         for target in targets:
             if target > self.max_sparsity:
                 raise ValueError(
@@ -350,7 +485,7 @@ class NMSelection(Selection):
     ) -> None:
         """ValueError unless every tensor's reduction dimension (default: the last, as the
         views the selection ranks have it) splits into whole groups of ``m``."""
-        n, m = self.pattern
+        n, m = self.nm
         if any_dtensor(tensors):
             raise NotImplementedError(
                 f"nm=({n}, {m}) does not take sharded (DTensor) parameters yet; prune them "
@@ -380,15 +515,27 @@ class NMSelection(Selection):
         prepare: Prepare | None = None,
         reduction_dims: Sequence[int] | None = None,
         zero_pruned: bool = False,
+        score: Score | None = None,
     ) -> tuple[list[torch.Tensor], list[float]]:
         dims = list(reduction_dims) if reduction_dims is not None else [1] * len(tensors)
         self.check(tensors, names, [d if t.dim() > d else 0 for t, d in zip(tensors, dims)])
+        counts = self.counts([t.numel() for t in tensors], targets)
+        scored = self.scored(score, names, tensors, counts)
+        if scored is not None and scored[0] is not scored[1]:
+            n, m = self.nm
+            raise ValueError(
+                f"nm=({n}, {m}) ranks non-negative scores only (its groups protect their largest "
+                f"values); score {score.name if score else None!r} gave negative values"
+            )
         views = [reduction_last(t.detach(), d) for t, d in zip(tensors, dims)]
         moved = [v.dim() > 1 and d != v.dim() - 1 for v, d in zip(views, dims)]
+        if scored is not None:  # the values in the views' order, as the kernels read them
+            ranked = [reduction_last(r, d).contiguous() for r, d in zip(scored[0], dims)]
+            scored = (ranked, ranked)
         # Masks of permuted views are built in the views' order, then permuted back in place (the
         # same storage each step, so the store's prepared step stays bound to it).
-        masks, thresholds = super().masks(
-            names, views, targets, reuse, prepare, zero_pruned=zero_pruned
+        masks, thresholds = self.masks_with(
+            names, views, counts, reuse, prepare, zero_pruned, scored
         )
         for i, dim in enumerate(dims):
             if moved[i]:
@@ -403,10 +550,11 @@ class NMSelection(Selection):
         tensors: Sequence[torch.Tensor],
         counts: Sequence[int],
         reuse: Sequence[torch.Tensor | None] | None = None,
+        scored: Scored = None,
     ) -> tuple[list[torch.Tensor], list[float]]:
         """:meth:`masks` for counts already known, through a prepared step made for the call
         (thresholds index positions in the candidate lists)."""
-        return self._prepared_masks(names, tensors, counts, reuse, PreparedStep)
+        return self._prepared_masks(names, tensors, counts, reuse, PreparedStep, False, scored)
 
 
 def selection_for(scope: str | Selection, nm: object = None) -> Selection:
@@ -424,3 +572,17 @@ def selection_for(scope: str | Selection, nm: object = None) -> Selection:
     if scope == "global":
         return GlobalSelection()
     raise ValueError(f"scope must be 'layer', 'global' or a Selection, got {scope!r}")
+
+
+def selection_from_dict(spec: Mapping[str, object]) -> Selection:
+    """The strategy a :meth:`Selection.to_dict` describes (ValueError for an unknown name)."""
+    params = dict(spec)
+    name = params.pop("name", None)
+    kinds: dict[object, Callable[..., Selection]] = {
+        "layer": LayerSelection,
+        "global": GlobalSelection,
+        "nm": NMSelection,
+    }
+    if name not in kinds:
+        raise ValueError(f"unknown selection {name!r}; known: {sorted(map(str, kinds))}")
+    return kinds[name](**params)

@@ -1,0 +1,194 @@
+"""The score seam: what a prune step ranks, apart from what it zeroes.
+
+A :class:`Score` gives each selected parameter a tensor of values (float32, the parameter's
+shape); the selection prunes the elements with the smallest values, by the same exact count and
+tie rule as magnitude (value, then index), and zeroes those elements of the *weights*. The
+default, :class:`gmp_ext.scores.Magnitude`, gives no tensor: the kernels rank |w| in place (no
+extra memory, the fused two-read prune). Every other score is one file on this seam: a
+subclass with ``name`` and :meth:`Score.values`, plus :meth:`Score.attach` when it observes
+training (hooks), and ``state_dict``/``load_state_dict`` when it keeps state across updates.
+
+The kernels rank non-negative keys (the bit pattern of |x|). Signed values are mapped onto
+them exactly by :func:`rank_tensors`, which knows the counts: a selection that prunes at least
+every negative value ranks ``0`` for negatives and the next float up for the rest; one that
+prunes fewer ranks the negatives by mirrored bit patterns (the most negative first) above none
+of the rest. Both maps are integer arithmetic on the bit patterns, so the order, ties included,
+is exactly the values' (one exception: ``+inf`` ranks equal to the largest finite value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Score",
+    "ScoreSpec",
+    "rank_tensors",
+    "register_score",
+    "registered_scores",
+    "score_from_dict",
+    "signed_thresholds",
+]
+
+_INF_BITS = 0x7F800000
+_SCORES: dict[str, type[Score]] = {}
+
+
+class Score:
+    """What a selection ranks. Subclasses set ``name`` (registered by :func:`register_score`)
+    and ``signed`` (whether values may be negative) and implement :meth:`values`."""
+
+    name: ClassVar[str] = ""
+    signed: ClassVar[bool] = False
+    in_place: ClassVar[bool] = False  # ranks |w| itself (values() is None): magnitude
+
+    def values(
+        self, names: Sequence[str], params: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor] | None:
+        """Float32 values of the parameters' shapes (detached, on their devices), the smallest
+        pruned first; None ranks |w| itself. Raises ValueError naming the parameter when the
+        score has nothing to rank it by (no activations seen, no gradients)."""
+        raise NotImplementedError
+
+    def attach(
+        self, model: nn.Module, names: Sequence[str], optimizer: torch.optim.Optimizer | None = None
+    ) -> list[Any]:
+        """Start observing ``model``'s parameters ``names`` (hooks); returns removable handles.
+        A score that observes nothing returns none."""
+        return []
+
+    def reset(self) -> None:
+        """Start a new observation window (after the masks were updated from this one)."""
+
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments, builtins only: ``type(self)(**params())`` is an equal score."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the score observed so far (tensors and builtins), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., **params()}``: what :func:`score_from_dict` makes this score from."""
+        return {"name": self.name, **self.params()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+# What ``score=`` takes: a registered name, a Score, or f(name, param) -> values.
+ScoreSpec = Union[str, Score, Callable[[str, torch.Tensor], torch.Tensor], None]
+
+
+def register_score(cls: type[Score]) -> type[Score]:
+    """Class decorator: make ``score=cls.name`` (and checkpoints naming it) find ``cls``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute 'name' to be registered")
+    _SCORES[cls.name] = cls
+    return cls
+
+
+def registered_scores() -> dict[str, type[Score]]:
+    """{name: class} of every registered score."""
+    return dict(_SCORES)
+
+
+def score_from_dict(spec: Mapping[str, Any]) -> Score:
+    """The score a :meth:`Score.to_dict` describes (ValueError for an unknown name)."""
+    params = dict(spec)
+    name = params.pop("name", None)
+    if name not in _SCORES:
+        raise ValueError(f"unknown score {name!r}; registered: {sorted(_SCORES)}")
+    return _SCORES[name](**params)
+
+
+def _check_values(
+    score: Score, names: Sequence[str], params: Sequence[torch.Tensor], values: Sequence[object]
+) -> list[torch.Tensor]:
+    checked = []
+    for name, param, value in zip(names, params, values):
+        if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"score {score.name!r} must give a tensor of shape {tuple(param.shape)} for "
+                f"parameter '{name}', got {got}"
+            )
+        if not value.is_floating_point():
+            raise ValueError(
+                f"score {score.name!r} gave parameter '{name}' values of dtype {value.dtype}; "
+                "scores are floating point"
+            )
+        nans = int(torch.isnan(value).sum())
+        if nans:
+            raise ValueError(
+                f"parameter '{name}': its {score.name!r} score has {nans} NaN value(s) (NaN "
+                "weights, activations or gradients); they cannot be ranked (nothing was modified)"
+            )
+        checked.append(value.detach().to(device=param.device, dtype=torch.float32).contiguous())
+    return checked
+
+
+def rank_tensors(
+    score: Score,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    counts: Sequence[int],
+    per_tensor: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """``(ranked, values)``: the score's values and, for the kernels, non-negative float32
+    tensors whose |x| order is exactly the values' order for the given counts (one per tensor
+    with ``per_tensor``, else one for all); None when the score ranks |w| itself. ValueError
+    naming the parameter on NaN values, before anything is modified."""
+    raw = score.values(names, params)
+    if raw is None:
+        return None
+    values = _check_values(score, names, params, raw)
+    if not score.signed and not any(bool((v < 0).any()) for v in values):
+        return values, values
+    negatives = [int((v < 0).sum()) for v in values]
+    if per_tensor:
+        prunes_all = [k >= c for k, c in zip(counts, negatives)]
+    else:
+        prunes_all = [sum(counts) >= sum(negatives)] * len(values)
+    ranked = [_shifted(v) if every else _mirrored(v) for v, every in zip(values, prunes_all)]
+    return ranked, values
+
+
+def _shifted(values: torch.Tensor) -> torch.Tensor:
+    """Negatives -> 0 (all pruned first, by index); v >= 0 -> the float one step above |v|."""
+    bits = values.abs().view(torch.int32)
+    keys = torch.where(values < 0, 0, torch.clamp(bits + 1, max=_INF_BITS))
+    return keys.view(torch.float32)
+
+
+def _mirrored(values: torch.Tensor) -> torch.Tensor:
+    """Negatives -> mirrored bit patterns (the most negative smallest); v >= 0 -> +inf, which
+    a selection of fewer than all negatives never reaches."""
+    bits = values.abs().view(torch.int32)
+    keys = torch.where(values < 0, _INF_BITS - bits, _INF_BITS)
+    return keys.to(torch.int32).view(torch.float32)
+
+
+def signed_thresholds(
+    values: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], per_tensor: bool
+) -> list[float]:
+    """The value of the last pruned element, read from the values at the index the selection
+    rows give (rows over mapped values rank the same elements); 0.0 where nothing is pruned. A
+    global selection has one cut, the last pruned element in (tensor, index) order: every
+    tensor reports it."""
+    cuts = [
+        float(v.reshape(-1)[index]) if (index := int(row[1])) >= 0 else None
+        for v, row in zip(values, rows)
+    ]
+    if per_tensor:
+        return [0.0 if c is None else c for c in cuts]
+    found = [c for c in cuts if c is not None]
+    return [found[-1] if found else 0.0] * len(cuts)

@@ -1,0 +1,134 @@
+"""Wanda: |w| times the norm of the input feature it multiplies (Sun et al., 2023).
+
+Sun, Liu, Bair and Kolter, "A Simple and Effective Pruning Approach for Large Language Models"
+(arXiv 2306.11695): the score of weight ``W[i, j]`` is ``|W[i, j]| * ||X_j||_2``, the norm of
+input feature ``j`` over every token the layer saw. Forward pre-hooks on the layers that own the
+pruned weights accumulate each feature's sum of squares (float32, a vector per layer) over the
+forward passes since the last update (training batches under :class:`gmp_ext.GMP`), or over a
+calibration set (``prune_step(..., score="wanda", calibration=batches)``).
+
+Input features by layer type: the last dimension of a Linear's (and transformers' ``Conv1D``'s)
+input, the channel dimension (1) of a ConvNd's or ConvTranspose's. A grouped convolution and
+``nn.MultiheadAttention``'s packed input projection have no one input vector per weight column
+and are refused by name (exclude them, or rank them by magnitude).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import weight_layout
+from ..selection import owner_of, unwrap
+from .base import Score, register_score
+
+__all__ = ["Wanda"]
+
+_CONVS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+@register_score
+class Wanda(Score):
+    """``|w| * ||x_j||``, with input norms accumulated by forward hooks (see the module)."""
+
+    name = "wanda"
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}  # {parameter: sum of squares per feature}
+        self._dims: dict[str, int] = {}  # {parameter: its reduction dimension}
+        self.tokens = 0  # rows of input seen in this window, by the first hooked layer
+        self._first: str | None = None
+
+    def attach(
+        self, model: nn.Module, names: Sequence[str], optimizer: torch.optim.Optimizer | None = None
+    ) -> list[Any]:
+        inner = unwrap(model)[0]
+        handles = []
+        owners: dict[int, list[str]] = {}
+        modules: dict[int, nn.Module] = {}
+        for name in names:
+            module, attr = owner_of(inner, name)
+            weight = module._parameters[attr]
+            assert weight is not None
+            self._dims[name] = _feature_dim_of(name, module, attr, weight)
+            owners.setdefault(id(module), []).append(name)
+            modules[id(module)] = module
+        for key, module in modules.items():
+            handles.append(module.register_forward_pre_hook(self._hook(owners[key])))
+        self._first = names[0] if names else None
+        return handles
+
+    def _hook(self, names: list[str]) -> Any:
+        def observe(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            x = args[0].detach()
+            channel = isinstance(module, _CONVS)
+            features = x.transpose(1, -1) if channel and x.dim() > 2 else x
+            flat = features.reshape(-1, features.shape[-1]).float()
+            sums = flat.square().sum(0)
+            for name in names:
+                total = self._sums.get(name)
+                self._sums[name] = sums if total is None else total.add_(sums)
+            if names[0] == self._first:
+                self.tokens += flat.shape[0]
+
+        return observe
+
+    def values(self, names: Sequence[str], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        values = []
+        for name, param in zip(names, params):
+            sums = self._sums.get(name)
+            if sums is None:
+                raise ValueError(
+                    f"score 'wanda' has seen no input to parameter '{name}': run forward passes "
+                    "after the score is attached (GMP does; prune_step takes calibration=batches)"
+                )
+            dim = self._dims[name]
+            if sums.numel() != param.shape[dim]:
+                raise ValueError(
+                    f"score 'wanda': parameter '{name}' of shape {tuple(param.shape)} takes "
+                    f"{param.shape[dim]} input features along dimension {dim}, but its layer saw "
+                    f"inputs of {sums.numel()}"
+                )
+            shape = [1] * param.dim()
+            shape[dim] = -1
+            norms = sums.to(param.device).sqrt().view(shape)
+            values.append(param.detach().float().abs() * norms)
+        return values
+
+    def reset(self) -> None:
+        self._sums.clear()
+        self.tokens = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": {n: s.clone() for n, s in self._sums.items()}, "tokens": self.tokens}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._sums = {n: s.clone() for n, s in state.get("sums", {}).items()}
+        self.tokens = int(state.get("tokens", 0))
+
+
+def _feature_dim_of(name: str, module: nn.Module, attr: str, weight: torch.Tensor) -> int:
+    """The weight dimension that input features index, or ValueError naming the layer."""
+    if isinstance(module, nn.MultiheadAttention):
+        raise ValueError(
+            f"score 'wanda' cannot rank parameter '{name}': nn.MultiheadAttention's input "
+            "projections see three inputs (query, key, value); exclude it or prune it by magnitude"
+        )
+    if isinstance(module, _CONVS) and module.groups != 1 and not module.transposed:
+        raise ValueError(
+            f"score 'wanda' cannot rank parameter '{name}': a grouped convolution (groups="
+            f"{module.groups}) has no single input vector per weight column"
+        )
+    return weight_layout(module, attr, weight.dim())
