@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loaded before gmp_ext._C so both share torch's OpenMP runtime)
 
-from . import deploy, distributed, lr_schedule, ops
+from . import deploy, distributed, lr_schedule, ops, scores, strategies
 from ._version import __version__
 from .controller import GMP
 from .deploy import is_nm_sparse, load_sparse, save_sparse, to_semi_structured
@@ -59,8 +59,10 @@ __all__ = [
     "register_layer",
     "remove",
     "save_sparse",
+    "scores",
     "select_parameters",
     "sparsity_report",
+    "strategies",
     "to_semi_structured",
     "verify_masks_across_ranks",
     "zero_pruned_grads",

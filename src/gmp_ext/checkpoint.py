@@ -92,7 +92,8 @@ def encode(
     params: Mapping[str, nn.Parameter],
     entries: Mapping[str, MaskEntry],
 ) -> dict[str, Any]:
-    """The state dict of a run (masks of the ``params`` that have one)."""
+    """The state dict of a run (masks of the ``params`` that have one, and what the score
+    observed since the last update)."""
     return {
         "format": FORMAT,
         "config": config.to_dict(),
@@ -112,6 +113,7 @@ def encode(
         },
         "weight_decay": {"original": copy.copy(progress.original_decay)},
         "history": copy.deepcopy(progress.history),
+        "score_state": config.score.state_dict(),
     }
 
 

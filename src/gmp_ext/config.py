@@ -13,6 +13,7 @@ from torch import nn
 
 from . import ops
 from .schedule import Schedule
+from .scores import Magnitude, Score, ScoreSpec, score_for
 from .selection import check_patterns, matches
 from .strategies import GlobalSelection, LayerSelection, NMSelection, Selection, check_nm
 
@@ -94,7 +95,15 @@ class GMPConfig:
     the sparsity as usual but only within groups of ``m`` consecutive weights of each row, and
     a final sparsity of ``1 - n/m`` ends exactly n:m sparse (e.g. 0.5 for ``(2, 4)``). A
     schedule or ``layer_sparsity`` ending above ``1 - n/m`` is a ValueError; ``max_sparsity``
-    does not combine with it.
+    does not combine with it. ``selection`` gives the strategy itself (a
+    :class:`gmp_ext.strategies.Selection`) instead of ``scope``/``nm``; checkpoints record it by
+    name and parameters.
+
+    ``score`` chooses what each update ranks (:mod:`gmp_ext.scores`): ``"magnitude"`` (|w|,
+    the default), ``"wanda"`` (|w| times the norms of the inputs the layers saw since the last
+    update), ``"movement"`` (``-w * grad`` summed over the optimizer steps since the last
+    update), a Score or a function ``f(name, param) -> values``. What the score observed is
+    part of the controller's state_dict.
 
     ``fine_tune_weight_decay`` replaces every param group's weight decay once fine-tuning
     starts; ``total_epochs`` (if given) must leave the schedule room to finish.
@@ -125,6 +134,8 @@ class GMPConfig:
     mask_gradients: bool = False
     gradient_accumulation_steps: int | None = None
     nm: tuple[int, int] | None = None
+    score: Score = field(default_factory=Magnitude)
+    strategy: Selection | None = None  # a strategy given as selection=, else from scope/nm
 
     @classmethod
     def create(
@@ -143,6 +154,8 @@ class GMPConfig:
         mask_gradients: object = False,
         gradient_accumulation_steps: object = None,
         nm: object = None,
+        score: ScoreSpec = None,
+        selection: object = None,
     ) -> GMPConfig:
         """Validate the options against the schedule, the optimizer and the selected parameter
         ``names``: TypeError / ValueError naming the option and the value otherwise."""
@@ -165,6 +178,17 @@ class GMPConfig:
                 f"factor built with it restarts on that clock), got {spe}: pass "
                 f"steps_per_epoch={built_for}, or build the schedule for {spe}"
             )
+        strategy = None
+        if selection is not None:
+            if not isinstance(selection, Selection):
+                raise TypeError(
+                    "selection must be a gmp_ext.strategies.Selection (LayerSelection, "
+                    f"GlobalSelection, NMSelection, ...), got {type(selection).__name__}"
+                )
+            if scope != "layer" or nm is not None:
+                raise ValueError("give selection= or scope=/nm=, not both")
+            strategy, scope = selection, selection.scope
+            nm = selection.nm if isinstance(selection, NMSelection) else None
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
         if layer_sparsity is not None and scope != "layer":
@@ -208,6 +232,8 @@ class GMPConfig:
             mask_gradients=_flag(mask_gradients, "mask_gradients"),
             gradient_accumulation_steps=accumulation,
             nm=pattern,
+            score=score_for(score),
+            strategy=strategy,
         )
 
     @staticmethod
@@ -233,6 +259,8 @@ class GMPConfig:
     def selection(self, numels: Mapping[str, int]) -> Selection:
         """The strategy of this run, given the selected parameters' sizes (for the caps of
         ``max_sparsity``)."""
+        if self.strategy is not None:
+            return self.strategy
         if self.nm is not None:
             return NMSelection(*self.nm, scope=self.scope)
         if self.scope == "global":
@@ -268,6 +296,8 @@ class GMPConfig:
             "mask_gradients": self.mask_gradients,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "nm": None if self.nm is None else list(self.nm),
+            "score": self.score.to_dict(),
+            "selection": None if self.strategy is None else self.strategy.to_dict(),
         }
 
     def layer_targets(self, names: Sequence[str], value: float) -> dict[str, float]:
@@ -285,6 +315,7 @@ class GMPConfig:
     def differences(self, saved: Mapping[str, Any]) -> list[str]:
         """The options that change the weights and differ from a saved ``to_dict()``."""
         mine = self.to_dict()
+        saved = {"score": Magnitude().to_dict(), **saved}  # states from before scores
         return [
             f"{k} ({saved.get(k)!r}, now {mine[k]!r})"
             for k in mine

@@ -41,7 +41,9 @@ from .mask_store import MaskStore, ensure_store, get_store
 from .pruner import mask_gradients_hook, optimizer_state_of, prune_parameters, remove
 from .run_checks import PassCounter, check_counts, check_epoch_steps, check_run_length
 from .schedule import GMPSchedule, Recipe, Schedule, Stage, load_recipe
+from .scores import ScoreSpec
 from .selection import ParamSpec, parameter_by_name, select_parameters, unwrap
+from .strategies import Selection
 from .telemetry import ScalarWriter, UpdateProbe, Writers
 
 if TYPE_CHECKING:
@@ -113,6 +115,8 @@ class GMP:
         mask_gradients: bool = False,
         gradient_accumulation_steps: int | None = None,
         nm: tuple[int, int] | None = None,
+        score: ScoreSpec = None,
+        selection: Selection | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -129,6 +133,8 @@ class GMP:
             "mask_gradients": mask_gradients,
             "gradient_accumulation_steps": gradient_accumulation_steps,
             "nm": nm,
+            "score": score,
+            "selection": selection,
         }
         selected = select_parameters(model, params, exclude)
         check_in_optimizer(optimizer, selected)
@@ -156,8 +162,16 @@ class GMP:
                 "GMP state with load_state_dict)"
             )
         if self.schedule.crossed_update(-float("inf"), 0.0):
+            if not self.config.score.in_place:
+                raise ValueError(
+                    f"score {self.config.score.name!r} ranks what it observes in training, but "
+                    "the schedule prunes at epoch 0, before any step: start it later "
+                    "(start_epoch > 0)"
+                )
             self._update()
-        self._handles = [optimizer.register_step_post_hook(self._after_step)]
+        # The score's hooks first: a movement score reads the gradients before the step.
+        self._handles = self.config.score.attach(model, self._names, optimizer)
+        self._handles.append(optimizer.register_step_post_hook(self._after_step))
         if self.config.mask_gradients:
             self._handles.append(optimizer.register_step_pre_hook(mask_gradients_hook(store)))
         trainable = [*selected.values(), *(p for g in optimizer.param_groups for p in g["params"])]
@@ -327,6 +341,7 @@ class GMP:
             targets,
             self._selection,
             lambda entries: probe.inspect(entries, self._selection, targets),
+            score=self.config.score,
         )
         if self.config.mask_optimizer_state:
             self._store.apply_to(optimizer_state_of(self._optimizer), names=self._names)
@@ -407,6 +422,7 @@ class GMP:
         )
         self._progress = progress
         self._unread = _Unread()  # steps of the run this state replaces
+        self.config.score.load_state_dict(state.get("score_state", {}))
         if progress.original_decay is not None:
             decay = self.config.fine_tune_weight_decay
             progress.set_decay(self._optimizer, decay)  # type: ignore[arg-type]

@@ -392,15 +392,19 @@ class Recipe:
     lr: LRSteps | None = None
     total_epochs: float | None = None
     fine_tune_weight_decay: float | None = None
+    score: str | None = None  # a registered score name (gmp_ext.scores); None: magnitude
 
     def gmp_options(self) -> dict[str, Any]:
         """The :class:`gmp_ext.GMP` keyword arguments the recipe sets besides the schedule."""
-        return {
+        options: dict[str, Any] = {
             "scope": "global" if self.global_sparsity else "layer",
             "params": None if self.params is None else list(self.params),
             "fine_tune_weight_decay": self.fine_tune_weight_decay,
             "total_epochs": self.total_epochs,
         }
+        if self.score is not None:
+            options["score"] = self.score
+        return options
 
 
 _SCHEDULE_KEYS = (
@@ -412,7 +416,7 @@ _SCHEDULE_KEYS = (
     "inter_func",
 )
 _REQUIRED_KEYS = _SCHEDULE_KEYS[:4]
-_PRUNING_KEYS = ("params", "global_sparsity")
+_PRUNING_KEYS = ("params", "global_sparsity", "score")
 _RECIPE_KEYS = ("lr", "total_epochs", "num_epochs", "fine_tune_weight_decay")
 _MODIFIER = "GMPruningModifier"
 
@@ -545,8 +549,12 @@ def _parse_recipe(data: object) -> Recipe:
     global_sparsity = pruning.get("global_sparsity", False)
     if not isinstance(global_sparsity, bool):
         raise ValueError(f"global_sparsity must be true or false, got {global_sparsity!r}")
+    score = pruning.get("score")
+    if score is not None and not isinstance(score, str):
+        raise ValueError(f"score must be a score name such as 'wanda', got {score!r}")
     return Recipe(
         schedule=schedule,
+        score=score,
         params=_params(pruning.get("params")),
         global_sparsity=global_sparsity,
         lr=_lr_steps(data.get("lr")),

@@ -40,10 +40,9 @@ _SCORES: dict[str, type[Score]] = {}
 
 class Score:
     """What a selection ranks. Subclasses set ``name`` (registered by :func:`register_score`)
-    and ``signed`` (whether values may be negative) and implement :meth:`values`."""
+    and implement :meth:`values` (of any sign)."""
 
     name: ClassVar[str] = ""
-    signed: ClassVar[bool] = False
     in_place: ClassVar[bool] = False  # ranks |w| itself (values() is None): magnitude
 
     def values(
@@ -151,7 +150,7 @@ def rank_tensors(
     if raw is None:
         return None
     values = _check_values(score, names, params, raw)
-    if not score.signed and not any(bool((v < 0).any()) for v in values):
+    if not any(bool((v < 0).any()) for v in values):
         return values, values
     negatives = [int((v < 0).sum()) for v in values]
     if per_tensor:

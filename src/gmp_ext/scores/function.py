@@ -17,7 +17,6 @@ class FunctionScore(Score):
     function's qualified name, and resuming needs the same function passed again."""
 
     name = "function"
-    signed = True
 
     def __init__(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
         if not callable(fn):

@@ -30,7 +30,6 @@ class Movement(Score):
     """``-sum(w * grad)`` since the last update (see the module)."""
 
     name = "movement"
-    signed = True
 
     def __init__(self) -> None:
         self._totals: dict[str, torch.Tensor] = {}
