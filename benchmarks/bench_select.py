@@ -78,7 +78,8 @@ from utils import (
 import gmp_ext
 from gmp_ext import ops, primitives
 from gmp_ext._layout import key_space_for
-from gmp_ext.engine import PreparedStep
+from gmp_ext.engine import UNSTRUCTURED, PreparedStep
+from gmp_ext.strategies import NMPattern
 
 SPARSITY = 0.9
 # One read of the weights, the unit of ``read_passes`` (p50 over this row's p50, same run).
@@ -182,7 +183,8 @@ class _Prepared:
         if self.step is None or self.step.tensors != ws:
             masks = [primitives.new_mask(w) for w in ws]
             key_space = key_space_for({w.dtype for w in ws}) if self.scope == "global" else 0
-            self.step = PreparedStep(ws, masks, self.scope, key_space, self.pattern)
+            pattern = UNSTRUCTURED if self.pattern is None else NMPattern(*self.pattern)
+            self.step = PreparedStep(ws, masks, self.scope, key_space, pattern)
             count = _k if self.pattern is None else _nm_k
             if self.scope == "global":
                 self.step.set_counts([count(sum(w.numel() for w in ws))], per_tensor=False)

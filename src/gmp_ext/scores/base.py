@@ -18,6 +18,7 @@ is exactly the values' (one exception: ``+inf`` ranks equal to the largest finit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Union
 
@@ -111,7 +112,9 @@ def score_from_dict(spec: Mapping[str, Any]) -> Score:
 
 def _check_values(
     score: Score, names: Sequence[str], params: Sequence[torch.Tensor], values: Sequence[object]
-) -> list[torch.Tensor]:
+) -> tuple[list[torch.Tensor], list[bool]]:
+    """The values as contiguous float32 on each parameter's device, and whether each holds a
+    negative value; ValueError naming the parameter on a wrong shape or dtype, or NaN."""
     checked = []
     for name, param, value in zip(names, params, values):
         if not isinstance(value, torch.Tensor) or value.shape != param.shape:
@@ -125,14 +128,17 @@ def _check_values(
                 f"score {score.name!r} gave parameter '{name}' values of dtype {value.dtype}; "
                 "scores are floating point"
             )
-        nans = int(torch.isnan(value).sum())
-        if nans:
-            raise ValueError(
-                f"parameter '{name}': its {score.name!r} score has {nans} NaN value(s) (NaN "
-                "weights, activations or gradients); they cannot be ranked (nothing was modified)"
-            )
         checked.append(value.detach().to(device=param.device, dtype=torch.float32).contiguous())
-    return checked
+    # One read per tensor answers both questions: a minimum is NaN when any value is.
+    lows = [float(v.min()) if v.numel() else 0.0 for v in checked]
+    for name, value, low in zip(names, checked, lows):
+        if math.isnan(low):
+            raise ValueError(
+                f"parameter '{name}': its {score.name!r} score has "
+                f"{int(torch.isnan(value).sum())} NaN value(s) (NaN weights, activations or "
+                "gradients); they cannot be ranked (nothing was modified)"
+            )
+    return checked, [low < 0 for low in lows]
 
 
 def rank_tensors(
@@ -145,14 +151,15 @@ def rank_tensors(
     """``(ranked, values)``: the score's values and, for the kernels, non-negative float32
     tensors whose |x| order is exactly the values' order for the given counts (one per tensor
     with ``per_tensor``, else one for all); None when the score ranks |w| itself. ValueError
-    naming the parameter on NaN values, before anything is modified."""
+    naming the parameter on NaN values, before anything is modified. Non-negative values are
+    ranked as they are (``ranked is values``)."""
     raw = score.values(names, params)
     if raw is None:
         return None
-    values = _check_values(score, names, params, raw)
-    if not any(bool((v < 0).any()) for v in values):
+    values, signed = _check_values(score, names, params, raw)
+    if not any(signed):
         return values, values
-    negatives = [int((v < 0).sum()) for v in values]
+    negatives = [int((v < 0).sum()) if neg else 0 for v, neg in zip(values, signed)]
     if per_tensor:
         prunes_all = [k >= c for k, c in zip(counts, negatives)]
     else:
