@@ -1,6 +1,6 @@
 """Prune a pretrained transformer with the Hugging Face Trainer: all-MiniLM-L6-v2 fine-tuned for
-spam / ham on the SpamAssassin public corpus, gradual magnitude pruning against one-shot pruning
-plus fine-tuning at the same training budget.
+spam / ham on the SpamAssassin public corpus, gradual pruning (magnitude, Wanda or movement
+scores) against one-shot pruning plus fine-tuning at the same training budget.
 
 Fetch the model and the data first (once): ``bash examples/transformer/fetch.sh``; then e.g.
 
@@ -16,6 +16,10 @@ intermediate, output) are pruned; the pooler and the classifier stay dense. Arms
 
 * ``oneshot_ft``: prune the dense checkpoint to the target at once (``gmp_ext.prune_step``),
   then fine-tune with the masks re-applied after every step (``gmp_ext.attach``);
+* ``oneshot_wanda_ft``: as ``oneshot_ft``, ranked by Wanda (``score="wanda"``: |w| times the
+  norm of the input feature), the input norms taken over ``--calibration`` training batches
+  (model inputs, no labels, the model in eval mode, no gradients) of the seed's training split;
+  the calibration passes are forward passes only, not optimizer steps;
 * ``gmp``: the naive setting, as a user first sets it up: ``GMPCallback`` with sparsity 5% ->
   target along the cubic curve from 1/4 to 1/2 of the budget, updates every 1/16 of it, the
   Trainer's linear learning-rate decay;
@@ -29,9 +33,36 @@ intermediate, output) are pruned; the pooler and the classifier stay dense. Arms
 * ``recipe``: gmp_ext's preset for pretrained transformers,
   ``gmp_ext.lr_schedule.pretrained_transformer`` (the schedule and learning rate of
   ``gmp_large_first_rewarm --init 0.7 --end 0.25``: 70% at step 0, cubic to the target by a
-  quarter of the budget, the rate re-warmed at every update).
+  quarter of the budget, the rate re-warmed at every update);
+* ``recipe_wanda``, ``recipe_movement``: the ``recipe`` arm with ``score="wanda"`` (input norms
+  accumulated by forward hooks over the training batches since the last update) or
+  ``score="movement"`` (``-sum(w * grad)`` over the optimizer steps since the last update). A
+  score that observes training cannot prune at step 0 (GMP refuses such a schedule), so these
+  arms run the recipe shifted by one update interval: the first update (``min(0.7, target)``)
+  comes after an observation window of 1/16 of the budget (``start_epoch`` = one
+  ``update_frequency``), then cubic to the target by the same end (a quarter of the budget),
+  an update every 1/16; the same total steps, and the same learning rate (restarts at steps 0,
+  1/16, 2/16, 3/16 and 4/16 of the budget, as ``recipe``). So they have 4 pruning updates to
+  ``recipe``'s 5 and fine-tune the first 1/16 of the budget dense. The JSON records each arm's
+  ``score``, its ``schedule`` and, for these arms, ``observe_steps``.
+
+Every arm trains ``--steps`` optimizer steps. With ``--eval-every``, the test passes of the
+accuracy curve run forward through the model, and a Wanda score under GMP counts them among
+its observations (its hooks see every forward pass): keep ``--eval-every 0`` (the default) for
+the Wanda arms of a comparison. Under ``recipe_movement`` the pruned weights are zero, so their
+movement score is exactly 0 and ranks above every kept weight that moved toward zero: updates
+after the first prune such weights and keep (as zeros) some pruned ones, GMP warns that the
+achieved sparsity differs from the target, and the kept zeros train again afterwards.
+
+The five-arm comparison of issue 23 (one-shot magnitude / Wanda + fine-tuning, gradual
+magnitude / Wanda / movement; 90% and 97%, 3 seeds)::
+
+    python examples/transformer/spam_minilm.py --sparsity 0.9 0.97 --seeds 0 1 2 \\
+        --arms oneshot_ft oneshot_wanda_ft recipe recipe_wanda recipe_movement --out issue23.json
 
 Accuracy is measured on the test split after the last step; every number in the JSON is measured.
+``achieved`` is the encoder matrices' fraction of zeros at the end, ``at_target`` whether their
+zeros are exactly the target's count (``round(target * numel)`` per matrix).
 """
 
 from __future__ import annotations
@@ -48,7 +79,19 @@ from pathlib import Path
 from typing import Any
 
 CACHE = Path(os.environ.get("GMP_EXT_CACHE", Path.home() / ".cache" / "gmp_ext"))
-ARMS = ("oneshot_ft", "gmp", "gmp_large_first", "gmp_large_first_rewarm", "gmp_rewarm", "recipe")
+ARMS = (
+    "oneshot_ft",
+    "gmp",
+    "gmp_large_first",
+    "gmp_large_first_rewarm",
+    "gmp_rewarm",
+    "recipe",
+    "oneshot_wanda_ft",
+    "recipe_wanda",
+    "recipe_movement",
+)
+# The score each arm ranks by (gmp_ext.scores); the arms not named here rank by magnitude.
+ARM_SCORES = {"oneshot_wanda_ft": "wanda", "recipe_wanda": "wanda", "recipe_movement": "movement"}
 SPAM_GROUPS = ("spam-1", "spam-2")
 HAM_GROUPS = ("easy-ham-1", "easy-ham-2", "hard-ham-1")
 
@@ -202,6 +245,37 @@ def mask_callback() -> Any:
     return KeepMasks()
 
 
+def calibration_batches(train_set: Encoded, count: int, batch: int, seed: int) -> list[dict]:
+    """``count`` batches of ``batch`` training examples, drawn at random (seeded) without
+    replacement, as keyword inputs of the model (no labels)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_set), generator=generator)[: count * batch]
+    inputs = {k: v for k, v in train_set.tensors.items() if k != "labels"}
+    return [
+        {k: v[order[i : i + batch]] for k, v in inputs.items()} for i in range(0, len(order), batch)
+    ]
+
+
+def observed_recipe(target: float, epochs: float, steps_per_epoch: int) -> Any:
+    """The ``recipe`` arm's schedule shifted for a score that observes training: the same
+    first step, end and update interval, but the first update one interval (1/16 of the run)
+    after step 0 instead of at it."""
+    from gmp_ext.lr_schedule import RunSchedule, pretrained_transformer
+
+    preset = pretrained_transformer(target, epochs, steps_per_epoch).schedule
+    return RunSchedule(
+        preset.init_sparsity,
+        preset.final_sparsity,
+        preset.start_epoch + preset.update_frequency,
+        preset.end_epoch,
+        preset.update_frequency,
+        preset.interpolation,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
 def run_arm(
     arm: str,
     dense: Any,
@@ -223,12 +297,39 @@ def run_arm(
     start = time.perf_counter()
     lr_factor = None
     callback: Any = None
+    schedule: Any = None
+    score = ARM_SCORES.get(arm, "magnitude")
+    record: dict[str, Any] = {"arm": arm, "target": target, "seed": seed, "score": score}
     if arm == "oneshot_ft":
         gmp_ext.prune_step(model, target, params=encoder_weights, scope=args.scope)
+        callback = mask_callback()
+    elif arm == "oneshot_wanda_ft":
+        batches = calibration_batches(data[0], args.calibration, args.batch, seed)
+        model.eval()  # calibration without dropout; the Trainer sets train mode again
+        gmp_ext.prune_step(
+            model,
+            target,
+            params=encoder_weights,
+            scope=args.scope,
+            score=score,
+            calibration=batches,
+        )
+        record["calibration_examples"] = sum(len(b["input_ids"]) for b in batches)
         callback = mask_callback()
     elif arm == "recipe":
         schedule, lr_factor = pretrained_transformer(target, epochs, steps_per_epoch)
         callback = GMPCallback(schedule, params=encoder_weights, scope=args.scope, log_layers=False)
+    elif arm in ("recipe_wanda", "recipe_movement"):
+        # The recipe's learning rate, unchanged: its restarts (step 0 and every update) fall on
+        # the same steps for the shifted schedule.
+        _, lr_factor = pretrained_transformer(target, epochs, steps_per_epoch)
+        schedule = observed_recipe(target, epochs, steps_per_epoch)
+        if lr_factor.bounds != PruningRestarts(schedule, steps_per_epoch, args.steps).bounds:
+            raise SystemExit(f"{arm}: the shifted schedule's updates miss the recipe's restarts")
+        record["observe_steps"] = round(schedule.start_epoch * steps_per_epoch)
+        callback = GMPCallback(
+            schedule, params=encoder_weights, scope=args.scope, log_layers=False, score=score
+        )
     else:
         if arm in ("gmp", "gmp_rewarm"):
             schedule = gmp_ext.GMPSchedule(0.05, target, epochs / 4, epochs / 2, epochs / 16)
@@ -243,7 +344,10 @@ def run_arm(
     if args.eval_every > 0:
         callbacks.append(curve_callback(data[1], args.eval_every, curve))
     train(model, data[0], args, seed, callbacks, lr_factor)
-    record: dict[str, Any] = {"arm": arm, "target": target, "seed": seed}
+    if schedule is not None:
+        record["schedule"] = {
+            k: v for k, v in schedule.state_dict().items() if isinstance(v, (int, float, str))
+        }
     record["train_s"] = time.perf_counter() - start
     record.update(evaluate(model, data[1]))
     if curve:
@@ -251,6 +355,14 @@ def run_arm(
     weights = [p for n, p in model.named_parameters() if encoder_weights(n, p)]
     zeros = sum(int((p == 0).sum()) for p in weights)
     record["achieved"] = zeros / sum(p.numel() for p in weights)
+    # The exact count of zeros the target means: round(target * numel) per matrix (layer
+    # scope), or of all of them (global scope), as gmp_ext counts.
+    numels = [p.numel() for p in weights]
+    if args.scope == "global":
+        expected = round(target * sum(numels))
+    else:
+        expected = sum(round(target * n) for n in numels)
+    record["at_target"] = zeros == expected
     record["pruned_matrices"] = len(weights)
     if isinstance(callback, GMPCallback) and callback.gmp is not None:
         record["updates"] = [
@@ -292,11 +404,25 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=CACHE / "spam-assassin" / "data")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.7, 0.9])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=ARMS,
+        default=list(ARMS),
+        help="oneshot_wanda_ft, recipe_wanda, recipe_movement: one-shot Wanda + fine-tune, and "
+        "the recipe with score wanda / movement, its first update after an observation window "
+        "of 1/16 of the budget (see the module docstring)",
+    )
     parser.add_argument("--scope", choices=["layer", "global"], default="layer")
     parser.add_argument("--init", type=float, default=0.7, help="first step of gmp_large_first*")
     parser.add_argument(
         "--end", type=float, default=0.5, help="gmp_large_first*: pruning ends at this fraction"
+    )
+    parser.add_argument(
+        "--calibration",
+        type=int,
+        default=8,
+        help="oneshot_wanda_ft: training batches (of --batch examples) for the Wanda input norms",
     )
     parser.add_argument("--steps", type=int, default=256, help="optimizer steps, dense and arm")
     parser.add_argument("--batch", type=int, default=16)
