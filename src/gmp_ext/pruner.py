@@ -121,7 +121,7 @@ def prune_step(
     (``-w * grad``: accumulated by an attached :class:`gmp_ext.scores.Movement`, else the
     gradients present), a Score, or ``f(name, param) -> values``. With ``calibration`` the
     model runs on each item (a tensor, a tuple of positional inputs, or a dict of keyword
-    inputs) without gradients while the score observes it.
+    inputs) in eval mode, without gradients, while the score observes it.
     Returns {name: sparsity of the new mask}. On any error nothing is modified.
     """
     if optimizer is not None:
@@ -148,7 +148,8 @@ def prune_step(
 def _calibrate(
     model: nn.Module, score: Score, names: Sequence[str], batches: Iterable[Any]
 ) -> None:
-    """Run ``model`` on each calibration item, without gradients, while ``score`` observes."""
+    """Run ``model`` on each calibration item, in eval mode (restored after) and without
+    gradients, while ``score`` observes."""
     handles = score.attach(model, names)
     if not handles:
         raise ValueError(
@@ -156,6 +157,8 @@ def _calibrate(
             "observes none"
         )
     seen = 0
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
     try:
         with torch.no_grad():
             for batch in batches:
@@ -169,6 +172,8 @@ def _calibrate(
     finally:
         for handle in handles:
             handle.remove()
+        for module, training in modes.items():
+            module.training = training
     if not seen:
         raise ValueError("calibration= gave no batches")
 

@@ -9,10 +9,16 @@ step, before the step (an optimizer step pre-hook: the gradients of the whole ac
 batch, unscaled by a GradScaler that calls ``step``). Without an optimizer, call
 :meth:`Movement.accumulate` after each backward pass; with nothing accumulated, a prune ranks
 ``-w * grad`` of the gradients present.
+
+Weights that are exactly zero (the ones earlier updates pruned) rank below every other weight,
+as they do by magnitude: a pruned weight accumulates nothing (``w = 0``), and ranking its 0
+among the signed scores would prune kept weights in its place and leave it unmasked at zero,
+so masks would churn and the zeros overshoot the target. Sparsity only rises, as in GMP.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -74,16 +80,18 @@ class Movement(Score):
         values = []
         for name, param in zip(names, params):
             total = self._totals.get(name)
+            weight = param.detach()
             if total is not None:
-                values.append(total)
+                moved = total
             elif param.grad is not None:
-                values.append(-(param.detach().float() * param.grad.float()))
+                moved = -(weight.float() * param.grad.float())
             else:
                 raise ValueError(
                     f"score 'movement' has no gradient for parameter '{name}': attach it with "
                     "the optimizer (GMP does), call accumulate() after backward, or prune right "
                     "after a backward pass"
                 )
+            values.append(moved.masked_fill(weight == 0, -math.inf))
         return values
 
     def reset(self) -> None:

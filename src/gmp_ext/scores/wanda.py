@@ -5,7 +5,10 @@ Sun, Liu, Bair and Kolter, "A Simple and Effective Pruning Approach for Large La
 input feature ``j`` over every token the layer saw. Forward pre-hooks on the layers that own the
 pruned weights accumulate each feature's sum of squares (float32, a vector per layer) over the
 forward passes since the last update (training batches under :class:`gmp_ext.GMP`), or over a
-calibration set (``prune_step(..., score="wanda", calibration=batches)``).
+calibration set (``prune_step(..., score="wanda", calibration=batches)``). Attached for
+training (with an optimizer, as GMP attaches it), the hooks count only passes of modules in
+training mode, so evaluation passes between updates leave the norms alone; attached without
+one (calibration), every pass counts. Every input row counts, padding included.
 
 Input features by layer type: the last dimension of a Linear's (and transformers' ``Conv1D``'s)
 input, the channel dimension (1) of a ConvNd's or ConvTranspose's. A grouped convolution and
@@ -48,11 +51,13 @@ class Wanda(Score):
         self._dims: dict[str, int] = {}  # {parameter: its reduction dimension}
         self.tokens = 0  # rows of input seen in this window, by the first hooked layer
         self._first: str | None = None
+        self._training_only = False
 
     def attach(
         self, model: nn.Module, names: Sequence[str], optimizer: torch.optim.Optimizer | None = None
     ) -> list[Any]:
         inner = unwrap(model)[0]
+        self._training_only = optimizer is not None
         handles = []
         owners: dict[int, list[str]] = {}
         modules: dict[int, nn.Module] = {}
@@ -71,6 +76,8 @@ class Wanda(Score):
     def _hook(self, names: list[str]) -> Any:
         def observe(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
+                return
+            if self._training_only and not module.training:
                 return
             x = args[0].detach()
             channel = isinstance(module, _CONVS)
