@@ -1036,13 +1036,6 @@ def test_gmp_with_an_observing_score_refuses_a_schedule_pruning_at_epoch_0(score
     assert list(gmp_ext.masks(other)) == MLP_WEIGHTS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(GMPWarning, AttributeError),
-    reason="controller.py GMP.__init__ registers itself as the model's controller "
-    "(self._take_over(store)) before the start_epoch check raises: while the failed instance "
-    "lives, the next GMP on the model warns and crashes in previous._detach() (no _handles)",
-)
 def test_a_refused_gmp_leaves_the_model_free_for_the_next_one():
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -1174,3 +1167,18 @@ def test_gmp_global_selection_with_wanda_prunes_the_global_count():
         assert torch.equal(keeps[name], keep), name
     cut = max(float(spy.last[n][~keeps[n]].max()) for n in MLP_WEIGHTS if (~keeps[n]).any())
     assert {gmp.history[-1]["layers"][n]["threshold"] for n in MLP_WEIGHTS} == {cut}
+
+
+def test_wanda_refuses_attention_out_proj_by_name():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"'0\.out_proj\.weight'.*out_proj without calling it"):
+        gmp_ext.prune_step(
+            model,
+            0.5,
+            params=["0.out_proj.weight"],
+            score="wanda",
+            calibration=[torch.randn(3, 1, 8)],
+        )
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert gmp_ext.masks(model) == {}

@@ -140,6 +140,11 @@ class GMP:
         check_in_optimizer(optimizer, selected)
         self.config = GMPConfig.create(schedule, optimizer, list(selected), **options)
         self.schedule: Schedule = self.config.schedule
+        if self.schedule.crossed_update(-float("inf"), 0.0) and not self.config.score.in_place:
+            raise ValueError(  # before the model is touched: nothing to undo
+                f"score {self.config.score.name!r} ranks what it observes in training, but the "
+                "schedule prunes at epoch 0, before any step: start it later (start_epoch > 0)"
+            )
         self.steps_per_epoch = self.config.steps_per_epoch
         self.scope = self.config.scope
         store = ensure_store(model)
@@ -162,12 +167,6 @@ class GMP:
                 "GMP state with load_state_dict)"
             )
         if self.schedule.crossed_update(-float("inf"), 0.0):
-            if not self.config.score.in_place:
-                raise ValueError(
-                    f"score {self.config.score.name!r} ranks what it observes in training, but "
-                    "the schedule prunes at epoch 0, before any step: start it later "
-                    "(start_epoch > 0)"
-                )
             self._update()
         # The score's hooks first: a movement score reads the gradients before the step.
         self._handles = self.config.score.attach(model, self._names, optimizer)

@@ -62,6 +62,7 @@ class Wanda(Score):
         owners: dict[int, list[str]] = {}
         modules: dict[int, nn.Module] = {}
         for name in names:
+            _refuse_attention_output(inner, name)
             module, attr = owner_of(inner, name)
             weight = module._parameters[attr]
             assert weight is not None
@@ -139,3 +140,16 @@ def _feature_dim_of(name: str, module: nn.Module, attr: str, weight: torch.Tenso
             f"{module.groups}) has no single input vector per weight column"
         )
     return weight_layout(module, attr, weight.dim())
+
+
+def _refuse_attention_output(model: nn.Module, name: str) -> None:
+    """nn.MultiheadAttention multiplies by ``out_proj.weight`` without calling ``out_proj``, so
+    no hook sees that layer's input: refuse it by name rather than fail for want of inputs."""
+    path = name.split(".")[:-2]
+    parent = model.get_submodule(".".join(path)) if path else model
+    if isinstance(parent, nn.MultiheadAttention):
+        raise ValueError(
+            f"score 'wanda' cannot rank parameter '{name}': nn.MultiheadAttention applies its "
+            "out_proj without calling it, so its input is never seen; exclude it or prune it by "
+            "magnitude"
+        )
