@@ -39,8 +39,8 @@ from utils import (
     write_rows,
 )
 
-from gmp_ext import backends, ops
-from gmp_ext._layout import mask_bytes
+from gmp_ext.kernels import backends, ops
+from gmp_ext.kernels.layout import mask_bytes
 
 SPARSITY = 0.9
 MEMORY_HEADROOM = 0.92

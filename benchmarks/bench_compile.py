@@ -28,7 +28,7 @@ from torch import nn
 from utils import print_table, time_fn, write_rows
 
 import gmp_ext
-from gmp_ext.mask_store import get_store
+from gmp_ext.model.mask_store import get_store
 
 
 def main() -> None:

@@ -76,10 +76,10 @@ from utils import (
 )
 
 import gmp_ext
-from gmp_ext import ops, primitives
-from gmp_ext._layout import key_space_for
-from gmp_ext.engine import UNSTRUCTURED, PreparedStep
-from gmp_ext.strategies import NMPattern
+from gmp_ext.kernels import ops, primitives
+from gmp_ext.kernels.engine import UNSTRUCTURED, PreparedStep
+from gmp_ext.kernels.layout import key_space_for
+from gmp_ext.pruning.strategies import NMPattern
 
 SPARSITY = 0.9
 # One read of the weights, the unit of ``read_passes`` (p50 over this row's p50, same run).

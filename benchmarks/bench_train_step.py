@@ -156,8 +156,8 @@ def _variants(model: nn.Module, optimizer, sparsity: float, every: int) -> list[
 
     def dense_masks():
         masks[:] = [
-            gmp_ext.ops.unpack_mask(m, w.shape).to(w.dtype)
-            for m, w in zip(gmp_ext.ops.magnitude_masks(weights, sparsity), weights)
+            gmp_ext.kernels.ops.unpack_mask(m, w.shape).to(w.dtype)
+            for m, w in zip(gmp_ext.kernels.ops.magnitude_masks(weights, sparsity), weights)
         ]
 
     return [

@@ -373,7 +373,7 @@ if not info["cuda"]:
 elif C.cuda_driver_status() != "ok":
     print(f"PROBLEM the CUDA kernels cannot run: {C.cuda_driver_status()}")
 elif not backends.cuda_kernels_available():
-    print("PROBLEM gmp_ext.backends.cuda_kernels_available() is False")
+    print("PROBLEM gmp_ext.kernels.backends.cuda_kernels_available() is False")
 else:  # one kernel launch: "no kernel image for this device" and the like show here
     import torch
     from gmp_ext import ops

@@ -367,7 +367,7 @@ def environment() -> dict[str, object]:
         env["gpu_sms"] = props.multi_processor_count
         env["gpu_l2_mb"] = round(getattr(props, "L2_cache_size", 0) / 2**20, 1)
     try:
-        from gmp_ext import backends
+        from gmp_ext.kernels import backends
 
         module = backends.native()
         if module is not None:

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from gmp_ext import backends
+from gmp_ext.kernels import backends
 
 # GMP_EXT_TEST_DEVICE=cpu|cuda restricts the device grid (default: every device present).
 _DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

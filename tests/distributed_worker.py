@@ -24,9 +24,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 import gmp_ext
 from gmp_ext import distributed
-from gmp_ext.controller import GMP
-from gmp_ext.mask_store import get_store
-from gmp_ext.schedule import GMPSchedule
+from gmp_ext.model.mask_store import get_store
+from gmp_ext.training.controller import GMP
+from gmp_ext.training.schedule import GMPSchedule
 
 CHECKS: dict[str, Callable[[dict], None]] = {}
 SKIPPED = "skipped: "  # a report starting so: the check's needs are not installed
@@ -203,7 +203,7 @@ def unsupported_layouts_raise(ctx: dict) -> None:
     with pytest.raises(NotImplementedError, match=re.escape("'p1'\"] are not sharded")):
         gmp_ext.prune_step(mixed, 0.5, scope="global", params=["p0", "p1"])
     with pytest.raises(NotImplementedError, match="the tensor-level ops take local tensors"):
-        gmp_ext.ops.select_layerwise([mixed.p0], 0.5)
+        gmp_ext.kernels.ops.select_layerwise([mixed.p0], 0.5)
     # Layer scope mixes freely: the plain tensor is selected on each rank by itself.
     gmp_ext.prune_step(mixed, 0.5, params=["p0", "p1"])
     assert int((mixed.p1 == 0).sum()) == 2

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch._dynamo import compiled_autograd
 
-from gmp_ext.controller import GMP, GMPWarning
-from gmp_ext.schedule import GMPSchedule
+from gmp_ext.training.controller import GMP, GMPWarning
+from gmp_ext.training.schedule import GMPSchedule
 
 from .utils import batch
 

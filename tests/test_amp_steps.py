@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from gmp_ext.controller import GMP
-from gmp_ext.schedule import GMPSchedule
+from gmp_ext.training.controller import GMP
+from gmp_ext.training.schedule import GMPSchedule
 
 from .utils import TokenPairs, batch
 

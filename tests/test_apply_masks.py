@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmp_ext import _reference, ops
+from gmp_ext.kernels import ops
+from gmp_ext.kernels import reference as _reference
 
 from .utils import DTYPES, SIZES, assert_same, weights
 

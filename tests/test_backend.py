@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import gmp_ext
-from gmp_ext import backends, ops
-from gmp_ext._layout import check_native_layout
-from gmp_ext.info import collect
+from gmp_ext.app.info import collect
+from gmp_ext.kernels import backends, ops
+from gmp_ext.kernels.layout import check_native_layout
 
 from .conftest import native_backend
 from .utils import weights
@@ -87,7 +87,7 @@ def test_missing_compiled_module_falls_back_with_one_warning():
 import sys, warnings
 sys.modules["gmp_ext._C"] = None  # makes `from . import _C` raise ImportError
 import torch, gmp_ext
-from gmp_ext import backends
+from gmp_ext.kernels import backends
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     model = torch.nn.Linear(10, 10)

@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from gmp_ext import _reference, ops, primitives
-from gmp_ext._layout import KEY_SPACE_NATIVE, MASK_ALIGN_BYTES, mask_bytes, mask_storage_bytes
-from gmp_ext.backends import REFERENCE
+from gmp_ext.kernels import ops, primitives
+from gmp_ext.kernels import reference as _reference
+from gmp_ext.kernels.backends import REFERENCE
+from gmp_ext.kernels.layout import (
+    KEY_SPACE_NATIVE,
+    MASK_ALIGN_BYTES,
+    mask_bytes,
+    mask_storage_bytes,
+)
 
 from .utils import DTYPE_IDS, DTYPES, SIZES, assert_same, weights
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gmp_ext.cli import _parser, main
+from gmp_ext.app.cli import _parser, main
 
 EXAMPLE_RECIPE = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "gmp_resnet.yaml"
 RECIPE = """\
@@ -36,7 +36,7 @@ def _assert_one_line_error(stderr: str, *fragments: str) -> None:
 @pytest.fixture
 def no_demo(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pin the optional demo command as absent, whatever the checkout contains."""
-    monkeypatch.setitem(sys.modules, "gmp_ext.demo", None)
+    monkeypatch.setitem(sys.modules, "gmp_ext.app.demo", None)
 
 
 @pytest.mark.usefixtures("no_demo")
@@ -65,9 +65,9 @@ def test_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
 def test_info_calls_print_info(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    info = types.ModuleType("gmp_ext.info")
+    info = types.ModuleType("gmp_ext.app.info")
     info.print_info = lambda: print("gmp_ext 0.1.0 (fake)")  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "gmp_ext.info", info)
+    monkeypatch.setitem(sys.modules, "gmp_ext.app.info", info)
     assert main(["info"]) == 0
     assert capsys.readouterr().out == "gmp_ext 0.1.0 (fake)\n"
 
@@ -75,9 +75,9 @@ def test_info_calls_print_info(
 def test_info_import_failure_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "gmp_ext.info", None)
+    monkeypatch.setitem(sys.modules, "gmp_ext.app.info", None)
     assert main(["info"]) == 2
-    _assert_one_line_error(capsys.readouterr().err, "gmp_ext.info")
+    _assert_one_line_error(capsys.readouterr().err, "gmp_ext.app.info")
 
 
 def test_plot_writes_png_and_summary(
@@ -177,11 +177,11 @@ def test_plot_bad_options(option: list[str], capsys: pytest.CaptureFixture[str])
 def test_demo_plugin_is_registered(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    demo = types.ModuleType("gmp_ext.demo", "Train a small model with GMP.\n\nMore text.")
-    demo.__spec__ = importlib.machinery.ModuleSpec("gmp_ext.demo", None)
+    demo = types.ModuleType("gmp_ext.app.demo", "Train a small model with GMP.\n\nMore text.")
+    demo.__spec__ = importlib.machinery.ModuleSpec("gmp_ext.app.demo", None)
     demo.add_arguments = lambda parser: parser.add_argument("--epochs", type=int, default=1)  # type: ignore[attr-defined]
     demo.run = lambda args: print(f"demo for {args.epochs} epochs") or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "gmp_ext.demo", demo)
+    monkeypatch.setitem(sys.modules, "gmp_ext.app.demo", demo)
     assert main(["--help"]) == 0
     assert "train a small model with GMP\n" in capsys.readouterr().out
     assert main(["demo", "--epochs", "3"]) == 0
@@ -189,10 +189,10 @@ def test_demo_plugin_is_registered(
 
 
 class _BrokenDemoFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds ``gmp_ext.demo`` but fails to import it, like a missing optional dependency."""
+    """Finds ``gmp_ext.app.demo`` but fails to import it, like a missing optional dependency."""
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name == "gmp_ext.demo":
+        if name == "gmp_ext.app.demo":
             return importlib.machinery.ModuleSpec(name, self)
         return None
 
@@ -203,11 +203,11 @@ class _BrokenDemoFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def test_broken_demo_does_not_break_other_commands(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.delitem(sys.modules, "gmp_ext.demo", raising=False)
+    monkeypatch.delitem(sys.modules, "gmp_ext.app.demo", raising=False)
     monkeypatch.setattr(sys, "meta_path", [_BrokenDemoFinder(), *sys.meta_path])
-    info = types.ModuleType("gmp_ext.info")
+    info = types.ModuleType("gmp_ext.app.info")
     info.print_info = lambda: print("info ok")  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "gmp_ext.info", info)
+    monkeypatch.setitem(sys.modules, "gmp_ext.app.info", info)
     assert main(["info"]) == 0
     assert capsys.readouterr().out == "info ok\n"
     assert main(["--help"]) == 0
@@ -228,7 +228,7 @@ def test_help_is_plain_text_with_every_option_explained(
     command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     if command == ["demo"]:
-        pytest.importorskip("gmp_ext.demo")
+        pytest.importorskip("gmp_ext.app.demo")
     assert main([*command, "--help"]) == 0
     text = capsys.readouterr().out
     for markup in ("`", "%%", "**", ":class:", ":func:"):
@@ -243,7 +243,7 @@ def test_help_is_plain_text_with_every_option_explained(
 
 
 def test_demo_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("gmp_ext.demo")
+    pytest.importorskip("gmp_ext.app.demo")
     assert main(["demo", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--out DIR output directory (default: gmp_demo)" in text
@@ -295,7 +295,8 @@ def test_info_driver_status(
     kernels: str,
     driver: str,
 ) -> None:
-    from gmp_ext import backends, info
+    from gmp_ext.app import info
+    from gmp_ext.kernels import backends
 
     monkeypatch.setattr(backends, "native", lambda: native)
     monkeypatch.setattr(info, "nvidia_driver_found", lambda: driver_found)
@@ -307,7 +308,7 @@ def test_info_driver_status(
 
 @pytest.mark.parametrize("loads", [True, False])
 def test_nvidia_driver_found_loads_libcuda(monkeypatch: pytest.MonkeyPatch, loads: bool) -> None:
-    from gmp_ext import info
+    from gmp_ext.app import info
 
     tried = []
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext import ops
-from gmp_ext.checkpoint import export_mask, import_mask
-from gmp_ext.controller import GMP, GMPWarning
-from gmp_ext.mask_store import MaskEntry
-from gmp_ext.schedule import GMPSchedule, load_recipe
+from gmp_ext.kernels import ops
+from gmp_ext.model.mask_store import MaskEntry
+from gmp_ext.training.checkpoint import export_mask, import_mask
+from gmp_ext.training.controller import GMP, GMPWarning
+from gmp_ext.training.schedule import GMPSchedule, load_recipe
 
 from .utils import batch, train, without_regrowth
 

@@ -29,9 +29,11 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext import PrunePlan, _reference, primitives
-from gmp_ext._layout import KEY_SPACE_NATIVE, key_space_for, mask_bytes
-from gmp_ext.engine import PreparedStep
+from gmp_ext import PrunePlan
+from gmp_ext.kernels import primitives
+from gmp_ext.kernels import reference as _reference
+from gmp_ext.kernels.engine import PreparedStep
+from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, key_space_for, mask_bytes
 
 from .conftest import native_backend
 from .utils import DTYPE_IDS, DTYPES, SPARSITIES, assert_same, weights

@@ -21,9 +21,9 @@ pytest.importorskip("tqdm")
 
 from matplotlib.colors import to_rgba
 
-from gmp_ext import demo
-from gmp_ext.cli import main
-from gmp_ext.plotting import STAGE_COLORS
+from gmp_ext.app import demo
+from gmp_ext.app.cli import main
+from gmp_ext.training.plotting import STAGE_COLORS
 
 FASHION_MNIST = demo.fashion_mnist_dir(None)
 FASHION_MNIST_ABSENT = not all(
@@ -206,7 +206,7 @@ def test_accuracy_figure_labels_and_stage_colours(quick_run):
 
 
 def test_per_layer_figure_says_target_and_seed(quick_run, tmp_path, monkeypatch):
-    from gmp_ext import plotting
+    from gmp_ext.training import plotting
 
     _, out, _, _ = quick_run
     results = json.loads((out / "results.json").read_text())

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext import deploy
+from gmp_ext.deploy import sparse as deploy
 
 from .utils import DTYPE_IDS, DTYPES, assert_same
 

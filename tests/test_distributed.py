@@ -17,8 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gmp_ext import _reference, backends, distributed, dtensors
-from gmp_ext._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE, KEY_SPACE_WIDE64
+from gmp_ext import distributed
+from gmp_ext.distributed import select as sharded_select
+from gmp_ext.kernels import backends, dtensors
+from gmp_ext.kernels import reference as _reference
+from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE, KEY_SPACE_WIDE64
 
 from .utils import weights
 
@@ -109,8 +112,8 @@ def _passes(tensors, key_space):
     cpu, reference = backends.native_backend("cpu"), backends.REFERENCE
     host = torch.device("cpu")
     return (
-        distributed._Passes(cpu, cpu.prepare(shards, None, None, key_space), host),
-        distributed._Passes(reference, reference.prepare(shards, None, None, key_space), host),
+        sharded_select._Passes(cpu, cpu.prepare(shards, None, None, key_space), host),
+        sharded_select._Passes(reference, reference.prepare(shards, None, None, key_space), host),
     )
 
 
@@ -166,8 +169,8 @@ def test_native_histogram_rejects_bad_arguments():
 
 
 def test_digit_plan_covers_the_key_bits_in_few_small_digits():
-    assert distributed._digit_plan(KEY_SPACE_WIDE) == [(20, 11), (10, 10), (0, 10)]
-    plan = distributed._digit_plan(KEY_SPACE_WIDE64)
+    assert sharded_select._digit_plan(KEY_SPACE_WIDE) == [(20, 11), (10, 10), (0, 10)]
+    plan = sharded_select._digit_plan(KEY_SPACE_WIDE64)
     assert [w for _, w in plan] == [11, 11, 11, 10, 10, 10]
     assert plan[-1][0] == 0 and all(
         s == plan[i + 1][0] + plan[i + 1][1] for i, (s, _) in enumerate(plan[:-1])

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext import GMPSchedule, exporter
+from gmp_ext import GMPSchedule
+from gmp_ext.deploy import exporter
 
 from .test_integrations import lightning_run
 from .utils import TokenPairs, assert_same, tiny_bert, tiny_gpt2
@@ -136,7 +137,7 @@ def test_sidecar_records_the_masks_and_the_gmp_run(tmp_path):
     assert run["config"]["nm"] == [2, 4] and run["config"]["steps_per_epoch"] == 2
     packed = safetensors_torch.load_file(str(tmp_path / "gmp_masks.safetensors"))
     assert packed["0.weight"].dtype == torch.uint8 and packed["0.weight"].numel() == 32 * 16 // 8
-    keep = gmp_ext.ops.unpack_mask(packed["0.weight"], (32, 16))
+    keep = gmp_ext.kernels.ops.unpack_mask(packed["0.weight"], (32, 16))
     assert torch.equal(keep, gmp_ext.masks(model)["0.weight"])
 
     gmp.remove()

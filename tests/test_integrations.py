@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from gmp_ext import GMPWarning, ops
-from gmp_ext.schedule import GMPSchedule
+from gmp_ext import GMPWarning
+from gmp_ext.kernels import ops
+from gmp_ext.training.schedule import GMPSchedule
 
 from .utils import TokenPairs, without_regrowth
 
@@ -48,7 +49,7 @@ lightning_noise = pytest.mark.filterwarnings(
     "ignore::UserWarning:lightning",
     "ignore::FutureWarning",
     "ignore::DeprecationWarning",
-    "error::gmp_ext.controller.GMPWarning",
+    "error::gmp_ext.training.controller.GMPWarning",
 )
 
 
@@ -126,7 +127,7 @@ def test_lightning_logs_telemetry_to_the_trainer_loggers(tmp_path):
     pytest.importorskip("lightning.pytorch")
     from lightning.pytorch.loggers import Logger
 
-    from gmp_ext.telemetry import scalars
+    from gmp_ext.training.telemetry import scalars
 
     class Recorder(Logger):
         name = "recorder"
@@ -232,7 +233,7 @@ def test_transformers_prunes_to_the_schedule(tmp_path):
 
 def test_transformers_logs_telemetry_through_trainer_log(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from gmp_ext.telemetry import scalars
+    from gmp_ext.training.telemetry import scalars
 
     class Spy(transformers.TrainerCallback):  # a callback after GMPCallback, as a logger is
         def __init__(self) -> None:
@@ -310,7 +311,7 @@ def test_transformers_pretrained_transformer_preset(
 ):
     """One call: the preset built for the Trainer's run, every step at the preset's rate, the
     peak right after every cut and nowhere else."""
-    from gmp_ext.lr_schedule import pruning_steps
+    from gmp_ext.training.lr_schedule import pruning_steps
 
     trainer, callback, rates = hf_preset_train(tmp_path, **arguments)
     recipe, gmp = callback.recipe, callback.gmp
@@ -370,7 +371,7 @@ def test_transformers_callback_refuses_a_preset_of_another_steps_per_epoch(tmp_p
     """A preset built for 100 steps per epoch in a Trainer doing 2: an error naming both."""
     pytest.importorskip("transformers")
     from gmp_ext.integrations.transformers import GMPCallback
-    from gmp_ext.lr_schedule import pretrained_transformer
+    from gmp_ext.training.lr_schedule import pretrained_transformer
 
     recipe = pretrained_transformer(0.8, 1, 100)
     trainer = hf_trainer(tmp_path, [GMPCallback(recipe.schedule)], num_train_epochs=9)

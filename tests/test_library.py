@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext import _reference, library
-from gmp_ext._layout import (
+from gmp_ext.kernels import library
+from gmp_ext.kernels import reference as _reference
+from gmp_ext.kernels.layout import (
     KEY_SPACE_NATIVE,
     KEY_SPACE_WIDE,
     KEY_SPACE_WIDE64,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gmp_ext
-from gmp_ext.lr_schedule import (
+from gmp_ext.training.lr_schedule import (
     PruningRestarts,
     RunSchedule,
     TransformerRecipe,

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gmp_ext
-from gmp_ext import backends
-from gmp_ext._layout import KEY_SPACE_NATIVE, key_space_for
-from gmp_ext.strategies import NMSelection, check_nm
+from gmp_ext.kernels import backends
+from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, key_space_for
+from gmp_ext.pruning.strategies import NMSelection, check_nm
 
 from .conftest import native_backend
 from .utils import DTYPE_IDS, DTYPES, KINDS, assert_same, weights
@@ -23,7 +23,7 @@ PATTERNS = [(1, 2), (2, 4), (1, 4), (3, 8), (4, 8), (5, 16), (16, 32)]
 def run_nm(backend, tensors, pattern, scope, counts, key_space=KEY_SPACE_NATIVE):
     """gather -> select over the lists -> build, on one backend; (lists, rows, masks)."""
     n, m = pattern
-    masks = [gmp_ext.primitives.new_mask(t) for t in tensors]
+    masks = [gmp_ext.kernels.primitives.new_mask(t) for t in tensors]
     job = backend.prepare(tensors, masks, None, key_space)
     lists = [t.new_empty(t.numel() // m * (m - n)) for t in tensors]
     selection = backend.prepare(lists, None, scope, key_space)
@@ -50,7 +50,7 @@ def oracle_keep(tensor: torch.Tensor, pattern: tuple[int, int], k: int) -> torch
 
 
 def keep_of(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-    return gmp_ext.ops.unpack_mask(mask.cpu(), (tensor.numel(),))
+    return gmp_ext.kernels.ops.unpack_mask(mask.cpu(), (tensor.numel(),))
 
 
 # -- kernels -------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext.controller import GMP, GMPWarning
-from gmp_ext.schedule import GMPSchedule
+from gmp_ext.training.controller import GMP, GMPWarning
+from gmp_ext.training.schedule import GMPSchedule
 
 from .utils import assert_same, train
 

@@ -12,8 +12,13 @@ pytest.importorskip("matplotlib")
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 
-from gmp_ext.plotting import STAGE_COLORS, plot_schedule, plot_sparsity_history, plot_telemetry
-from gmp_ext.schedule import GMPSchedule, LRSteps
+from gmp_ext.training.plotting import (
+    STAGE_COLORS,
+    plot_schedule,
+    plot_sparsity_history,
+    plot_telemetry,
+)
+from gmp_ext.training.schedule import GMPSchedule, LRSteps
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCHEDULE = GMPSchedule(0.05, 0.90, 1, 35, 1.0, "cubic")

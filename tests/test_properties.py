@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmp_ext import _reference, ops
-from gmp_ext._layout import key_space_for
+from gmp_ext.kernels import ops
+from gmp_ext.kernels import reference as _reference
+from gmp_ext.kernels.layout import key_space_for
 
 from .conftest import native_backend
 from .utils import check_pruned_set

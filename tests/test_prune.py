@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmp_ext import _reference
-from gmp_ext._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE
-from gmp_ext.backends import REFERENCE
+from gmp_ext.kernels import reference as _reference
+from gmp_ext.kernels.backends import REFERENCE
+from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE
 
 from .utils import DTYPE_IDS, DTYPES, KINDS, assert_same, weights
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext.mask_store import get_store
+from gmp_ext.model.mask_store import get_store
 
 from .utils import assert_same
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gmp_ext.schedule import INTERPOLATIONS, GMPSchedule, LRSteps, Recipe, load_recipe
+from gmp_ext.training.schedule import INTERPOLATIONS, GMPSchedule, LRSteps, Recipe, load_recipe
 
 EXAMPLE_RECIPE = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "gmp_resnet.yaml"
 

@@ -19,6 +19,12 @@ from torch import nn
 
 import gmp_ext
 from gmp_ext import GMPSchedule, GMPWarning
+from gmp_ext.pruning.strategies import (
+    GlobalSelection,
+    LayerSelection,
+    NMSelection,
+    selection_from_dict,
+)
 from gmp_ext.scores import (
     FunctionScore,
     Magnitude,
@@ -28,12 +34,6 @@ from gmp_ext.scores import (
     registered_scores,
     score_for,
     score_from_dict,
-)
-from gmp_ext.strategies import (
-    GlobalSelection,
-    LayerSelection,
-    NMSelection,
-    selection_from_dict,
 )
 
 from .utils import assert_same
@@ -223,7 +223,7 @@ def test_function_score_layer_scope_is_exact(kind, seed):
     for name, v in values.items():
         numel, negatives = v.numel(), int((v < 0).sum())
         for k in counts_around_negatives(negatives, numel):
-            assert gmp_ext.ops.prune_count(numel, k / numel) == k
+            assert gmp_ext.kernels.ops.prune_count(numel, k / numel) == k
             model = odd_model(seed)
             before = snapshot(model)
             seen.clear()
@@ -427,7 +427,7 @@ def test_wanda_on_a_lora_wrapped_gpt2_prunes_the_base_weights_exactly():
     assert set(achieved) == set(gmp_ext.select_parameters(tiny_gpt2()))
     base = wrapped.base_model.model
     for name in achieved:
-        weight = gmp_ext.selection.parameter_by_name(base, name)
+        weight = gmp_ext.model.parameters.parameter_by_name(base, name)
         assert int((weight == 0).sum()) == round(0.75 * weight.numel()), name
     for name, param in wrapped.named_parameters():
         if name in lora_before:
@@ -1065,12 +1065,12 @@ def test_score_specs():
 
 
 def test_recipes_pass_the_score_on():
-    recipe = gmp_ext.schedule.load_recipe({**SCHEDULE, "score": "wanda"})
+    recipe = gmp_ext.training.schedule.load_recipe({**SCHEDULE, "score": "wanda"})
     assert recipe.score == "wanda"
     assert recipe.gmp_options()["score"] == "wanda"
-    assert "score" not in gmp_ext.schedule.load_recipe(SCHEDULE).gmp_options()
+    assert "score" not in gmp_ext.training.schedule.load_recipe(SCHEDULE).gmp_options()
     with pytest.raises(ValueError, match="score must be a score name"):
-        gmp_ext.schedule.load_recipe({**SCHEDULE, "score": 3})
+        gmp_ext.training.schedule.load_recipe({**SCHEDULE, "score": 3})
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     gmp = gmp_ext.GMP.from_recipe(

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.nn.utils import prune
 
-from gmp_ext import _reference, ops, primitives
-from gmp_ext._layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE, key_space_for
+from gmp_ext.kernels import ops, primitives
+from gmp_ext.kernels import reference as _reference
+from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE, key_space_for
 
 from .utils import (
     DTYPE_IDS,

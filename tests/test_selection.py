@@ -10,7 +10,7 @@ from torch.nn.utils import parametrizations, parametrize, prune
 
 import gmp_ext
 from gmp_ext import GMP, GMPSchedule, GMPWarning
-from gmp_ext.selection import matches, unwrap
+from gmp_ext.model.parameters import matches, unwrap
 
 
 class TiedLM(nn.Module):
@@ -274,6 +274,6 @@ def test_zero_dim_tensor_sparsity_accepted_other_tensors_explained():
 
 
 def test_gmp_warning_is_importable_from_the_top_level():
-    from gmp_ext.controller import GMPWarning as from_controller
+    from gmp_ext.training.controller import GMPWarning as from_controller
 
     assert gmp_ext.GMPWarning is from_controller and issubclass(GMPWarning, UserWarning)

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext import primitives
-from gmp_ext.controller import GMP
-from gmp_ext.mask_store import get_store, maskable
-from gmp_ext.schedule import GMPSchedule
+from gmp_ext.kernels import primitives
+from gmp_ext.model.mask_store import get_store, maskable
+from gmp_ext.training.controller import GMP
+from gmp_ext.training.schedule import GMPSchedule
 
 from .utils import assert_same
 
@@ -132,7 +132,8 @@ def test_any_sparse_dim_and_duplicates_masked_by_flat_index(sparse_dim):
     )
     summed = grad.to_dense()
     assert maskable(param, grad) is grad
-    primitives.apply_sparse_in_place(grad, gmp_ext.ops.pack_mask(keep), chunk=7)  # cuts rows
+    # chunk=7 cuts rows
+    primitives.apply_sparse_in_place(grad, gmp_ext.kernels.ops.pack_mask(keep), chunk=7)
     assert torch.equal(grad._indices(), indices)
     assert_same(grad.to_dense(), torch.where(keep, summed, 0), f"sparse_dim {sparse_dim}")
     # Each duplicate of a kept element keeps its own value, each of a pruned one is zeroed.

@@ -15,12 +15,13 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from gmp_ext import _reference, library, primitives
-from gmp_ext._layout import KEY_SPACE_NATIVE, mask_bytes
-from gmp_ext.backends import Backend, Job
-from gmp_ext.backends import cuda as cuda_backend
-from gmp_ext.backends.base import new_job
-from gmp_ext.engine import PreparedStep
+from gmp_ext.kernels import library, primitives
+from gmp_ext.kernels import reference as _reference
+from gmp_ext.kernels.backends import Backend, Job
+from gmp_ext.kernels.backends import cuda as cuda_backend
+from gmp_ext.kernels.backends.base import new_job
+from gmp_ext.kernels.engine import PreparedStep
+from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, mask_bytes
 
 from .conftest import native_backend
 from .utils import assert_same, weights

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import gmp_ext
-from gmp_ext.controller import GMP, GMPWarning
-from gmp_ext.schedule import GMPSchedule
-from gmp_ext.telemetry import LAYER_METRICS, scalars
+from gmp_ext.training.controller import GMP, GMPWarning
+from gmp_ext.training.schedule import GMPSchedule
+from gmp_ext.training.telemetry import LAYER_METRICS, scalars
 
 from .test_controller import LAYERS, Net
 from .utils import DTYPE_IDS, DTYPES, batch, weights
@@ -279,7 +279,7 @@ def test_log_to_summary_writer(tmp_path):
 
 def test_plot_telemetry_of_a_run(tmp_path):
     pytest.importorskip("matplotlib")
-    from gmp_ext.plotting import plot_telemetry
+    from gmp_ext.training.plotting import plot_telemetry
 
     model, opt = plain_sgd()
     gmp = GMP(model, opt, SCHEDULE, steps_per_epoch=2)

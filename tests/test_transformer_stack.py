@@ -171,7 +171,7 @@ def test_a_registered_layer_is_selected_with_its_layout(monkeypatch):
     with pytest.raises(ValueError, match=r"no matmul weight .* gmp_ext.register_layer"):
         gmp_ext.prune_step(model, 0.5)
     # The registry as it was comes back after the test.
-    monkeypatch.setattr(gmp_ext.layers, "_REGISTERED", dict(gmp_ext.layers._REGISTERED))
+    monkeypatch.setattr(gmp_ext.model.layers, "_REGISTERED", dict(gmp_ext.model.layers._REGISTERED))
     gmp_ext.register_layer(Projection, weight="kernel", reduction_dim=0)
     assert list(gmp_ext.prune_step(model, 0.5, nm=(2, 4))) == ["0.kernel"]
     assert bool(((input_groups(model[0].kernel, 0, 4) != 0).sum(1) == 2).all())
@@ -224,7 +224,7 @@ def test_peft_model_default_selection_is_the_base_weights_under_base_names():
     assert set(achieved) == base_names  # no lora_A / lora_B, no base_layer in the names
     base = wrapped.base_model.model
     for name in base_names:
-        weight = gmp_ext.selection.parameter_by_name(base, name)
+        weight = gmp_ext.model.parameters.parameter_by_name(base, name)
         assert int((weight == 0).sum()) == round(0.9 * weight.numel()), name
     for name, param in wrapped.named_parameters():
         if "lora_" in name:

@@ -31,7 +31,7 @@ intermediate, output) are pruned; the pooler and the classifier stay dense. Arms
   fine-tuning (the sawtooth schedule of Kurtic & Alistarh, arXiv 2210.06384);
 * ``gmp_rewarm``: the naive schedule with that re-warmed learning rate;
 * ``recipe``: gmp_ext's preset for pretrained transformers,
-  ``gmp_ext.lr_schedule.pretrained_transformer`` (the schedule and learning rate of
+  ``gmp_ext.training.lr_schedule.pretrained_transformer`` (the schedule and learning rate of
   ``gmp_large_first_rewarm --init 0.7 --end 0.25``: 70% at step 0, cubic to the target by a
   quarter of the budget, the rate re-warmed at every update);
 * ``recipe_wanda``, ``recipe_movement``: the ``recipe`` arm with ``score="wanda"`` (input norms
@@ -262,7 +262,7 @@ def observed_recipe(target: float, epochs: float, steps_per_epoch: int) -> Any:
     """The ``recipe`` arm's schedule shifted for a score that observes training: the same
     first step, end and update interval, but the first update one interval (1/16 of the run)
     after step 0 instead of at it."""
-    from gmp_ext.lr_schedule import RunSchedule, pretrained_transformer
+    from gmp_ext.training.lr_schedule import RunSchedule, pretrained_transformer
 
     preset = pretrained_transformer(target, epochs, steps_per_epoch).schedule
     return RunSchedule(
@@ -288,7 +288,7 @@ def run_arm(
 
     import gmp_ext
     from gmp_ext.integrations.transformers import GMPCallback
-    from gmp_ext.lr_schedule import PruningRestarts, pretrained_transformer
+    from gmp_ext.training.lr_schedule import PruningRestarts, pretrained_transformer
 
     torch.manual_seed(seed)
     model = copy.deepcopy(dense)

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loaded before gmp_ext._C so both share torch's OpenMP runtime)
 
-from . import deploy, distributed, lr_schedule, ops, scores, strategies
-from ._version import __version__
-from .controller import GMP
-from .deploy import is_nm_sparse, load_sparse, save_sparse, to_semi_structured
-from .distributed import verify_masks_across_ranks
-from .exceptions import GMPWarning
-from .exporter import MaskCheck, check_masks, export, load_masks
-from .layers import register_layer
-from .plan import PrunePlan
-from .pruner import (
+from gmp_ext import deploy, distributed, scores
+from gmp_ext._version import __version__
+from gmp_ext.deploy import is_nm_sparse, load_sparse, save_sparse, to_semi_structured
+from gmp_ext.deploy.exporter import MaskCheck, check_masks, export, load_masks
+from gmp_ext.distributed import verify_masks_across_ranks
+from gmp_ext.exceptions import GMPWarning
+from gmp_ext.kernels import ops
+from gmp_ext.model.layers import register_layer
+from gmp_ext.model.parameters import select_parameters
+from gmp_ext.pruning import strategies
+from gmp_ext.pruning.plan import PrunePlan
+from gmp_ext.pruning.pruner import (
     SparsityReport,
     apply_masks,
     attach,
@@ -32,8 +34,9 @@ from .pruner import (
     zero_pruned_grads,
     zero_pruned_state,
 )
-from .schedule import GMPSchedule
-from .selection import select_parameters
+from gmp_ext.training import lr_schedule
+from gmp_ext.training.controller import GMP
+from gmp_ext.training.schedule import GMPSchedule, load_recipe
 
 __all__ = [
     "GMP",
@@ -51,6 +54,7 @@ __all__ = [
     "export",
     "is_nm_sparse",
     "load_masks",
+    "load_recipe",
     "load_sparse",
     "lr_schedule",
     "masks",

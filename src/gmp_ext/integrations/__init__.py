@@ -1,4 +1,4 @@
-"""Thin adapters that run :class:`gmp_ext.controller.GMP` inside training frameworks.
+"""Thin adapters that run :class:`gmp_ext.training.controller.GMP` inside training frameworks.
 
 Each framework's module is imported on its own (``gmp_ext.integrations.lightning``,
 ``gmp_ext.integrations.transformers``) and needs that framework; this package needs neither.
@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..controller import GMP
-from ..exceptions import GMPWarning
-from ..schedule import GMPSchedule
+from gmp_ext.exceptions import GMPWarning
+from gmp_ext.training.controller import GMP
+from gmp_ext.training.schedule import GMPSchedule
 
 
 def start_gmp(

@@ -23,11 +23,11 @@ except ImportError:
             "gmp_ext.integrations.lightning needs Lightning: pip install lightning"
         ) from exc
 
-from ..controller import GMP
-from ..exporter import export
-from ..schedule import GMPSchedule
-from ..telemetry import scalars
-from . import start_gmp
+from gmp_ext.deploy.exporter import export
+from gmp_ext.integrations import start_gmp
+from gmp_ext.training.controller import GMP
+from gmp_ext.training.schedule import GMPSchedule
+from gmp_ext.training.telemetry import scalars
 
 __all__ = ["CHECKPOINT_KEY", "GMPCallback", "optimizer_steps_per_epoch"]
 
@@ -57,14 +57,14 @@ class GMPCallback(Callback):
     against the schedule at the start, the steps taken at the end
     (:meth:`gmp_ext.GMP.check_run_length`). Every mask update's telemetry goes to the
     trainer's loggers (``trainer.loggers``: TensorBoard, CSV, W&B, ...) at the update's step,
-    at the end of the batch it falls in, as :func:`gmp_ext.telemetry.scalars` names it
+    at the end of the batch it falls in, as :func:`gmp_ext.training.telemetry.scalars` names it
     (``gmp/churn``, ``gmp/<layer>/regrowth``, ...; ``log_layers=False``: totals only; a resumed
     run logs the updates after its checkpoint). ``export_to``: a directory the global-zero
     process writes the LightningModule to at the end of ``fit`` with :func:`gmp_ext.export`
     (``model.safetensors`` and the mask sidecar, names as the module's state dict has them;
     before ``remove_on_fit_end`` drops the masks); sharded (FSDP2) parameters and
     ``export_to`` are a ValueError at the start of training. ``gmp_kwargs`` go to
-    :class:`gmp_ext.controller.GMP`.
+    :class:`gmp_ext.training.controller.GMP`.
     """
 
     def __init__(

@@ -19,12 +19,12 @@ except ImportError as exc:
         "gmp_ext.integrations.transformers needs Transformers: pip install transformers"
     ) from exc
 
-from ..controller import GMP
-from ..exporter import export
-from ..lr_schedule import PruningRestarts, TransformerRecipe, pretrained_transformer
-from ..schedule import GMPSchedule
-from ..telemetry import scalars
-from . import start_gmp
+from gmp_ext.deploy.exporter import export
+from gmp_ext.integrations import start_gmp
+from gmp_ext.training.controller import GMP
+from gmp_ext.training.lr_schedule import PruningRestarts, TransformerRecipe, pretrained_transformer
+from gmp_ext.training.schedule import GMPSchedule
+from gmp_ext.training.telemetry import scalars
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -88,14 +88,14 @@ class GMPCallback(TrainerCallback):
     steps taken at the end (:meth:`gmp_ext.GMP.check_run_length`).
 
     Telemetry: after a step with a mask update the callback asks the Trainer to log
-    (``control.should_log``) and adds the update's :func:`gmp_ext.telemetry.scalars`
+    (``control.should_log``) and adds the update's :func:`gmp_ext.training.telemetry.scalars`
     (``gmp/churn``, ``gmp/<layer>/regrowth``, ...; ``log_layers=False``: totals only) to that
     ``Trainer.log`` call's ``logs`` and to its ``trainer.state.log_history`` entry, so the
     callbacks after this one (the console printer, your own) and ``trainer_state.json`` have
     them. The Trainer runs its ``report_to`` integrations before user callbacks: for
     TensorBoard, also call ``callback.gmp.log_to(SummaryWriter(...))`` (e.g. in a callback's
     ``on_train_begin`` placed after this one). ``gmp_kwargs`` go to
-    :class:`gmp_ext.controller.GMP`.
+    :class:`gmp_ext.training.controller.GMP`.
 
     ``export_to``: a directory the main process writes the model to at the end of training
     with :func:`gmp_ext.export` (its ``save_pretrained`` checkpoint, dense with its exact zeros,
@@ -137,8 +137,8 @@ class GMPCallback(TrainerCallback):
         export_to: str | os.PathLike[str] | None = None,
         **gmp_kwargs: Any,
     ) -> PretrainedTransformerCallback:
-        """GMP to ``sparsity`` with :func:`gmp_ext.lr_schedule.pretrained_transformer`, built for
-        the Trainer's run and with its learning rate: ``Trainer(...,
+        """GMP to ``sparsity`` with :func:`gmp_ext.training.lr_schedule.pretrained_transformer`,
+        built for the Trainer's run and with its learning rate: ``Trainer(...,
         callbacks=[GMPCallback.pretrained_transformer(0.9)])``. See
         :class:`PretrainedTransformerCallback`."""
         return PretrainedTransformerCallback(
@@ -292,7 +292,7 @@ def _lambda_lr(scheduler: Any, factor: PruningRestarts) -> torch.optim.lr_schedu
 
 
 class PretrainedTransformerCallback(TrainerCallback):
-    """:func:`gmp_ext.lr_schedule.pretrained_transformer` in a Trainer, its learning rate
+    """:func:`gmp_ext.training.lr_schedule.pretrained_transformer` in a Trainer, its learning rate
     included; made by :meth:`GMPCallback.pretrained_transformer`.
 
     At ``on_train_begin`` it builds the preset (``self.recipe``) for the run the Trainer is
@@ -300,13 +300,13 @@ class PretrainedTransformerCallback(TrainerCallback):
     epochs) of ``steps_per_epoch`` (default :func:`optimizer_steps_per_epoch`); runs a
     :class:`GMPCallback` with its schedule (``self.pruning``; its controller is ``self.gmp``);
     and makes the Trainer's own scheduler, a ``LambdaLR``, follow the preset's factor
-    (:class:`gmp_ext.lr_schedule.PruningRestarts`): ``learning_rate`` is the peak, reached
+    (:class:`gmp_ext.training.lr_schedule.PruningRestarts`): ``learning_rate`` is the peak, reached
     again right after every pruning update. That replaces the Trainer's schedule, so
     ``lr_scheduler_type`` must be ``"linear"`` (the default) or ``"constant"`` and there must be
     no warmup, else a ValueError at the start of training (as for a run under 16 steps).
     Checkpoints and resuming work as with :class:`GMPCallback` (the factor's state is builtins,
     saved with the Trainer's scheduler). ``export_to`` works as with :class:`GMPCallback`.
-    ``gmp_kwargs`` go to :class:`gmp_ext.controller.GMP`.
+    ``gmp_kwargs`` go to :class:`gmp_ext.training.controller.GMP`.
     """
 
     def __init__(

@@ -17,7 +17,7 @@ from typing import cast
 
 import torch
 
-from .base import (
+from gmp_ext.scores.base import (
     Score,
     ScoreSpec,
     rank_tensors,
@@ -26,10 +26,10 @@ from .base import (
     score_from_dict,
     signed_thresholds,
 )
-from .function import FunctionScore
-from .magnitude import Magnitude
-from .movement import Movement
-from .wanda import Wanda
+from gmp_ext.scores.function import FunctionScore
+from gmp_ext.scores.magnitude import Magnitude
+from gmp_ext.scores.movement import Movement
+from gmp_ext.scores.wanda import Wanda
 
 __all__ = [
     "FunctionScore",

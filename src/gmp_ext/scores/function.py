@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import Score
+from gmp_ext.scores.base import Score
 
 __all__ = ["FunctionScore"]
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Score, register_score
+from gmp_ext.scores.base import Score, register_score
 
 __all__ = ["Magnitude"]
 

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..selection import parameter_by_name, unwrap
-from .base import Score, register_score
+from gmp_ext.model.parameters import parameter_by_name, unwrap
+from gmp_ext.scores.base import Score, register_score
 
 __all__ = ["Movement"]
 

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import weight_layout
-from ..selection import owner_of, unwrap
-from .base import Score, register_score
+from gmp_ext.model.layers import weight_layout
+from gmp_ext.model.parameters import owner_of, unwrap
+from gmp_ext.scores.base import Score, register_score
 
 __all__ = ["Wanda"]
 

@@ -1,0 +1,72 @@
+"""The reference backend: the pure-PyTorch ops of ``gmp_ext.kernels.reference`` on any device."""
+
+from __future__ import annotations
+
+import torch
+
+from gmp_ext.kernels import reference as _reference
+from gmp_ext.kernels.backends.base import Backend, Job, new_job
+from gmp_ext.kernels.layout import KEY_SPACE_NATIVE
+
+__all__ = ["ReferenceBackend"]
+
+
+class ReferenceBackend(Backend):
+    """Pure PyTorch on any device (``_reference.py``); its jobs read the counts on the host."""
+
+    name = "reference"
+
+    def prepare(self, tensors, masks=None, scope=None, key_space=KEY_SPACE_NATIVE) -> Job:
+        device = tensors[0].device if tensors else torch.device("cpu")
+        return new_job(tensors, masks, scope, key_space, device)
+
+    def select(self, job: Job) -> None:
+        if job.scope == "layer":
+            rows = _reference.select_layerwise(job.tensors, job.counts.tolist())
+        else:
+            rows = _reference.select_global(job.tensors, int(job.counts[0]), job.key_space)
+        job.rows.copy_(rows.reshape(job.rows.shape))
+
+    def build(self, job: Job, zero_pruned: bool = False) -> None:
+        _reference.build_masks(job.tensors, job.rows, job.masks)
+        if zero_pruned:
+            _reference.apply_masks(job.tensors, job.masks)
+
+    def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:
+        for target, listed in zip(lists.tensors, _reference.nm_gather(job.tensors, *pattern)):
+            target.copy_(listed)
+
+    def nm_build(self, job: Job, rows: torch.Tensor, pattern: tuple[int, int]) -> None:
+        _reference.nm_build_masks(job.tensors, rows, job.masks, *pattern)
+
+    def apply(self, job: Job) -> None:
+        _reference.apply_masks(job.tensors, job.masks)
+
+    pack_bits = staticmethod(_reference.pack_bits)
+    unpack_bits = staticmethod(_reference.unpack_bits)
+
+    def histogram(
+        self, job: Job, shift: int, width: int, prefixes: torch.Tensor | None, count_nan: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        bins = 1 << width
+        wanted = None if prefixes is None else prefixes.tolist()
+        rows, nans = [], []
+        for i, tensor in enumerate(job.tensors):
+            keys = _reference.magnitude_keys(tensor, job.key_space)
+            if wanted is not None:  # prefix -1 (a skipped row) matches no key
+                keys = keys[(keys >> (shift + width)) == wanted[i]]
+            rows.append(torch.bincount((keys >> shift) & (bins - 1), minlength=bins))
+            nans.append(
+                torch.isnan(tensor).sum() if count_nan else torch.zeros((), device=tensor.device)
+            )
+        return torch.stack(rows).long(), torch.stack(nans).long()
+
+    def find_equal(self, job: Job, keys: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+        found = []
+        for tensor, key, rank in zip(job.tensors, keys.tolist(), ranks.tolist()):
+            if rank <= 0:
+                found.append(-1)
+                continue
+            matches = (_reference.magnitude_keys(tensor, job.key_space) == key).nonzero()
+            found.append(int(matches.reshape(-1)[rank - 1]))
+        return torch.tensor(found, dtype=torch.int64, device=job.rows.device)
