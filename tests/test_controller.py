@@ -15,7 +15,8 @@ from gmp_ext.kernels import ops
 from gmp_ext.model.mask_store import MaskEntry
 from gmp_ext.training.checkpoint import export_mask, import_mask
 from gmp_ext.training.controller import GMP, GMPWarning
-from gmp_ext.training.schedule import GMPSchedule, load_recipe
+from gmp_ext.training.recipes import load_recipe
+from gmp_ext.training.schedule import GMPSchedule
 
 from .utils import batch, train, without_regrowth
 

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gmp_ext.training.schedule import INTERPOLATIONS, GMPSchedule, LRSteps, Recipe, load_recipe
+from gmp_ext.training.recipes import Recipe, load_recipe
+from gmp_ext.training.schedule import INTERPOLATIONS, GMPSchedule, LRSteps
 
 EXAMPLE_RECIPE = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "gmp_resnet.yaml"
 
@@ -327,7 +328,7 @@ def test_state_dict_bad_keys() -> None:
 def test_from_yaml_sparseml_recipe(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
     path.write_text(SPARSEML_RECIPE, encoding="utf-8")
-    assert GMPSchedule.from_yaml(path) == _schedule()
+    assert load_recipe(path).schedule == _schedule()
     recipe = load_recipe(str(path))
     assert recipe == Recipe(
         schedule=_schedule(),
@@ -341,7 +342,7 @@ def test_from_yaml_sparseml_recipe(tmp_path: Path) -> None:
 
 def test_from_dict_bare_mapping_and_defaults() -> None:
     data = {"init_sparsity": 0, "final_sparsity": 0.8, "start_epoch": 2, "end_epoch": 12}
-    assert GMPSchedule.from_dict(data) == GMPSchedule(0.0, 0.8, 2.0, 12.0, 1.0, "cubic")
+    assert load_recipe(data).schedule == GMPSchedule(0.0, 0.8, 2.0, 12.0, 1.0, "cubic")
     recipe = load_recipe({**data, "params": "__ALL_PRUNABLE__", "num_epochs": 20})
     assert recipe.params == ("__ALL_PRUNABLE__",)
     assert recipe.total_epochs == 20.0
@@ -363,7 +364,7 @@ def test_untagged_modifier_mapping() -> None:
             }
         ]
     }
-    assert GMPSchedule.from_dict(data) == _schedule()
+    assert load_recipe(data).schedule == _schedule()
 
 
 def test_example_recipe_loads() -> None:
@@ -413,7 +414,7 @@ def test_recipe_errors(data: dict[str, object], message: str) -> None:
 
 def test_from_dict_needs_a_mapping() -> None:
     with pytest.raises(ValueError, match="recipe must be a mapping, got list"):
-        GMPSchedule.from_dict([1, 2])  # type: ignore[arg-type]
+        load_recipe([1, 2])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -1065,12 +1065,12 @@ def test_score_specs():
 
 
 def test_recipes_pass_the_score_on():
-    recipe = gmp_ext.training.schedule.load_recipe({**SCHEDULE, "score": "wanda"})
+    recipe = gmp_ext.load_recipe({**SCHEDULE, "score": "wanda"})
     assert recipe.score == "wanda"
     assert recipe.gmp_options()["score"] == "wanda"
-    assert "score" not in gmp_ext.training.schedule.load_recipe(SCHEDULE).gmp_options()
+    assert "score" not in gmp_ext.load_recipe(SCHEDULE).gmp_options()
     with pytest.raises(ValueError, match="score must be a score name"):
-        gmp_ext.training.schedule.load_recipe({**SCHEDULE, "score": 3})
+        gmp_ext.load_recipe({**SCHEDULE, "score": 3})
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     gmp = gmp_ext.GMP.from_recipe(

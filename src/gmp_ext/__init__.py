@@ -36,7 +36,8 @@ from gmp_ext.pruning.pruner import (
 )
 from gmp_ext.training import lr_schedule
 from gmp_ext.training.controller import GMP
-from gmp_ext.training.schedule import GMPSchedule, load_recipe
+from gmp_ext.training.recipes import load_recipe
+from gmp_ext.training.schedule import GMPSchedule
 
 __all__ = [
     "GMP",

@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gmp_ext._version import __version__
-from gmp_ext.training.schedule import GMPSchedule, Recipe, load_recipe
+from gmp_ext.training.recipes import Recipe, load_recipe
+from gmp_ext.training.schedule import GMPSchedule
 
 __all__ = ["main"]
 

@@ -43,13 +43,14 @@ from gmp_ext.pruning.strategies import Selection
 from gmp_ext.scores import ScoreSpec
 from gmp_ext.training import checkpoint
 from gmp_ext.training.config import GMPConfig, check_in_optimizer
+from gmp_ext.training.recipes import Recipe, load_recipe
 from gmp_ext.training.run_checks import (
     PassCounter,
     check_counts,
     check_epoch_steps,
     check_run_length,
 )
-from gmp_ext.training.schedule import GMPSchedule, Recipe, Schedule, Stage, load_recipe
+from gmp_ext.training.schedule import GMPSchedule, Schedule, Stage
 from gmp_ext.training.telemetry import ScalarWriter, UpdateProbe, Writers
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ class GMP:
         steps_per_epoch: int,
         **kwargs: Any,
     ) -> GMP:
-        """A controller from a recipe (see :func:`gmp_ext.training.schedule.load_recipe`).
+        """A controller from a recipe (see :func:`gmp_ext.training.recipes.load_recipe`).
 
         The recipe supplies the schedule, ``params`` (names or patterns, SparseML's ``re:``
         prefix included), ``scope`` (``global_sparsity: true`` -> ``"global"``),
