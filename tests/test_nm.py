@@ -15,7 +15,7 @@ from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, key_space_for
 from gmp_ext.pruning.strategies import NMSelection, check_nm
 
 from .conftest import native_backend
-from .utils import DTYPE_IDS, DTYPES, KINDS, assert_same, weights
+from .utils import DTYPE_IDS, DTYPES, KINDS, assert_same, nm_oracle_keep, weights
 
 PATTERNS = [(1, 2), (2, 4), (1, 4), (3, 8), (4, 8), (5, 16), (16, 32)]
 
@@ -35,18 +35,8 @@ def run_nm(backend, tensors, pattern, scope, counts, key_space=KEY_SPACE_NATIVE)
 
 
 def oracle_keep(tensor: torch.Tensor, pattern: tuple[int, int], k: int) -> torch.Tensor:
-    """Brute force from the contract: in each group the m - n smallest (|w|, index) are
-    candidates; the k smallest candidates by (|w|, flat index) are pruned."""
-    n, m = pattern
-    flat = tensor.detach().double().abs().reshape(-1).tolist()
-    candidates = []
-    for start in range(0, len(flat), m):
-        ranked = sorted(range(start, start + m), key=lambda i: (flat[i], i))
-        candidates += ranked[: m - n]
-    pruned = sorted(candidates, key=lambda i: (flat[i], i))[:k]
-    keep = torch.ones(len(flat), dtype=torch.bool)
-    keep[pruned] = False
-    return keep
+    """The contract's keep flags by magnitude (flat): ranked by (|w|, index)."""
+    return nm_oracle_keep(tensor.detach().double().abs().reshape(-1), *pattern, k)
 
 
 def keep_of(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from gmp_ext.scores import (
     score_from_dict,
 )
 
-from .utils import assert_same
+from .utils import assert_same, nm_oracle_keep
 
 # -- oracles -----------------------------------------------------------------------------------
 
@@ -58,21 +58,6 @@ def oracle_keep_global(values: list[torch.Tensor], k: int) -> list[torch.Tensor]
         out.append(keep[start : start + v.numel()].view(v.shape))
         start += v.numel()
     return out
-
-
-def oracle_nm_keep(values: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
-    """N:M over a 2-D view with the reduction dimension last: in each group of m the m - n
-    smallest (value, index) are candidates; the k smallest candidates by (value, flat index)
-    are pruned."""
-    flat = values.reshape(-1).tolist()
-    candidates = []
-    for start in range(0, len(flat), m):
-        ranked = sorted(range(start, start + m), key=lambda i: (flat[i], i))
-        candidates += ranked[: m - n]
-    pruned = sorted(candidates, key=lambda i: (flat[i], i))[:k]
-    keep = torch.ones(len(flat), dtype=torch.bool)
-    keep[pruned] = False
-    return keep.view(values.shape)
 
 
 def check_pruned_weights(
@@ -866,9 +851,9 @@ def test_nm_with_wanda_keeps_the_largest_values_of_each_group(sparsity):
     conv_values = wanda_oracle(before["conv.weight"], exact_sums(batches, 1), 1)
     conv_view = conv_values.movedim(1, -1).reshape(-1, 8)
     k_conv = round(sparsity * conv_values.numel())
-    conv_keep = oracle_nm_keep(conv_view, n, m, k_conv).view(4, 3, 3, 8).movedim(-1, 1)
+    conv_keep = nm_oracle_keep(conv_view, n, m, k_conv).view(4, 3, 3, 8).movedim(-1, 1)
     fc_values = wanda_oracle(before["fc.weight"], exact_sums(fc_inputs, -1), 1)
-    fc_keep = oracle_nm_keep(fc_values, n, m, round(sparsity * fc_values.numel()))
+    fc_keep = nm_oracle_keep(fc_values, n, m, round(sparsity * fc_values.numel()))
     assert torch.equal(keeps["conv.weight"], conv_keep)
     assert torch.equal(keeps["fc.weight"], fc_keep)
     check_pruned_weights(net, before, keeps)

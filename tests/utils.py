@@ -50,6 +50,21 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
+def nm_oracle_keep(values: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
+    """N:M from the contract, by brute force over ``values`` (the ranked keys, reduction
+    dimension last): in each group of m the m - n smallest (value, index) are candidates; the k
+    smallest candidates by (value, flat index) are pruned. The keep flags, ``values``' shape."""
+    flat = values.reshape(-1).tolist()
+    candidates = []
+    for start in range(0, len(flat), m):
+        ranked = sorted(range(start, start + m), key=lambda i: (flat[i], i))
+        candidates += ranked[: m - n]
+    pruned = sorted(candidates, key=lambda i: (flat[i], i))[:k]
+    keep = torch.ones(len(flat), dtype=torch.bool)
+    keep[pruned] = False
+    return keep.view(values.shape)
+
+
 def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
     """Bitwise equality; on failure name the first positions that differ."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
