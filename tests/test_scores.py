@@ -1167,3 +1167,13 @@ def test_wanda_refuses_attention_out_proj_by_name():
         )
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert gmp_ext.masks(model) == {}
+
+
+@pytest.mark.parametrize(("k", "cut"), [(1, -3.0), (2, -2.0), (3, -1.0), (4, 0.0), (5, 1.0)])
+def test_signed_threshold_is_the_largest_pruned_value(k, cut):
+    model = nn.Linear(4, 2, bias=False)
+    values = torch.tensor([[-3.0, -1.0, 2.0, 5.0], [-2.0, 0.0, 1.0, 4.0]])
+    gmp_ext.prune_step(model, k / 8, score=lambda name, param: values)
+    assert gmp_ext.pruning.pruner.entries_of(model)["weight"].threshold == cut
+    keep = gmp_ext.masks(model)["weight"]
+    assert float(values[~keep].max()) == cut and int((~keep).sum()) == k

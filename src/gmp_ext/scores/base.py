@@ -186,14 +186,22 @@ def _mirrored(values: torch.Tensor) -> torch.Tensor:
 def signed_thresholds(
     values: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], per_tensor: bool
 ) -> list[float]:
-    """The value of the last pruned element, read from the values at the index the selection
-    rows give (rows over mapped values rank the same elements); 0.0 where nothing is pruned. A
-    global selection has one cut, the last pruned element in (tensor, index) order: every
-    tensor reports it."""
-    cuts = [
-        float(v.reshape(-1)[index]) if (index := int(row[1])) >= 0 else None
-        for v, row in zip(values, rows)
-    ]
+    """The value at the cut (the largest pruned value), from selection rows over mapped values:
+    the value at the row's index, except where the cut falls among the negatives that one map
+    ranks all at key 0 (then the largest negative: of the tensor, or of all tensors in a global
+    selection); 0.0 where nothing is pruned. A global selection has one cut, the last pruned
+    element in (tensor, index) order: every tensor reports it."""
+    cuts: list[float | None] = []
+    for value, row in zip(values, rows):
+        key, index = int(row[0]), int(row[1])
+        if index < 0:
+            cuts.append(None)
+            continue
+        cut = float(value.reshape(-1)[index])
+        if key == 0 and -math.inf < cut < 0:  # shifted map: every negative shares key 0
+            negatives = value[value < 0] if per_tensor else torch.cat([v[v < 0] for v in values])
+            cut = float(negatives.max())
+        cuts.append(cut)
     if per_tensor:
         return [0.0 if c is None else c for c in cuts]
     found = [c for c in cuts if c is not None]
