@@ -7,15 +7,25 @@ weights (restored outside the timed region) and, for Wanda and movement, the sam
 state (input norms, accumulated ``-w * grad``: random positive norms and N(0, 1) totals).
 The training step is forward + backward + AdamW over the same weights as a stack of bias-free
 layers (Linear: ``--tokens`` rows of input; Conv: a batch of 2 at 14x14), the accumulation is
-``Movement.accumulate()`` over the same weights with their gradients.
+``Movement.accumulate()`` over the same weights with their gradients. ``--before REV`` also
+times the magnitude step of gmp_ext's Python package as it was at commit REV (with this
+build's compiled module, whose sources must be unchanged since), in a subprocess of the same
+run: the before/after row of a change to the Python layer.
 
-    python benchmarks/bench_scores.py --models resnet50 bert_base
+    python benchmarks/bench_scores.py --models resnet50 bert_base --before fdc3042
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,7 +40,6 @@ from utils import (
 )
 
 import gmp_ext
-from gmp_ext.scores import Movement, Wanda
 
 SPARSITY = 0.9
 
@@ -84,8 +93,54 @@ def _kthvalue_loop(params: list[torch.Tensor]) -> None:
             p.mul_(p.abs() > threshold)
 
 
+def time_magnitude(model: str, dtype: torch.dtype, repeats: int) -> dict:
+    """The eager magnitude prune step alone (what ``--before`` runs in the old package)."""
+    from shapes import MODELS
+
+    stack = Stack(weights_for(MODELS[model](), dtype=dtype))
+    params = list(stack.parameters())
+    dense = [p.detach().clone() for p in params]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, d in zip(params, dense):
+                p.copy_(d)
+
+    return measure(
+        "cpu",
+        lambda _: gmp_ext.prune_step(stack, SPARSITY),
+        repeats=repeats,
+        setup=restore,
+        confirm_slow=True,
+    )
+
+
+def time_before(rev: str, model: str, dtype_name: str, repeats: int) -> dict:
+    """:func:`time_magnitude` with gmp_ext's package at ``rev`` (a subprocess)."""
+    root = Path(__file__).resolve().parents[1]
+    compiled = next(Path(gmp_ext.__file__).parent.glob("_C*.so"))
+    with tempfile.TemporaryDirectory() as folder:
+        archive = subprocess.run(
+            ["git", "archive", rev, "src/gmp_ext"], cwd=root, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+        package = Path(folder) / "src"
+        shutil.copy(compiled, package / "gmp_ext" / compiled.name)
+        env = {**os.environ, "PYTHONPATH": f"{package}{os.pathsep}{Path(__file__).parent}"}
+        out = subprocess.run(
+            [sys.executable, __file__, "--magnitude-only", model, dtype_name, str(repeats)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def run(model: str, dtype: torch.dtype, tokens: int, repeats: int, copy: dict) -> list[dict]:
     from shapes import MODELS
+
+    from gmp_ext.scores import Movement, Wanda
 
     weights = weights_for(MODELS[model](), dtype=dtype)
     stack = Stack(weights)
@@ -147,10 +202,15 @@ def run(model: str, dtype: torch.dtype, tokens: int, repeats: int, copy: dict) -
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--magnitude-only"]:  # the subprocess of --before
+        model, dtype_name, repeats = sys.argv[2:5]
+        print(json.dumps(time_magnitude(model, getattr(torch, dtype_name), int(repeats))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
     parser.add_argument("--tokens", type=int, default=256, help="input rows per Linear layer")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--before", help="also time the magnitude step at this git revision")
     args = parser.parse_args()
     if args.device != "cpu":
         parser.error("bench_scores.py times the CPU path only")
@@ -158,6 +218,12 @@ def main() -> None:
     for model in args.models:
         for dtype_name in args.dtype:
             rows = run(model, getattr(torch, dtype_name), args.tokens, args.repeats, copy)
+            if args.before:
+                timing = time_before(args.before, model, dtype_name, args.repeats)
+                base = {k: rows[0][k] for k in ("kernel", "model", "dtype", "device")}
+                provider = f"gmp_ext prune_step magnitude (at {args.before})"
+                rows.insert(1, {**base, "provider": provider, **timing})
+                rows[1]["x_magnitude"] = float(timing["p50_ms"]) / float(rows[0]["p50_ms"])
             path = write_rows(f"scores_{model}_cpu_{dtype_name}", [copy, *rows])
             print_table(
                 rows,
