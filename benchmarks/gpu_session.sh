@@ -669,7 +669,7 @@ session)
     diagnostics
     cuda_tests tests "$TESTS_SECONDS" "not slow" tests/test_cuda.py tests/test_select.py \
         tests/test_bitmask.py tests/test_apply_masks.py tests/test_prune.py tests/test_nm.py \
-        tests/test_library.py tests/test_plan.py tests/test_backend.py
+        tests/test_library.py tests/test_plan.py tests/test_backend.py tests/test_scores.py
     target_benchmarks
     require_gpu_rows
     ;;

@@ -1177,3 +1177,50 @@ def test_signed_threshold_is_the_largest_pruned_value(k, cut):
     assert gmp_ext.pruning.pruner.entries_of(model)["weight"].threshold == cut
     keep = gmp_ext.masks(model)["weight"]
     assert float(values[~keep].max()) == cut and int((~keep).sum()) == k
+
+
+# -- every device present (CUDA where there is one: the same masks as the oracle) ---------------
+
+
+def _signed_levels(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(-3, 4, shape, generator=generator) * 0.5).float()
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_function_score_on_each_device(device, scope):
+    model = nn.Sequential(nn.Linear(9, 7), nn.Linear(7, 5)).to(device)
+    values = {"0.weight": _signed_levels((7, 9), 1), "1.weight": _signed_levels((5, 7), 2)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gmp_ext.prune_step(
+        model, 0.6, scope=scope, score=lambda name, param: values[name].to(param.device)
+    )
+    masks = gmp_ext.masks(model)
+    names = list(values)
+    if scope == "layer":
+        expected = [oracle_keep(values[n], round(0.6 * values[n].numel())) for n in names]
+    else:
+        total = sum(v.numel() for v in values.values())
+        expected = oracle_keep_global([values[n] for n in names], round(0.6 * total))
+    for name, keep in zip(names, expected):
+        assert torch.equal(masks[name].cpu(), keep), name
+        weight = dict(model.named_parameters())[name].detach()
+        assert torch.equal(weight.cpu(), torch.where(keep, before[name].cpu(), 0.0)), name
+
+
+def test_wanda_and_plan_on_each_device(device):
+    model = nn.Sequential(nn.Linear(16, 12, bias=False)).to(device)
+    batches = [torch.randn(5, 16, device=device) for _ in range(3)]
+    # Summed batch by batch on the device, as the hooks sum them: the same float32 sums.
+    norms = sum(b.float().square().sum(0) for b in batches).sqrt()
+    values = model[0].weight.detach().abs().float() * norms
+    expected = oracle_keep(values.cpu(), round(0.75 * values.numel()))
+    planned = nn.Sequential(nn.Linear(16, 12, bias=False)).to(device)
+    planned.load_state_dict(model.state_dict())
+    gmp_ext.prune_step(model, 0.75, score="wanda", calibration=batches)
+    assert torch.equal(gmp_ext.masks(model)["0.weight"].cpu(), expected)
+    plan = gmp_ext.PrunePlan(planned, 0.75, score=lambda name, param: values)
+    plan.step()
+    assert plan.check() == {"0.weight": 0.75}
+    assert torch.equal(gmp_ext.masks(planned)["0.weight"].cpu(), expected)
+    assert torch.equal(planned[0].weight, model[0].weight)
