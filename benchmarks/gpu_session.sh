@@ -363,7 +363,7 @@ verify() {
     fi
     out=$(timeout -k 5 60 "$PY" -P - <<'EOF' 2>&1
 import gmp_ext._C as C
-from gmp_ext import backends
+from gmp_ext.kernels import backends
 info = C.build_info()
 print(f"build_info: cuda={info['cuda']} architectures={info['cuda_architectures']!r} "
       f"nvcc={info['cuda_compiler_version']!r}")
@@ -376,7 +376,7 @@ elif not backends.cuda_kernels_available():
     print("PROBLEM gmp_ext.kernels.backends.cuda_kernels_available() is False")
 else:  # one kernel launch: "no kernel image for this device" and the like show here
     import torch
-    from gmp_ext import ops
+    from gmp_ext.kernels import ops
     try:
         ops.select_layerwise([torch.randn(1 << 16, device="cuda")], 0.9)
         torch.cuda.synchronize()
