@@ -35,6 +35,7 @@ __all__ = [
     "NMSelection",
     "Selection",
     "check_nm",
+    "register_selection",
     "select_rows_global",
     "select_rows_layerwise",
     "selection_for",
@@ -80,6 +81,17 @@ Prepare = Callable[
 Scored = Optional[tuple[list[torch.Tensor], list[torch.Tensor]]]
 
 
+_SELECTIONS: dict[str, type[Selection]] = {}
+
+
+def register_selection(cls: type[Selection]) -> type[Selection]:
+    """Class decorator: checkpoints naming ``cls.name`` (``to_dict``) make ``cls`` again."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute 'name' to be registered")
+    _SELECTIONS[cls.name] = cls
+    return cls
+
+
 class Selection:
     """The base of every strategy; subclasses set ``scope`` (the kind of backend job that
     selects for them), ``per_tensor_targets`` and, for a structured pattern, ``pattern`` and
@@ -89,7 +101,7 @@ class Selection:
     per_tensor_targets: bool  # one target per tensor, or one for all of them
     pattern: StepPattern = UNSTRUCTURED  # how the prepared step turns ranks into masks
     needs_layout = False  # whether masks() needs each tensor's reduction dimension
-    name = ""  # registered name (checkpoints): see selection_from_dict
+    name = ""  # registered name (checkpoints): see register_selection
 
     def params(self) -> dict[str, object]:
         """Constructor arguments, builtins only (``to_dict`` round-trips through them)."""
@@ -235,6 +247,7 @@ class Selection:
         return self.counts(numels, targets)
 
 
+@register_selection
 class LayerSelection(Selection):
     """``round(target * numel)`` of every tensor, each by its own threshold."""
 
@@ -251,6 +264,7 @@ class LayerSelection(Selection):
         return select_rows_layerwise(tensors, labels, counts)
 
 
+@register_selection
 class GlobalSelection(Selection):
     """``round(target * total)`` of all tensors together, by one threshold (ties: tensor
     position, then flat index), on one device.
@@ -412,6 +426,7 @@ class NMPattern(StepPattern):
         library.nm_build_masks(ranked, rows, masks, self.n, self.m, wide64=wide64)
 
 
+@register_selection
 class NMSelection(Selection):
     """N:M sparsity (``n`` of every ``m`` consecutive weights along the reduction dimension
     kept), reached gradually.
@@ -579,11 +594,6 @@ def selection_from_dict(spec: Mapping[str, object]) -> Selection:
     """The strategy a :meth:`Selection.to_dict` describes (ValueError for an unknown name)."""
     params = dict(spec)
     name = params.pop("name", None)
-    kinds: dict[object, Callable[..., Selection]] = {
-        "layer": LayerSelection,
-        "global": GlobalSelection,
-        "nm": NMSelection,
-    }
-    if name not in kinds:
-        raise ValueError(f"unknown selection {name!r}; known: {sorted(map(str, kinds))}")
-    return kinds[name](**params)
+    if not isinstance(name, str) or name not in _SELECTIONS:
+        raise ValueError(f"unknown selection {name!r}; known: {sorted(_SELECTIONS)}")
+    return _SELECTIONS[name](**params)
