@@ -112,7 +112,7 @@ class Wanda(Score):
             shape = [1] * param.dim()
             shape[dim] = -1
             norms = sums.to(param.device).sqrt().view(shape)
-            values.append(param.detach().float().abs() * norms)
+            values.append(param.detach().abs().float().mul_(norms))  # one float32 buffer
         return values
 
     def reset(self) -> None:
