@@ -1224,3 +1224,114 @@ def test_wanda_and_plan_on_each_device(device):
     assert plan.check() == {"0.weight": 0.75}
     assert torch.equal(gmp_ext.masks(planned)["0.weight"].cpu(), expected)
     assert torch.equal(planned[0].weight, model[0].weight)
+
+
+# -- review findings: each weight its own state, inputs of every layout, nothing left behind ---
+
+
+class _Gated(nn.Module):
+    """One module owning two matmul weights that see the same input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 3))
+        self.w2 = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x @ self.w1.T, x @ self.w2.T], dim=-1)
+
+
+def test_wanda_keeps_one_sum_per_weight_of_a_module():
+    gmp_ext.register_layer(_Gated, ("w1", "w2"), 1)
+    model = nn.Sequential(_Gated())
+    wanda = Wanda()
+    handles = wanda.attach(model, ["0.w1", "0.w2"])
+    for _ in range(3):
+        model(torch.ones(1, 3))
+    for handle in handles:
+        handle.remove()
+    sums = wanda.state_dict()["sums"]
+    assert torch.equal(sums["0.w1"], torch.full((3,), 3.0))
+    assert torch.equal(sums["0.w2"], torch.full((3,), 3.0))
+    assert wanda._sums["0.w1"] is not wanda._sums["0.w2"]
+
+
+def test_wanda_reads_channels_of_unbatched_conv_input():
+    model = nn.Sequential(nn.Conv2d(4, 2, 1, bias=False))
+    x = torch.ones(4, 3, 5)  # [C, H, W]: channels first, no batch
+    x[0] *= 10
+    wanda = Wanda()
+    handles = wanda.attach(model, ["0.weight"])
+    model(x)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(wanda.state_dict()["sums"]["0.weight"], torch.tensor([1500.0, 15, 15, 15]))
+
+
+def test_signed_threshold_with_minus_inf_among_the_pruned_negatives():
+    model = nn.Linear(4, 1, bias=False)
+    values = torch.tensor([[-1.0, 3.0, -float("inf"), 2.0]])
+    gmp_ext.prune_step(model, 0.5, score=lambda name, param: values)
+    assert gmp_ext.pruning.pruner.entries_of(model)["weight"].threshold == -1.0
+
+
+def test_a_refused_score_leaves_the_running_controller_as_it_was():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    first = gmp_ext.GMP(model, optimizer, GMPSchedule(**SCHEDULE), steps_per_epoch=SPE)
+    hooks = dict(optimizer._optimizer_step_post_hooks)
+    with pytest.raises(ValueError, match="in_proj_weight"):
+        gmp_ext.GMP(model, optimizer, GMPSchedule(**SCHEDULE), steps_per_epoch=SPE, score="wanda")
+    assert dict(optimizer._optimizer_step_post_hooks) == hooks
+    assert gmp_ext.model.mask_store.get_store(model).controller() is first
+    assert not any(m._forward_pre_hooks for m in model.modules() if m is not model)
+
+
+def test_plans_with_a_score_leave_no_hooks_behind():
+    import gc
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="above 1 - n/m"):
+        plan = gmp_ext.PrunePlan(model, 0.9, nm=(2, 4), score="wanda")
+    assert not model[0]._forward_pre_hooks and gmp_ext.masks(model) == {}
+    plan = gmp_ext.PrunePlan(model, 0.5, score="wanda")
+    assert len(model[0]._forward_pre_hooks) == 1
+    model(torch.randn(3, 8))
+    step = plan._step
+    plan.step()
+    model(torch.randn(3, 8))
+    plan.step()
+    assert plan._step is step  # the plan's buffers keep its tables bound
+    del plan, step
+    gc.collect()
+    assert not model[0]._forward_pre_hooks
+
+
+def test_scored_prune_steps_are_not_cached():
+    model = nn.Sequential(nn.Linear(8, 8))
+    gmp_ext.prune_step(model, 0.5, score=lambda name, param: param.detach().abs() + 1)
+    assert not gmp_ext.model.mask_store.get_store(model)._prune_steps
+    gmp_ext.prune_step(model, 0.6)
+    assert len(gmp_ext.model.mask_store.get_store(model)._prune_steps) == 1
+
+
+def test_score_state_loads_onto_the_parameters_device(device):
+    model = nn.Sequential(nn.Linear(6, 4, bias=False)).to(device)
+    movement = Movement()
+    movement.attach(model, ["0.weight"])
+    saved = {"totals": {"0.weight": torch.randn(4, 6)}, "steps": 2}  # as map_location="cpu" gives
+    movement.load_state_dict(saved)
+    model(torch.randn(2, 6, device=device)).sum().backward()
+    movement.accumulate()
+    grad = model[0].weight.grad
+    expected = (
+        saved["totals"]["0.weight"].to(device).addcmul(model[0].weight.detach(), grad, value=-1)
+    )
+    assert torch.equal(movement.state_dict()["totals"]["0.weight"], expected)
+    wanda = Wanda()
+    handles = wanda.attach(model, ["0.weight"])
+    wanda.load_state_dict({"sums": {"0.weight": torch.ones(6)}, "tokens": 1})
+    model(torch.ones(1, 6, device=device))
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(wanda.state_dict()["sums"]["0.weight"].cpu(), torch.full((6,), 2.0))

@@ -165,12 +165,14 @@ class MaskStore:
         ranked: Sequence[torch.Tensor] | None = None,
     ) -> PreparedStep:
         """The prepared select -> build step of these parameters and masks (with the strategy's
-        ``pattern``, ranking a score's ``ranked`` tensors when given), made once and reused
-        while they keep their storage (a repeated prune step builds no tables)."""
-        key = (tuple(names), scope, key_space, pattern, ranked is None)
+        ``pattern``), made once and reused while they keep their storage (a repeated prune step
+        builds no tables); ranking a score's ``ranked`` tensors, a step for this call only."""
+        if ranked is not None:  # a score's values are new at every call: nothing to reuse
+            return PreparedStep(tensors, masks, scope, key_space, pattern, ranked)
+        key = (tuple(names), scope, key_space, pattern)
         step = self._prune_steps.get(key)
-        if step is None or step.key != PreparedStep.binding(tensors, masks, ranked):
-            step = PreparedStep(tensors, masks, scope, key_space, pattern, ranked)
+        if step is None or step.key != PreparedStep.binding(tensors, masks):
+            step = PreparedStep(tensors, masks, scope, key_space, pattern)
             self._prune_steps[key] = step
         return step
 

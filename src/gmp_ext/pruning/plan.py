@@ -12,10 +12,12 @@ mask build leaves the affected masks as they were (every mask, in global scope).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from gmp_ext import distributed
 from gmp_ext.kernels import ops, primitives
@@ -25,7 +27,7 @@ from gmp_ext.model.mask_store import MaskEntry, ensure_store, get_store
 from gmp_ext.model.parameters import reduction_dims, unwrap
 from gmp_ext.pruning.pruner import ParamSpec, SparsitySpec, targets_of
 from gmp_ext.pruning.strategies import Selection, selection_for
-from gmp_ext.scores import ScoreSpec, rank_tensors, score_for, signed_thresholds
+from gmp_ext.scores import Ranked, ScoreSpec, rank_tensors, score_for
 
 __all__ = ["PrunePlan"]
 
@@ -109,15 +111,20 @@ class PrunePlan:
             mask = None if store is None else store.reusable_mask(name, param)
             self._entries[name] = MaskEntry(param, self._all_kept(param) if mask is None else mask)
         self._counts: list[int] = [0] * len(self._params)
-        ensure_store(model).hooks.extend(self._score.attach(model, self._names))
-        self._values: list[torch.Tensor] | None = None  # a signed score's last values
+        self._scored: Ranked | None = None  # a signed score's last mapping (for thresholds)
         # A score's ranked values live in buffers of the plan, so the step's tables stay bound.
         self._ranked: list[torch.Tensor] | None = None
         if not self._score.in_place:
             self._ranked = [torch.empty(p.shape, device=p.device) for p in self._params]
         self._prepare()
         self.set_sparsity(sparsity)
-        ensure_store(model).set_masks(self._entries)
+        # The score refuses a layer before it hooks any; its hooks live as long as the plan (or
+        # until gmp_ext.remove(model)).
+        handles = self._score.attach(model, self._names)
+        store = ensure_store(model)
+        store.set_masks(self._entries)
+        store.hooks.extend(handles)
+        weakref.finalize(self, _remove_all, handles)
 
     @staticmethod
     def _all_kept(param: torch.Tensor) -> torch.Tensor:
@@ -191,7 +198,8 @@ class PrunePlan:
             self._check_devices()
             self._step.run_operators(self._params, masks)
             return
-        if self._step.key != PreparedStep.binding([p.detach() for p in self._params], masks):
+        live = [p.detach() for p in self._params]
+        if self._step.key != PreparedStep.binding(live, masks, self._ranked):
             self._check_devices()
             self._prepare()
             self.set_sparsity(self._sparsity)
@@ -207,15 +215,15 @@ class PrunePlan:
         )
         assert scored is not None
         assert self._ranked is not None
-        if scored[0] is not scored[1] and self._selection.needs_layout:
+        if scored.mapped and self._selection.needs_layout:
             raise ValueError(
                 f"nm= ranks non-negative scores only; score {self._score.name!r} gave negative "
                 "values (nothing was modified)"
             )
         with torch.no_grad():
-            for buffer, ranked in zip(self._ranked, scored[0]):
+            for buffer, ranked in zip(self._ranked, scored.ranked):
                 buffer.copy_(ranked)
-        self._values = None if scored[0] is scored[1] else scored[1]
+        self._scored = scored if scored.mapped else None
         self._score.reset()
 
     def _check_devices(self) -> None:
@@ -244,10 +252,8 @@ class PrunePlan:
             )
         thresholds = (
             self._step.thresholds()
-            if self._values is None
-            else signed_thresholds(
-                self._values, self._step.rows(), self._selection.per_tensor_targets
-            )
+            if self._scored is None
+            else self._scored.cuts(self._step.rows(), self._selection.per_tensor_targets)
         )
         for name, threshold in zip(self._names, thresholds):
             self._entries[name].threshold = threshold
@@ -255,3 +261,8 @@ class PrunePlan:
 
     def _has_nan(self, i: int) -> bool:
         return bool(torch.isnan(self._params[i].detach()).any())
+
+
+def _remove_all(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()

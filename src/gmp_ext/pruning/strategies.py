@@ -26,7 +26,7 @@ from gmp_ext.kernels.dtensors import any_dtensor, local_tensor
 from gmp_ext.kernels.engine import UNSTRUCTURED, PreparedStep, StepPattern
 from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, key_space_for, valid_nm
 from gmp_ext.model.layers import reduction_last, restore_layout
-from gmp_ext.scores import Score, rank_tensors, signed_thresholds
+from gmp_ext.scores import Ranked, Score, rank_tensors
 
 __all__ = [
     "GlobalSelection",
@@ -77,8 +77,8 @@ Prepare = Callable[
     ],
     PreparedStep,
 ]
-# A score's (ranked, values) for the kernels (gmp_ext.scores.rank_tensors), None for |w|.
-Scored = Optional[tuple[list[torch.Tensor], list[torch.Tensor]]]
+# A score's tensors for the kernels (gmp_ext.scores.rank_tensors), None for |w| in place.
+Scored = Optional[Ranked]
 
 
 _SELECTIONS: dict[str, type[Selection]] = {}
@@ -208,7 +208,7 @@ class Selection:
             else primitives.new_mask(t)
             for i, t in enumerate(local)
         ]
-        ranked = None if scored is None else scored[0]
+        ranked = None if scored is None else scored.ranked
         key_space = self.key_space({t.dtype for t in (local if ranked is None else ranked)})
         step = prepare(local, masks, self.scope, key_space, self.pattern, ranked)
         step.set_counts(counts, self.per_tensor_targets)
@@ -218,8 +218,8 @@ class Selection:
         # The select's staged copies still hold the tensors; a build that also applies zeroes
         # the pruned elements in its own pass (the fused build).
         step.run(select=False, apply=zero_pruned, restage=False)
-        if scored is not None and scored[0] is not scored[1]:  # signed values, mapped
-            return masks, signed_thresholds(scored[1], step.rows(), self.per_tensor_targets)
+        if scored is not None and scored.mapped:  # signed values
+            return masks, scored.cuts(step.rows(), self.per_tensor_targets)
         return masks, step.thresholds()
 
     def masks_for_counts(
@@ -232,12 +232,12 @@ class Selection:
     ) -> tuple[list[torch.Tensor], list[float]]:
         """:meth:`masks` for counts (and score tensors) already known; the masks are built from
         what is ranked, nothing is zeroed."""
-        ranked = list(tensors) if scored is None else scored[0]
+        ranked = list(tensors) if scored is None else scored.ranked
         rows = self.rows(ranked, [f"parameter '{n}'" for n in names], counts)
         reference = primitives.uses_reference(self.key_space({t.dtype for t in ranked}))
         masks = primitives.build(ranked, rows, [reference] * len(ranked), reuse)
-        if scored is not None and scored[0] is not scored[1]:
-            return masks, signed_thresholds(scored[1], rows, self.per_tensor_targets)
+        if scored is not None and scored.mapped:
+            return masks, scored.cuts(rows, self.per_tensor_targets)
         # In global scope every tensor's threshold is the cut over all of them.
         thresholds = primitives.thresholds(rows, ranked, [1] * len(ranked))
         return masks, [th.value for th in thresholds]
@@ -537,7 +537,7 @@ class NMSelection(Selection):
         self.check(tensors, names, [d if t.dim() > d else 0 for t, d in zip(tensors, dims)])
         counts = self.counts([t.numel() for t in tensors], targets)
         scored = self.scored(score, names, tensors, counts)
-        if scored is not None and scored[0] is not scored[1]:
+        if scored is not None and scored.mapped:
             n, m = self.nm
             raise ValueError(
                 f"nm=({n}, {m}) ranks non-negative scores only (its groups protect their largest "
@@ -546,8 +546,8 @@ class NMSelection(Selection):
         views = [reduction_last(t.detach(), d) for t, d in zip(tensors, dims)]
         moved = [v.dim() > 1 and d != v.dim() - 1 for v, d in zip(views, dims)]
         if scored is not None:  # the values in the views' order, as the kernels read them
-            ranked = [reduction_last(r, d).contiguous() for r, d in zip(scored[0], dims)]
-            scored = (ranked, ranked)
+            ranked = [reduction_last(r, d).contiguous() for r, d in zip(scored.ranked, dims)]
+            scored = Ranked(ranked, ranked, None)
         # Masks of permuted views are built in the views' order, then permuted back in place (the
         # same storage each step, so the store's prepared step stays bound to it).
         masks, thresholds = self.masks_with(

@@ -18,13 +18,13 @@ from typing import cast
 import torch
 
 from gmp_ext.scores.base import (
+    Ranked,
     Score,
     ScoreSpec,
     rank_tensors,
     register_score,
     registered_scores,
     score_from_dict,
-    signed_thresholds,
 )
 from gmp_ext.scores.function import FunctionScore
 from gmp_ext.scores.magnitude import Magnitude
@@ -35,6 +35,7 @@ __all__ = [
     "FunctionScore",
     "Magnitude",
     "Movement",
+    "Ranked",
     "Score",
     "ScoreSpec",
     "Wanda",
@@ -43,7 +44,6 @@ __all__ = [
     "registered_scores",
     "score_for",
     "score_from_dict",
-    "signed_thresholds",
 ]
 
 

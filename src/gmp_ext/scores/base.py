@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, NamedTuple, Union
 
 import torch
 from torch import nn
 
 __all__ = [
+    "Ranked",
     "Score",
     "ScoreSpec",
     "rank_tensors",
     "register_score",
     "registered_scores",
     "score_from_dict",
-    "signed_thresholds",
 ]
 
 _INF_BITS = 0x7F800000
@@ -141,31 +141,68 @@ def _check_values(
     return checked, [low < 0 for low in lows]
 
 
+class Ranked(NamedTuple):
+    """A score's tensors for one selection: ``ranked`` (what the kernels rank), ``values``
+    (the score's own) and, where signed values were mapped, ``shifted`` (per tensor, which of
+    the two maps: True when the count reaches every negative value, which then all rank at key
+    0); None when the values are ranked as they are (``ranked is values``)."""
+
+    ranked: list[torch.Tensor]
+    values: list[torch.Tensor]
+    shifted: list[bool] | None
+
+    @property
+    def mapped(self) -> bool:
+        return self.shifted is not None
+
+    def cuts(self, rows: Sequence[torch.Tensor], per_tensor: bool) -> list[float]:
+        """The value at the cut (the largest pruned value) per tensor, from selection rows over
+        the mapped values: the value at the row's index, except where the shifted map ranked
+        every negative at key 0 (then the largest negative: of the tensor, or of all tensors in
+        a global selection); 0.0 where nothing is pruned. A global selection has one cut, the
+        last pruned element in (tensor, index) order: every tensor reports it."""
+        shifted = self.shifted or [False] * len(self.values)
+        cuts: list[float | None] = []
+        for value, row, among_negatives in zip(self.values, rows, shifted):
+            key, index = int(row[0]), int(row[1])
+            if index < 0:
+                cuts.append(None)
+                continue
+            cut = float(value.reshape(-1)[index])
+            if among_negatives and key == 0:
+                pool = [value] if per_tensor else self.values
+                cut = float(torch.cat([v[v < 0] for v in pool]).max())
+            cuts.append(cut)
+        if per_tensor:
+            return [0.0 if c is None else c for c in cuts]
+        found = [c for c in cuts if c is not None]
+        return [found[-1] if found else 0.0] * len(cuts)
+
+
 def rank_tensors(
     score: Score,
     names: Sequence[str],
     params: Sequence[torch.Tensor],
     counts: Sequence[int],
     per_tensor: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    """``(ranked, values)``: the score's values and, for the kernels, non-negative float32
-    tensors whose |x| order is exactly the values' order for the given counts (one per tensor
-    with ``per_tensor``, else one for all); None when the score ranks |w| itself. ValueError
-    naming the parameter on NaN values, before anything is modified. Non-negative values are
-    ranked as they are (``ranked is values``)."""
+) -> Ranked | None:
+    """The score's values and, for the kernels, non-negative float32 tensors whose |x| order is
+    exactly the values' order for the given counts (one per tensor with ``per_tensor``, else one
+    for all); None when the score ranks |w| itself. ValueError naming the parameter on NaN
+    values, before anything is modified. Non-negative values are ranked as they are."""
     raw = score.values(names, params)
     if raw is None:
         return None
     values, signed = _check_values(score, names, params, raw)
     if not any(signed):
-        return values, values
+        return Ranked(values, values, None)
     negatives = [int((v < 0).sum()) if neg else 0 for v, neg in zip(values, signed)]
     if per_tensor:
-        prunes_all = [k >= c for k, c in zip(counts, negatives)]
+        shifted = [k >= c for k, c in zip(counts, negatives)]
     else:
-        prunes_all = [sum(counts) >= sum(negatives)] * len(values)
-    ranked = [_shifted(v) if every else _mirrored(v) for v, every in zip(values, prunes_all)]
-    return ranked, values
+        shifted = [sum(counts) >= sum(negatives)] * len(values)
+    ranked = [_shifted(v) if every else _mirrored(v) for v, every in zip(values, shifted)]
+    return Ranked(ranked, values, shifted)
 
 
 def _shifted(values: torch.Tensor) -> torch.Tensor:
@@ -181,28 +218,3 @@ def _mirrored(values: torch.Tensor) -> torch.Tensor:
     bits = values.abs().view(torch.int32)
     keys = torch.where(values < 0, _INF_BITS - bits, _INF_BITS)
     return keys.to(torch.int32).view(torch.float32)
-
-
-def signed_thresholds(
-    values: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], per_tensor: bool
-) -> list[float]:
-    """The value at the cut (the largest pruned value), from selection rows over mapped values:
-    the value at the row's index, except where the cut falls among the negatives that one map
-    ranks all at key 0 (then the largest negative: of the tensor, or of all tensors in a global
-    selection); 0.0 where nothing is pruned. A global selection has one cut, the last pruned
-    element in (tensor, index) order: every tensor reports it."""
-    cuts: list[float | None] = []
-    for value, row in zip(values, rows):
-        key, index = int(row[0]), int(row[1])
-        if index < 0:
-            cuts.append(None)
-            continue
-        cut = float(value.reshape(-1)[index])
-        if key == 0 and -math.inf < cut < 0:  # shifted map: every negative shares key 0
-            negatives = value[value < 0] if per_tensor else torch.cat([v[v < 0] for v in values])
-            cut = float(negatives.max())
-        cuts.append(cut)
-    if per_tensor:
-        return [0.0 if c is None else c for c in cuts]
-    found = [c for c in cuts if c is not None]
-    return [found[-1] if found else 0.0] * len(cuts)

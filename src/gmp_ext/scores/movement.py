@@ -69,8 +69,10 @@ class Movement(Score):
         totals = []
         for name, weight in zip(names, weights):
             total = self._totals.get(name)
-            if total is None or total.shape != weight.shape or total.device != weight.device:
-                total = self._totals[name] = torch.zeros_like(weight)
+            if total is None or total.shape != weight.shape:
+                total = torch.zeros_like(weight)
+            # A state loaded elsewhere (map_location) moves to the weight's device.
+            total = self._totals[name] = total.to(weight.device)
             totals.append(total)
         with torch.no_grad():
             torch._foreach_addcmul_(totals, weights, grads, value=-1.0)
@@ -82,7 +84,7 @@ class Movement(Score):
             total = self._totals.get(name)
             weight = param.detach()
             if total is not None:
-                moved = total
+                moved = total.to(weight.device)
             elif param.grad is not None:
                 moved = -(weight.float() * param.grad.float())
             else:

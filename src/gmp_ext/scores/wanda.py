@@ -51,13 +51,12 @@ class Wanda(Score):
         self._dims: dict[str, int] = {}  # {parameter: its reduction dimension}
         self.tokens = 0  # rows of input seen in this window, by the first hooked layer
         self._first: str | None = None
-        self._training_only = False
 
     def attach(
         self, model: nn.Module, names: Sequence[str], optimizer: torch.optim.Optimizer | None = None
     ) -> list[Any]:
         inner = unwrap(model)[0]
-        self._training_only = optimizer is not None
+        training_only = optimizer is not None
         handles = []
         owners: dict[int, list[str]] = {}
         modules: dict[int, nn.Module] = {}
@@ -70,24 +69,28 @@ class Wanda(Score):
             owners.setdefault(id(module), []).append(name)
             modules[id(module)] = module
         for key, module in modules.items():
-            handles.append(module.register_forward_pre_hook(self._hook(owners[key])))
+            hook = self._hook(owners[key], training_only)
+            handles.append(module.register_forward_pre_hook(hook))
         self._first = names[0] if names else None
         return handles
 
-    def _hook(self, names: list[str]) -> Any:
+    def _hook(self, names: list[str], training_only: bool) -> Any:
         def observe(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            if self._training_only and not module.training:
+            if training_only and not module.training:
                 return
             x = args[0].detach()
-            channel = isinstance(module, _CONVS)
-            features = x.transpose(1, -1) if channel and x.dim() > 2 else x
-            flat = features.reshape(-1, features.shape[-1]).float()
+            if isinstance(module, _CONVS):  # channels before the spatial dims, batched or not
+                x = x.movedim(x.dim() - len(module.kernel_size) - 1, -1)
+            flat = x.reshape(-1, x.shape[-1]).float()
             sums = flat.square().sum(0)
-            for name in names:
+            for name in names:  # each weight its own sums (a state may be loaded per name)
                 total = self._sums.get(name)
-                self._sums[name] = sums if total is None else total.add_(sums)
+                if total is None:
+                    self._sums[name] = sums.clone()
+                else:  # a state loaded elsewhere (map_location) moves to the inputs' device
+                    self._sums[name] = total.to(sums.device).add_(sums)
             if names[0] == self._first:
                 self.tokens += flat.shape[0]
 

@@ -152,6 +152,9 @@ class GMP:
                 f"score {self.config.score.name!r} ranks what it observes in training, but the "
                 "schedule prunes at epoch 0, before any step: start it later (start_epoch > 0)"
             )
+        # The score refuses a layer before it hooks any, and before the model is touched; its
+        # hooks come first: a movement score reads the gradients before the step.
+        score_handles = self.config.score.attach(model, list(selected), optimizer)
         self.steps_per_epoch = self.config.steps_per_epoch
         self.scope = self.config.scope
         store = ensure_store(model)
@@ -175,9 +178,7 @@ class GMP:
             )
         if self.schedule.crossed_update(-float("inf"), 0.0):
             self._update()
-        # The score's hooks first: a movement score reads the gradients before the step.
-        self._handles = self.config.score.attach(model, self._names, optimizer)
-        self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        self._handles = [*score_handles, optimizer.register_step_post_hook(self._after_step)]
         if self.config.mask_gradients:
             self._handles.append(optimizer.register_step_pre_hook(mask_gradients_hook(store)))
         trainable = [*selected.values(), *(p for g in optimizer.param_groups for p in g["params"])]
@@ -428,9 +429,9 @@ class GMP:
         progress, entries = checkpoint.decode(
             state, self.config, self._current_params(), len(self._optimizer.param_groups)
         )
+        self.config.score.load_state_dict(state.get("score_state", {}))
         self._progress = progress
         self._unread = _Unread()  # steps of the run this state replaces
-        self.config.score.load_state_dict(state.get("score_state", {}))
         if progress.original_decay is not None:
             decay = self.config.fine_tune_weight_decay
             progress.set_decay(self._optimizer, decay)  # type: ignore[arg-type]
