@@ -325,7 +325,7 @@ def test_state_dict_bad_keys() -> None:
 # -- recipes ----------------------------------------------------------------------------------
 
 
-def test_from_yaml_sparseml_recipe(tmp_path: Path) -> None:
+def test_load_recipe_reads_a_sparseml_yaml_file(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
     path.write_text(SPARSEML_RECIPE, encoding="utf-8")
     assert load_recipe(path).schedule == _schedule()

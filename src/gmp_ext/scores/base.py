@@ -217,4 +217,4 @@ def _mirrored(values: torch.Tensor) -> torch.Tensor:
     a selection of fewer than all negatives never reaches."""
     bits = values.abs().view(torch.int32)
     keys = torch.where(values < 0, _INF_BITS - bits, _INF_BITS)
-    return keys.to(torch.int32).view(torch.float32)
+    return keys.view(torch.float32)

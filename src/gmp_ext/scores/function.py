@@ -28,7 +28,5 @@ class FunctionScore(Score):
             return [self.fn(name, param.detach()) for name, param in zip(names, params)]
 
     def params(self) -> dict[str, str]:
+        """The function's qualified name, for records only: a function does not round-trip."""
         return {"function": getattr(self.fn, "__qualname__", type(self.fn).__name__)}
-
-    def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, **self.params()}
