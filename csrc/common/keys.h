@@ -7,8 +7,10 @@
 
 #include "dtype.h"
 #include "macros.h"
+#include "tensor_table.h"
 
 #include <cstdint>
+#include <cstring>
 
 namespace gmp {
 
@@ -62,6 +64,49 @@ GMP_HOST_DEVICE constexpr uint32_t inf_key(int32_t dtype, int32_t space) {
     if (space == kWide || dtype == kFloat32)
         return kInfKeyF32;
     return dtype == kFloat16 ? kInfKeyF16 : kInfKeyBF16;
+}
+
+GMP_HOST_DEVICE uint32_t f32_bits(float x) {
+#if defined(__CUDA_ARCH__)
+    return __float_as_uint(x);
+#else
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return bits;
+#endif
+}
+
+GMP_HOST_DEVICE float f32_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+    return __uint_as_float(bits);
+#else
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    return x;
+#endif
+}
+
+// Key of a scaled entry's element (TensorEntry::scale): the fp32 bit pattern of |w| * factor, one
+// IEEE multiply (round to nearest, no FMA: the reference's `w.abs().float() * factor`) of |w|'s
+// exact fp32 value `magnitude` (magnitude_key<D, kWide>). Factors are >= 0, so the product is too,
+// or NaN (a NaN weight, or an infinite one against a zero factor): a key above the infinity key,
+// whatever sign bit the hardware gave the NaN. Scaled keys are in the wide space for every dtype.
+GMP_HOST_DEVICE uint32_t scaled_key(uint32_t magnitude, float factor) {
+#if defined(__CUDA_ARCH__)
+    return f32_bits(__fmul_rn(f32_from_bits(magnitude), factor)) & 0x7fffffffu;
+#else
+    return f32_bits(f32_from_bits(magnitude) * factor) & 0x7fffffffu;
+#endif
+}
+
+// Which factor of a scaled entry element i takes.
+GMP_HOST_DEVICE int64_t scale_feature(const TensorEntry &entry, int64_t i) {
+    return (i / entry.scale_inner) % entry.scale_count;
+}
+
+// The key space an entry's keys are in when `requested` is asked for: scaled keys are always wide.
+GMP_HOST_DEVICE int32_t entry_key_space(const TensorEntry &entry, int32_t requested) {
+    return entry.scale != 0 ? kWide : requested;
 }
 
 // The selection prunes the k smallest (key, index) pairs; (T, I) is the k-th of them.

@@ -16,7 +16,7 @@ KEY_SPACE_WIDE64 = 2
 MASK_ALIGN_BYTES = 16
 
 # csrc/common/tensor_table.h: TensorEntry and Selection column counts
-TABLE_COLUMNS = 6
+TABLE_COLUMNS = 9
 SELECTION_COLUMNS = 4
 
 

@@ -23,13 +23,14 @@ def build_table(
     masks: Sequence[torch.Tensor] | None = None,
     tile_elems: int = 0,
 ) -> torch.Tensor:
-    """int64 [n, 6] rows of csrc/common/tensor_table.h: TensorEntry."""
+    """int64 [n, 9] rows of csrc/common/tensor_table.h: TensorEntry."""
     rows, elem_base, tile_base = [], 0, 0
     for i, tensor in enumerate(tensors):
         numel = tensor.numel()
         mask_ptr = masks[i].data_ptr() if masks is not None else 0
         rows.append(
             [tensor.data_ptr(), mask_ptr, numel, DTYPE_CODES[tensor.dtype], elem_base, tile_base]
+            + [0, 1, 1]
         )
         elem_base += numel
         if tile_elems:
