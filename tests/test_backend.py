@@ -170,7 +170,7 @@ def test_compiled_layout_matches_python():
         pytest.skip("gmp_ext._C is not built")
     info = module.build_info()
     check_native_layout(info)  # the layout this build was made with
-    assert info["table_columns"] == 6 and info["selection_columns"] == 4
+    assert info["table_columns"] == 9 and info["selection_columns"] == 4
     stale = {**info, "dtype_codes": {**info["dtype_codes"], "bfloat16": 7}}
     with pytest.raises(RuntimeError, match=r"dtype_codes: built .*'bfloat16': 7.*reinstall"):
         check_native_layout(stale)

@@ -27,7 +27,7 @@ void build_tile(const TensorEntry &entry, const Selection &s, int64_t begin, int
     }
     auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
     const uint64_t key = static_cast<uint64_t>(s.key);
-    visit_keys(entry, static_cast<int32_t>(s.key_space), [&](auto key_of) {
+    visit_keys(entry, static_cast<int32_t>(s.key_space), begin, end, [&](auto key_of) {
         for (int64_t first = begin; first < end; first += 64) {
             const int64_t count = std::min<int64_t>(64, end - first);
             uint64_t word = 0;
@@ -58,7 +58,7 @@ void build_tile_around_bucket(const TensorEntry &entry, int32_t key_space, const
     const uint32_t low_mask = (uint32_t(1) << bucket.low_bits) - 1;
     const uint64_t low = uint64_t(bucket.prefix) << bucket.low_bits; // the bucket's first key
     const uint64_t high = uint64_t(bucket.prefix + 1) << bucket.low_bits;
-    visit_keys(entry, key_space, [&](auto key_of) {
+    visit_keys(entry, key_space, begin, end, [&](auto key_of) {
         for (int64_t first = begin; first < end; first += 64) {
             const int64_t count = std::min<int64_t>(64, end - first);
             uint64_t at_least_low = 0;

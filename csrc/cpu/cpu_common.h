@@ -92,7 +92,18 @@ inline void check_table(const TensorEntry *table, int64_t n, bool needs_mask) {
         GMP_CHECK(t.numel == 0 || t.data != 0, "entry ", e, ": data pointer is null");
         GMP_CHECK(t.data % dtype_size(static_cast<int32_t>(t.dtype)) == 0, "entry ", e, ": data pointer is misaligned");
         GMP_CHECK(!needs_mask || t.numel == 0 || t.mask != 0, "entry ", e, ": mask pointer is null");
+        GMP_CHECK(t.scale == 0 || (t.scale_inner >= 1 && t.scale_count >= 1 && t.scale % alignof(float) == 0),
+                  "entry ", e, ": a scale needs scale_inner >= 1, scale_count >= 1 and an aligned address, got ",
+                  t.scale_inner, ", ", t.scale_count);
     }
+}
+
+// A selection over all entries compares their keys in one space: scaled keys are wide, so with
+// 16-bit weights the native space (their own 15-bit keys) cannot hold them.
+inline void check_scaled_space(const TensorEntry *table, int64_t n, int32_t key_space) {
+    for (int64_t e = 0; e < n; ++e)
+        GMP_CHECK(key_space == kWide || table[e].scale == 0 || table[e].dtype == kFloat32, "entry ", e,
+                  " is scaled: its keys are wide, so a selection over 16-bit weights needs the wide key space");
 }
 
 // Stores the low `count` bits of `word` at bit `first` (a multiple of 64) of `mask`, touching
@@ -156,9 +167,28 @@ template <int32_t D, int32_t S> struct KeyReader {
     uint32_t operator()(int64_t i) const { return magnitude_key<D, S>(bits[i]); }
 };
 
-// Calls f(reader) with a KeyReader specialised for the entry's dtype and the key space, so the
-// element loops inside f compile once per (dtype, space) with no branch per element.
-template <typename F> void visit_keys(const TensorEntry &entry, int32_t space, F &&f) {
+// Keys of elements [begin, end) of a scaled entry, into out[0, end - begin) (cpu/scaled_keys.cpp).
+void scaled_keys(const TensorEntry &entry, int64_t begin, int64_t end, uint32_t *out);
+
+// The keys of elements [begin, end) of a scaled entry in a buffer of this thread's (valid until
+// its next call), addressed like the weights: element i's key is at [i], for i in [begin, end).
+inline const uint32_t *scaled_range_keys(const TensorEntry &entry, int64_t begin, int64_t end) {
+    thread_local std::vector<uint32_t> keys;
+    if (keys.size() < static_cast<size_t>(end - begin))
+        keys.resize(static_cast<size_t>(end - begin));
+    scaled_keys(entry, begin, end, keys.data());
+    return keys.data() - begin;
+}
+
+// Calls f(reader) with a KeyReader for the keys of elements [begin, end) of the entry (f reads no
+// others), specialised for the entry's dtype and the key space, so the element loops inside f
+// compile once per (dtype, space) with no branch per element. A scaled entry's keys are computed
+// into a buffer of this thread's first and read as fp32 keys (wide: `space` does not apply).
+template <typename F> void visit_keys(const TensorEntry &entry, int32_t space, int64_t begin, int64_t end, F &&f) {
+    if (entry.scale != 0) {
+        f(KeyReader<kFloat32, kNative>{scaled_range_keys(entry, begin, end)});
+        return;
+    }
     const void *data = reinterpret_cast<const void *>(entry.data);
     const auto *bits16 = static_cast<const uint16_t *>(data);
     switch (entry.dtype) {

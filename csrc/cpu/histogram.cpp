@@ -43,6 +43,7 @@ void histogram(const TensorEntry *table, int64_t n, int32_t key_space, int32_t s
                int32_t prefix_shift, const int64_t *prefixes, int64_t *out, int64_t *nan_counts, int num_threads) {
     check_table(table, n, false);
     GMP_CHECK(key_space == kNative || key_space == kWide, "unknown key space ", key_space);
+    check_scaled_space(table, n, key_space);
     GMP_CHECK(bins >= 1 && bins <= (int64_t(1) << 16) && (bins & (bins - 1)) == 0,
               "bins must be a power of two in [1, 65536], got ", bins);
     GMP_CHECK(shift >= 0 && shift < 32 && prefix_shift >= 0 && prefix_shift < 32, "shifts must be in [0, 32), got ",
@@ -87,10 +88,10 @@ void histogram(const TensorEntry *table, int64_t n, int32_t key_space, int32_t s
             }
             pending += tile.end - tile.begin;
             const TensorEntry &entry = table[tile.entry];
-            const uint32_t inf = inf_key(static_cast<int32_t>(entry.dtype), key_space);
+            const uint32_t inf = inf_key(static_cast<int32_t>(entry.dtype), entry_key_space(entry, key_space));
             const auto p = static_cast<uint32_t>(prefix);
             int64_t nans = 0;
-            visit_keys(entry, key_space, [&](auto key_of) {
+            visit_keys(entry, key_space, tile.begin, tile.end, [&](auto key_of) {
                 if (prefixes != nullptr)
                     nans = nan_counts != nullptr ? count_tile<true, true>(key_of, tile, digit, p, inf, local.data())
                                                  : count_tile<true, false>(key_of, tile, digit, p, inf, local.data());
@@ -112,6 +113,7 @@ void find_equal(const TensorEntry *table, int64_t n, int32_t key_space, const in
                 int64_t *out, int num_threads) {
     check_table(table, n, false);
     GMP_CHECK(key_space == kNative || key_space == kWide, "unknown key space ", key_space);
+    check_scaled_space(table, n, key_space);
     GMP_CHECK(n == 0 || (keys != nullptr && ranks != nullptr && out != nullptr), "null pointer");
     check_keys(keys, n);
 
@@ -126,7 +128,7 @@ void find_equal(const TensorEntry *table, int64_t n, int32_t key_space, const in
             continue;
         const auto key = static_cast<uint32_t>(keys[tile.entry]);
         int64_t c = 0;
-        visit_keys(table[tile.entry], key_space, [&](auto key_of) {
+        visit_keys(table[tile.entry], key_space, tile.begin, tile.end, [&](auto key_of) {
             for (int64_t i = tile.begin; i < tile.end; ++i)
                 c += key_of(i) == key;
         });
@@ -145,7 +147,7 @@ void find_equal(const TensorEntry *table, int64_t n, int32_t key_space, const in
             continue;
         }
         const auto key = static_cast<uint32_t>(keys[tile.entry]);
-        visit_keys(table[tile.entry], key_space, [&](auto key_of) {
+        visit_keys(table[tile.entry], key_space, tile.begin, tile.end, [&](auto key_of) {
             for (int64_t i = tile.begin; i < tile.end; ++i)
                 if (key_of(i) == key && --r == 0) {
                     out[tile.entry] = i;

@@ -93,15 +93,18 @@ void nm_gather(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, 
     check_nm(table, entries, n, m);
     check_table(lists, entries, false);
     for (int64_t e = 0; e < entries; ++e)
-        GMP_CHECK(lists[e].numel == table[e].numel / m * (m - n) && lists[e].dtype == table[e].dtype, "entry ", e,
-                  ": the candidate list must hold numel / m * (m - n) elements of the entry's dtype");
+        GMP_CHECK(lists[e].numel == table[e].numel / m * (m - n) &&
+                      lists[e].dtype == (table[e].scale != 0 ? int64_t(kFloat32) : table[e].dtype),
+                  "entry ", e,
+                  ": the candidate list must hold numel / m * (m - n) elements of the entry's dtype (of its keys, "
+                  "float32, when scaled)");
     const std::vector<Tile> tiles = make_tiles(table, entries);
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     parallel_for(threads_for(num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
         const Tile &tile = tiles[t];
         const TensorEntry &entry = table[tile.entry];
-        const uint32_t inf = inf_key(static_cast<int32_t>(entry.dtype), kNative);
-        visit_keys(entry, kNative, [&](auto key_of) {
+        const uint32_t inf = inf_key(static_cast<int32_t>(entry.dtype), entry_key_space(entry, kNative));
+        visit_keys(entry, kNative, tile.begin, tile.end, [&](auto key_of) {
             using Reader = decltype(key_of);
             auto *list = reinterpret_cast<BitsOf<Reader> *>(lists[tile.entry].data);
             visit_group_size(
@@ -126,7 +129,7 @@ void nm_build_masks(const TensorEntry *table, int64_t entries, int32_t n, int32_
         if (s.nan_count > 0)
             return;
         auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
-        visit_keys(entry, static_cast<int32_t>(s.key_space), [&](auto key_of) {
+        visit_keys(entry, static_cast<int32_t>(s.key_space), tile.begin, tile.end, [&](auto key_of) {
             visit_group_size(m, [&](auto size) {
                 for (int64_t first = tile.begin; first < tile.end; first += 64) {
                     const int64_t count = std::min<int64_t>(64, tile.end - first);

@@ -9,8 +9,9 @@
 // was decided and the caller runs the histogram select: one read more.
 // Extra memory: the sample (at most 64K keys) and the candidates: a bracket expected to hold more
 // than 1/8 of the elements (above ~4.8M elements: 2^19 + 1/64 of them) is not read.
-// Only fp32 entries on CPUs with AVX2 take this path (the 8-lane compares are what make the
-// read cheap); 16-bit keys settle in the histogram's single 32K-bin pass.
+// Only fp32 and scaled entries (whose keys are fp32 products) on CPUs with AVX2 take this path
+// (the 8-lane compares are what make the read cheap); 16-bit keys settle in the histogram's
+// single 32K-bin pass.
 #include "../ops.h"
 #include "cpu_common.h"
 
@@ -43,7 +44,7 @@ int64_t sample_size(int64_t n) {
 // The most candidates a bracket may hold before the histogram select is cheaper.
 int64_t candidate_cap(int64_t n) { return std::max(kMinCandidateCap, std::min(n / 8, (int64_t(1) << 19) + n / 64)); }
 
-// The selection's elements: fp32 entries [0, n) of a table, in order.
+// The selection's elements: fp32 or scaled entries [0, n) of a table, in order.
 struct Elements {
     const TensorEntry *table;
     int64_t n;
@@ -58,6 +59,14 @@ struct Bracket {
     int64_t expected;
     int index_bits; // composite = (key - lo) << index_bits | index
 };
+
+uint32_t key_at(const TensorEntry &entry, int64_t i) {
+    if (entry.scale == 0)
+        return reinterpret_cast<const uint32_t *>(entry.data)[i] & kMagnitude;
+    uint32_t key;
+    scaled_keys(entry, i, i + 1, &key);
+    return key;
+}
 
 // Keys of m elements (m a multiple of kSampleRun): runs of kSampleRun consecutive elements in
 // the selection's order, one run from each of m / kSampleRun equal strides at a hashed offset.
@@ -76,8 +85,7 @@ std::vector<uint32_t> sample_keys(const Elements &el, int64_t m) {
         for (int64_t j = 0; j < kSampleRun; ++j) {
             while (start + j >= base + el.table[e].numel)
                 base += el.table[e++].numel;
-            const auto *bits = reinterpret_cast<const uint32_t *>(el.table[e].data);
-            keys[r * kSampleRun + j] = bits[start + j - base] & kMagnitude;
+            keys[r * kSampleRun + j] = key_at(el.table[e], start + j - base);
         }
     }
     return keys;
@@ -205,7 +213,9 @@ BracketRead read_elements(const Elements &el, const Bracket &b, int threads, std
         part.reserve(static_cast<size_t>((b.expected + b.expected / 4) / nt + 64));
     parallel_for(nt, static_cast<int64_t>(tiles.size()), [&](int64_t t, int thread) {
         const Tile &tile = tiles[t];
-        const auto *bits = reinterpret_cast<const uint32_t *>(el.table[tile.entry].data);
+        const TensorEntry &entry = el.table[tile.entry];
+        const auto *bits = entry.scale == 0 ? reinterpret_cast<const uint32_t *>(entry.data)
+                                            : scaled_range_keys(entry, tile.begin, tile.end);
         read_bracket(bits, tile.begin, tile.end, tile.base, b, reads[thread], parts[thread]);
     });
     BracketRead read;
@@ -257,7 +267,7 @@ bool select_by_sample(const TensorEntry *table, int64_t n, int64_t k, int num_th
         return false;
     const Elements el{table, n, total_numel(table, n)};
     for (int64_t e = 0; e < n; ++e)
-        if (table[e].dtype != kFloat32)
+        if (table[e].dtype != kFloat32 && table[e].scale == 0)
             return false;
     if (k <= 0 || k > el.total || el.total < 2 * kMinSample)
         return false;

@@ -1,6 +1,6 @@
 // Exact k-th smallest (|w|, index) selection by histogram radix select.
 //
-// Keys are the |w| bit patterns (keys.h). Pass 1 histograms the high 15-16 key bits. For
+// Keys are the |w| bit patterns, or those of |w| times a factor for a scaled entry (keys.h). Pass 1 histograms the high 15-16 key bits. For
 // 15-bit keys that digit is the whole key; for 31-bit keys the chosen bucket is either
 // compacted into a small buffer of (low key bits, index) composites and finished with
 // nth_element, or, when ties make it too large, histogrammed again on the low 15 bits.
@@ -8,7 +8,7 @@
 // Zero fast path: pass 1 also counts the exact zeros of every tile; when there are at least k
 // (weights that already hold their pruned zeros), the k-th zero is found from those counts and
 // one tile, without further passes.
-// fp32 selections first try sample select (sample_select.cpp), which needs one read where it can
+// fp32 and scaled selections first try sample select (sample_select.cpp), which needs one read where it can
 // tell: a global one over all entries, each entry of a per-layer one.
 // Threads: a per-layer call is one parallel region over its entries, each selected by one thread
 // (only an entry too large to balance is shared by all threads); tiles and entries are handed out
@@ -68,7 +68,7 @@ std::vector<uint64_t> bucket_histogram(const KeyRange &r, uint32_t bins, int pre
             pending[thread] = 0;
         }
         pending[thread] += tile.end - tile.begin;
-        visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
+        visit_keys(r.table[tile.entry], r.space, tile.begin, tile.end, [&](auto key_of) {
             for (int64_t i = tile.begin; i < tile.end; ++i) {
                 const uint32_t key = key_of(i);
                 if ((key >> prefix_shift) == prefix)
@@ -142,7 +142,7 @@ class HighDigitHistogram {
         if (nt == 1 && num_tiles * kTileElems <= int64_t(UINT32_MAX)) {
             narrow_ = kept_bins(bins);
             for (int64_t t = 0; t < num_tiles; ++t)
-                visit_keys(r.table[tiles[t].entry], r.space,
+                visit_keys(r.table[tiles[t].entry], r.space, tiles[t].begin, tiles[t].end,
                            [&](auto key_of) { zeros[t] = count_high_digits(key_of, tiles[t], shift, narrow_); });
         } else {
             count_in_threads(r, shift, nt, zeros);
@@ -188,7 +188,7 @@ class HighDigitHistogram {
                 flush(local[thread]);
                 unflushed[thread] = 1;
             }
-            visit_keys(r.table[tiles[t].entry], r.space, [&](auto key_of) {
+            visit_keys(r.table[tiles[t].entry], r.space, tiles[t].begin, tiles[t].end, [&](auto key_of) {
                 zeros[t] = count_high_digits(key_of, tiles[t], shift, local[thread].data());
             });
         });
@@ -220,7 +220,7 @@ int64_t count_above(const KeyRange &r, uint32_t limit) {
     std::vector<int64_t> per_tile(num_tiles, 0);
     parallel_for(threads_for(r.num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
         const Tile &tile = tiles[t];
-        visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
+        visit_keys(r.table[tile.entry], r.space, tile.begin, tile.end, [&](auto key_of) {
             for (int64_t i = tile.begin; i < tile.end; ++i)
                 per_tile[t] += key_of(i) > limit;
         });
@@ -242,7 +242,7 @@ int64_t locate_tie(const KeyRange &r, uint32_t key, int64_t rank, const std::vec
         }
         const Tile &tile = tiles[t];
         int64_t found = -1;
-        visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
+        visit_keys(r.table[tile.entry], r.space, tile.begin, tile.end, [&](auto key_of) {
             for (int64_t i = tile.begin; i < tile.end; ++i)
                 if (key_of(i) == key && --rank == 0) {
                     found = tile.base + i;
@@ -262,7 +262,7 @@ int64_t find_tie(const KeyRange &r, uint32_t key, int64_t rank) {
     parallel_for(threads_for(r.num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
         const Tile &tile = tiles[t];
         int64_t c = 0;
-        visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
+        visit_keys(r.table[tile.entry], r.space, tile.begin, tile.end, [&](auto key_of) {
             for (int64_t i = tile.begin; i < tile.end; ++i)
                 c += key_of(i) == key;
         });
@@ -284,7 +284,7 @@ std::vector<uint64_t> gather_bucket(const KeyRange &r, int low_bits, uint32_t pr
     parallel_for(nt, num_tiles, [&](int64_t t, int thread) {
         auto &part = parts[thread];
         const Tile &tile = tiles[t];
-        visit_keys(r.table[tile.entry], r.space, [&](auto key_of) {
+        visit_keys(r.table[tile.entry], r.space, tile.begin, tile.end, [&](auto key_of) {
             for (int64_t i = tile.begin; i < tile.end; ++i) {
                 const uint32_t key = key_of(i);
                 if ((key >> low_bits) == prefix)
@@ -410,10 +410,10 @@ Threshold prune_around_bucket(const KeyRange &r, const FirstPass &p, const Tenso
 
 Threshold select_small(const TensorEntry &entry, int64_t k) {
     std::vector<uint64_t> composites(static_cast<size_t>(entry.numel));
-    const uint32_t inf = inf_key(static_cast<int32_t>(entry.dtype), kNative);
+    const uint32_t inf = inf_key(static_cast<int32_t>(entry.dtype), entry_key_space(entry, kNative));
     Threshold result;
     int64_t zeros = 0;
-    visit_keys(entry, kNative, [&](auto key_of) {
+    visit_keys(entry, kNative, 0, entry.numel, [&](auto key_of) {
         for (int64_t i = 0; i < entry.numel; ++i) {
             const uint32_t key = key_of(i);
             result.nan_count += key > inf;
@@ -464,8 +464,9 @@ template <typename F> void for_each_entry(const TensorEntry *table, int64_t n, i
     parallel_for(nt, static_cast<int64_t>(order.size() - shared), [&](int64_t i, int) { f(order[shared + i], 1); });
 }
 
-Selection native_row(const Threshold &t) {
-    return Selection{static_cast<int64_t>(t.key), t.index, kNative, t.nan_count};
+// A per-layer row: native keys, or wide ones for a scaled entry.
+Selection entry_row(const TensorEntry &entry, const Threshold &t) {
+    return Selection{static_cast<int64_t>(t.key), t.index, entry_key_space(entry, kNative), t.nan_count};
 }
 
 // The tiles of one entry above kSmallEntry elements and its key width (not copyable: `range`
@@ -476,9 +477,9 @@ struct EntryRange {
     int bits;
     uint32_t inf;
     EntryRange(const TensorEntry &entry, int threads)
-        : tiles(make_tiles(&entry, 1)), range{&entry, &tiles, kNative, threads},
-          bits(key_bits(static_cast<int32_t>(entry.dtype), kNative)),
-          inf(inf_key(static_cast<int32_t>(entry.dtype), kNative)) {}
+        : tiles(make_tiles(&entry, 1)), range{&entry, &tiles, entry_key_space(entry, kNative), threads},
+          bits(key_bits(static_cast<int32_t>(entry.dtype), range.space)),
+          inf(inf_key(static_cast<int32_t>(entry.dtype), range.space)) {}
     EntryRange(const EntryRange &) = delete;
     EntryRange &operator=(const EntryRange &) = delete;
 };
@@ -502,6 +503,7 @@ struct GlobalRange {
         for (int64_t e = 0; e < n; ++e)
             GMP_CHECK(key_space == kWide || table[e].dtype == dtype,
                       "the native key space needs one dtype for all entries; entry ", e, " differs");
+        check_scaled_space(table, n, key_space);
         tiles = make_tiles(table, n);
         range = KeyRange{table, &tiles, key_space, num_threads};
         bits = key_bits(dtype, key_space);
@@ -529,7 +531,7 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
     check_layerwise(table, n, k, out, false);
     for_each_entry(table, n, num_threads, [&](int64_t e, int threads) {
         if (table[e].numel <= kSmallEntry) {
-            out[e] = native_row(select_small(table[e], k[e]));
+            out[e] = entry_row(table[e], select_small(table[e], k[e]));
             return;
         }
         Threshold t;
@@ -537,7 +539,7 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
             const EntryRange er(table[e], threads);
             t = select_tiles(er.range, table[e].numel, k[e], er.bits, er.inf);
         }
-        out[e] = native_row(t);
+        out[e] = entry_row(table[e], t);
     });
 }
 
@@ -546,7 +548,7 @@ void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sele
     for_each_entry(table, n, num_threads, [&](int64_t e, int threads) {
         const TensorEntry &entry = table[e];
         if (entry.numel <= kSmallEntry) {
-            out[e] = native_row(select_small(entry, k[e]));
+            out[e] = entry_row(entry, select_small(entry, k[e]));
             build_tile(entry, out[e], 0, entry.numel, true);
             return;
         }
@@ -556,12 +558,12 @@ void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sele
             FirstPass p = first_pass(er.range, k[e], er.bits, er.inf);
             if (!p.settled && bucket_fits(p, entry.numel)) {
                 const int64_t base = 0;
-                out[e] = native_row(prune_around_bucket(er.range, p, &entry, &base, 1));
+                out[e] = entry_row(entry, prune_around_bucket(er.range, p, &entry, &base, 1));
                 return;
             }
             t = resolve(er.range, p, entry.numel);
         }
-        out[e] = native_row(t);
+        out[e] = entry_row(entry, t);
         parallel_for(threads, static_cast<int64_t>(er.tiles.size()),
                      [&](int64_t i, int) { build_tile(entry, out[e], er.tiles[i].begin, er.tiles[i].end, true); });
     });
@@ -570,7 +572,7 @@ void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sele
 void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads) {
     const GlobalRange g(table, n, k, key_space, out, num_threads, false);
     Threshold t;
-    if (!(key_space == kNative && select_by_sample(table, n, k, num_threads, t.key, t.index)))
+    if (!select_by_sample(table, n, k, num_threads, t.key, t.index))
         t = select_tiles(g.range, g.total, k, g.bits, g.inf);
     write_global_rows(table, n, key_space, t, out);
 }
@@ -578,7 +580,7 @@ void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_s
 void prune_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads) {
     const GlobalRange g(table, n, k, key_space, out, num_threads, true);
     Threshold t;
-    if (!(key_space == kNative && select_by_sample(table, n, k, num_threads, t.key, t.index))) {
+    if (!select_by_sample(table, n, k, num_threads, t.key, t.index)) {
         FirstPass p = first_pass(g.range, k, g.bits, g.inf);
         if (!p.settled && bucket_fits(p, g.total)) {
             std::vector<int64_t> bases(static_cast<size_t>(n));

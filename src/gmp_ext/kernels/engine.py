@@ -7,9 +7,11 @@ it, and running it is launches only (on CUDA nothing is allocated or read back, 
 captured in a CUDA graph). The mask store's per-step re-apply, :class:`gmp_ext.PrunePlan` and
 the eager prune step all run through it.
 
-The engine knows no pattern and no score. What is ranked is either the tensors themselves
-(magnitude: the fused prune, which ranks and zeroes the same memory) or separate ``ranked``
-tensors a score computed (the masks are built from those, then applied to the tensors). How the
+The engine knows no pattern and no score. What is ranked is the tensors themselves (magnitude:
+the fused prune, which ranks and zeroes the same memory), their |w| times per-feature factors
+(``scales``: the kernels multiply as they read, so the fused prune still applies), or separate
+``ranked`` tensors a score computed (the masks are built from those, then applied to the
+tensors). How the
 ranked values become masks is the strategy's :class:`StepPattern`: :data:`UNSTRUCTURED` ranks
 every element; an N:M pattern (:class:`gmp_ext.pruning.strategies.NMPattern`) ranks candidate lists.
 
@@ -28,7 +30,7 @@ import torch
 
 from gmp_ext.kernels import library, primitives
 from gmp_ext.kernels.backends import REFERENCE, Backend, Job, backend_for
-from gmp_ext.kernels.layout import KEY_SPACE_NATIVE
+from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, KeyScale
 
 __all__ = ["UNSTRUCTURED", "PreparedStep", "StepPattern"]
 
@@ -47,7 +49,12 @@ class StepPattern:
     exact_nan_counts = True  # the selection's rows count every NaN (else they are recounted)
 
     def prepare(
-        self, backend: Backend, ranked: Sequence[torch.Tensor], scope: str | None, key_space: int
+        self,
+        backend: Backend,
+        ranked: Sequence[torch.Tensor],
+        scope: str | None,
+        key_space: int,
+        scales: Sequence[KeyScale | None] | None = None,
     ) -> Job | None:
         return None
 
@@ -113,7 +120,8 @@ class PreparedStep:
     space, and float64 tensors, run on the reference backend. ``pattern`` (a
     :class:`StepPattern`) says how the ranked values become masks; ``ranked`` (one tensor per
     tensor, same number of elements) is what a score ranks instead of the tensors' |w|: the
-    masks are built from it and applied to the tensors.
+    masks are built from it and applied to the tensors. ``scales`` (one per tensor, None for
+    |w|; not with ``ranked``) make the kernels rank each tensor's |w| times its factors.
 
     Streams and graphs (CUDA): the step's buffers are written on the stream current when it is
     made, and a run on another stream first waits for them; the step's scratch is shared by its
@@ -131,14 +139,18 @@ class PreparedStep:
         key_space: int = KEY_SPACE_NATIVE,
         pattern: StepPattern = UNSTRUCTURED,
         ranked: Sequence[torch.Tensor] | None = None,
+        scales: Sequence[KeyScale | None] | None = None,
     ) -> None:
+        if ranked is not None and scales is not None:
+            raise ValueError("a prepared step ranks score tensors or scaled |w|, not both")
         self.tensors = list(tensors)
         self.masks = list(masks)
         self.ranked = None if ranked is None else list(ranked)
+        self.scales = None if scales is None else list(scales)
         self.scope = scope
         self.key_space = key_space
         self.pattern = pattern
-        self.key = self.binding(self.tensors, self.masks, self.ranked)
+        self.key = self.binding(self.tensors, self.masks, self.ranked, self.scales)
         on_reference = [primitives.uses_reference(key_space)] * len(self.tensors)
         self.groups: list[_Group] = []
         for (_, reference), indices in primitives.groups(self.tensors, on_reference).items():
@@ -152,10 +164,11 @@ class PreparedStep:
             backend = REFERENCE if reference else backend_for(work[0].device)
             masks = [self.masks[i] for i in indices]
             ranked_work = work if self.ranked is None else [self.ranked[i] for i in indices]
-            lists = pattern.prepare(backend, ranked_work, scope, key_space)
+            scales = None if self.scales is None else [self.scales[i] for i in indices]
+            lists = pattern.prepare(backend, ranked_work, scope, key_space, scales)
             selecting = scope if lists is None else None
             if self.ranked is None:
-                job = backend.prepare(work, masks, selecting, key_space)
+                job = backend.prepare(work, masks, selecting, key_space, scales)
                 self.groups.append(_Group(indices, backend, job, staged, None, lists))
                 continue
             job = backend.prepare(work, masks, None, key_space)
@@ -167,13 +180,15 @@ class PreparedStep:
         tensors: Sequence[torch.Tensor],
         masks: Sequence[torch.Tensor],
         ranked: Sequence[torch.Tensor] | None = None,
+        scales: Sequence[KeyScale | None] | None = None,
     ) -> tuple:
-        """What a prepared step is bound to: the tensors' (and ranked tensors') storage and
-        layout, the masks' storage. A step whose binding differs from the current one must be
-        prepared again."""
+        """What a prepared step is bound to: the tensors' (and ranked tensors' or factors')
+        storage and layout, the masks' storage. A step whose binding differs from the current
+        one must be prepared again."""
         layout = tuple((t.data_ptr(), t.stride(), t.dtype, t.device) for t in tensors)
         scored = () if ranked is None else tuple((r.data_ptr(), r.dtype) for r in ranked)
-        return layout + tuple(m.data_ptr() for m in masks) + (scored,)
+        factors = () if scales is None else tuple(s and (s.factors.data_ptr(), s.dim) for s in scales)
+        return layout + tuple(m.data_ptr() for m in masks) + (scored, factors)
 
     def set_counts(self, counts: Sequence[int], per_tensor: bool) -> None:
         """Elements to prune at the next select: one count per tensor (``per_tensor``), or one
@@ -238,7 +253,17 @@ class PreparedStep:
                 work = [tensors[i] for i in group.indices]
                 group_masks = [masks[i] for i in group.indices]
                 ranked = work if self.ranked is None else [self.ranked[i] for i in group.indices]
-                if select and build and apply and self.ranked is None and pattern.fusable:
+                if self.scales is not None:  # the operators rank tensors: scaled |w| made here
+                    scales = [self.scales[i] for i in group.indices]
+                    ranked = [t if s is None else s.weighted(t) for t, s in zip(work, scales)]
+                if (
+                    select
+                    and build
+                    and apply
+                    and self.ranked is None
+                    and self.scales is None
+                    and pattern.fusable
+                ):
                     global_scope = self.scope == "global"
                     rows = library.prune(
                         work, selection.counts, group_masks, global_scope, self.key_space
@@ -273,8 +298,7 @@ class PreparedStep:
             for i, count in zip(group.indices, group.selection.rows[:, 3].tolist()):
                 counts[i] = count
         if not self.pattern.exact_nan_counts and any(counts):
-            ranked = self.tensors if self.ranked is None else self.ranked
-            nans = [int(torch.isnan(t).sum()) for t in ranked]
+            nans = [int(torch.isnan(t).sum()) for t in self._ranked_values()]
             if self.scope == "global":
                 for group in self.groups:
                     counts[group.indices[0]] = sum(nans[i] for i in group.indices)
@@ -282,10 +306,23 @@ class PreparedStep:
                 counts = nans
         return counts
 
+    def _ranked_values(self) -> list[torch.Tensor]:
+        """What the selection ranks, as tensors (scaled |w| made here)."""
+        if self.ranked is not None:
+            return self.ranked
+        if self.scales is not None:
+            return [t if s is None else s.weighted(t) for t, s in zip(self.tensors, self.scales)]
+        return self.tensors
+
     def thresholds(self) -> list[float]:
         """The ranked value at the last selection's cut, per tensor (|w| without a score;
         global scope: the cut over all)."""
         rows = self.rows()
         ones = [1] * len(self.tensors)
         ranked = self.tensors if self.ranked is None else self.ranked
+        if self.scales is not None:  # a scaled key is a float32 value, whatever the weight's dtype
+            ranked = [t if s is None else _FLOAT32 for t, s in zip(ranked, self.scales)]
         return [th.value for th in primitives.thresholds(rows, ranked, ones)]
+
+
+_FLOAT32 = torch.empty(0)

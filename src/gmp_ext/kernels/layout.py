@@ -1,6 +1,10 @@
-"""Constants shared with the C++ headers (csrc/common/): dtype codes, key spaces, mask layout."""
+"""Constants shared with the C++ headers (csrc/common/): dtype codes, key spaces, mask layout,
+and the scale columns of a tensor table row."""
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 
@@ -18,6 +22,34 @@ MASK_ALIGN_BYTES = 16
 # csrc/common/tensor_table.h: TensorEntry and Selection column counts
 TABLE_COLUMNS = 9
 SELECTION_COLUMNS = 4
+
+
+class KeyScale(NamedTuple):
+    """What a scaled tensor ranks (csrc/common/tensor_table.h: TensorEntry::scale): |w| times
+    ``factors[j]`` for every element whose index along dimension ``dim`` is ``j``, one float32
+    multiply each (Wanda: the input features' norms), computed by the kernels as they read the
+    weights. ``factors``: float32, contiguous, ``>= 0``, on the weight's device, ``shape[dim]``
+    of them."""
+
+    factors: torch.Tensor
+    dim: int
+
+    def columns(self, shape: torch.Size) -> tuple[int, int, int]:
+        """The row's (scale, scale_inner, scale_count) for a contiguous tensor of ``shape``."""
+        return self.factors.data_ptr(), math.prod(shape[self.dim + 1 :]), shape[self.dim]
+
+    def weighted(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The ranked values themselves: ``|tensor| * factors`` along ``dim``, float32 (the
+        reference the kernels match bit for bit)."""
+        shape = [1] * tensor.dim()
+        shape[self.dim] = -1
+        return tensor.detach().abs().float().mul_(self.factors.view(shape))
+
+    def moved(self, source: int, destination: int, ndim: int) -> KeyScale:
+        """The same factors for the tensor's view ``movedim(source, destination)``."""
+        order = list(range(ndim))
+        order.insert(destination % ndim, order.pop(source % ndim))
+        return KeyScale(self.factors, order.index(self.dim))
 
 
 # csrc/common/nm.h: kMaxGroup and valid_group

@@ -16,7 +16,7 @@ from torch import nn
 from gmp_ext.kernels import library, ops, primitives
 from gmp_ext.kernels.dtensors import is_dtensor, local_tensor
 from gmp_ext.kernels.engine import UNSTRUCTURED, PreparedStep, StepPattern
-from gmp_ext.kernels.layout import mask_storage_bytes
+from gmp_ext.kernels.layout import KeyScale, mask_storage_bytes
 from gmp_ext.model.parameters import owner_of, unwrap
 
 __all__ = [
@@ -163,12 +163,14 @@ class MaskStore:
         key_space: int,
         pattern: StepPattern = UNSTRUCTURED,
         ranked: Sequence[torch.Tensor] | None = None,
+        scales: Sequence[KeyScale | None] | None = None,
     ) -> PreparedStep:
         """The prepared select -> build step of these parameters and masks (with the strategy's
         ``pattern``), made once and reused while they keep their storage (a repeated prune step
-        builds no tables); ranking a score's ``ranked`` tensors, a step for this call only."""
-        if ranked is not None:  # a score's values are new at every call: nothing to reuse
-            return PreparedStep(tensors, masks, scope, key_space, pattern, ranked)
+        builds no tables); ranking a score's ``ranked`` tensors or ``scales``, a step for this
+        call only."""
+        if ranked is not None or scales is not None:  # a score's values are new at every call
+            return PreparedStep(tensors, masks, scope, key_space, pattern, ranked, scales)
         key = (tuple(names), scope, key_space, pattern)
         step = self._prune_steps.get(key)
         if step is None or step.key != PreparedStep.binding(tensors, masks):

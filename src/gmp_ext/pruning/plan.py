@@ -27,7 +27,7 @@ from gmp_ext.model.mask_store import MaskEntry, ensure_store, get_store
 from gmp_ext.model.parameters import reduction_dims, unwrap
 from gmp_ext.pruning.pruner import ParamSpec, SparsitySpec, targets_of
 from gmp_ext.pruning.strategies import Selection, selection_for
-from gmp_ext.scores import Ranked, ScoreSpec, rank_tensors, score_for
+from gmp_ext.scores import KeyScale, Ranked, Scaled, ScoreSpec, rank_tensors, score_for
 
 __all__ = ["PrunePlan"]
 
@@ -112,9 +112,11 @@ class PrunePlan:
             self._entries[name] = MaskEntry(param, self._all_kept(param) if mask is None else mask)
         self._counts: list[int] = [0] * len(self._params)
         self._scored: Ranked | None = None  # a signed score's last mapping (for thresholds)
-        # A score's ranked values live in buffers of the plan, so the step's tables stay bound.
+        # A score's ranked values (or a scaled score's factors, made at its first step) live in
+        # buffers of the plan, so the step's tables stay bound.
         self._ranked: list[torch.Tensor] | None = None
-        if not self._score.in_place:
+        self._scales: list[KeyScale] | None = None
+        if not self._score.in_place and not self._score.scaled:
             self._ranked = [torch.empty(p.shape, device=p.device) for p in self._params]
         self._prepare()
         self.set_sparsity(sparsity)
@@ -142,7 +144,9 @@ class PrunePlan:
         key_space = self._selection.key_space({p.dtype for p in self._params})
         tensors = [p.detach() for p in self._params]
         scope, pattern = self._selection.scope, self._selection.pattern
-        self._step = PreparedStep(tensors, masks, scope, key_space, pattern, self._ranked)
+        self._step = PreparedStep(
+            tensors, masks, scope, key_space, pattern, self._ranked, self._scales
+        )
         self._devices = [p.device for p in self._params]
 
     @property
@@ -198,8 +202,10 @@ class PrunePlan:
             self._check_devices()
             self._step.run_operators(self._params, masks)
             return
+        if self._score.scaled:
+            self._scale()
         live = [p.detach() for p in self._params]
-        if self._step.key != PreparedStep.binding(live, masks, self._ranked):
+        if self._step.key != PreparedStep.binding(live, masks, self._ranked, self._scales):
             self._check_devices()
             self._prepare()
             self.set_sparsity(self._sparsity)
@@ -207,13 +213,31 @@ class PrunePlan:
             self._rank()
         self._step.run()
 
+    def _scale(self) -> None:
+        """A scaled score's factors for this step, into the plan's vectors (made at the first
+        step, and again if a factor's length or dimension changed)."""
+        scaled = rank_tensors(
+            self._score, self._names, self._params, self._counts, self._selection.per_tensor_targets
+        )
+        assert isinstance(scaled, Scaled)
+        if self._scales is None or any(
+            old.dim != new.dim or old.factors.shape != new.factors.shape
+            for old, new in zip(self._scales, scaled.scales)
+        ):
+            self._scales = [KeyScale(s.factors.clone(), s.dim) for s in scaled.scales]
+        else:
+            with torch.no_grad():
+                for old, new in zip(self._scales, scaled.scales):
+                    old.factors.copy_(new.factors)
+        self._score.reset()
+
     def _rank(self) -> None:
         """The score's values for this step, into the plan's buffers (computed in Python, and a
         signed score's mapping reads its negative counts: such a step is not graph-capturable)."""
         scored = rank_tensors(
             self._score, self._names, self._params, self._counts, self._selection.per_tensor_targets
         )
-        assert scored is not None
+        assert isinstance(scored, Ranked)
         assert self._ranked is not None
         if scored.mapped and self._selection.needs_layout:
             raise ValueError(

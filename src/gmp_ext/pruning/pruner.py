@@ -205,8 +205,8 @@ def prune_parameters(
         tensors,
         [targets[n] for n in names],
         reuse,
-        lambda local, masks, scope, key_space, pattern, ranked: store.prune_step(
-            names, local, masks, scope, key_space, pattern, ranked
+        lambda local, masks, scope, key_space, pattern, ranked, scales: store.prune_step(
+            names, local, masks, scope, key_space, pattern, ranked, scales
         ),
         reduction_dims(unwrap(model)[0], names) if selection.needs_layout else None,
         zero_pruned=inspect is None,

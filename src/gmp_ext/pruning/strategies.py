@@ -15,7 +15,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -24,9 +24,9 @@ from gmp_ext.kernels import library, ops, primitives
 from gmp_ext.kernels.backends import Backend, Job
 from gmp_ext.kernels.dtensors import any_dtensor, local_tensor
 from gmp_ext.kernels.engine import UNSTRUCTURED, PreparedStep, StepPattern
-from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, key_space_for, valid_nm
+from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, KeyScale, key_space_for, valid_nm
 from gmp_ext.model.layers import reduction_last, restore_layout
-from gmp_ext.scores import Ranked, Score, rank_tensors
+from gmp_ext.scores import Ranked, Scaled, Score, rank_tensors
 
 __all__ = [
     "GlobalSelection",
@@ -65,7 +65,7 @@ def select_rows_global(
 
 
 # Makes (or reuses) the prepared step of (tensors, masks, scope, key space, step pattern,
-# ranked tensors or None).
+# ranked tensors or None, scales or None).
 Prepare = Callable[
     [
         Sequence[torch.Tensor],
@@ -74,11 +74,13 @@ Prepare = Callable[
         int,
         StepPattern,
         "Sequence[torch.Tensor] | None",
+        "Sequence[KeyScale | None] | None",
     ],
     PreparedStep,
 ]
-# A score's tensors for the kernels (gmp_ext.scores.rank_tensors), None for |w| in place.
-Scored = Optional[Ranked]
+# What a score gives the kernels (gmp_ext.scores.rank_tensors): tensors, factors of |w|, or
+# None for |w| in place.
+Scored = Optional[Union[Ranked, Scaled]]
 
 
 _SELECTIONS: dict[str, type[Selection]] = {}
@@ -208,9 +210,13 @@ class Selection:
             else primitives.new_mask(t)
             for i, t in enumerate(local)
         ]
-        ranked = None if scored is None else scored.ranked
-        key_space = self.key_space({t.dtype for t in (local if ranked is None else ranked)})
-        step = prepare(local, masks, self.scope, key_space, self.pattern, ranked)
+        ranked = scored.ranked if isinstance(scored, Ranked) else None
+        scales = scored.scales if isinstance(scored, Scaled) else None
+        dtypes = {t.dtype for t in (local if ranked is None else ranked)}
+        if scales is not None:  # scaled keys are float32 products
+            dtypes.add(torch.float32)
+        key_space = self.key_space(dtypes)
+        step = prepare(local, masks, self.scope, key_space, self.pattern, ranked, scales)
         step.set_counts(counts, self.per_tensor_targets)
         step.run(build=False, apply=False)
         labels = [f"parameter '{n}'" for n in names]
@@ -218,7 +224,7 @@ class Selection:
         # The select's staged copies still hold the tensors; a build that also applies zeroes
         # the pruned elements in its own pass (the fused build).
         step.run(select=False, apply=zero_pruned, restage=False)
-        if scored is not None and scored.mapped:  # signed values
+        if isinstance(scored, Ranked) and scored.mapped:  # signed values
             return masks, scored.cuts(step.rows(), self.per_tensor_targets)
         return masks, step.thresholds()
 
@@ -232,6 +238,9 @@ class Selection:
     ) -> tuple[list[torch.Tensor], list[float]]:
         """:meth:`masks` for counts (and score tensors) already known; the masks are built from
         what is ranked, nothing is zeroed."""
+        if isinstance(scored, Scaled):  # ranked as tensors here (sharded or reference paths)
+            values = scored.weighted(tensors)
+            scored = Ranked(values, values, None)
         ranked = list(tensors) if scored is None else scored.ranked
         rows = self.rows(ranked, [f"parameter '{n}'" for n in names], counts)
         reference = primitives.uses_reference(self.key_space({t.dtype for t in ranked}))
@@ -390,9 +399,22 @@ class NMPattern(StepPattern):
     exact_nan_counts = False  # a group lists at most one NaN
 
     def prepare(
-        self, backend: Backend, ranked: Sequence[torch.Tensor], scope: str | None, key_space: int
+        self,
+        backend: Backend,
+        ranked: Sequence[torch.Tensor],
+        scope: str | None,
+        key_space: int,
+        scales: Sequence[KeyScale | None] | None = None,
     ) -> Job:
-        lists = [t.new_empty(t.numel() // self.m * (self.m - self.n)) for t in ranked]
+        # A scaled tensor lists its keys: float32 products, whatever the weight's dtype.
+        scaled = scales or [None] * len(ranked)
+        lists = [
+            t.new_empty(
+                t.numel() // self.m * (self.m - self.n),
+                dtype=t.dtype if s is None else torch.float32,
+            )
+            for t, s in zip(ranked, scaled)
+        ]
         return backend.prepare(lists, None, scope, key_space)
 
     def select(self, backend: Backend, source: Job, lists: Job | None) -> None:
@@ -537,7 +559,7 @@ class NMSelection(Selection):
         self.check(tensors, names, [d if t.dim() > d else 0 for t, d in zip(tensors, dims)])
         counts = self.counts([t.numel() for t in tensors], targets)
         scored = self.scored(score, names, tensors, counts)
-        if scored is not None and scored.mapped:
+        if isinstance(scored, Ranked) and scored.mapped:
             n, m = self.nm
             raise ValueError(
                 f"nm=({n}, {m}) ranks non-negative scores only (its groups protect their largest "
@@ -545,9 +567,12 @@ class NMSelection(Selection):
             )
         views = [reduction_last(t.detach(), d) for t, d in zip(tensors, dims)]
         moved = [v.dim() > 1 and d != v.dim() - 1 for v, d in zip(views, dims)]
-        if scored is not None:  # the values in the views' order, as the kernels read them
+        if isinstance(scored, Ranked):  # the values in the views' order, as the kernels read them
             ranked = [reduction_last(r, d).contiguous() for r, d in zip(scored.ranked, dims)]
             scored = Ranked(ranked, ranked, None)
+        elif isinstance(scored, Scaled):  # the factors along the views' dimensions
+            scales = [s.moved(d, -1, t.dim()) for s, d, t in zip(scored.scales, dims, tensors)]
+            scored = Scaled(scales)
         # Masks of permuted views are built in the views' order, then permuted back in place (the
         # same storage each step, so the store's prepared step stays bound to it).
         masks, thresholds = self.masks_with(

@@ -18,7 +18,9 @@ from typing import cast
 import torch
 
 from gmp_ext.scores.base import (
+    KeyScale,
     Ranked,
+    Scaled,
     Score,
     ScoreSpec,
     rank_tensors,
@@ -33,9 +35,11 @@ from gmp_ext.scores.wanda import Wanda
 
 __all__ = [
     "FunctionScore",
+    "KeyScale",
     "Magnitude",
     "Movement",
     "Ranked",
+    "Scaled",
     "Score",
     "ScoreSpec",
     "Wanda",

@@ -4,9 +4,13 @@ A :class:`Score` gives each selected parameter a tensor of values (float32, the 
 shape); the selection prunes the elements with the smallest values, by the same exact count and
 tie rule as magnitude (value, then index), and zeroes those elements of the *weights*. The
 default, :class:`gmp_ext.scores.Magnitude`, gives no tensor: the kernels rank |w| in place (no
-extra memory, the fused two-read prune). Every other score is one file on this seam: a
-subclass with ``name`` and :meth:`Score.values`, plus :meth:`Score.attach` when it observes
-training (hooks), and ``state_dict``/``load_state_dict`` when it keeps state across updates.
+extra memory, the fused two-read prune). A *scaled* score (``scaled = True``: Wanda) gives
+per-feature factors of |w| instead (:meth:`Score.factors`, a vector per tensor): the kernels
+multiply as they read the weights, so it needs no weight-sized buffer and keeps the fused
+prune. Every other score is one file on this seam: a subclass with ``name`` and
+:meth:`Score.values` (or ``scaled`` and :meth:`Score.factors`), plus :meth:`Score.attach` when
+it observes training (hooks), and ``state_dict``/``load_state_dict`` when it keeps state
+across updates.
 
 The kernels rank non-negative keys (the bit pattern of |x|). Signed values are mapped onto
 them exactly by :func:`rank_tensors`, which knows the counts: a selection that prunes at least
@@ -25,8 +29,12 @@ from typing import Any, ClassVar, NamedTuple, Union
 import torch
 from torch import nn
 
+from gmp_ext.kernels.layout import KeyScale
+
 __all__ = [
+    "KeyScale",
     "Ranked",
+    "Scaled",
     "Score",
     "ScoreSpec",
     "rank_tensors",
@@ -45,13 +53,24 @@ class Score:
 
     name: ClassVar[str] = ""
     in_place: ClassVar[bool] = False  # ranks |w| itself (values() is None): magnitude
+    scaled: ClassVar[bool] = False  # ranks |w| times per-feature factors (factors())
 
     def values(
         self, names: Sequence[str], params: Sequence[torch.Tensor]
     ) -> list[torch.Tensor] | None:
         """Float32 values of the parameters' shapes (detached, on their devices), the smallest
         pruned first; None ranks |w| itself. Raises ValueError naming the parameter when the
-        score has nothing to rank it by (no activations seen, no gradients)."""
+        score has nothing to rank it by (no activations seen, no gradients). A scaled score's
+        are its factors applied (what the kernels rank without making them)."""
+        if self.scaled:
+            factors = self.factors(names, params)
+            return [scale.weighted(param) for scale, param in zip(factors, params)]
+        raise NotImplementedError
+
+    def factors(self, names: Sequence[str], params: Sequence[torch.Tensor]) -> list[KeyScale]:
+        """A scaled score's factors: per parameter, float32 ``>= 0`` along one dimension
+        (:class:`gmp_ext.kernels.layout.KeyScale`); the value of a weight is |w| times its
+        factor. Raises ValueError naming the parameter as :meth:`values` does."""
         raise NotImplementedError
 
     def attach(
@@ -141,6 +160,47 @@ def _check_values(
     return checked, [low < 0 for low in lows]
 
 
+class Scaled(NamedTuple):
+    """A scaled score's factors for one selection (checked): the kernels rank |w| times them."""
+
+    scales: list[KeyScale]
+
+    def weighted(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The values themselves (float32 tensors), for paths that rank tensors."""
+        return [scale.weighted(p) for scale, p in zip(self.scales, params)]
+
+
+def _check_factors(
+    score: Score, names: Sequence[str], params: Sequence[torch.Tensor], scales: Sequence[object]
+) -> list[KeyScale]:
+    """The factors, contiguous float32 on each parameter's device; ValueError naming the
+    parameter on a wrong dimension or length, or a NaN or negative factor."""
+    checked = []
+    for name, param, scale in zip(names, params, scales):
+        if not isinstance(scale, KeyScale) or not -param.dim() <= scale.dim < param.dim():
+            raise ValueError(
+                f"score {score.name!r} must give parameter '{name}' (shape {tuple(param.shape)}) "
+                f"a KeyScale along one of its dimensions, got {scale!r}"
+            )
+        dim = scale.dim % param.dim()
+        factors = scale.factors.detach().to(device=param.device, dtype=torch.float32)
+        if factors.shape != (param.shape[dim],):
+            raise ValueError(
+                f"score {score.name!r} gave parameter '{name}' factors of shape "
+                f"{tuple(factors.shape)} for its dimension {dim} of size {param.shape[dim]}"
+            )
+        checked.append(KeyScale(factors.contiguous(), dim))
+    lows = [float(s.factors.min()) if s.factors.numel() else 0.0 for s in checked]
+    for name, low in zip(names, lows):
+        if math.isnan(low) or low < 0:
+            raise ValueError(
+                f"parameter '{name}': its {score.name!r} factors hold "
+                f"{'NaN' if math.isnan(low) else 'negative'} values (the minimum is {low}); "
+                "they cannot scale |w| (nothing was modified)"
+            )
+    return checked
+
+
 class Ranked(NamedTuple):
     """A score's tensors for one selection: ``ranked`` (what the kernels rank), ``values``
     (the score's own) and, where signed values were mapped, ``shifted`` (per tensor, which of
@@ -185,11 +245,14 @@ def rank_tensors(
     params: Sequence[torch.Tensor],
     counts: Sequence[int],
     per_tensor: bool,
-) -> Ranked | None:
+) -> Ranked | Scaled | None:
     """The score's values and, for the kernels, non-negative float32 tensors whose |x| order is
     exactly the values' order for the given counts (one per tensor with ``per_tensor``, else one
-    for all); None when the score ranks |w| itself. ValueError naming the parameter on NaN
-    values, before anything is modified. Non-negative values are ranked as they are."""
+    for all); a scaled score's checked factors; None when the score ranks |w| itself.
+    ValueError naming the parameter on NaN values, before anything is modified. Non-negative
+    values are ranked as they are."""
+    if score.scaled:
+        return Scaled(_check_factors(score, names, params, score.factors(names, params)))
     raw = score.values(names, params)
     if raw is None:
         return None

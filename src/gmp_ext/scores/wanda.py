@@ -8,7 +8,9 @@ forward passes since the last update (training batches under :class:`gmp_ext.GMP
 calibration set (``prune_step(..., score="wanda", calibration=batches)``). Attached for
 training (with an optimizer, as GMP attaches it), the hooks count only passes of modules in
 training mode, so evaluation passes between updates leave the norms alone; attached without
-one (calibration), every pass counts. Every input row counts, padding included.
+one (calibration), every pass counts. Every input row counts, padding included. The norms are
+the score's factors (``scaled``): the kernels multiply each |w| by its feature's norm as they
+read the weights, so a step needs no weight-sized score buffer.
 
 Input features by layer type: the last dimension of a Linear's (and transformers' ``Conv1D``'s)
 input, the channel dimension (1) of a ConvNd's or ConvTranspose's. A grouped convolution and
@@ -26,7 +28,7 @@ from torch import nn
 
 from gmp_ext.model.layers import weight_layout
 from gmp_ext.model.parameters import owner_of, unwrap
-from gmp_ext.scores.base import Score, register_score
+from gmp_ext.scores.base import KeyScale, Score, register_score
 
 __all__ = ["Wanda"]
 
@@ -45,6 +47,7 @@ class Wanda(Score):
     """``|w| * ||x_j||``, with input norms accumulated by forward hooks (see the module)."""
 
     name = "wanda"
+    scaled = True  # the kernels multiply |w| by the input norms as they read the weights
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}  # {parameter: sum of squares per feature}
@@ -96,8 +99,8 @@ class Wanda(Score):
 
         return observe
 
-    def values(self, names: Sequence[str], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        values = []
+    def factors(self, names: Sequence[str], params: Sequence[torch.Tensor]) -> list[KeyScale]:
+        scales = []
         for name, param in zip(names, params):
             sums = self._sums.get(name)
             if sums is None:
@@ -112,11 +115,8 @@ class Wanda(Score):
                     f"{param.shape[dim]} input features along dimension {dim}, but its layer saw "
                     f"inputs of {sums.numel()}"
                 )
-            shape = [1] * param.dim()
-            shape[dim] = -1
-            norms = sums.to(param.device).sqrt().view(shape)
-            values.append(param.detach().abs().float().mul_(norms))  # one float32 buffer
-        return values
+            scales.append(KeyScale(sums.to(param.device).sqrt(), dim))
+        return scales
 
     def reset(self) -> None:
         self._sums.clear()

@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gmp_ext.kernels.layout import DTYPE_CODES, KEY_SPACE_NATIVE, SELECTION_COLUMNS, TABLE_COLUMNS
+from gmp_ext.kernels.layout import (
+    DTYPE_CODES,
+    KEY_SPACE_NATIVE,
+    SELECTION_COLUMNS,
+    TABLE_COLUMNS,
+    KeyScale,
+)
 
 __all__ = ["Backend", "Job", "build_table", "new_job", "thread_count"]
 
@@ -22,15 +28,17 @@ def build_table(
     tensors: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor] | None = None,
     tile_elems: int = 0,
+    scales: Sequence[KeyScale | None] | None = None,
 ) -> torch.Tensor:
     """int64 [n, 9] rows of csrc/common/tensor_table.h: TensorEntry."""
     rows, elem_base, tile_base = [], 0, 0
     for i, tensor in enumerate(tensors):
         numel = tensor.numel()
         mask_ptr = masks[i].data_ptr() if masks is not None else 0
+        scale = scales[i] if scales is not None else None
         rows.append(
             [tensor.data_ptr(), mask_ptr, numel, DTYPE_CODES[tensor.dtype], elem_base, tile_base]
-            + [0, 1, 1]
+            + list((0, 1, 1) if scale is None else scale.columns(tensor.shape))
         )
         elem_base += numel
         if tile_elems:
@@ -47,8 +55,9 @@ class Job:
     backend's ``prepare`` and run any number of times: the tensor table (device-resident on
     CUDA), the counts to prune (``[n]`` for layer scope, ``[1]`` for global), the selection rows
     and the CUDA scratch. ``scope`` is "layer", "global", or None for a job that only builds
-    or applies masks. The table holds raw addresses: ``tensors`` and ``masks`` keep them
-    alive, and a tensor whose storage moves needs a new job.
+    or applies masks. ``scales`` (per tensor, None for |w|) are what a scaled tensor's |w| is
+    multiplied by before it is ranked. The table holds raw addresses: ``tensors``, ``masks``
+    and ``scales`` keep them alive, and a tensor whose storage moves needs a new job.
 
     On CUDA, ``ready`` is the event recorded on the preparing stream once the buffers are
     written, and ``streams`` the streams ordered after it (the preparing one, then each stream
@@ -63,6 +72,7 @@ class Job:
     counts: torch.Tensor
     rows: torch.Tensor
     table: torch.Tensor = _NONE  # empty for the reference backend, which needs none
+    scales: list[KeyScale | None] | None = None
     tiles: int = 0
     scratch: torch.Tensor = _NONE  # empty for a job that only builds or applies masks
     ready: torch.cuda.Event | None = None  # CUDA only
@@ -119,9 +129,18 @@ def new_job(
     table: torch.Tensor = _NONE,
     tiles: int = 0,
     scratch: torch.Tensor = _NONE,
+    scales: Sequence[KeyScale | None] | None = None,
 ) -> Job:
-    """A job's buffers on ``device``: counts sized for ``scope``, zeroed selection rows."""
+    """A job's buffers on ``device``: counts sized for ``scope``, zeroed selection rows.
+    ValueError for a global job whose native key space cannot hold its scaled keys."""
     n = len(tensors)
+    if scope == "global" and key_space == KEY_SPACE_NATIVE and scales is not None:
+        for i, (tensor, scale) in enumerate(zip(tensors, scales)):
+            if scale is not None and tensor.dtype != torch.float32:
+                raise ValueError(
+                    f"tensor {i} ({tensor.dtype}) is scaled: its keys are float32 products, so "
+                    "a global selection over it needs the wide key space"
+                )
     counts = {"layer": n, "global": 1, None: 0}[scope]
     return Job(
         list(tensors),
@@ -131,6 +150,7 @@ def new_job(
         counts=torch.zeros(counts, dtype=torch.int64, device=device),
         rows=torch.zeros((n, SELECTION_COLUMNS), dtype=torch.int64, device=device),
         table=table,
+        scales=None if scales is None else list(scales),
         tiles=tiles,
         scratch=scratch,
     )
@@ -148,7 +168,9 @@ class Backend:
         masks: Sequence[torch.Tensor] | None = None,
         scope: str | None = None,
         key_space: int = KEY_SPACE_NATIVE,
+        scales: Sequence[KeyScale | None] | None = None,
     ) -> Job:
+        """The job's buffers (its selection ranks ``scales[i]``-scaled |w| where given)."""
         raise NotImplementedError
 
     def select(self, job: Job) -> None:

@@ -20,9 +20,11 @@ class CpuBackend(Backend):
     def __init__(self, module: ModuleType) -> None:
         self._C = module
 
-    def prepare(self, tensors, masks=None, scope=None, key_space=KEY_SPACE_NATIVE) -> Job:
-        cpu = torch.device("cpu")
-        return new_job(tensors, masks, scope, key_space, cpu, table=build_table(tensors, masks))
+    def prepare(
+        self, tensors, masks=None, scope=None, key_space=KEY_SPACE_NATIVE, scales=None
+    ) -> Job:
+        table = build_table(tensors, masks, scales=scales)
+        return new_job(tensors, masks, scope, key_space, torch.device("cpu"), table, scales=scales)
 
     def select(self, job: Job) -> None:
         n, table, out = len(job.tensors), job.table.data_ptr(), job.rows.data_ptr()

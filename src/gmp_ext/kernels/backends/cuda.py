@@ -21,7 +21,7 @@ import torch
 
 from gmp_ext.kernels import reference as _reference
 from gmp_ext.kernels.backends.base import Backend, Job, build_table, new_job
-from gmp_ext.kernels.layout import KEY_SPACE_NATIVE
+from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, KeyScale
 
 _SCRATCH_MODE = {"layer": 0, "global": 1}
 
@@ -44,6 +44,7 @@ class CudaBackend(Backend):
         masks: Sequence[torch.Tensor] | None = None,
         scope: str | None = None,
         key_space: int = KEY_SPACE_NATIVE,
+        scales: Sequence[KeyScale | None] | None = None,
     ) -> Job:
         device = tensors[0].device if tensors else torch.device("cuda")
         if _capturing():
@@ -54,7 +55,8 @@ class CudaBackend(Backend):
                 "stream)"
             )
         with torch.cuda.device(device):
-            table = build_table(tensors, masks, self.tile_elems).to(device, non_blocking=True)
+            table = build_table(tensors, masks, self.tile_elems, scales)
+            table = table.to(device, non_blocking=True)
             tiles = sum(-(-t.numel() // self.tile_elems) for t in tensors)
             scratch = torch.empty(0, dtype=torch.uint8, device=device)
             if scope is not None:  # a job that only builds or applies masks needs none
@@ -63,7 +65,7 @@ class CudaBackend(Backend):
                 nbytes = int(self._C.cuda_select_scratch_bytes(len(tensors), total, mode))
                 scratch = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
             job = new_job(
-                tensors, masks, scope, key_space, device, table=table, tiles=tiles, scratch=scratch
+                tensors, masks, scope, key_space, device, table, tiles, scratch, scales
             )
             stream = torch.cuda.current_stream(device)
             job.ready = torch.cuda.Event()

@@ -6,9 +6,16 @@ import torch
 
 from gmp_ext.kernels import reference as _reference
 from gmp_ext.kernels.backends.base import Backend, Job, new_job
-from gmp_ext.kernels.layout import KEY_SPACE_NATIVE
+from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE
 
 __all__ = ["ReferenceBackend"]
+
+
+def _ranked(job: Job) -> list[torch.Tensor]:
+    """What the job's selection ranks: the tensors, or their scaled |w| (float32) where scaled."""
+    if job.scales is None:
+        return job.tensors
+    return [t if s is None else s.weighted(t) for t, s in zip(job.tensors, job.scales)]
 
 
 class ReferenceBackend(Backend):
@@ -16,28 +23,34 @@ class ReferenceBackend(Backend):
 
     name = "reference"
 
-    def prepare(self, tensors, masks=None, scope=None, key_space=KEY_SPACE_NATIVE) -> Job:
+    def prepare(
+        self, tensors, masks=None, scope=None, key_space=KEY_SPACE_NATIVE, scales=None
+    ) -> Job:
         device = tensors[0].device if tensors else torch.device("cpu")
-        return new_job(tensors, masks, scope, key_space, device)
+        return new_job(tensors, masks, scope, key_space, device, scales=scales)
 
     def select(self, job: Job) -> None:
+        ranked = _ranked(job)
         if job.scope == "layer":
-            rows = _reference.select_layerwise(job.tensors, job.counts.tolist())
+            rows = _reference.select_layerwise(ranked, job.counts.tolist())
+            for i, scale in enumerate(job.scales or ()):
+                if scale is not None:  # scaled keys are float32 ones: wide for every dtype
+                    rows[i, 2] = KEY_SPACE_WIDE
         else:
-            rows = _reference.select_global(job.tensors, int(job.counts[0]), job.key_space)
+            rows = _reference.select_global(ranked, int(job.counts[0]), job.key_space)
         job.rows.copy_(rows.reshape(job.rows.shape))
 
     def build(self, job: Job, zero_pruned: bool = False) -> None:
-        _reference.build_masks(job.tensors, job.rows, job.masks)
+        _reference.build_masks(_ranked(job), job.rows, job.masks)
         if zero_pruned:
             _reference.apply_masks(job.tensors, job.masks)
 
     def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:
-        for target, listed in zip(lists.tensors, _reference.nm_gather(job.tensors, *pattern)):
+        for target, listed in zip(lists.tensors, _reference.nm_gather(_ranked(job), *pattern)):
             target.copy_(listed)
 
     def nm_build(self, job: Job, rows: torch.Tensor, pattern: tuple[int, int]) -> None:
-        _reference.nm_build_masks(job.tensors, rows, job.masks, *pattern)
+        _reference.nm_build_masks(_ranked(job), rows, job.masks, *pattern)
 
     def apply(self, job: Job) -> None:
         _reference.apply_masks(job.tensors, job.masks)
@@ -51,7 +64,7 @@ class ReferenceBackend(Backend):
         bins = 1 << width
         wanted = None if prefixes is None else prefixes.tolist()
         rows, nans = [], []
-        for i, tensor in enumerate(job.tensors):
+        for i, tensor in enumerate(_ranked(job)):
             keys = _reference.magnitude_keys(tensor, job.key_space)
             if wanted is not None:  # prefix -1 (a skipped row) matches no key
                 keys = keys[(keys >> (shift + width)) == wanted[i]]
@@ -63,7 +76,7 @@ class ReferenceBackend(Backend):
 
     def find_equal(self, job: Job, keys: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
         found = []
-        for tensor, key, rank in zip(job.tensors, keys.tolist(), ranks.tolist()):
+        for tensor, key, rank in zip(_ranked(job), keys.tolist(), ranks.tolist()):
             if rank <= 0:
                 found.append(-1)
                 continue

@@ -1,0 +1,56 @@
+// Keys of scaled entries (TensorEntry::scale, keys.h: scaled_key): |w| times a per-feature factor,
+// computed a range at a time so that the selection's and the build's loops then read them like
+// fp32 keys (vector compares included) and the feature index costs no division per element.
+#include "cpu_common.h"
+
+namespace gmp::cpu {
+namespace {
+
+// out[t] = key of element begin + t. A feature's elements are runs of `inner` consecutive ones;
+// inner == 1 (a Linear's rows) walks the factors along with the elements, a loop the compiler
+// vectorises.
+template <int32_t D>
+void scaled_range(const TensorEntry &entry, int64_t begin, int64_t end, uint32_t *out) {
+    const auto *bits = reinterpret_cast<const typename DTypeTraits<D>::bits_t *>(entry.data);
+    const auto *factors = reinterpret_cast<const float *>(entry.scale);
+    const int64_t inner = entry.scale_inner, count = entry.scale_count;
+    int64_t feature = scale_feature(entry, begin);
+    if (inner == 1) {
+        for (int64_t i = begin; i < end;) {
+            const int64_t run = std::min(count - feature, end - i);
+            for (int64_t t = 0; t < run; ++t)
+                out[i - begin + t] = scaled_key(magnitude_key<D, kWide>(bits[i + t]), factors[feature + t]);
+            i += run;
+            feature = 0;
+        }
+        return;
+    }
+    for (int64_t i = begin; i < end;) {
+        const int64_t run = std::min(inner - i % inner, end - i);
+        const float factor = factors[feature];
+        for (int64_t t = 0; t < run; ++t)
+            out[i - begin + t] = scaled_key(magnitude_key<D, kWide>(bits[i + t]), factor);
+        i += run;
+        feature = feature + 1 == count ? 0 : feature + 1;
+    }
+}
+
+} // namespace
+
+void scaled_keys(const TensorEntry &entry, int64_t begin, int64_t end, uint32_t *out) {
+    switch (entry.dtype) {
+    case kFloat32:
+        scaled_range<kFloat32>(entry, begin, end, out);
+        return;
+    case kFloat16:
+        scaled_range<kFloat16>(entry, begin, end, out);
+        return;
+    case kBFloat16:
+        scaled_range<kBFloat16>(entry, begin, end, out);
+        return;
+    default:
+        throw std::invalid_argument(detail::concat("gmp_ext._C: unknown dtype code ", entry.dtype));
+    }
+}
+
+} // namespace gmp::cpu
