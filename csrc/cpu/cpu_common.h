@@ -35,13 +35,17 @@ struct Tile {
     int64_t base;  // index of the entry's element 0 in the selection's order
 };
 
+// Tiles of a scaled entry, whose keys a visit computes into a buffer first: one that stays in L1.
+constexpr int64_t kScaledTileElems = int64_t(1) << 13;
+
 // Tiles of entries [0, n) in table order; `base` is the running element count.
 inline std::vector<Tile> make_tiles(const TensorEntry *table, int64_t n) {
     std::vector<Tile> tiles;
     int64_t base = 0;
     for (int64_t e = 0; e < n; ++e) {
-        for (int64_t b = 0; b < table[e].numel; b += kTileElems)
-            tiles.push_back({e, b, std::min(b + kTileElems, table[e].numel), base});
+        const int64_t size = table[e].scale != 0 ? kScaledTileElems : kTileElems;
+        for (int64_t b = 0; b < table[e].numel; b += size)
+            tiles.push_back({e, b, std::min(b + size, table[e].numel), base});
         base += table[e].numel;
     }
     return tiles;

@@ -60,12 +60,15 @@ struct Bracket {
     int index_bits; // composite = (key - lo) << index_bits | index
 };
 
-uint32_t key_at(const TensorEntry &entry, int64_t i) {
-    if (entry.scale == 0)
-        return reinterpret_cast<const uint32_t *>(entry.data)[i] & kMagnitude;
-    uint32_t key;
-    scaled_keys(entry, i, i + 1, &key);
-    return key;
+// Keys of elements [first, first + count) of the entry into out.
+void read_keys(const TensorEntry &entry, int64_t first, int64_t count, uint32_t *out) {
+    if (entry.scale != 0) {
+        scaled_keys(entry, first, first + count, out);
+        return;
+    }
+    const auto *bits = reinterpret_cast<const uint32_t *>(entry.data);
+    for (int64_t j = 0; j < count; ++j)
+        out[j] = bits[first + j] & kMagnitude;
 }
 
 // Keys of m elements (m a multiple of kSampleRun): runs of kSampleRun consecutive elements in
@@ -82,10 +85,12 @@ std::vector<uint32_t> sample_keys(const Elements &el, int64_t m) {
     for (int64_t r = 0; r < runs; ++r) {
         const uint64_t hash = (uint64_t(r) * 0x9E3779B97F4A7C15ull) >> 32; // 32 well-mixed bits
         const int64_t start = r * stride + static_cast<int64_t>((hash * span) >> 32);
-        for (int64_t j = 0; j < kSampleRun; ++j) {
+        for (int64_t j = 0; j < kSampleRun;) { // a run may cross into the next entries
             while (start + j >= base + el.table[e].numel)
                 base += el.table[e++].numel;
-            keys[r * kSampleRun + j] = key_at(el.table[e], start + j - base);
+            const int64_t count = std::min(kSampleRun - j, base + el.table[e].numel - (start + j));
+            read_keys(el.table[e], start + j - base, count, &keys[r * kSampleRun + j]);
+            j += count;
         }
     }
     return keys;
