@@ -1,13 +1,14 @@
 // Packed keep-mask build (layout: common/bitpack.h) from selection rows in one read of the weights,
-// byte for byte what cpu/bitmask.cpp writes: bit i of entry e = is_kept(key_i, i, row.key, row.index).
+// byte for byte what cpu/bitmask.cpp writes: bit i of entry e = is_kept(key_i, i, row.key, row.index),
+// key_i the scaled key for a scaled entry (its rows are in the wide space).
 //
 // A warp owns one tile of 2048 elements = 32 mask words of 64 bits. On full tiles of 16-byte
 // aligned data each lane turns a 16-byte vector into 4 (fp32) or 8 (16-bit) bits, which land as a
 // nibble or byte in a per-warp 256-byte shared buffer; lane l then stores word l, so the tile's
-// mask is one coalesced 256-byte store. Partial and misaligned tiles take one element per lane
-// and step and gather bits with ballots. With zero_pruned the build also zeroes the pruned elements
-// from the registers it read them into (a prepared prune step's build and apply in one pass); a row
-// with NaNs keeps its mask and zeroes by it.
+// mask is one coalesced 256-byte store. Partial and misaligned tiles, and those of scaled
+// entries, take one element per lane and step and gather bits with ballots. With zero_pruned the
+// build also zeroes the pruned elements from the registers it read them into (a prepared prune
+// step's build and apply in one pass); a row with NaNs keeps its mask and zeroes by it.
 #include "../common/bitpack.h"
 #include "cuda_common.cuh"
 
@@ -28,8 +29,8 @@ struct Threshold {
 // ZeroPruned: the apply fused in, from the registers the build read the tile into (plain loads:
 // __ldg's read-only path is not for memory the kernel writes).
 template <typename KT, bool ZeroPruned>
-__device__ void build_tile_vector(uint4 *data, uint64_t *words, uint8_t *staging, int64_t first, Threshold t,
-                                  int lane) {
+__device__ void build_tile_vector(const KT &keys, uint4 *data, uint64_t *words, uint8_t *staging, int64_t first,
+                                  Threshold t, int lane) {
     constexpr int kVecs = int(kTileElems) / KT::kPerVec / 32; // vectors per lane
     constexpr uint32_t kVecBits = (1u << KT::kPerVec) - 1;
     uint4 v[kVecs];
@@ -43,7 +44,7 @@ __device__ void build_tile_vector(uint4 *data, uint64_t *words, uint8_t *staging
         uint32_t bits = 0;
 #pragma unroll
         for (int q = 0; q < KT::kPerVec; ++q)
-            bits |= uint32_t(is_kept(KT::key(v[j], q), index + q, t.key, t.index)) << q;
+            bits |= uint32_t(is_kept(keys.key(v[j], q, vec * KT::kPerVec + q), index + q, t.key, t.index)) << q;
         if (ZeroPruned && bits != kVecBits)
             data[vec] = keep_elements<int(sizeof(typename KT::bits_t))>(v[j], bits);
         stage_vector_bits<KT::kPerVec>(staging, vec, bits, lane);
@@ -54,13 +55,13 @@ __device__ void build_tile_vector(uint4 *data, uint64_t *words, uint8_t *staging
 }
 
 template <typename KT, bool ZeroPruned>
-__device__ void build_tile_scalar(typename KT::bits_t *data, uint8_t *mask, int64_t first, int count, Threshold t,
-                                  int lane) {
+__device__ void build_tile_scalar(const KT &keys, typename KT::bits_t *data, uint8_t *mask, int64_t first, int count,
+                                  Threshold t, int lane) {
     // Step c covers elements [32c, 32c + 32) of the tile: half of word c / 2, which lane c / 2 keeps.
     uint64_t word = 0;
     for (int c = 0; c * 32 < count; ++c) {
         const int i = c * 32 + lane;
-        const bool keep = i < count && is_kept(KT::key(data[first + i]), first + i, t.key, t.index);
+        const bool keep = i < count && is_kept(keys.key(data[first + i], i), first + i, t.key, t.index);
         if (ZeroPruned && i < count && !keep)
             data[first + i] = typename KT::bits_t(0);
         const uint32_t ballot = __ballot_sync(kFullWarp, keep);
@@ -93,17 +94,18 @@ __global__ void __launch_bounds__(kThreads) kBuildMasks(const TensorEntry *table
             continue;
         }
         const Threshold t{static_cast<uint32_t>(row.key), row.index};
-        visit_key_type(entry.dtype, row.key_space, [&](auto kt) {
+        visit_key_type(entry, row.key_space, [&](auto kt) {
             using KT = decltype(kt);
+            const KT keys = KT::at(entry, first);
             auto *data = reinterpret_cast<typename KT::bits_t *>(entry.data);
             // first is a multiple of 2048, so a 16-byte aligned tensor has 16-byte aligned tiles and
             // an 8-byte aligned mask has 256-byte aligned tile words.
-            if (count == kTileElems && entry.data % 16 == 0 && entry.mask % 8 == 0)
-                build_tile_vector<KT, ZeroPruned>(reinterpret_cast<uint4 *>(data + first),
+            if (vector_tile<KT>(entry.data, count) && entry.mask % 8 == 0)
+                build_tile_vector<KT, ZeroPruned>(keys, reinterpret_cast<uint4 *>(data + first),
                                                   reinterpret_cast<uint64_t *>(mask + first / 8), staging[warp], first,
                                                   t, lane);
             else
-                build_tile_scalar<KT, ZeroPruned>(data, mask, first, count, t, lane);
+                build_tile_scalar<KT, ZeroPruned>(keys, data, mask, first, count, t, lane);
         });
     }
 }

@@ -61,28 +61,125 @@ __device__ __forceinline__ uint32_t warp_sum(uint32_t v) {
 // Number of bits needed to write x (0 for 0).
 __device__ __forceinline__ int bit_length(uint64_t x) { return x == 0 ? 0 : 64 - __clzll(static_cast<long long>(x)); }
 
-// One (dtype, key space) branch of the dispatch: element type and key of the elements.
-template <int32_t D, int32_t S> struct KeyType {
+// A scaled entry's factors (TensorEntry::scale) over a span of at most kScaleSpan consecutive
+// elements from element `first`: element first + o takes scale[((first + o) / inner) % count].
+// The span's quotient and remainder are taken once in 64 bits; per element there are two 32-bit
+// divisions by multiplication, exact in the ranges the span bounds (o < 2^14: numerators < 2^16).
+constexpr int kScaleSpan = 1 << 14;
+static_assert(kTileElems <= kScaleSpan, "a tile is one span");
+
+// floor(x / d) for x < 2^16 and 1 <= d <= 2^15: c = ceil(2^31 / d) has c * d - 2^31 < d <= 2^(31 - 16).
+struct MagicDivisor {
+    uint32_t d, c;
+    MagicDivisor() = default;
+    __device__ __forceinline__ explicit MagicDivisor(uint32_t divisor)
+        : d(divisor), c((0x80000000u + divisor - 1) / divisor) {}
+    __device__ __forceinline__ uint32_t div(uint32_t x) const { return static_cast<uint32_t>((uint64_t(x) * c) >> 31); }
+};
+
+class ScaleSpan {
+  public:
+    ScaleSpan() = default;
+    __device__ __forceinline__ ScaleSpan(const TensorEntry &entry, int64_t first) {
+        const int64_t inner = max(entry.scale_inner, int64_t(1)), count = max(entry.scale_count, int64_t(1));
+        const int64_t r = first % inner, f = (first / inner) % count;
+        // Quotient step d = (r + o) / inner. An inner of kScaleSpan or more steps at most once in the
+        // span: an inner of exactly kScaleSpan, started so that it steps at the same o, does the same.
+        if (inner <= kScaleSpan) {
+            inner_ = MagicDivisor(static_cast<uint32_t>(inner));
+            start_ = static_cast<uint32_t>(r);
+        } else {
+            inner_ = MagicDivisor(kScaleSpan);
+            start_ = static_cast<uint32_t>(kScaleSpan - min(inner - r, int64_t(kScaleSpan)));
+        }
+        // Feature f + d (d < kWrap) modulo count. Beyond kWrap features it wraps at most once: a
+        // count of kWrap, started so that it wraps at the same d, does the same, and the wrapped
+        // index y - kWrap is then the feature itself.
+        scale_ = reinterpret_cast<const float *>(entry.scale);
+        if (count <= kWrap) {
+            count_ = MagicDivisor(static_cast<uint32_t>(count));
+            y0_ = static_cast<uint32_t>(f);
+            base_ = scale_;
+        } else {
+            count_ = MagicDivisor(kWrap);
+            y0_ = static_cast<uint32_t>(kWrap - min(count - f, int64_t(kWrap)));
+            base_ = scale_ + (f - y0_);
+        }
+    }
+
+    // Factor of element first + o, 0 <= o < kScaleSpan.
+    __device__ __forceinline__ float factor(int o) const {
+        const uint32_t y = y0_ + inner_.div(start_ + static_cast<uint32_t>(o));
+        const uint32_t q = count_.div(y);
+        return __ldg((q != 0 ? scale_ : base_) + (y - q * count_.d));
+    }
+
+  private:
+    static constexpr uint32_t kWrap = 1u << 15;
+    MagicDivisor inner_, count_;
+    uint32_t start_, y0_;
+    const float *scale_; // feature y - q * count once wrapped (q > 0)
+    const float *base_;  // minus y0 - f: feature f + d before the wrap, at y = y0 + d
+};
+
+// Element type D in 16-byte vectors: what the key readers below share.
+template <int32_t D> struct VectorElements {
     using bits_t = typename DTypeTraits<D>::bits_t;
     static constexpr int kPerVec = 16 / int(sizeof(bits_t)); // elements per 16-byte vector
 
-    __device__ __forceinline__ static uint32_t key(bits_t bits) { return magnitude_key<D, S>(bits); }
-
-    // Key of element q of a 16-byte vector; q must be a compile-time constant after unrolling so
-    // that `words` stays in registers. Little-endian: element 0 is in the low bits of x.
-    __device__ __forceinline__ static uint32_t key(const uint4 &v, int q) {
+    // Element q of a 16-byte vector; q must be a compile-time constant after unrolling so that
+    // `words` stays in registers. Little-endian: element 0 is in the low bits of x.
+    __device__ __forceinline__ static bits_t element(const uint4 &v, int q) {
         const uint32_t words[4] = {v.x, v.y, v.z, v.w};
         if constexpr (sizeof(bits_t) == 4)
-            return key(words[q]);
+            return words[q];
         else
-            return key(static_cast<bits_t>(words[q / 2] >> (16 * (q % 2))));
+            return static_cast<bits_t>(words[q / 2] >> (16 * (q % 2)));
     }
 };
 
-// Calls f(KeyType<D, S>{}) for the entry's dtype; kNative unless space == kWide (fp32 keys are the
+// Key readers: one per branch of the dispatch. A reader is made per span of elements (a tile, or
+// a small entry) with at(entry, first) and gives the key of the element at offset o of the span
+// (o < kScaleSpan) from its bits. Unscaled: |w| in key space S, the offset unused.
+template <int32_t D, int32_t S> struct KeyType : VectorElements<D> {
+    using typename VectorElements<D>::bits_t;
+    static constexpr bool kScaled = false;
+
+    __device__ __forceinline__ static KeyType at(const TensorEntry &, int64_t) { return {}; }
+    __device__ __forceinline__ uint32_t key(bits_t bits, int) const { return magnitude_key<D, S>(bits); }
+    __device__ __forceinline__ uint32_t key(const uint4 &v, int q, int o) const { return key(this->element(v, q), o); }
+};
+
+// Scaled entry of dtype D: |w| times its factor, in the wide key space (keys.h: scaled_key).
+template <int32_t D> struct ScaledKeyType : VectorElements<D> {
+    using typename VectorElements<D>::bits_t;
+    static constexpr bool kScaled = true;
+    ScaleSpan span;
+
+    __device__ __forceinline__ static ScaledKeyType at(const TensorEntry &entry, int64_t first) {
+        ScaledKeyType reader;
+        reader.span = ScaleSpan(entry, first);
+        return reader;
+    }
+    __device__ __forceinline__ uint32_t key(bits_t bits, int o) const {
+        return scaled_key(magnitude_key<D, kWide>(bits), span.factor(o));
+    }
+    __device__ __forceinline__ uint32_t key(const uint4 &v, int q, int o) const { return key(this->element(v, q), o); }
+};
+
+// Calls f(KT{}) with the entry's key reader type: ScaledKeyType for a scaled entry (wide keys
+// whatever `space` asks), else KeyType<D, S> with kNative unless space == kWide (fp32 keys are the
 // same in both). Unknown dtype codes call nothing, so a corrupt table row is skipped, not read.
-template <typename F> __device__ __forceinline__ void visit_key_type(int64_t dtype, int64_t space, F &&f) {
-    if (dtype == kFloat32) {
+template <typename F> __device__ __forceinline__ void visit_key_type(const TensorEntry &entry, int64_t space, F &&f) {
+    const int64_t dtype = entry.dtype;
+    if (entry.scale != 0) {
+        if (dtype == kFloat32)
+            f(ScaledKeyType<kFloat32>{});
+        else if (dtype == kFloat16)
+            f(ScaledKeyType<kFloat16>{});
+        else if (dtype == kBFloat16)
+            f(ScaledKeyType<kBFloat16>{});
+    } else if (dtype == kFloat32) {
         f(KeyType<kFloat32, kNative>{});
     } else if (dtype == kFloat16) {
         if (space == kWide)
@@ -97,13 +194,20 @@ template <typename F> __device__ __forceinline__ void visit_key_type(int64_t dty
     }
 }
 
-// Calls f(key, offset) for the `count` elements of the tile starting at element `first` of `data`,
-// one warp together (each lane gets its share, not in index order). Full tiles of 16-byte aligned
-// tensors are read with 16-byte loads, all issued before the first use; others element by element.
+// Whether a tile is read with 16-byte vectors, all of a lane's loads issued before the first use:
+// full tiles of 16-byte aligned tensors, unscaled (a scaled key's factor lookup next to a lane's
+// whole share of the tile in registers would spill).
+template <typename KT> __device__ __forceinline__ bool vector_tile(uint64_t data, int count) {
+    return !KT::kScaled && count == kTileElems && data % 16 == 0;
+}
+
+// Calls f(key, offset) for the `count` elements of the tile starting at element `first` of `entry`,
+// one warp together (each lane gets its share, not in index order): vector_tile or element by element.
 template <typename KT, typename F>
-__device__ __forceinline__ void for_each_tile_key(uint64_t data, int64_t first, int count, int lane, F &&f) {
-    const auto *bits = reinterpret_cast<const typename KT::bits_t *>(data) + first;
-    if (count == kTileElems && data % 16 == 0) {
+__device__ __forceinline__ void for_each_tile_key(const TensorEntry &entry, int64_t first, int count, int lane, F &&f) {
+    const KT keys = KT::at(entry, first);
+    const auto *bits = reinterpret_cast<const typename KT::bits_t *>(entry.data) + first;
+    if (vector_tile<KT>(entry.data, count)) {
         constexpr int kVecs = int(kTileElems) / KT::kPerVec / 32; // vectors per lane
         const auto *vecs = reinterpret_cast<const uint4 *>(bits);
         uint4 v[kVecs];
@@ -113,11 +217,13 @@ __device__ __forceinline__ void for_each_tile_key(uint64_t data, int64_t first, 
 #pragma unroll
         for (int j = 0; j < kVecs; ++j)
 #pragma unroll
-            for (int q = 0; q < KT::kPerVec; ++q)
-                f(KT::key(v[j], q), (j * 32 + lane) * KT::kPerVec + q);
+            for (int q = 0; q < KT::kPerVec; ++q) {
+                const int offset = (j * 32 + lane) * KT::kPerVec + q;
+                f(keys.key(v[j], q, offset), offset);
+            }
     } else {
         for (int i = lane; i < count; i += 32)
-            f(KT::key(bits[i]), i);
+            f(keys.key(bits[i], i), i);
     }
 }
 

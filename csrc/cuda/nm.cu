@@ -1,6 +1,7 @@
 // N:M selection on the GPU (groups and candidates: common/nm.h), byte for byte what cpu/nm.cpp
 // writes: the candidate lists that the layerwise or global selection kernels rank, and the packed
-// keep-masks built from that selection. One read of the weights each.
+// keep-masks built from that selection. One read of the weights each. A scaled entry ranks its
+// scaled keys: its list holds them as fp32 bit patterns, so selection rows over it are fp32 keys.
 //
 // A warp owns one tile of 2048 elements (M divides it); lane l takes groups l, l + 32, ... of the
 // tile, so a step of the warp reads 32 neighbouring groups. Mask build puts each group's M bits in
@@ -11,6 +12,7 @@
 #include "cuda_common.cuh"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace gmp::cuda {
 namespace {
@@ -19,39 +21,51 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 static_assert(kTileElems % kMaxGroup == 0, "tiles hold whole groups");
 
+// Keys of the group at offset `offset` of the tile from element `first` (reader: KT::at(entry, first)).
 template <typename KT, int M>
-__device__ __forceinline__ void load_group(const typename KT::bits_t *data, int64_t first, uint32_t (&keys)[M]) {
+__device__ __forceinline__ void load_group(const KT &reader, const typename KT::bits_t *data, int64_t first, int offset,
+                                           uint32_t (&keys)[M]) {
 #pragma unroll
     for (int i = 0; i < M; ++i)
-        keys[i] = KT::key(__ldg(data + first + i));
+        keys[i] = reader.key(__ldg(data + first + offset + i), offset + i);
 }
 
+// What a list holds of a candidate: its weight's bits, or for a scaled entry its key (the fp32
+// bits of |w| * factor; Python gives that entry a float32 list).
+template <typename KT> using ListElement = std::conditional_t<KT::kScaled, uint32_t, typename KT::bits_t>;
+
 template <typename KT, int M>
-__device__ void gather_tile(const typename KT::bits_t *data, typename KT::bits_t *list, int64_t first, int count, int n,
-                            uint32_t inf, int lane) {
+__device__ void gather_tile(const KT &reader, const typename KT::bits_t *data, ListElement<KT> *list, int64_t first,
+                            int count, int n, uint32_t inf, int lane) {
     for (int g = lane; g * M < count; g += 32) {
         const int64_t start = first + int64_t(g) * M;
         uint32_t keys[M];
-        load_group<KT, M>(data, start, keys);
+        load_group<KT, M>(reader, data, first, g * M, keys);
+        const auto listed = [&](int i) -> ListElement<KT> {
+            if constexpr (KT::kScaled)
+                return keys[i];
+            else
+                return data[start + i];
+        };
         const uint32_t candidates = candidate_bits<M>(keys, n);
-        typename KT::bits_t *dst = list + (start / M) * (M - n);
+        ListElement<KT> *dst = list + (start / M) * (M - n);
         int j = 0;
 #pragma unroll
         for (int i = 0; i < M; ++i)
             if ((candidates >> i) & 1u)
-                dst[j++] = data[start + i];
+                dst[j++] = listed(i);
 #pragma unroll
         for (int i = 0; i < M; ++i)
             if (keys[i] > inf) { // protected NaN: make the selection over the list see it
-                dst[0] = data[start + i];
+                dst[0] = listed(i);
                 break;
             }
     }
 }
 
 template <typename KT, int M>
-__device__ void build_tile(const typename KT::bits_t *data, uint8_t *mask, uint8_t *staging, int64_t first, int count,
-                           int n, const Selection &s, int lane) {
+__device__ void build_tile(const KT &reader, const typename KT::bits_t *data, uint8_t *mask, uint8_t *staging,
+                           int64_t first, int count, int n, const Selection &s, int lane) {
     constexpr int kGroupsPerByte = M < 8 ? 8 / M : 1;
     constexpr uint32_t kGroupBits = M == 32 ? 0xffffffffu : (1u << M) - 1;
     const int groups = count / M;
@@ -61,7 +75,7 @@ __device__ void build_tile(const typename KT::bits_t *data, uint8_t *mask, uint8
         if (g < groups) {
             const int64_t start = first + int64_t(g) * M;
             uint32_t keys[M];
-            load_group<KT, M>(data, start, keys);
+            load_group<KT, M>(reader, data, first, g * M, keys);
             const uint32_t candidates = candidate_bits<M>(keys, n);
             keep = ~candidates & kGroupBits;
             int64_t position = (start / M) * (M - n);
@@ -99,13 +113,15 @@ __global__ void __launch_bounds__(kThreads)
         if (count == 0 || lists[e].data == 0)
             continue;
         const int64_t first = (tile - entry.tile_base) * kTileElems;
-        const uint32_t inf = inf_key(static_cast<int32_t>(entry.dtype), kNative);
-        visit_key_type(entry.dtype, kNative, [&](auto kt) {
+        const uint32_t inf = inf_key(static_cast<int32_t>(entry.dtype), entry_key_space(entry, kNative));
+        visit_key_type(entry, kNative, [&](auto kt) {
             using KT = decltype(kt);
+            const KT reader = KT::at(entry, first);
             const auto *data = reinterpret_cast<const typename KT::bits_t *>(entry.data);
-            auto *list = reinterpret_cast<typename KT::bits_t *>(lists[e].data);
-            visit_group_size(
-                m, [&](auto size) { gather_tile<KT, decltype(size)::value>(data, list, first, count, n, inf, lane); });
+            auto *list = reinterpret_cast<ListElement<KT> *>(lists[e].data);
+            visit_group_size(m, [&](auto size) {
+                gather_tile<KT, decltype(size)::value>(reader, data, list, first, count, n, inf, lane);
+            });
         });
     }
 }
@@ -124,11 +140,12 @@ __global__ void __launch_bounds__(kThreads) kNmBuildMasks(const TensorEntry *tab
             continue;
         const int64_t first = (tile - entry.tile_base) * kTileElems;
         auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
-        visit_key_type(entry.dtype, row.key_space, [&](auto kt) {
+        visit_key_type(entry, row.key_space, [&](auto kt) {
             using KT = decltype(kt);
+            const KT reader = KT::at(entry, first);
             const auto *data = reinterpret_cast<const typename KT::bits_t *>(entry.data);
             visit_group_size(m, [&](auto size) {
-                build_tile<KT, decltype(size)::value>(data, mask, staging[warp], first, count, n, row, lane);
+                build_tile<KT, decltype(size)::value>(reader, data, mask, staging[warp], first, count, n, row, lane);
             });
         });
     }

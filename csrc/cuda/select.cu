@@ -1,5 +1,7 @@
 // Exact k-th smallest (|w|, index) selection on the GPU: a multi-block, multi-pass
 // histogram radix select over the device-resident table, with the same rows as cpu/select.cpp.
+// A scaled entry ranks its scaled keys instead (keys.h: scaled_key, wide space), read per tile
+// through its key reader (cuda_common.cuh: ScaledKeyType); its per-layer rows say kWide.
 //
 // A call is one fixed launch sequence with no host synchronisation, so it can be captured in a
 // CUDA graph; all per-pass state lives in the caller's scratch buffer:
@@ -28,7 +30,8 @@
 // pruned in the mask and unzeroed until kFixup, after the finish, sets the bits of those above
 // the threshold and zeroes the others. A step whose bucket fits the slots after the first pass
 // thus reads the weights twice; other segments (small entries, heavy ties, the zero fast path,
-// NaN weights, k == 0, mixed dtypes in the wide key space) are built by build_masks afterwards.
+// NaN weights, k == 0, mixed dtypes in the wide key space, scaled and unscaled entries in one
+// global segment) are built by build_masks afterwards.
 #include "cuda_common.cuh"
 
 #include <algorithm>
@@ -85,6 +88,7 @@ struct SegState {
     int32_t tile_shift; // kTile: log2 of the tiles per bin
     int32_t zero_tiles; // kTile: ties per tile are the first pass's zero counts in the slots
     int32_t fused;      // prune step: the compacting pass builds the masks, kFixup completes them
+    int32_t one_reader; // all its tiles have one key reader (element type, scaled or not): it may fuse
 };
 
 // Updated with atomics during passes, so kept apart from the plan that blocks copy.
@@ -266,8 +270,10 @@ __global__ void __launch_bounds__(kThreads) kInitLayerwise(const TensorEntry *ta
             s.rank = min(max(k[e], int64_t(0)), entry.numel);
             s.tile0 = s.tile_begin = entry.tile_base;
             s.tile_end = entry.tile_base + tiles;
-            s.key_bits = key_bits(dtype, kNative);
-            s.inf = inf_key(dtype, kNative);
+            const int32_t space = entry_key_space(entry, kNative);
+            s.key_bits = key_bits(dtype, space);
+            s.inf = inf_key(dtype, space);
+            s.one_reader = 1;
             s.idx_bits = bit_length(static_cast<uint64_t>(entry.numel - 1));
             if (!large) {
                 s.stage = kSmall;
@@ -287,14 +293,19 @@ __global__ void __launch_bounds__(kThreads) kInitLayerwise(const TensorEntry *ta
 __global__ void __launch_bounds__(kThreads)
     kInitGlobal(const TensorEntry *table, int64_t n, const int64_t *k, int32_t space, SegState *state,
                 int64_t total_tiles, int64_t slots) {
-    int64_t partial = 0;
-    for (int64_t e = threadIdx.x; e < n; e += kThreads)
-        partial += max(int64_t(0), table[e].numel);
-    int64_t total;
+    const TensorEntry entry0 = table[0];
+    int64_t partial = 0, other_readers = 0;
+    for (int64_t e = threadIdx.x; e < n; e += kThreads) {
+        const TensorEntry entry = table[e];
+        partial += max(int64_t(0), entry.numel);
+        other_readers += entry.dtype != entry0.dtype || (entry.scale != 0) != (entry0.scale != 0);
+    }
+    int64_t total, other_total;
     block_exclusive_sum(partial, total);
+    block_exclusive_sum(other_readers, other_total);
     if (threadIdx.x != 0)
         return;
-    const int32_t dtype = static_cast<int32_t>(table[0].dtype);
+    const int32_t dtype = static_cast<int32_t>(entry0.dtype);
     SegState s{};
     finish(s, 0, -1);
     if (total > 0 && total_tiles > 0 && is_valid_dtype(dtype)) {
@@ -304,6 +315,7 @@ __global__ void __launch_bounds__(kThreads)
         s.inf = inf_key(dtype, space);
         s.idx_bits = bit_length(static_cast<uint64_t>(total_tiles * kTileElems - 1));
         s.cand_cap = min(total_tiles * kSlotsPerTile, slots);
+        s.one_reader = other_total == 0;
         start_keys(s);
     }
     state[0] = s;
@@ -316,6 +328,7 @@ template <typename KT>
 __device__ void select_small(const TensorEntry &entry, SegState &state, SegCounters &counters, uint32_t *hist) {
     __shared__ int64_t found_pos;
     const auto *bits = reinterpret_cast<const typename KT::bits_t *>(entry.data);
+    const KT keys = KT::at(entry, 0); // numel <= kSmallEntry <= kScaleSpan: one span
     const int numel = static_cast<int>(entry.numel);
     const uint32_t inf = state.inf;
     int64_t rank = state.rank;
@@ -329,7 +342,7 @@ __device__ void select_small(const TensorEntry &entry, SegState &state, SegCount
         __syncthreads();
         uint32_t nans = 0, zeros = 0;
         for (int i = threadIdx.x; i < numel; i += kThreads) {
-            const uint32_t key = KT::key(bits[i]);
+            const uint32_t key = keys.key(bits[i], i);
             nans += first && key > inf;
             zeros += first && key == 0;
             if ((key >> unknown) == prefix)
@@ -367,7 +380,7 @@ __device__ void select_small(const TensorEntry &entry, SegState &state, SegCount
     int64_t ties_before = 0;
     for (int base = 0; base < numel; base += kThreads) {
         const int i = base + threadIdx.x;
-        const bool tie = i < numel && KT::key(bits[i]) == prefix;
+        const bool tie = i < numel && keys.key(bits[i], i) == prefix;
         int64_t chunk_ties;
         const int64_t before = block_exclusive_sum(tie, chunk_ties);
         if (tie && ties_before + before + 1 == rank)
@@ -388,8 +401,7 @@ __global__ void __launch_bounds__(kThreads)
     if (state[e].stage != kSmall)
         return;
     const TensorEntry entry = table[e];
-    visit_key_type(entry.dtype, kNative,
-                   [&](auto kt) { select_small<decltype(kt)>(entry, state[e], counters[e], hist); });
+    visit_key_type(entry, kNative, [&](auto kt) { select_small<decltype(kt)>(entry, state[e], counters[e], hist); });
 }
 
 // Passes: a persistent grid of blocks, each owning a contiguous range of tiles so that it meets
@@ -400,8 +412,7 @@ __device__ __forceinline__ void visit_tile(const PassArgs &p, int64_t seg, int64
     const TensorEntry entry = p.table[Global ? entry_of_tile(p.table, p.n, tile) : seg];
     const int count = tile_count(entry, tile);
     const int64_t first = (tile - entry.tile_base) * kTileElems;
-    visit_key_type(entry.dtype, p.space,
-                   [&](auto kt) { for_each_tile_key<decltype(kt)>(entry.data, first, count, lane, f); });
+    visit_key_type(entry, p.space, [&](auto kt) { for_each_tile_key<decltype(kt)>(entry, first, count, lane, f); });
 }
 
 __device__ __forceinline__ void clear_bins(uint32_t *bins, int count) {
@@ -513,8 +524,8 @@ __device__ void key_pass(const PassArgs &p, int64_t seg, const SegState &s, int6
 // tile's mask and zeroes its pruned elements. Above the bucket: kept; below: pruned and zeroed;
 // in it: pruned in the mask, not zeroed (kFixup decides). Full tiles of 16-byte aligned data with
 // an 8-byte aligned mask stay in registers across the block's slot reservation, so the weights
-// are read once; partial and misaligned tiles go element by element and are read again for the
-// composites. All tiles of the segment have the element type KT.
+// are read once; partial, misaligned and scaled tiles go element by element and are read again for
+// the composites. All tiles of the segment have the key reader KT.
 template <bool Global, typename KT>
 __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, int64_t a, int64_t b, uint32_t *bins) {
     using Bits = typename KT::bits_t;
@@ -543,15 +554,17 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
             int count = 0;
             bool vector = false, has_mask = false;
             uint4 v[kVecs];
+            KT keys{};
             if (tile < c1) {
                 const TensorEntry entry = p.table[Global ? entry_of_tile(p.table, p.n, tile) : seg];
                 count = tile_count(entry, tile);
                 first = (tile - entry.tile_base) * kTileElems;
+                keys = KT::at(entry, first);
                 data = reinterpret_cast<Bits *>(entry.data);
                 auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
                 // Without a mask (as kBuildMasks) the tile is only ranked: nothing written.
                 has_mask = entry.mask != 0;
-                vector = has_mask && count == kTileElems && entry.data % 16 == 0 && entry.mask % 8 == 0;
+                vector = has_mask && vector_tile<KT>(entry.data, count) && entry.mask % 8 == 0;
                 if (vector) {
                     auto *vecs = reinterpret_cast<uint4 *>(data + first);
 #pragma unroll
@@ -562,7 +575,7 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                         uint32_t keep = 0, unzeroed = 0;
 #pragma unroll
                         for (int q = 0; q < KT::kPerVec; ++q) {
-                            const uint32_t key = KT::key(v[j], q);
+                            const uint32_t key = keys.key(v[j], q, (j * 32 + lane) * KT::kPerVec + q);
                             const uint32_t high = key >> key_shift;
                             keep |= uint32_t(high > prefix) << q;
                             unzeroed |= uint32_t(high >= prefix) << q;
@@ -586,7 +599,7 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                         const int i = c * 32 + lane;
                         bool keep = false;
                         if (i < count) {
-                            const uint32_t key = KT::key(data[first + i]);
+                            const uint32_t key = keys.key(data[first + i], i);
                             const uint32_t high = key >> key_shift;
                             keep = high > prefix;
                             if (high < prefix && has_mask)
@@ -616,11 +629,13 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
 #pragma unroll
                 for (int j = 0; j < kVecs; ++j)
 #pragma unroll
-                    for (int q = 0; q < KT::kPerVec; ++q)
-                        store(KT::key(v[j], q), (j * 32 + lane) * KT::kPerVec + q);
+                    for (int q = 0; q < KT::kPerVec; ++q) {
+                        const int offset = (j * 32 + lane) * KT::kPerVec + q;
+                        store(keys.key(v[j], q, offset), offset);
+                    }
             } else {
                 for (int i = lane; i < count; i += 32)
-                    store(KT::key(data[first + i]), i);
+                    store(keys.key(data[first + i], i), i);
             }
         }
         flush_bins(bins, nbins, p.hist + s.hist_row * kBins);
@@ -707,8 +722,9 @@ template <bool Global, bool Prune> __global__ void __launch_bounds__(kThreads, 2
             continue;
         const SegState s = p.state[seg];
         if (Prune && s.stage == kKey && s.fused) {
-            const int64_t dtype = p.table[Global ? 0 : seg].dtype; // global: one dtype (native keys)
-            visit_key_type(dtype, p.space, [&](auto kt) { build_pass<Global, decltype(kt)>(p, seg, s, a, b, bins); });
+            // Global: every entry has the reader of the first (SegState::one_reader).
+            visit_key_type(p.table[Global ? 0 : seg], p.space,
+                           [&](auto kt) { build_pass<Global, decltype(kt)>(p, seg, s, a, b, bins); });
         } else if (s.stage == kKey) {
             key_pass<Global>(p, seg, s, a, b, bins);
         } else if (s.stage == kTile) {
@@ -762,7 +778,7 @@ __global__ void __launch_bounds__(kThreads)
             after_comp_digit(s, bin);
         else
             after_tile_digit(s, bin);
-        if (fuse && s.stage == kKey && s.compact)
+        if (fuse && s.one_reader && s.stage == kKey && s.compact)
             s.fused = 1;
     }
     state[seg] = s;
@@ -783,11 +799,12 @@ __global__ void __launch_bounds__(32) kScanTile(const TensorEntry *table, int64_
     const uint32_t threshold = s.key_prefix;
     int64_t rank = s.rank;
     int found = -1;
-    visit_key_type(entry.dtype, space, [&](auto kt) {
+    visit_key_type(entry, space, [&](auto kt) {
         using KT = decltype(kt);
+        const KT keys = KT::at(entry, first);
         const auto *bits = reinterpret_cast<const typename KT::bits_t *>(entry.data) + first;
         for (int c = 0; c < count; c += 32) {
-            const bool tie = c + lane < count && KT::key(bits[c + lane]) == threshold;
+            const bool tie = c + lane < count && keys.key(bits[c + lane], c + lane) == threshold;
             const uint32_t ties = __ballot_sync(kFullWarp, tie);
             if (rank <= __popc(ties)) {
                 const int before = __popc(ties & ((1u << lane) - 1));
@@ -808,13 +825,14 @@ __global__ void __launch_bounds__(32) kScanTile(const TensorEntry *table, int64_
 
 // built (prune steps, else null): 1 for the entries whose masks the fused pass built.
 __global__ void __launch_bounds__(kThreads)
-    kFinishLayerwise(const SegState *state, const SegCounters *counters, int64_t n, Selection *out, int32_t *built) {
+    kFinishLayerwise(const TensorEntry *table, const SegState *state, const SegCounters *counters, int64_t n,
+                     Selection *out, int32_t *built) {
     const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
     if (e >= n)
         return;
     const SegState &s = state[e];
     const bool done = s.stage == kDone;
-    out[e] = Selection{done ? int64_t(s.key_prefix) : 0, done ? s.result_pos : -1, kNative,
+    out[e] = Selection{done ? int64_t(s.key_prefix) : 0, done ? s.result_pos : -1, entry_key_space(table[e], kNative),
                        static_cast<int64_t>(counters[e].nan_count)};
     if (built != nullptr)
         built[e] = s.fused;
@@ -973,7 +991,8 @@ void layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection 
     GMP_CUDA_CHECK(cudaGetLastError());
     const PassArgs args{table, n, sc.state, sc.counters, sc.hist, sc.cand, total_tiles, kNative};
     run_passes<false, Prune>(args, n, true, s);
-    kFinishLayerwise<<<row_blocks(n), kThreads, 0, s>>>(sc.state, sc.counters, n, out, Prune ? sc.built : nullptr);
+    kFinishLayerwise<<<row_blocks(n), kThreads, 0, s>>>(table, sc.state, sc.counters, n, out,
+                                                        Prune ? sc.built : nullptr);
     GMP_CUDA_CHECK(cudaGetLastError());
     if constexpr (Prune) {
         const int64_t slots = total_tiles * kSlotsPerTile;
@@ -998,7 +1017,8 @@ void global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_s
     kInitGlobal<<<1, kThreads, 0, s>>>(table, n, k, key_space, sc.state, total_tiles, sc.slots);
     GMP_CUDA_CHECK(cudaGetLastError());
     const PassArgs args{table, n, sc.state, sc.counters, sc.hist, sc.cand, total_tiles, key_space};
-    // The fused pass reads a segment's tiles with one element type: not for mixed dtypes (wide keys).
+    // The fused pass reads a segment's tiles with one key reader: not for mixed dtypes (wide keys),
+    // nor for scaled and unscaled entries together (SegState::one_reader).
     run_passes<true, Prune>(args, 1, key_space == kNative, s);
     kFinishGlobal<<<row_blocks(n), kThreads, 0, s>>>(table, n, sc.state, sc.counters, key_space, out,
                                                      Prune ? sc.built : nullptr);
