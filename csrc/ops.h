@@ -9,11 +9,13 @@
 
 namespace gmp::cpu {
 
-// Per-entry selection: row i of `out` prunes k[i] elements of entry i (native key space).
+// Per-entry selection: row i of `out` prunes k[i] elements of entry i (native key space; wide for
+// a scaled entry, whose keys are float32 products: TensorEntry::scale).
 void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection *out, int num_threads);
 
 // One selection over the concatenation of all entries (never materialised): the k smallest
-// (key, elem_base + flat index) pairs are pruned. Writes one row per entry.
+// (key, elem_base + flat index) pairs are pruned. Writes one row per entry. Scaled entries of
+// 16-bit weights need the wide key space.
 void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads);
 
 // Writes the packed keep-mask of every entry from its selection row; a row with NaNs (nan_count > 0)
@@ -48,7 +50,7 @@ void find_equal(const TensorEntry *table, int64_t n, int32_t key_space, const in
 void apply_masks(const TensorEntry *table, int64_t n, int num_threads);
 
 // N:M selection (common/nm.h). nm_gather writes entry e's candidate list, numel / m * (m - n)
-// elements of its dtype, into lists[e].data (a table of the lists; a group holding NaN lists a NaN
+// elements of its dtype (a scaled entry: its float32 keys), into lists[e].data (a table of the lists; a group holding NaN lists a NaN
 // first, so selection over the lists reports it). nm_build_masks writes packed keep-masks from selection rows over
 // those lists (index = position in the list): protected elements and the candidates above the cut
 // are kept; a row with NaNs leaves its mask as it was. Every numel must be a multiple of m.
