@@ -39,8 +39,10 @@ folder), rewritten after every method so an interrupted run keeps what it measur
 Under load (``--under-load N [--load-kind busy|omp|copy]``, CPU): only the per-layer rows of
 gmp_ext (thresholds; + masks; the prepared job), the ``kthvalue`` loop and the ``topk`` loop,
 timed while N competing processes (``load.py``; stopped after ``--load-seconds`` at the latest,
-and when the rows are done) keep the cores busy, so all of them see the same load. Rows go to
-select_under_load_<device>_<dtype>.json with ``speedup_vs_topk``.
+and when the rows are done) keep the cores busy, so all of them see the same load; then the
+eager ``gmp_ext.prune_step``, per layer and global, at torch's thread count and at one thread,
+in alternating rounds (``x_one_thread``: its p50 over the one-thread p50 of the same round).
+Rows go to select_under_load_<device>_<dtype>.json with ``speedup_vs_topk``.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ from gmp_ext.pruning.strategies import NMPattern
 SPARSITY = 0.9
 # One read of the weights, the unit of ``read_passes`` (p50 over this row's p50, same run).
 READ_ONCE = "torch._foreach_norm (one read)"
+EAGER = "gmp_ext.prune_step (eager: selection, checks, store)"
 NM_SPARSITY = 0.35  # of a 2:4 ramp, which ends at 0.5
 MEMORY_HEADROOM = 0.92  # of the free memory a method may be expected to take
 QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit (it raises above it)
@@ -264,7 +267,7 @@ def _prune_step_methods(scope: str) -> dict[str, Method]:
             masks=True,
             native=True,
         ),
-        "gmp_ext.prune_step (eager: selection, checks, store)": Method(
+        EAGER: Method(
             eager.run,
             lambda s: s.n * s.e + s.n / 8 + 2**20,
             setup=eager.setup,
@@ -553,6 +556,46 @@ UNDER_LOAD = (
 )
 
 
+def _at_threads(fn: Callable, threads: int) -> Callable:
+    def run(*args: object) -> object:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn(*args)
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
+def _eager_threads_rows(weights: list[torch.Tensor], repeats: int, base: dict) -> list[dict]:
+    """The eager prune step per layer and global at torch's thread count and at one thread:
+    three alternating rounds, so both see the same load (whose level drifts)."""
+    rows = []
+    default = torch.get_num_threads()
+    for scope in ("layer", "global"):
+        method = _prune_step_methods(scope)[EAGER]
+        fn, setup = _bound(method, weights)
+        for round_ in range(3):
+            p50 = {}
+            for threads in (default, 1):
+                row = {"kernel": f"prune_step_{scope}", "provider": f"{EAGER}, {threads} threads"}
+                row.update({**base, "threads": threads, "round": round_})
+                row.update(measure("cpu", _at_threads(fn, threads), repeats, setup=setup))
+                p50[threads] = row.get("p50_ms")
+                rows.append(row)
+            for row in rows[-2:]:
+                if p50[1] and row.get("p50_ms"):
+                    row["x_one_thread"] = float(row["p50_ms"]) / float(p50[1])
+            print(
+                f"  {base['model']} under load ({base['load']}) prune_step {scope} round "
+                f"{round_}: {default} threads {p50[default] or math.nan:.1f} ms, "
+                f"1 thread {p50[1] or math.nan:.1f} ms",
+                flush=True,
+            )
+    return rows
+
+
 def run_under_load(args, dtype: str) -> Path:
     """The per-layer rows of UNDER_LOAD, every model, with competing processes running."""
     device = torch.device(args.device)
@@ -564,10 +607,10 @@ def run_under_load(args, dtype: str) -> Path:
         weights = weights_for(MODELS[model](), getattr(torch, dtype), device)
         with competing_load(args.load_kind, args.under_load, args.load_seconds):
             model_rows = []
+            base = {"model": model, "dtype": dtype, "device": str(device), "load": load}
             for provider in UNDER_LOAD:
                 fn, setup = _bound(methods[provider], weights)
-                row = {"kernel": "select_layer", "provider": provider, "model": model}
-                row.update({"dtype": dtype, "device": str(device), "load": load})
+                row = {"kernel": "select_layer", "provider": provider, **base}
                 row.update(measure(device, fn, repeats=args.repeats, setup=setup, slow_ms=1e9))
                 print(
                     f"  {model} {dtype} under load ({load}) {provider:32} "
@@ -575,11 +618,12 @@ def run_under_load(args, dtype: str) -> Path:
                     flush=True,
                 )
                 model_rows.append(row)
+            threads_rows = _eager_threads_rows(weights, args.repeats, base)
         topk = model_rows[-1].get("p50_ms")
         for row in model_rows:
             if topk and "p50_ms" in row:
                 row["speedup_vs_topk"] = topk / row["p50_ms"]
-        rows += model_rows
+        rows += model_rows + threads_rows
         write_rows(name, rows)
         del weights
     print_table(rows, ["provider", "model", "dtype", "load", "p50_ms", "speedup_vs_topk"])

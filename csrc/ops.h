@@ -50,9 +50,9 @@ void find_equal(const TensorEntry *table, int64_t n, int32_t key_space, const in
 void apply_masks(const TensorEntry *table, int64_t n, int num_threads);
 
 // N:M selection (common/nm.h). nm_gather writes entry e's candidate list, numel / m * (m - n)
-// elements of its dtype (a scaled entry: its float32 keys), into lists[e].data (a table of the lists; a group holding NaN lists a NaN
-// first, so selection over the lists reports it). nm_build_masks writes packed keep-masks from selection rows over
-// those lists (index = position in the list): protected elements and the candidates above the cut
+// elements of its dtype (a scaled entry: its float32 keys), into lists[e].data (a table of the lists; a group holding
+// NaN lists a NaN first, so selection over the lists reports it). nm_build_masks writes packed keep-masks from
+// selection rows over those lists (index = position in the list): protected elements and the candidates above the cut
 // are kept; a row with NaNs leaves its mask as it was. Every numel must be a multiple of m.
 void nm_gather(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const TensorEntry *lists,
                int num_threads);

@@ -35,8 +35,7 @@ void scale_row(const Bits *bits, const float *factors, int64_t count, uint32_t *
 
 // out[t] = key of element begin + t. A feature's elements are runs of `inner` consecutive ones;
 // inner == 1 (a Linear's rows) walks the factors along with the elements.
-template <int32_t D>
-void scaled_range(const TensorEntry &entry, int64_t begin, int64_t end, uint32_t *out) {
+template <int32_t D> void scaled_range(const TensorEntry &entry, int64_t begin, int64_t end, uint32_t *out) {
     const auto *bits = reinterpret_cast<const typename DTypeTraits<D>::bits_t *>(entry.data);
     const auto *factors = reinterpret_cast<const float *>(entry.scale);
     const int64_t inner = entry.scale_inner, count = entry.scale_count;

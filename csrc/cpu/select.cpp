@@ -1,15 +1,16 @@
 // Exact k-th smallest (|w|, index) selection by histogram radix select.
 //
-// Keys are the |w| bit patterns, or those of |w| times a factor for a scaled entry (keys.h). Pass 1 histograms the high 15-16 key bits. For
-// 15-bit keys that digit is the whole key; for 31-bit keys the chosen bucket is either
-// compacted into a small buffer of (low key bits, index) composites and finished with
-// nth_element, or, when ties make it too large, histogrammed again on the low 15 bits.
+// Keys are the |w| bit patterns, or those of |w| times a factor for a scaled entry (keys.h).
+// Pass 1 histograms the high 15-16 key bits. For 15-bit keys that digit is the whole key; for
+// 31-bit keys the chosen bucket is either compacted into a small buffer of (low key bits, index)
+// composites and finished with nth_element, or, when ties make it too large, histogrammed again
+// on the low 15 bits.
 // A final tie pass finds the index of the k-th element among those equal to the threshold key.
 // Zero fast path: pass 1 also counts the exact zeros of every tile; when there are at least k
 // (weights that already hold their pruned zeros), the k-th zero is found from those counts and
 // one tile, without further passes.
-// fp32 and scaled selections first try sample select (sample_select.cpp), which needs one read where it can
-// tell: a global one over all entries, each entry of a per-layer one.
+// fp32 and scaled selections first try sample select (sample_select.cpp), which needs one read
+// where it can tell: a global one over all entries, each entry of a per-layer one.
 // Threads: a per-layer call is one parallel region over its entries, each selected by one thread
 // (only an entry too large to balance is shared by all threads); tiles and entries are handed out
 // one at a time, so few regions and barriers are met and a thread the OS holds back (other

@@ -187,7 +187,9 @@ class PreparedStep:
         one must be prepared again."""
         layout = tuple((t.data_ptr(), t.stride(), t.dtype, t.device) for t in tensors)
         scored = () if ranked is None else tuple((r.data_ptr(), r.dtype) for r in ranked)
-        factors = () if scales is None else tuple(s and (s.factors.data_ptr(), s.dim) for s in scales)
+        factors = (
+            () if scales is None else tuple(s and (s.factors.data_ptr(), s.dim) for s in scales)
+        )
         return layout + tuple(m.data_ptr() for m in masks) + (scored, factors)
 
     def set_counts(self, counts: Sequence[int], per_tensor: bool) -> None:

@@ -36,10 +36,9 @@ def build_table(
         numel = tensor.numel()
         mask_ptr = masks[i].data_ptr() if masks is not None else 0
         scale = scales[i] if scales is not None else None
-        rows.append(
-            [tensor.data_ptr(), mask_ptr, numel, DTYPE_CODES[tensor.dtype], elem_base, tile_base]
-            + list((0, 1, 1) if scale is None else scale.columns(tensor.shape))
-        )
+        scaling = (0, 1, 1) if scale is None else scale.columns(tensor.shape)
+        dtype = DTYPE_CODES[tensor.dtype]
+        rows.append([tensor.data_ptr(), mask_ptr, numel, dtype, elem_base, tile_base, *scaling])
         elem_base += numel
         if tile_elems:
             tile_base += -(-numel // tile_elems)

@@ -64,9 +64,7 @@ class CudaBackend(Backend):
                 mode = _SCRATCH_MODE[scope]
                 nbytes = int(self._C.cuda_select_scratch_bytes(len(tensors), total, mode))
                 scratch = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
-            job = new_job(
-                tensors, masks, scope, key_space, device, table, tiles, scratch, scales
-            )
+            job = new_job(tensors, masks, scope, key_space, device, table, tiles, scratch, scales)
             stream = torch.cuda.current_stream(device)
             job.ready = torch.cuda.Event()
             job.ready.record(stream)
