@@ -13,6 +13,10 @@ build's compiled module, whose sources must be unchanged since), in a subprocess
 run: the before/after row of a change to the Python layer.
 
     python benchmarks/bench_scores.py --models resnet50 bert_base --before fdc3042
+    python benchmarks/bench_scores.py --device cuda --models bert_base --dtype bfloat16 float32
+
+On CUDA the weights, the observed state and the training step's inputs are on the device and
+every call is timed with CUDA events (``utils.measure``).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, tokens: int) -> torch.Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.layers[0].weight.device)
         for layer in self.layers:
             w = layer.weight
             if w.dim() == 2:
@@ -69,7 +73,7 @@ class Stack(nn.Module):
             else:
                 pad = (w.shape[2] - 1) // 2
                 x = torch.randn(2, w.shape[1], 14 + 2 * pad, 14 + 2 * pad)
-            total = total + layer(x).square().mean()
+            total = total + layer(x.to(w.device, w.dtype)).square().float().mean()
         return total
 
 
@@ -79,8 +83,8 @@ def _observed(stack: Stack, names: list[str]) -> tuple[dict, dict]:
     sums, totals = {}, {}
     for name, (_, param) in zip(names, stack.named_parameters()):
         features = param.shape[1]
-        sums[name] = torch.rand(features, generator=generator) + 0.5
-        totals[name] = torch.randn(param.shape, generator=generator)
+        sums[name] = (torch.rand(features, generator=generator) + 0.5).to(param.device)
+        totals[name] = torch.randn(param.shape, generator=generator).to(param.device)
     return {"sums": sums, "tokens": 1}, {"totals": totals, "steps": 1}
 
 
@@ -137,12 +141,14 @@ def time_before(rev: str, model: str, dtype_name: str, repeats: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run(model: str, dtype: torch.dtype, tokens: int, repeats: int, copy: dict) -> list[dict]:
+def run(
+    model: str, dtype: torch.dtype, device: torch.device, tokens: int, repeats: int, copy: dict
+) -> list[dict]:
     from shapes import MODELS
 
     from gmp_ext.scores import Movement, Wanda
 
-    weights = weights_for(MODELS[model](), dtype=dtype)
+    weights = weights_for(MODELS[model](), dtype=dtype, device=device)
     stack = Stack(weights)
     names = [n for n, _ in stack.named_parameters()]
     params = [p for _, p in stack.named_parameters()]
@@ -160,7 +166,7 @@ def run(model: str, dtype: torch.dtype, tokens: int, repeats: int, copy: dict) -
         movement.load_state_dict(movement_state)
 
     nbytes = sum(p.numel() * p.element_size() for p in params)
-    base = {"model": model, "dtype": str(dtype).removeprefix("torch."), "device": "cpu"}
+    base = {"model": model, "dtype": str(dtype).removeprefix("torch."), "device": device.type}
     rows = []
     providers = {
         "gmp_ext prune_step magnitude": lambda _: gmp_ext.prune_step(stack, SPARSITY),
@@ -171,7 +177,7 @@ def run(model: str, dtype: torch.dtype, tokens: int, repeats: int, copy: dict) -
         "torch kthvalue loop (magnitude)": lambda _: _kthvalue_loop(params),
     }
     for provider, fn in providers.items():
-        timing = measure("cpu", fn, repeats=repeats, setup=restore, confirm_slow=True)
+        timing = measure(device, fn, repeats=repeats, setup=restore, confirm_slow=True)
         row = {"kernel": "prune_step", "provider": provider, **base, **timing}
         if timing.get("status") == "ok":
             row.update(rates(float(timing["p50_ms"]), nbytes, nbytes, copy["gbps"]))
@@ -187,9 +193,9 @@ def run(model: str, dtype: torch.dtype, tokens: int, repeats: int, copy: dict) -
 
     restore()
     stack(tokens).backward()  # gradients for the accumulation rows
-    timing = measure("cpu", lambda _: movement.accumulate(), repeats=repeats, setup=lambda: None)
+    timing = measure(device, lambda _: movement.accumulate(), repeats=repeats, setup=lambda: None)
     rows.append({"kernel": "movement_accumulate", "provider": "gmp_ext", **base, **timing})
-    timing = measure("cpu", train_step, repeats=repeats, setup=lambda: None)
+    timing = measure(device, train_step, repeats=repeats, setup=lambda: None)
     rows.append({"kernel": "train_step", "provider": f"AdamW, {tokens} tokens", **base, **timing})
     magnitude = rows[0].get("p50_ms")
     for row in rows:
@@ -212,19 +218,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--before", help="also time the magnitude step at this git revision")
     args = parser.parse_args()
-    if args.device != "cpu":
-        parser.error("bench_scores.py times the CPU path only")
-    copy = copy_reference(torch.device("cpu"), None)
+    device = torch.device(args.device)
+    if args.before and device.type != "cpu":
+        parser.error("--before times the CPU path only")
+    copy = copy_reference(device, None)
     for model in args.models:
         for dtype_name in args.dtype:
-            rows = run(model, getattr(torch, dtype_name), args.tokens, args.repeats, copy)
+            dtype = getattr(torch, dtype_name)
+            rows = run(model, dtype, device, args.tokens, args.repeats, copy)
             if args.before:
                 timing = time_before(args.before, model, dtype_name, args.repeats)
                 base = {k: rows[0][k] for k in ("kernel", "model", "dtype", "device")}
                 provider = f"gmp_ext prune_step magnitude (at {args.before})"
                 rows.insert(1, {**base, "provider": provider, **timing})
                 rows[1]["x_magnitude"] = float(timing["p50_ms"]) / float(rows[0]["p50_ms"])
-            path = write_rows(f"scores_{model}_cpu_{dtype_name}", [copy, *rows])
+            path = write_rows(f"scores_{model}_{device.type}_{dtype_name}", [copy, *rows])
             print_table(
                 rows,
                 ["kernel", "provider", "p50_ms", "x_magnitude", "pct_of_train_step", "status"],

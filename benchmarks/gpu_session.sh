@@ -7,8 +7,9 @@
 #                                             # check of the build, CUDA kernel tests (90 s),
 #                                             # then the target rows first: select bf16
 #                                             # (LLaMA-7B), apply bf16 + fp32 (LLaMA-7B),
-#                                             # select fp32 (LLaMA-7B), then BERT-base and
-#                                             # the copy ceiling with what is left
+#                                             # select fp32 (LLaMA-7B), the scores (BERT-
+#                                             # base: magnitude, Wanda, movement steps), then
+#                                             # BERT-base and the copy ceiling with what is left
 #   bash benchmarks/gpu_session.sh quick      # the rerun, 270 s: preflight, build (skipped
 #                                             # when the installed one matches), check,
 #                                             # tests/test_cuda.py (45 s), select bf16 and
@@ -548,6 +549,8 @@ target_benchmarks() { # $1: "quick" for the rerun's subset
     apply_rows apply 45 2-apply "bfloat16 float32" $TARGET_MODELS
     [[ "${1:-}" == quick ]] && return 0
     select_rows select-fp32 90 3-select-fp32 float32 $(with_predictor $TARGET_MODELS)
+    bench_step scores 60 3-scores "$PY" benchmarks/bench_scores.py --device "$DEVICE" \
+        --models bert_base --dtype bfloat16 float32 --repeats 5
     local others
     others=$(other_models)
     if [[ -n "$others" ]]; then
@@ -669,7 +672,8 @@ session)
     diagnostics
     cuda_tests tests "$TESTS_SECONDS" "not slow" tests/test_cuda.py tests/test_select.py \
         tests/test_bitmask.py tests/test_apply_masks.py tests/test_prune.py tests/test_nm.py \
-        tests/test_library.py tests/test_plan.py tests/test_backend.py tests/test_scores.py
+        tests/test_library.py tests/test_plan.py tests/test_backend.py tests/test_scores.py \
+        tests/test_scaled_keys.py
     target_benchmarks
     require_gpu_rows
     ;;
