@@ -3,6 +3,9 @@
 // fp32 keys (vector compares included) and the feature index costs no division per element.
 #include "cpu_common.h"
 
+#include <algorithm>
+#include <vector>
+
 namespace gmp::cpu {
 namespace {
 
@@ -33,29 +36,40 @@ void scale_row(const Bits *bits, const float *factors, int64_t count, uint32_t *
     scale_run<D>(bits, factors, count, out);
 }
 
-// out[t] = key of element begin + t. A feature's elements are runs of `inner` consecutive ones;
-// inner == 1 (a Linear's rows) walks the factors along with the elements.
+// out[t] = key of element begin + t. The factors repeat with a period of inner * count elements
+// (a row of the weight): inner == 1 (a Linear's rows) walks the factors themselves along the
+// elements; a short period (a conv's channels x taps) is spelled out once per call, so the keys
+// are one vectorised loop per period rather than one short loop per run of `inner` elements; a
+// longer one goes run by run (long runs: transposed layouts).
 template <int32_t D> void scaled_range(const TensorEntry &entry, int64_t begin, int64_t end, uint32_t *out) {
     const auto *bits = reinterpret_cast<const typename DTypeTraits<D>::bits_t *>(entry.data);
     const auto *factors = reinterpret_cast<const float *>(entry.scale);
     const int64_t inner = entry.scale_inner, count = entry.scale_count;
-    int64_t feature = scale_feature(entry, begin);
-    if (inner == 1) {
+    const int64_t period = inner * count;
+    if (inner > 1 && period > 2 * (end - begin)) {
+        int64_t feature = scale_feature(entry, begin);
         for (int64_t i = begin; i < end;) {
-            const int64_t run = std::min(count - feature, end - i);
-            scale_row<D>(bits + i, factors + feature, run, out + (i - begin));
+            const int64_t run = std::min(inner - i % inner, end - i);
+            const float factor = factors[feature];
+            for (int64_t t = 0; t < run; ++t)
+                out[i - begin + t] = scaled_key(magnitude_key<D, kWide>(bits[i + t]), factor);
             i += run;
-            feature = 0;
+            feature = feature + 1 == count ? 0 : feature + 1;
         }
         return;
     }
-    for (int64_t i = begin; i < end;) {
-        const int64_t run = std::min(inner - i % inner, end - i);
-        const float factor = factors[feature];
-        for (int64_t t = 0; t < run; ++t)
-            out[i - begin + t] = scaled_key(magnitude_key<D, kWide>(bits[i + t]), factor);
+    const float *repeated = factors;
+    if (inner > 1) {
+        thread_local std::vector<float> spelled;
+        spelled.resize(static_cast<size_t>(period));
+        for (int64_t f = 0; f < count; ++f)
+            std::fill_n(spelled.begin() + f * inner, inner, factors[f]);
+        repeated = spelled.data();
+    }
+    for (int64_t i = begin, at = begin % period; i < end; at = 0) {
+        const int64_t run = std::min(period - at, end - i);
+        scale_row<D>(bits + i, repeated + at, run, out + (i - begin));
         i += run;
-        feature = feature + 1 == count ? 0 : feature + 1;
     }
 }
 
