@@ -61,10 +61,33 @@ __device__ __forceinline__ uint32_t warp_sum(uint32_t v) {
 // Number of bits needed to write x (0 for 0).
 __device__ __forceinline__ int bit_length(uint64_t x) { return x == 0 ? 0 : 64 - __clzll(static_cast<long long>(x)); }
 
+// x / d and x % d (d >= 1) without `/` and `%` on 64-bit operands, which ptxas compiles to calls
+// of its division subroutine: a call in a pass kernel costs it registers (saved around the call)
+// and its unscaled vector loops spill. 32-bit division when both fit (entries under 2^32
+// elements), else binary long division.
+struct DivMod {
+    uint64_t q, r;
+};
+__device__ __forceinline__ DivMod div_mod(uint64_t x, uint64_t d) {
+    if ((x | d) >> 32 == 0)
+        return {uint32_t(x) / uint32_t(d), uint32_t(x) % uint32_t(d)};
+    DivMod a{0, 0};
+#pragma unroll 1
+    for (int b = bit_length(x) - 1; b >= 0; --b) {
+        a.r = (a.r << 1) | ((x >> b) & 1); // a.r < d < 2^63: no overflow
+        if (a.r >= d) {
+            a.r -= d;
+            a.q |= uint64_t(1) << b;
+        }
+    }
+    return a;
+}
+
 // A scaled entry's factors (TensorEntry::scale) over a span of at most kScaleSpan consecutive
 // elements from element `first`: element first + o takes scale[((first + o) / inner) % count].
-// The span's quotient and remainder are taken once in 64 bits; per element there are two 32-bit
-// divisions by multiplication, exact in the ranges the span bounds (o < 2^14: numerators < 2^16).
+// The span's quotient and remainder are taken once in 64 bits (div_mod); per element there are
+// two 32-bit divisions by multiplication, exact in the ranges the span bounds (o < 2^14:
+// numerators < 2^16).
 constexpr int kScaleSpan = 1 << 14;
 static_assert(kTileElems <= kScaleSpan, "a tile is one span");
 
@@ -82,7 +105,9 @@ class ScaleSpan {
     ScaleSpan() = default;
     __device__ __forceinline__ ScaleSpan(const TensorEntry &entry, int64_t first) {
         const int64_t inner = max(entry.scale_inner, int64_t(1)), count = max(entry.scale_count, int64_t(1));
-        const int64_t r = first % inner, f = (first / inner) % count;
+        const DivMod span = div_mod(static_cast<uint64_t>(first), static_cast<uint64_t>(inner));
+        const int64_t r = static_cast<int64_t>(span.r);
+        const int64_t f = static_cast<int64_t>(div_mod(span.q, static_cast<uint64_t>(count)).r);
         // Quotient step d = (r + o) / inner. An inner of kScaleSpan or more steps at most once in the
         // span: an inner of exactly kScaleSpan, started so that it steps at the same o, does the same.
         if (inner <= kScaleSpan) {
@@ -222,6 +247,9 @@ __device__ __forceinline__ void for_each_tile_key(const TensorEntry &entry, int6
                 f(keys.key(v[j], q, offset), offset);
             }
     } else {
+        // Not unrolled (partial, misaligned and scaled tiles): fewer registers, so fewer spills,
+        // in the pass kernels that inline it, whose full tiles take the vector path above.
+#pragma unroll 1
         for (int i = lane; i < count; i += 32)
             f(keys.key(bits[i], i), i);
     }

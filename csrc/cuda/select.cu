@@ -412,7 +412,9 @@ __device__ __forceinline__ void visit_tile(const PassArgs &p, int64_t seg, int64
     const TensorEntry entry = p.table[Global ? entry_of_tile(p.table, p.n, tile) : seg];
     const int count = tile_count(entry, tile);
     const int64_t first = (tile - entry.tile_base) * kTileElems;
-    visit_key_type(entry, p.space, [&](auto kt) { for_each_tile_key<decltype(kt)>(entry, first, count, lane, f); });
+    // Layerwise keys are native (PassArgs::space): the constant keeps the wide readers out.
+    visit_key_type(entry, Global ? p.space : int32_t(kNative),
+                   [&](auto kt) { for_each_tile_key<decltype(kt)>(entry, first, count, lane, f); });
 }
 
 __device__ __forceinline__ void clear_bins(uint32_t *bins, int count) {
@@ -595,6 +597,7 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                 } else if (count > 0) {
                     // Step c covers elements [32c, 32c + 32): half of word c / 2, which lane c / 2 keeps.
                     uint64_t word = 0;
+#pragma unroll 1 // as for_each_tile_key's element loop
                     for (int c = 0; c * 32 < count; ++c) {
                         const int i = c * 32 + lane;
                         bool keep = false;
@@ -634,6 +637,7 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                         store(keys.key(v[j], q, offset), offset);
                     }
             } else {
+#pragma unroll 1 // as for_each_tile_key's element loop
                 for (int i = lane; i < count; i += 32)
                     store(keys.key(data[first + i], i), i);
             }
@@ -722,8 +726,9 @@ template <bool Global, bool Prune> __global__ void __launch_bounds__(kThreads, 2
             continue;
         const SegState s = p.state[seg];
         if (Prune && s.stage == kKey && s.fused) {
-            // Global: every entry has the reader of the first (SegState::one_reader).
-            visit_key_type(p.table[Global ? 0 : seg], p.space,
+            // Global: every entry has the reader of the first (SegState::one_reader). Keys are
+            // native (run_passes fuses no other space), so no wide reader is compiled in.
+            visit_key_type(p.table[Global ? 0 : seg], kNative,
                            [&](auto kt) { build_pass<Global, decltype(kt)>(p, seg, s, a, b, bins); });
         } else if (s.stage == kKey) {
             key_pass<Global>(p, seg, s, a, b, bins);
