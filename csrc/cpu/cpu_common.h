@@ -7,8 +7,6 @@
 #include "../common/tensor_table.h"
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -69,64 +67,18 @@ inline bool have_avx2() {
 }
 #endif
 
-// Contended cores. When other processes keep every core busy, the OS holds one of a loop's threads
-// back for a time slice now and then, and the loop ends only when that thread has run again: its
-// other threads wait (spinning, in OpenMP's default policy, on a core the held-back thread needs),
-// and a call on two threads took longer than on one (issue 24: 2.3 s against 184 ms). Every
-// parallel loop measures how long its first thread to finish waited for the last; a wait of over
-// a quarter of the loop and kContendedWaitNs marks the cores contended, and the kernels then run
-// on the calling thread alone for kContendedBackoffNs before they try threads again.
-namespace contention {
-
-constexpr int64_t kContendedWaitNs = 500'000;
-constexpr int64_t kContendedBackoffNs = 500'000'000;
-
-inline int64_t now_ns() {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-}
-
-// steady_clock time until which the cores count as contended.
-inline std::atomic<int64_t> &contended_until() {
-    static std::atomic<int64_t> until{0};
-    return until;
-}
-
-inline bool contended() { return now_ns() < contended_until().load(std::memory_order_relaxed); }
-
-// A loop that started at `start` and whose threads finished between `first_done` and `last_done`.
-inline void record(int64_t start, int64_t first_done, int64_t last_done) {
-    const int64_t waited = last_done - first_done;
-    if (waited > kContendedWaitNs && 4 * waited > last_done - start)
-        contended_until().store(last_done + kContendedBackoffNs, std::memory_order_relaxed);
-}
-
-} // namespace contention
-
-// Threads for a loop over `elems` elements: one for small loops and on contended cores.
-inline int threads_for(int requested, int64_t elems) {
-    return elems < kMinParallelElems || contention::contended() ? 1 : std::max(1, requested);
-}
+inline int threads_for(int requested, int64_t elems) { return elems < kMinParallelElems ? 1 : std::max(1, requested); }
 
 // Runs body(t, thread) for t in [0, count). With threads > 1: one parallel region whose threads
 // take one index at a time, so a thread the OS deschedules (another process busy on the cores)
-// holds back one tile, not a fixed share of the loop, while the others take the rest, and whose
-// threads' finishing times tell whether the cores are contended; otherwise a plain loop on the
-// calling thread, which may be a thread of an enclosing region.
+// holds back one tile, not a fixed share of the loop, while the others take the rest; otherwise a
+// plain loop on the calling thread, which may be a thread of an enclosing region.
 template <typename F> void parallel_for(int threads, int64_t count, F &&body) {
 #ifdef _OPENMP
     if (threads > 1 && count > 1) {
-        const int64_t start = contention::now_ns();
-        std::vector<int64_t> done(static_cast<size_t>(threads), start);
-#pragma omp parallel num_threads(threads)
-        {
-#pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t t = 0; t < count; ++t)
-                body(t, omp_get_thread_num());
-            done[static_cast<size_t>(omp_get_thread_num())] = contention::now_ns();
-        }
-        const auto [first, last] = std::minmax_element(done.begin(), done.end());
-        contention::record(start, *first, *last);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int64_t t = 0; t < count; ++t)
+            body(t, omp_get_thread_num());
         return;
     }
 #endif
