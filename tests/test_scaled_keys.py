@@ -4,14 +4,18 @@ PyTorch (``KeyScale.weighted``), bit for bit."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+import gmp_ext
 from gmp_ext.kernels.backends import REFERENCE
 from gmp_ext.kernels.engine import PreparedStep
 from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE, KeyScale, key_space_for
 from gmp_ext.kernels.primitives import new_mask
 from gmp_ext.pruning.strategies import NMPattern
+from gmp_ext.scores import Score
 
 from .utils import DTYPE_IDS, DTYPES, assert_same, weights
 
@@ -164,3 +168,115 @@ def test_prepared_step_takes_scales_or_ranked_not_both():
     scale = KeyScale(torch.ones(8), 1)
     with pytest.raises(ValueError, match="not both"):
         PreparedStep([w], [new_mask(w)], "layer", ranked=[w.abs()], scales=[scale])
+
+
+def _linear_with_an_unseen_feature(dtype=torch.float32):
+    """A Linear whose input feature 2 is always 0 (a zero norm) and whose weight on it is inf."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False)).to(dtype)
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("inf")
+    x = torch.randn(16, 8, dtype=dtype)
+    x[:, 2] = 0
+    return model, x
+
+
+def test_prune_step_refuses_nan_scores_before_modifying():
+    """inf x a zero norm is NaN: a ValueError naming the parameter, the weights untouched."""
+    model, x = _linear_with_an_unseen_feature()
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"'0.weight': its 'wanda' score has 1 NaN"):
+        gmp_ext.prune_step(model, 0.5, score="wanda", calibration=[x])
+    assert_same(model[0].weight, before)
+    assert gmp_ext.masks(model) == {}
+
+
+def test_infinite_norms_are_refused():
+    """Input norms that overflow float32 would make a zero weight's value NaN."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False))
+    x = torch.randn(16, 8)
+    x[:, 3] = 1e20
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"'0.weight': its 'wanda' factors hold infinite"):
+        gmp_ext.prune_step(model, 0.5, score="wanda", calibration=[x])
+    assert_same(model[0].weight, before)
+
+
+def test_plan_reports_nan_scores():
+    model, x = _linear_with_an_unseen_feature()
+    plan = gmp_ext.PrunePlan(model, 0.5, score="wanda")
+    model(x)
+    plan.step()
+    with pytest.raises(ValueError, match=r"NaN 'wanda' scores in parameter '0.weight' \(1\)"):
+        plan.check()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_plan_global_wanda_on_16_bit_weights(dtype):
+    """Scaled keys are float32 products: a global plan over 16-bit weights selects them in the
+    wide space, the same masks as an eager global step."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(  # noqa: E731
+        torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(16, 8, bias=False)
+    ).to(dtype)
+    planned, eager = make(), make()
+    eager.load_state_dict(planned.state_dict())
+    x = torch.randn(8, 32, dtype=dtype)
+    plan = gmp_ext.PrunePlan(planned, 0.5, scope="global", score="wanda")
+    planned(x)
+    plan.step()
+    plan.check()
+    gmp_ext.prune_step(eager, 0.5, scope="global", score="wanda", calibration=[x])
+    for name, keep in gmp_ext.masks(planned).items():
+        assert torch.equal(keep, gmp_ext.masks(eager)[name]), name
+    assert sum(int((~k).sum()) for k in gmp_ext.masks(planned).values()) == (32 * 16 + 16 * 8) // 2
+
+
+class _Factors(Score):
+    name = "test_factors"
+    scaled = True
+
+    def __init__(self, make) -> None:
+        self.make = make
+
+    def factors(self, names, params):
+        return self.make(params)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda ps: [KeyScale(torch.ones(p.shape[1]), 1) for p in ps][:1], "2 parameters"),
+        (lambda ps: [KeyScale([1.0] * p.shape[1], 1) for p in ps], "a KeyScale along"),
+        (lambda ps: [KeyScale(torch.ones(p.shape[1] + 1), 1) for p in ps], "factors of shape"),
+        (lambda ps: [KeyScale(-torch.ones(p.shape[1]), 1) for p in ps], "negative"),
+        (lambda ps: [KeyScale(torch.full((p.shape[1],), math.nan), 1) for p in ps], "NaN"),
+    ],
+    ids=["too_few", "not_a_tensor", "wrong_length", "negative", "nan"],
+)
+def test_bad_factors_are_refused_naming_the_parameter(make, match):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        gmp_ext.prune_step(model, 0.5, score=_Factors(make))
+    for p, b in zip(model.parameters(), before):
+        assert_same(p, b)
+
+
+@pytest.mark.parametrize(
+    "factors",
+    [torch.ones(16)[::2], torch.ones(8, dtype=torch.float64), torch.ones(7)],
+    ids=["non_contiguous", "float64", "wrong_length"],
+)
+def test_engine_refuses_factors_the_kernels_cannot_read(factors):
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="KeyScale.factors must be 8 contiguous float32"):
+        PreparedStep([w], [new_mask(w)], "layer", scales=[KeyScale(factors, 1)])
+
+
+def test_compiled_plan_refuses_scores_made_eagerly():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False))
+    plan = gmp_ext.PrunePlan(model, 0.5, score="wanda")
+    model(torch.randn(3, 8))
+    with pytest.raises(Exception, match="cannot run under torch.compile"):
+        torch.compile(plan.step, backend="eager", fullgraph=True)()

@@ -89,8 +89,9 @@ GMP_HOST_DEVICE float f32_from_bits(uint32_t bits) {
 // Key of a scaled entry's element (TensorEntry::scale): the fp32 bit pattern of |w| * factor, one
 // IEEE multiply (round to nearest, no FMA: the reference's `w.abs().float() * factor`) of |w|'s
 // exact fp32 value `magnitude` (magnitude_key<D, kWide>). Factors are >= 0, so the product is too,
-// or NaN (a NaN weight, or an infinite one against a zero factor): a key above the infinity key,
-// whatever sign bit the hardware gave the NaN. Scaled keys are in the wide space for every dtype.
+// or NaN (a NaN weight, an infinite one against a zero factor, a zero one against an infinite
+// factor): a key above the infinity key, whatever sign bit the hardware gave the NaN. Scaled keys
+// are in the wide space for every dtype.
 GMP_HOST_DEVICE uint32_t scaled_key(uint32_t magnitude, float factor) {
 #if defined(__CUDA_ARCH__)
     return f32_bits(__fmul_rn(f32_from_bits(magnitude), factor)) & 0x7fffffffu;

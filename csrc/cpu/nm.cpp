@@ -1,6 +1,6 @@
 // N:M selection (groups and candidates: common/nm.h): the candidate lists that the layerwise or
 // global selection ranks, and the packed keep-masks built from that selection. One read of the
-// weights each; tiles (65536 elements) hold whole groups because M divides 64.
+// weights each; tiles (multiples of 64 elements) hold whole groups because M divides 64.
 #include "../common/nm.h"
 #include "../ops.h"
 #include "cpu_common.h"

@@ -300,7 +300,7 @@ class PreparedStep:
             for i, count in zip(group.indices, group.selection.rows[:, 3].tolist()):
                 counts[i] = count
         if not self.pattern.exact_nan_counts and any(counts):
-            nans = [int(torch.isnan(t).sum()) for t in self._ranked_values()]
+            nans = [int(torch.isnan(t).sum()) for t in self.ranked_values()]
             if self.scope == "global":
                 for group in self.groups:
                     counts[group.indices[0]] = sum(nans[i] for i in group.indices)
@@ -308,8 +308,8 @@ class PreparedStep:
                 counts = nans
         return counts
 
-    def _ranked_values(self) -> list[torch.Tensor]:
-        """What the selection ranks, as tensors (scaled |w| made here)."""
+    def ranked_values(self) -> list[torch.Tensor]:
+        """What the selection ranks, as tensors (scaled |w| made here: a copy per tensor)."""
         if self.ranked is not None:
             return self.ranked
         if self.scales is not None:

@@ -34,9 +34,25 @@ class KeyScale(NamedTuple):
     factors: torch.Tensor
     dim: int
 
-    def columns(self, shape: torch.Size) -> tuple[int, int, int]:
-        """The row's (scale, scale_inner, scale_count) for a contiguous tensor of ``shape``."""
-        return self.factors.data_ptr(), math.prod(shape[self.dim + 1 :]), shape[self.dim]
+    def columns(self, tensor: torch.Tensor) -> tuple[int, int, int]:
+        """The row's (scale, scale_inner, scale_count) for contiguous ``tensor``; ValueError
+        unless the factors are as the class says (the kernels read them by address)."""
+        factors, dim, shape = self.factors, self.dim, tensor.shape
+        if not isinstance(dim, int) or not 0 <= dim < tensor.dim():
+            raise ValueError(f"KeyScale.dim must be in [0, {tensor.dim()}), got {dim!r}")
+        if (
+            factors.dtype != torch.float32
+            or not factors.is_contiguous()
+            or factors.device != tensor.device
+            or factors.shape != (shape[dim],)
+        ):
+            raise ValueError(
+                f"KeyScale.factors must be {shape[dim]} contiguous float32 values on "
+                f"{tensor.device} (dimension {dim} of {tuple(shape)}), got "
+                f"{tuple(factors.shape)} {factors.dtype} on {factors.device}"
+                f"{'' if factors.is_contiguous() else ', not contiguous'}"
+            )
+        return factors.data_ptr(), math.prod(shape[dim + 1 :]), shape[dim]
 
     def weighted(self, tensor: torch.Tensor) -> torch.Tensor:
         """The ranked values themselves: ``|tensor| * factors`` along ``dim``, float32 (the

@@ -122,7 +122,8 @@ def raise_on_nan(
 def raise_on_nan_counts(
     nan_counts: Sequence[int], tensors: Sequence[torch.Tensor], labels: Sequence[str]
 ) -> None:
-    """ValueError naming the first tensor holding NaN when a selection counted any."""
+    """ValueError naming the first tensor holding NaN when a selection counted any (and a
+    ValueError all the same when none of ``tensors`` holds one: what was ranked did)."""
     if not any(nan_counts):
         return
     for tensor, label in zip(tensors, labels):
@@ -132,6 +133,10 @@ def raise_on_nan_counts(
                 f"{label} has {count} NaN value(s); magnitudes of NaN weights cannot be "
                 "ranked (nothing was modified)"
             )
+    raise ValueError(
+        f"the selection counted {sum(nan_counts)} NaN key(s) in what it ranked of "
+        f"{', '.join(labels)}; they cannot be ranked (nothing was modified)"
+    )
 
 
 def select_rows_layerwise(

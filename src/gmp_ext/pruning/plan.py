@@ -141,7 +141,10 @@ class PrunePlan:
     def _prepare(self) -> None:
         """The prepared step, bound to the parameters' current storage and the masks."""
         masks = [self._entries[n].mask for n in self._names]
-        key_space = self._selection.key_space({p.dtype for p in self._params})
+        dtypes = {p.dtype for p in self._params}
+        if self._score.scaled:  # its keys are float32 products, whatever the weights' dtype
+            dtypes.add(torch.float32)
+        key_space = self._selection.key_space(dtypes)
         tensors = [p.detach() for p in self._params]
         scope, pattern = self._selection.scope, self._selection.pattern
         self._step = PreparedStep(
@@ -197,6 +200,12 @@ class PrunePlan:
         self._params = [self._entries[n].param for n in self._names]
         masks = [self._entries[n].mask for n in self._names]
         if torch.compiler.is_compiling():
+            if not self._score.in_place:  # its values are made in Python at every step
+                raise RuntimeError(
+                    f"PrunePlan.step() with score {self._score.name!r} cannot run under "
+                    "torch.compile (the score's values are computed eagerly at each step); "
+                    "call the plan's step outside the compiled region"
+                )
             # The operators take the parameters and masks as they are now: no binding to check
             # (Dynamo cannot trace raw addresses), and no detached aliases as graph inputs.
             self._check_devices()
@@ -261,18 +270,21 @@ class PrunePlan:
         naming the parameters that held NaN weights (their masks were left as they were)."""
         # Counted by the selection: apply may since have zeroed pruned NaNs.
         counts = self._step.nan_counts()
+        # A scaled score's NaN values: a NaN weight, or an infinite one against a zero factor.
+        what = f"{self._score.name!r} scores" if self._score.scaled else "weights"
         if not self._selection.per_tensor_targets and counts and counts[0]:
-            holders = [label for i, label in enumerate(self._labels) if self._has_nan(i)]
+            ranked = self._step.ranked_values()
+            holders = [label for label, v in zip(self._labels, ranked) if torch.isnan(v).any()]
             raise ValueError(
-                f"{counts[0]} NaN weight(s) among the plan's parameters"
-                f"{' (in ' + ', '.join(holders) + ')' if holders else ''}: magnitudes of NaN "
-                "weights cannot be ranked, so the last step left every mask as before"
+                f"{counts[0]} NaN {what} among the plan's parameters"
+                f"{' (in ' + ', '.join(holders) + ')' if holders else ''}: NaN values cannot "
+                "be ranked, so the last step left every mask as before"
             )
         nan_params = [f"{label} ({c})" for label, c in zip(self._labels, counts) if c]
         if nan_params:
             raise ValueError(
-                f"NaN weights in {', '.join(nan_params)}: magnitudes of NaN weights cannot be "
-                "ranked, so the last step left their masks as before"
+                f"NaN {what} in {', '.join(nan_params)}: NaN values cannot be ranked, so the "
+                "last step left their masks as before"
             )
         thresholds = (
             self._step.thresholds()
@@ -282,9 +294,6 @@ class PrunePlan:
         for name, threshold in zip(self._names, thresholds):
             self._entries[name].threshold = threshold
         return distributed.mask_sparsities(self._entries)
-
-    def _has_nan(self, i: int) -> bool:
-        return bool(torch.isnan(self._params[i].detach()).any())
 
 
 def _remove_all(handles: list[RemovableHandle]) -> None:

@@ -220,7 +220,10 @@ class Selection:
         step.set_counts(counts, self.per_tensor_targets)
         step.run(build=False, apply=False)
         labels = [f"parameter '{n}'" for n in names]
-        primitives.raise_on_nan_counts(step.nan_counts(), local, labels)  # one read per group
+        nan_counts = step.nan_counts()
+        if isinstance(scored, Scaled) and any(nan_counts):  # products, not the weights
+            scored.raise_on_nan(step.ranked_values(), labels)
+        primitives.raise_on_nan_counts(nan_counts, local, labels)  # one read per group
         # The select's staged copies still hold the tensors; a build that also applies zeroes
         # the pruned elements in its own pass (the fused build).
         step.run(select=False, apply=zero_pruned, restage=False)
@@ -238,8 +241,9 @@ class Selection:
     ) -> tuple[list[torch.Tensor], list[float]]:
         """:meth:`masks` for counts (and score tensors) already known; the masks are built from
         what is ranked, nothing is zeroed."""
-        if isinstance(scored, Scaled):  # ranked as tensors here (sharded or reference paths)
+        if isinstance(scored, Scaled):  # ranked as tensors here (the reference backend's path)
             values = scored.weighted(tensors)
+            scored.raise_on_nan(values, [f"parameter '{n}'" for n in names])
             scored = Ranked(values, values, None)
         ranked = list(tensors) if scored is None else scored.ranked
         rows = self.rows(ranked, [f"parameter '{n}'" for n in names], counts)
@@ -572,7 +576,7 @@ class NMSelection(Selection):
             scored = Ranked(ranked, ranked, None)
         elif isinstance(scored, Scaled):  # the factors along the views' dimensions
             scales = [s.moved(d, -1, t.dim()) for s, d, t in zip(scored.scales, dims, tensors)]
-            scored = Scaled(scales)
+            scored = Scaled(scales, scored.score)
         # Masks of permuted views are built in the views' order, then permuted back in place (the
         # same storage each step, so the store's prepared step stays bound to it).
         masks, thresholds = self.masks_with(

@@ -164,20 +164,42 @@ class Scaled(NamedTuple):
     """A scaled score's factors for one selection (checked): the kernels rank |w| times them."""
 
     scales: list[KeyScale]
+    score: str  # the score's name, for errors
 
     def weighted(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The values themselves (float32 tensors), for paths that rank tensors."""
         return [scale.weighted(p) for scale, p in zip(self.scales, params)]
+
+    def raise_on_nan(self, values: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+        """ValueError naming the first of ``values`` (the products) holding NaN: a NaN weight,
+        or an infinite one against a zero factor."""
+        for value, label in zip(values, labels):
+            count = int(torch.isnan(value).sum())
+            if count:
+                raise ValueError(
+                    f"{label}: its {self.score!r} score has {count} NaN value(s) (a NaN weight, "
+                    "or an infinite weight against a zero factor); they cannot be ranked "
+                    "(nothing was modified)"
+                )
 
 
 def _check_factors(
     score: Score, names: Sequence[str], params: Sequence[torch.Tensor], scales: Sequence[object]
 ) -> list[KeyScale]:
     """The factors, contiguous float32 on each parameter's device; ValueError naming the
-    parameter on a wrong dimension or length, or a NaN or negative factor."""
+    parameter on a wrong dimension or length, or a NaN, infinite or negative factor."""
+    if len(scales) != len(params):
+        raise ValueError(
+            f"score {score.name!r} gave {len(scales)} factor sets for {len(params)} parameters"
+        )
     checked = []
     for name, param, scale in zip(names, params, scales):
-        if not isinstance(scale, KeyScale) or not -param.dim() <= scale.dim < param.dim():
+        if (
+            not isinstance(scale, KeyScale)
+            or not isinstance(scale.factors, torch.Tensor)
+            or not isinstance(scale.dim, int)
+            or not -param.dim() <= scale.dim < param.dim()
+        ):
             raise ValueError(
                 f"score {score.name!r} must give parameter '{name}' (shape {tuple(param.shape)}) "
                 f"a KeyScale along one of its dimensions, got {scale!r}"
@@ -190,13 +212,18 @@ def _check_factors(
                 f"{tuple(factors.shape)} for its dimension {dim} of size {param.shape[dim]}"
             )
         checked.append(KeyScale(factors.contiguous(), dim))
-    lows = [float(s.factors.min()) if s.factors.numel() else 0.0 for s in checked]
-    for name, low in zip(names, lows):
-        if math.isnan(low) or low < 0:
+    # The extremes answer all three questions; an infinite factor would make a zero weight's
+    # value NaN (input norms overflow float32 above about 1.8e19 per feature).
+    extremes = [s.factors.aminmax() if s.factors.numel() else None for s in checked]
+    for name, extreme in zip(names, extremes):
+        if extreme is None:
+            continue
+        low, high = float(extreme.min), float(extreme.max)
+        if math.isnan(low) or low < 0 or math.isinf(high):
+            kind = "NaN" if math.isnan(low) else "negative" if low < 0 else "infinite"
             raise ValueError(
-                f"parameter '{name}': its {score.name!r} factors hold "
-                f"{'NaN' if math.isnan(low) else 'negative'} values (the minimum is {low}); "
-                "they cannot scale |w| (nothing was modified)"
+                f"parameter '{name}': its {score.name!r} factors hold {kind} values (from "
+                f"{low} to {high}); they cannot scale |w| (nothing was modified)"
             )
     return checked
 
@@ -252,7 +279,8 @@ def rank_tensors(
     ValueError naming the parameter on NaN values, before anything is modified. Non-negative
     values are ranked as they are."""
     if score.scaled:
-        return Scaled(_check_factors(score, names, params, score.factors(names, params)))
+        factors = score.factors(names, params)
+        return Scaled(_check_factors(score, names, params, factors), score.name)
     raw = score.values(names, params)
     if raw is None:
         return None

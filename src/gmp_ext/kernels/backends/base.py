@@ -36,7 +36,7 @@ def build_table(
         numel = tensor.numel()
         mask_ptr = masks[i].data_ptr() if masks is not None else 0
         scale = scales[i] if scales is not None else None
-        scaling = (0, 1, 1) if scale is None else scale.columns(tensor.shape)
+        scaling = (0, 1, 1) if scale is None else scale.columns(tensor)
         dtype = DTYPE_CODES[tensor.dtype]
         rows.append([tensor.data_ptr(), mask_ptr, numel, dtype, elem_base, tile_base, *scaling])
         elem_base += numel
