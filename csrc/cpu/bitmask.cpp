@@ -3,6 +3,7 @@
 #include "../ops.h"
 #include "cpu_common.h"
 #include "keep_word.h"
+#include "row_scaled_keys.h"
 
 #include <algorithm>
 #include <cstring>
@@ -16,6 +17,48 @@ inline uint64_t load_word(const uint8_t *mask, int64_t first, int64_t count) {
     return word;
 }
 
+// Keep-bits of the `count` elements from `first` (a multiple of 64) by the selection row.
+template <typename Reader> uint64_t keep_bits(const Reader &key_of, int64_t first, int64_t count, const Selection &s) {
+    const uint64_t key = static_cast<uint64_t>(s.key);
+    uint64_t word = 0;
+    if (first > s.index || first + count - 1 <= s.index) {
+        // The index test is the same for the whole word: ties are all kept (first > index) or all
+        // pruned, so keep = key >= limit.
+        const uint64_t limit = first > s.index ? key : key + 1;
+        if (count == 64)
+            return keep_word(key_of, first, limit);
+        for (int64_t j = 0; j < count; ++j)
+            word |= uint64_t(key_of(first + j) >= limit) << j;
+        return word;
+    }
+    for (int64_t j = 0; j < count; ++j)
+        word |= uint64_t(is_kept(key_of(first + j), first + j, static_cast<uint32_t>(key), s.index)) << j;
+    return word;
+}
+
+#ifdef GMP_HAVE_AVX2_DISPATCH
+// build_tile's words for an entry scaled along its rows, from keys made in registers: a word
+// whose elements all fall on one side of the row's index (all but at most one) is compared there,
+// the other and a partial one from the keys stored to L1.
+template <int32_t D> void build_row_scaled(const TensorEntry &entry, const Selection &s, int64_t begin, int64_t end) {
+    auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
+    const uint64_t key = static_cast<uint64_t>(s.key);
+    RowScaledKeys<D> keys(entry, begin);
+    alignas(32) uint32_t block[64];
+    for (int64_t first = begin; first < end; first += 64) {
+        const int64_t count = std::min<int64_t>(64, end - first);
+        keys.start_block(first);
+        if (count == 64 && (first > s.index || first + 63 <= s.index)) {
+            store_word(mask, first, keys.keep_word(first > s.index ? key : key + 1), count);
+            continue;
+        }
+        keys.store_block(count, block);
+        // Offset so that key_of(i) reads block[i - first], as keep_bits indexes.
+        store_word(mask, first, keep_bits(KeyReader<kFloat32, kNative>{block - first}, first, count, s), count);
+    }
+}
+#endif
+
 } // namespace
 
 void build_tile(const TensorEntry &entry, const Selection &s, int64_t begin, int64_t end, bool zero_pruned) {
@@ -25,27 +68,22 @@ void build_tile(const TensorEntry &entry, const Selection &s, int64_t begin, int
             apply_mask_range(entry, begin, end); // by the mask the row left as it was
         return;
     }
+#ifdef GMP_HAVE_AVX2_DISPATCH
+    if (has_row_scaled_keys(entry)) {
+        if (entry.dtype == kFloat32)
+            build_row_scaled<kFloat32>(entry, s, begin, end);
+        else
+            build_row_scaled<kBFloat16>(entry, s, begin, end);
+        if (zero_pruned)
+            apply_mask_range(entry, begin, end);
+        return;
+    }
+#endif
     auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
-    const uint64_t key = static_cast<uint64_t>(s.key);
     visit_keys(entry, static_cast<int32_t>(s.key_space), begin, end, [&](auto key_of) {
         for (int64_t first = begin; first < end; first += 64) {
             const int64_t count = std::min<int64_t>(64, end - first);
-            uint64_t word = 0;
-            if (first > s.index || first + count - 1 <= s.index) {
-                // The index test is the same for the whole word: ties are all kept
-                // (first > index) or all pruned, so keep = key >= limit.
-                const uint64_t limit = first > s.index ? key : key + 1;
-                if (count == 64) {
-                    word = keep_word(key_of, first, limit);
-                } else {
-                    for (int64_t j = 0; j < count; ++j)
-                        word |= uint64_t(key_of(first + j) >= limit) << j;
-                }
-            } else {
-                for (int64_t j = 0; j < count; ++j)
-                    word |= uint64_t(is_kept(key_of(first + j), first + j, static_cast<uint32_t>(key), s.index)) << j;
-            }
-            store_word(mask, first, word, count);
+            store_word(mask, first, keep_bits(key_of, first, count, s), count);
         }
     });
     if (zero_pruned)

@@ -14,6 +14,7 @@
 // single 32K-bin pass.
 #include "../ops.h"
 #include "cpu_common.h"
+#include "row_scaled_keys.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,7 +29,6 @@ constexpr int64_t kMinSample = 1024;
 constexpr int64_t kMaxSample = int64_t(1) << 16;
 constexpr double kBracketSigmas = 3.0; // half-width of the bracket, in standard errors of its rank
 constexpr int64_t kMinCandidateCap = int64_t(1) << 12;
-constexpr uint32_t kMagnitude = 0x7fffffffu;
 
 // Sample size for n elements: the power of two nearest below (0.3 n)^(2/3), which balances the
 // sample's cost (~12 ns a key to gather and rank) against the candidates' (~4 ns each; a bracket
@@ -154,47 +154,47 @@ struct BracketRead {
     bool nan = false;  // any key above the infinity key
 };
 
-// Scalar read of elements [first, end) of an entry whose element 0 has index `base`.
-void read_tail(const uint32_t *bits, int64_t first, int64_t end, int64_t base, const Bracket &b, BracketRead &read,
-               std::vector<uint64_t> &candidates) {
-    const uint32_t inf = inf_key(kFloat32, kNative);
-    for (int64_t i = first; i < end; ++i) {
-        const uint32_t key = bits[i] & kMagnitude;
-        read.below += key < b.lo;
-        read.nan |= key > inf;
-        if (key >= b.lo && key <= b.hi)
-            candidates.push_back((uint64_t(key - b.lo) << b.index_bits) | uint64_t(base + i));
+// Keys for the bracket read, 8 at a time (AVX2) and one at a time: the weights' own bits less the
+// sign. start_block(first) comes before the keys of elements [first, first + 64) are read.
+struct RawKeys {
+    const uint32_t *bits;
+
+    void start_block(int64_t) {}
+    __attribute__((target("avx2"))) __m256i load8(int64_t i) const {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(bits + i));
+        return _mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int32_t>(kMagnitude)));
     }
-}
+    uint32_t at(int64_t i) const { return bits[i] & kMagnitude; }
+};
 
 // Reads elements [begin, end) of an entry (begin a multiple of 64) against the bracket. Per 8
 // keys: three compares, a lane count of keys >= lo, a lane OR of NaNs and one movemask of the
 // keys inside the bracket, whose few set bits are gathered. Keys < 2^31, so signed compares are
 // exact; lo >= 1.
-__attribute__((target("avx2"))) void read_bracket(const uint32_t *bits, int64_t begin, int64_t end, int64_t base,
-                                                  const Bracket &b, BracketRead &read,
-                                                  std::vector<uint64_t> &candidates) {
-    const __m256i magnitude = _mm256_set1_epi32(static_cast<int32_t>(kMagnitude));
+template <typename Keys>
+__attribute__((target("avx2"))) void read_bracket(Keys keys, int64_t begin, int64_t end, int64_t base, const Bracket &b,
+                                                  BracketRead &read, std::vector<uint64_t> &candidates) {
     const __m256i below_lo = _mm256_set1_epi32(static_cast<int32_t>(b.lo - 1));
     const __m256i hi = _mm256_set1_epi32(static_cast<int32_t>(b.hi));
-    const __m256i inf = _mm256_set1_epi32(static_cast<int32_t>(inf_key(kFloat32, kNative)));
+    const uint32_t inf_scalar = inf_key(kFloat32, kNative);
+    const __m256i inf = _mm256_set1_epi32(static_cast<int32_t>(inf_scalar));
     __m256i from_lo = _mm256_setzero_si256(); // per lane, minus the count of keys >= lo
     __m256i nan = _mm256_setzero_si256();
     int64_t first = begin;
     for (; first + 64 <= end; first += 64) {
+        keys.start_block(first);
         uint64_t inside = 0;
         for (int q = 0; q < 8; ++q) {
-            const auto *p = reinterpret_cast<const __m256i *>(bits + first) + q;
-            const __m256i keys = _mm256_and_si256(_mm256_loadu_si256(p), magnitude);
-            const __m256i at_least_lo = _mm256_cmpgt_epi32(keys, below_lo);
+            const __m256i key = keys.load8(first + 8 * q);
+            const __m256i at_least_lo = _mm256_cmpgt_epi32(key, below_lo);
             from_lo = _mm256_add_epi32(from_lo, at_least_lo);
-            nan = _mm256_or_si256(nan, _mm256_cmpgt_epi32(keys, inf));
-            const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(keys, hi), at_least_lo);
+            nan = _mm256_or_si256(nan, _mm256_cmpgt_epi32(key, inf));
+            const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(key, hi), at_least_lo);
             inside |= uint64_t(static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(in)))) << (8 * q);
         }
         for (; inside != 0; inside &= inside - 1) {
             const int64_t i = first + __builtin_ctzll(inside);
-            candidates.push_back((uint64_t((bits[i] & kMagnitude) - b.lo) << b.index_bits) | uint64_t(base + i));
+            candidates.push_back((uint64_t(keys.at(i) - b.lo) << b.index_bits) | uint64_t(base + i));
         }
     }
     // Each lane counted at most a tile's 64K / 8 keys.
@@ -204,7 +204,33 @@ __attribute__((target("avx2"))) void read_bracket(const uint32_t *bits, int64_t 
     for (int32_t lane : lanes)
         read.below += lane;
     read.nan |= !_mm256_testz_si256(nan, nan);
-    read_tail(bits, first, end, base, b, read, candidates);
+    if (first == end)
+        return;
+    keys.start_block(first); // the last, partial block, one key at a time
+    for (int64_t i = first; i < end; ++i) {
+        const uint32_t key = keys.at(i);
+        read.below += key < b.lo;
+        read.nan |= key > inf_scalar;
+        if (key >= b.lo && key <= b.hi)
+            candidates.push_back((uint64_t(key - b.lo) << b.index_bits) | uint64_t(base + i));
+    }
+}
+
+// Reads a tile against the bracket with the keys its entry has: its own bits, its rows' scaled
+// keys in registers (fp32 and bf16 weights), or other scaled keys computed into a buffer first.
+void read_tile(const TensorEntry &entry, const Tile &tile, const Bracket &b, BracketRead &read,
+               std::vector<uint64_t> &candidates) {
+    if (entry.scale == 0) {
+        read_bracket(RawKeys{reinterpret_cast<const uint32_t *>(entry.data)}, tile.begin, tile.end, tile.base, b, read,
+                     candidates);
+    } else if (has_row_scaled_keys(entry) && entry.dtype == kFloat32) {
+        read_bracket(RowScaledKeys<kFloat32>(entry, tile.begin), tile.begin, tile.end, tile.base, b, read, candidates);
+    } else if (has_row_scaled_keys(entry)) {
+        read_bracket(RowScaledKeys<kBFloat16>(entry, tile.begin), tile.begin, tile.end, tile.base, b, read, candidates);
+    } else {
+        read_bracket(RawKeys{scaled_range_keys(entry, tile.begin, tile.end)}, tile.begin, tile.end, tile.base, b, read,
+                     candidates);
+    }
 }
 
 // One read of all elements against the bracket: tiles handed out to `threads` threads, each
@@ -218,10 +244,7 @@ BracketRead read_elements(const Elements &el, const Bracket &b, int threads, std
         part.reserve(static_cast<size_t>((b.expected + b.expected / 4) / nt + 64));
     parallel_for(nt, static_cast<int64_t>(tiles.size()), [&](int64_t t, int thread) {
         const Tile &tile = tiles[t];
-        const TensorEntry &entry = el.table[tile.entry];
-        const auto *bits = entry.scale == 0 ? reinterpret_cast<const uint32_t *>(entry.data)
-                                            : scaled_range_keys(entry, tile.begin, tile.end);
-        read_bracket(bits, tile.begin, tile.end, tile.base, b, reads[thread], parts[thread]);
+        read_tile(el.table[tile.entry], tile, b, reads[thread], parts[thread]);
     });
     BracketRead read;
     size_t count = 0;
