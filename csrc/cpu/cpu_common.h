@@ -35,7 +35,31 @@ struct Tile {
     int64_t base;  // index of the entry's element 0 in the selection's order
 };
 
-// Tiles of a scaled entry, whose keys a visit computes into a buffer first: one that stays in L1.
+#ifdef GMP_HAVE_AVX2_DISPATCH
+// Whether this CPU runs the kernels' target("avx2") variants (the build targets baseline x86-64).
+// __builtin_cpu_init first: the first call may come before libgcc's own constructor has run.
+inline bool have_avx2() {
+    static const bool have = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
+    return have;
+}
+#endif
+
+// Longest row of factors (scale_inner * scale_count elements) that RowScaledKeys spells out.
+constexpr int64_t kMaxSpelledRow = kTileElems / 2;
+
+// Whether the tile-reading loops (bracket read, mask build) compute an entry's scaled keys in
+// registers (row_scaled_keys.h): fp32 or bf16, rows of factors short enough, AVX2.
+inline bool has_row_scaled_keys(const TensorEntry &entry) {
+#ifdef GMP_HAVE_AVX2_DISPATCH
+    return entry.scale != 0 && (entry.dtype == kFloat32 || entry.dtype == kBFloat16) &&
+           (entry.scale_inner == 1 || entry.scale_inner * entry.scale_count <= kMaxSpelledRow) && have_avx2();
+#else
+    return false;
+#endif
+}
+
+// Tiles of the other scaled entries, whose keys a visit computes into a buffer first: one that
+// stays in L1.
 constexpr int64_t kScaledTileElems = int64_t(1) << 13;
 
 // Tiles of entries [0, n) in table order; `base` is the running element count.
@@ -43,7 +67,8 @@ inline std::vector<Tile> make_tiles(const TensorEntry *table, int64_t n) {
     std::vector<Tile> tiles;
     int64_t base = 0;
     for (int64_t e = 0; e < n; ++e) {
-        const int64_t size = table[e].scale != 0 ? kScaledTileElems : kTileElems;
+        const bool buffered = table[e].scale != 0 && !has_row_scaled_keys(table[e]);
+        const int64_t size = buffered ? kScaledTileElems : kTileElems;
         for (int64_t b = 0; b < table[e].numel; b += size)
             tiles.push_back({e, b, std::min(b + size, table[e].numel), base});
         base += table[e].numel;
@@ -57,15 +82,6 @@ inline int64_t total_numel(const TensorEntry *table, int64_t n) {
         total += table[e].numel;
     return total;
 }
-
-#ifdef GMP_HAVE_AVX2_DISPATCH
-// Whether this CPU runs the kernels' target("avx2") variants (the build targets baseline x86-64).
-// __builtin_cpu_init first: the first call may come before libgcc's own constructor has run.
-inline bool have_avx2() {
-    static const bool have = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
-    return have;
-}
-#endif
 
 inline int threads_for(int requested, int64_t elems) { return elems < kMinParallelElems ? 1 : std::max(1, requested); }
 

@@ -5,27 +5,40 @@
 
 #include "cpu_common.h"
 
+#include <algorithm>
+#include <vector>
+
 #ifdef GMP_HAVE_AVX2_DISPATCH
 namespace gmp::cpu {
 
 constexpr uint32_t kMagnitude = 0x7fffffffu; // a key: the bits less the sign
 
-// The keys of a scaled entry whose factors run along its rows (scale_inner == 1: a Linear's
-// input features), computed in the read's registers: |w| times the 64 factors of the block,
-// taken from the factors themselves or, where a row ends inside the block, copied around its end.
+// The keys of a scaled entry computed in the read's registers. The factors repeat along the
+// weight's rows (inner * count elements: a Linear's input features, a conv's channels x taps):
+// |w| times the 64 factors of the block, taken from the row's factors (the factors themselves
+// when inner == 1, else spelled out once per tile) or, where a row ends inside the block, copied
+// around its end.
 template <int32_t D> struct RowScaledKeys {
     const typename DTypeTraits<D>::bits_t *bits;
-    const float *factors;
-    int64_t count;   // factors in a row
-    int64_t feature; // factor of the next block's first element
+    const float *factors; // of one row, element by element
+    int64_t count;        // elements in a row
+    int64_t feature;      // position in the row of the next block's first element
     int64_t first = 0;
     const float *window = nullptr; // factors of elements [first, first + 64)
     float wrapped[64];
 
     RowScaledKeys(const TensorEntry &entry, int64_t begin)
         : bits(reinterpret_cast<const typename DTypeTraits<D>::bits_t *>(entry.data)),
-          factors(reinterpret_cast<const float *>(entry.scale)), count(entry.scale_count),
-          feature(scale_feature(entry, begin)) {}
+          factors(reinterpret_cast<const float *>(entry.scale)), count(entry.scale_count * entry.scale_inner),
+          feature(begin % count) {
+        if (entry.scale_inner > 1) { // valid until this thread's next RowScaledKeys
+            thread_local std::vector<float> spelled;
+            spelled.resize(static_cast<size_t>(count));
+            for (int64_t f = 0; f < entry.scale_count; ++f)
+                std::fill_n(spelled.begin() + f * entry.scale_inner, entry.scale_inner, factors[f]);
+            factors = spelled.data();
+        }
+    }
 
     void start_block(int64_t block) {
         first = block;
@@ -74,12 +87,6 @@ template <int32_t D> struct RowScaledKeys {
             _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + 8 * q), load8(first + 8 * q));
     }
 };
-
-// Whether an entry's keys can be RowScaledKeys: scaled along its rows, fp32 or bf16, on AVX2.
-inline bool has_row_scaled_keys(const TensorEntry &entry) {
-    return entry.scale != 0 && entry.scale_inner == 1 && (entry.dtype == kFloat32 || entry.dtype == kBFloat16) &&
-           have_avx2();
-}
 
 } // namespace gmp::cpu
 #endif
