@@ -68,12 +68,14 @@ class Stack(nn.Module):
         total = torch.zeros((), device=self.layers[0].weight.device)
         for layer in self.layers:
             w = layer.weight
+            seeded = torch.Generator(w.device).manual_seed(0)  # made where the step runs
             if w.dim() == 2:
-                x = torch.randn(tokens, w.shape[1], generator=torch.Generator().manual_seed(0))
+                shape: tuple[int, ...] = (tokens, w.shape[1])
             else:
                 pad = (w.shape[2] - 1) // 2
-                x = torch.randn(2, w.shape[1], 14 + 2 * pad, 14 + 2 * pad)
-            total = total + layer(x.to(w.device, w.dtype)).square().float().mean()
+                shape = (2, w.shape[1], 14 + 2 * pad, 14 + 2 * pad)
+            x = torch.randn(shape, generator=seeded, device=w.device, dtype=w.dtype)
+            total = total + layer(x).square().float().mean()
         return total
 
 

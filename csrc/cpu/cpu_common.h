@@ -44,6 +44,20 @@ inline bool have_avx2() {
 }
 #endif
 
+// The factors of one row of a scaled entry (scale_inner * scale_count elements), element by
+// element: its factors themselves when scale_inner == 1, else spelled out into a buffer of this
+// thread's (valid until its next call).
+inline const float *row_factors(const TensorEntry &entry) {
+    const auto *factors = reinterpret_cast<const float *>(entry.scale);
+    if (entry.scale_inner == 1)
+        return factors;
+    thread_local std::vector<float> spelled;
+    spelled.resize(static_cast<size_t>(entry.scale_inner * entry.scale_count));
+    for (int64_t f = 0; f < entry.scale_count; ++f)
+        std::fill_n(spelled.begin() + f * entry.scale_inner, entry.scale_inner, factors[f]);
+    return spelled.data();
+}
+
 // Longest row of factors (scale_inner * scale_count elements) that RowScaledKeys spells out.
 constexpr int64_t kMaxSpelledRow = kTileElems / 2;
 

@@ -5,9 +5,6 @@
 
 #include "cpu_common.h"
 
-#include <algorithm>
-#include <vector>
-
 #ifdef GMP_HAVE_AVX2_DISPATCH
 namespace gmp::cpu {
 
@@ -28,17 +25,8 @@ template <int32_t D> struct RowScaledKeys {
     float wrapped[64];
 
     RowScaledKeys(const TensorEntry &entry, int64_t begin)
-        : bits(reinterpret_cast<const typename DTypeTraits<D>::bits_t *>(entry.data)),
-          factors(reinterpret_cast<const float *>(entry.scale)), count(entry.scale_count * entry.scale_inner),
-          feature(begin % count) {
-        if (entry.scale_inner > 1) { // valid until this thread's next RowScaledKeys
-            thread_local std::vector<float> spelled;
-            spelled.resize(static_cast<size_t>(count));
-            for (int64_t f = 0; f < entry.scale_count; ++f)
-                std::fill_n(spelled.begin() + f * entry.scale_inner, entry.scale_inner, factors[f]);
-            factors = spelled.data();
-        }
-    }
+        : bits(reinterpret_cast<const typename DTypeTraits<D>::bits_t *>(entry.data)), factors(row_factors(entry)),
+          count(entry.scale_count * entry.scale_inner), feature(begin % count) {}
 
     void start_block(int64_t block) {
         first = block;

@@ -4,7 +4,6 @@
 #include "cpu_common.h"
 
 #include <algorithm>
-#include <vector>
 
 namespace gmp::cpu {
 namespace {
@@ -58,14 +57,7 @@ template <int32_t D> void scaled_range(const TensorEntry &entry, int64_t begin, 
         }
         return;
     }
-    const float *repeated = factors;
-    if (inner > 1) {
-        thread_local std::vector<float> spelled;
-        spelled.resize(static_cast<size_t>(period));
-        for (int64_t f = 0; f < count; ++f)
-            std::fill_n(spelled.begin() + f * inner, inner, factors[f]);
-        repeated = spelled.data();
-    }
+    const float *repeated = row_factors(entry);
     for (int64_t i = begin, at = begin % period; i < end; at = 0) {
         const int64_t run = std::min(period - at, end - i);
         scale_row<D>(bits + i, repeated + at, run, out + (i - begin));
