@@ -167,6 +167,67 @@ def test_bf16_heavy_ties_on_many_tiles(native, cpu, kind):
         assert_same(got, _reference.select_global(dev, k, KEY_SPACE_NATIVE), "vs reference")
 
 
+def _mix(x: int) -> int:
+    """splitmix64's finalizer, as csrc/cuda/select.cu: mix."""
+    m = (1 << 64) - 1
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def _sampled_positions(numel: int) -> torch.Tensor:
+    """The elements kSampleBracket samples from one tensor of ``numel`` (per-layer, or alone in
+    a global selection): runs of 8 at hashed offsets of equal strides."""
+    m = 1 << 14
+    while m < (1 << 16) and m * 2 * 64 <= numel:
+        m *= 2
+    runs, tiles = m // 8, -(-numel // 2048)
+    stride = tiles * 256 // runs
+    starts = [8 * (r * stride + (((_mix(r) >> 32) * stride) >> 32)) for r in range(runs)]
+    positions = (torch.tensor(starts)[:, None] + torch.arange(8)).flatten()
+    return positions[positions < numel]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "aim", ["sample small", "sample large", "crowd", "nan outside", "ties at target"]
+)
+def test_sample_bracket_falls_back_exactly_on_data_aimed_at_its_sample(native, cpu, dtype, aim):
+    """Values chosen where the device samples: the bracket misses low or high, its composites
+    overflow the slots, a NaN hides outside it, or exact ties of the target's value crowd it.
+    The rows stay exact (the emulator's differential runs count these as misses)."""
+    numel = (1 << 21) + 11
+    picked = _sampled_positions(numel)
+    outside = torch.ones(numel, dtype=torch.bool)
+    outside[picked] = False
+    generator = torch.Generator().manual_seed(7)
+    for sparsity in (0.01, 0.5, 0.9):
+        values = torch.randn(numel, generator=generator)
+        target = values[picked].abs().kthvalue(max(1, round(sparsity * len(picked)))).values
+        if aim == "sample small":
+            values[picked] *= 1e-3
+        elif aim == "sample large":
+            values[picked] *= 1e3
+        elif aim == "crowd":
+            spread = torch.empty(int(outside.sum())).uniform_(0.999, 1.001, generator=generator)
+            values[outside] = target * spread
+        elif aim == "nan outside":
+            values[outside.nonzero()[numel // 3]] = float("nan")
+        else:
+            values[outside & (torch.arange(numel) % 7 == 0)] = target
+        host = values.to(dtype)
+        dev = host.to(CUDA)
+        ks = [round(sparsity * numel)]
+        what = f"{aim} s={sparsity}"
+        got = native.select_layerwise([dev], ks)
+        assert_same(got, cpu.select_layerwise([host], ks), f"{what}: layer rows CUDA vs CPU")
+        assert_same(got, _reference.select_layerwise([dev], ks), f"{what}: layer vs reference")
+        got = native.select_global([dev], ks[0], KEY_SPACE_NATIVE)
+        want = cpu.select_global([host], ks[0], KEY_SPACE_NATIVE)
+        assert_same(got, want, f"{what}: global rows CUDA vs CPU")
+        _check_masks(native, cpu, [dev], [host], got, want, what)
+
+
 # CUDA graphs ---------------------------------------------------------------------------------
 
 

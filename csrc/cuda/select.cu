@@ -5,7 +5,10 @@
 //
 // A call is one fixed launch sequence with no host synchronisation, so it can be captured in a
 // CUDA graph; all per-pass state lives in the caller's scratch buffer:
-//   memset(state) -> init -> small entries -> kMaxPasses x (pass, resolve) -> tie scan -> finish.
+//   memset(state) -> init -> small entries -> [sample bracket: sample, bracket read, resolve]
+//   -> kMaxPasses x (pass, resolve) -> tie scan -> finish.
+// The sample bracket (a selection, not a prune step; "Sample bracket" below) settles most large
+// segments with one read of the weights; the passes then only rank what that read gathered.
 // A segment (an entry in layerwise mode, the whole table in global mode) is a small state machine.
 // A pass does what each segment's stage asks and skips the others; a resolve (one block per
 // segment) finds the bucket holding the target, updates its rank and sets the next stage:
@@ -20,6 +23,8 @@
 //          the pruned zeros of an earlier step), T = 0 and the ties per tile are the zeros that
 //          pass stored in the segment's candidate slots, so no tile pass reads the weights again.
 //   kScan: one warp walks the target tile in index order to the rank-th tie.
+//   kBracket: the sample's bracket read (kBracketPass), resolved by kResolveBracket into kBuf,
+//          kTile over stored tie counts, or, when it missed, kKey's first pass.
 // A position is (tile - the segment's first tile) * kTileElems + offset: the flat index in
 // layerwise mode and, in global mode, a stand-in for the global index with the same order.
 //
@@ -35,6 +40,7 @@
 #include "cuda_common.cuh"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace gmp::cuda {
@@ -62,7 +68,7 @@ constexpr int64_t kFlushTiles = int64_t(1) << 20;
 constexpr int64_t kMaxTiles = int64_t(1) << 41;
 constexpr int kMaxPasses = 7;
 
-enum Stage : int32_t { kDone, kSmall, kKey, kBuf, kTile, kScan };
+enum Stage : int32_t { kDone, kSmall, kKey, kBuf, kTile, kScan, kBracket };
 
 // Per-segment plan: written by init, the small-entry kernel, resolve and scan; read-only in passes.
 struct SegState {
@@ -72,10 +78,15 @@ struct SegState {
     int64_t tile_end;
     int64_t cand_begin; // the segment's candidate slots
     int64_t cand_cap;
+    int64_t count_begin;  // slots of the per-tile tie counts that kTile reads (SegState::zero_tiles)
     int64_t hist_row;     // its row of the global histograms
     int64_t result_pos;   // kDone: position of the threshold element, -1 when nothing is pruned
+    int64_t elems;        // elements of the segment
     uint64_t comp_prefix; // kBuf: known high bits of the target's composite
     uint32_t key_prefix;  // known high key bits (key >> key_shift); kDone: the threshold key
+    uint32_t key_base;    // kBuf after a bracket: what a composite's key bits are counted from
+    uint32_t bracket_lo;  // kBracket: the read counts keys < lo, the ties of lo and of hi per tile,
+    uint32_t bracket_hi;  // and stores the keys strictly between them as composites
     uint32_t inf;         // infinity key: larger keys are NaN
     int32_t stage;
     int32_t key_bits;    // 31 or 15
@@ -83,12 +94,13 @@ struct SegState {
     int32_t idx_bits;    // position bits of a composite
     int32_t digit_shift; // kKey/kBuf: the digit the next pass histograms
     int32_t digit_bits;
-    int32_t compact;    // kKey: the next pass also stores composites
-    int32_t comp_shift; // kBuf: composite bits below comp_prefix
-    int32_t tile_shift; // kTile: log2 of the tiles per bin
-    int32_t zero_tiles; // kTile: ties per tile are the first pass's zero counts in the slots
-    int32_t fused;      // prune step: the compacting pass builds the masks, kFixup completes them
-    int32_t one_reader; // all its tiles have one key reader (element type, scaled or not): it may fuse
+    int32_t compact;     // kKey: the next pass also stores composites
+    int32_t comp_shift;  // kBuf: composite bits below comp_prefix
+    int32_t tile_shift;  // kTile: log2 of the tiles per bin
+    int32_t zero_tiles;  // kTile: ties per tile are counts a read stored (first pass: zeros; bracket)
+    int32_t count_shift; // of a tile's count in its slot (a bracket read stores lo's and hi's ties)
+    int32_t fused;       // prune step: the compacting pass builds the masks, kFixup completes them
+    int32_t one_reader;  // all its tiles have one key reader (element type, scaled or not): it may fuse
 };
 
 // Updated with atomics during passes, so kept apart from the plan that blocks copy.
@@ -96,6 +108,9 @@ struct SegCounters {
     unsigned long long nan_count;
     unsigned long long fill;  // composites stored
     unsigned long long zeros; // exact zero keys (first pass)
+    unsigned long long below; // bracket read: keys below lo
+    unsigned long long lo_ties;
+    unsigned long long hi_ties;
 };
 
 struct PassArgs {
@@ -109,10 +124,11 @@ struct PassArgs {
     int32_t space;
 };
 
-// Block-wide helpers (blockDim.x == kThreads).
+// Block-wide helpers (blockDim.x == Threads: kThreads unless a kernel names another).
 
-__device__ int64_t block_exclusive_sum(int64_t v, int64_t &total) {
-    __shared__ int64_t warp_totals[kWarps];
+template <int Threads = kThreads> __device__ int64_t block_exclusive_sum(int64_t v, int64_t &total) {
+    constexpr int kBlockWarps = Threads / 32;
+    __shared__ int64_t warp_totals[kBlockWarps];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     int64_t inclusive = v;
     for (int d = 1; d < 32; d *= 2) {
@@ -125,7 +141,7 @@ __device__ int64_t block_exclusive_sum(int64_t v, int64_t &total) {
     __syncthreads();
     int64_t before = 0;
     total = 0;
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kBlockWarps; ++w) {
         before += w < warp ? warp_totals[w] : 0;
         total += warp_totals[w];
     }
@@ -140,15 +156,16 @@ struct Bucket {
 };
 
 // The bin holding the rank-th (1-based) counted element: below < rank <= below + count.
-template <typename CountT> __device__ Bucket find_bucket(const CountT *counts, int bins, int64_t rank) {
+template <int Threads = kThreads, typename CountT>
+__device__ Bucket find_bucket(const CountT *counts, int bins, int64_t rank) {
     __shared__ Bucket found;
-    const int per = ceil_div(bins, kThreads);
+    const int per = ceil_div(bins, Threads);
     const int lo = min(bins, int(threadIdx.x) * per), hi = min(bins, lo + per);
     int64_t sum = 0;
     for (int b = lo; b < hi; ++b)
         sum += static_cast<int64_t>(counts[b]);
     int64_t total;
-    const int64_t before = block_exclusive_sum(sum, total);
+    const int64_t before = block_exclusive_sum<Threads>(sum, total);
     if (threadIdx.x == 0 && (rank < 1 || rank > total))
         found = Bucket{-1, 0, 0};
     if (rank >= 1 && before < rank && rank <= before + sum) { // exactly one thread
@@ -192,7 +209,7 @@ __device__ void finish(SegState &s, uint32_t key, int64_t pos) {
 // The composite is fully known: split it into key and position.
 __device__ void finish_composite(SegState &s) {
     const uint64_t c = s.comp_prefix;
-    finish(s, (s.key_prefix << s.key_shift) | static_cast<uint32_t>(c >> s.idx_bits),
+    finish(s, s.key_base + ((s.key_prefix << s.key_shift) | static_cast<uint32_t>(c >> s.idx_bits)),
            static_cast<int64_t>(c & ((uint64_t(1) << s.idx_bits) - 1)));
 }
 
@@ -275,6 +292,7 @@ __global__ void __launch_bounds__(kThreads) kInitLayerwise(const TensorEntry *ta
             s.inf = inf_key(dtype, space);
             s.one_reader = 1;
             s.idx_bits = bit_length(static_cast<uint64_t>(entry.numel - 1));
+            s.elems = entry.numel;
             if (!large) {
                 s.stage = kSmall;
             } else if (row < rows) {
@@ -284,6 +302,7 @@ __global__ void __launch_bounds__(kThreads) kInitLayerwise(const TensorEntry *ta
                 s.cand_begin = entry.tile_base * kSlotsPerTile;
                 const bool inside = s.cand_begin >= 0 && s.cand_begin <= slots;
                 s.cand_cap = inside ? min(tiles * kSlotsPerTile, slots - s.cand_begin) : 0;
+                s.count_begin = s.cand_begin;
             }
         }
         state[e] = s;
@@ -315,6 +334,7 @@ __global__ void __launch_bounds__(kThreads)
         s.inf = inf_key(dtype, space);
         s.idx_bits = bit_length(static_cast<uint64_t>(total_tiles * kTileElems - 1));
         s.cand_cap = min(total_tiles * kSlotsPerTile, slots);
+        s.elems = total;
         s.one_reader = other_total == 0;
         start_keys(s);
     }
@@ -657,13 +677,14 @@ __device__ void tile_pass(const PassArgs &p, int64_t seg, const SegState &s, int
     const int64_t tile_begin = s.tile_begin;
     const int tile_shift = s.tile_shift;
     const int nbins = static_cast<int>(((s.tile_end - s.tile_begin - 1) >> tile_shift) + 1);
-    const uint64_t *zeros = p.cand + s.cand_begin - s.tile0;
+    const uint64_t *counts = p.cand + s.count_begin - s.tile0;
+    const int count_shift = s.count_shift;
     for (int64_t c0 = a; c0 < b; c0 += kFlushTiles) {
         const int64_t c1 = min(b, c0 + kFlushTiles);
         clear_bins(bins, nbins);
         if (s.zero_tiles) {
             for (int64_t tile = c0 + threadIdx.x; tile < c1; tile += kThreads) {
-                const uint32_t ties = static_cast<uint32_t>(zeros[tile]);
+                const uint32_t ties = static_cast<uint32_t>(counts[tile] >> count_shift);
                 if (ties != 0)
                     atomicAdd(&bins[(tile - tile_begin) >> tile_shift], ties);
             }
@@ -699,6 +720,335 @@ __device__ void buf_pass(const PassArgs &p, int64_t seg, const SegState &s, int6
                 atomicAdd(&bins[static_cast<uint32_t>(c >> digit_shift) & digit_mask], 1u);
         }
         flush_bins(bins, nbins, p.hist + s.hist_row * kBins);
+    }
+}
+
+// Sample bracket (select only): before the first pass, one block per large segment reads the keys
+// of a sample and picks keys lo <= hi that bracket the target with high probability; one read of
+// the segment (kBracketPass) then counts the keys below lo, stores each tile's ties of lo and of
+// hi in slots at the end of the segment's, and stores the keys strictly between them as composites
+// ((key - lo - 1) << idx_bits | position). The target is then a tie of lo or hi (found from the
+// stored counts and one tile scan, as the zero fast path) or a composite (kBuf passes over the
+// slots): the weights are read once instead of twice or more. When the bracket misses, or its
+// composites overflow the slots, the segment starts the histogram select: one read more. A prune
+// step keeps the histogram select, whose compacting pass also builds the masks: two reads in all.
+// As cpu/sample_select.cpp, with 2^12-bin digits for the sample's quantiles and ties counted per
+// tile (16-bit keys are few, so a bracket's ends hold many ties).
+constexpr int kSampleThreads = 512;
+constexpr int kSampleRun = 8; // consecutive elements per sampled run: one 32-byte sector of fp32
+constexpr int64_t kMinSample = int64_t(1) << 14;
+constexpr int64_t kMaxSample = int64_t(1) << 16;
+// Segments of at least this many elements are sampled (the sample is at most 1/64 of them).
+constexpr int64_t kMinBracketElems = kMinSample * 64;
+constexpr int kSampleDigitBits = 12;
+constexpr int kSampleBins = 1 << kSampleDigitBits;
+constexpr double kBracketSigmas = 3.0;   // half-width of the bracket, in standard errors of its rank
+constexpr uint32_t kNoKey = 0xffffffffu; // a run past the end of its tile: not sampled
+
+// Sample size: the power of two nearest below elems / 64, within [kMinSample, kMaxSample].
+__device__ int64_t sample_size(int64_t elems) {
+    int64_t m = kMinSample;
+    while (m < kMaxSample && m * 2 * 64 <= elems)
+        m *= 2;
+    return m;
+}
+
+// A well-mixed 64-bit hash of a run's number (splitmix64's finalizer): weight layouts repeat with
+// strides of their own (kernel taps, heads) that a regular offset could sample one kind of element of.
+__device__ __forceinline__ uint64_t mix(uint64_t x) {
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+// Keys of the sample into `sample`: runs of kSampleRun consecutive elements, one from each of
+// `runs` equal strides of the segment's positions at a hashed offset (aligned to the run length,
+// so a run never crosses a tile); runs past the end of a partial tile are kNoKey.
+template <bool Global>
+__device__ void gather_sample(const PassArgs &p, int64_t seg, const SegState &s, int64_t runs, uint32_t *sample) {
+    constexpr int64_t kRunsPerTile = kTileElems / kSampleRun;
+    const uint64_t stride = static_cast<uint64_t>((s.tile_end - s.tile0) * kRunsPerTile / runs);
+    for (int64_t r = threadIdx.x; r < runs; r += kSampleThreads) {
+        const uint64_t hash = mix(static_cast<uint64_t>(r));
+        const uint64_t offset = stride >> 32 == 0 ? ((hash >> 32) * stride) >> 32 : div_mod(hash, stride).r;
+        const int64_t group = static_cast<int64_t>(uint64_t(r) * stride + offset);
+        const int64_t tile = s.tile0 + group / kRunsPerTile;
+        const int at = static_cast<int>(group % kRunsPerTile) * kSampleRun;
+        uint32_t *out = sample + r * kSampleRun;
+        const TensorEntry entry = p.table[Global ? entry_of_tile(p.table, p.n, tile) : seg];
+        bool read = false;
+        if (at + kSampleRun <= tile_count(entry, tile)) {
+            const int64_t first = (tile - entry.tile_base) * kTileElems;
+            visit_key_type(entry, Global ? p.space : int32_t(kNative), [&](auto kt) {
+                using KT = decltype(kt);
+                const KT keys = KT::at(entry, first);
+                const auto *bits = reinterpret_cast<const typename KT::bits_t *>(entry.data) + first;
+                for (int j = 0; j < kSampleRun; ++j)
+                    out[j] = keys.key(bits[at + j], at + j);
+                read = true;
+            });
+        }
+        for (int j = 0; j < kSampleRun && !read; ++j)
+            out[j] = kNoKey;
+    }
+}
+
+// Histogram of a digit of the sample's keys whose bits above it are `prefix` (any when all = true).
+__device__ void sample_histogram(const uint32_t *sample, int64_t m, uint32_t *bins, int high_shift, uint32_t prefix,
+                                 int shift, int digit_bits, bool all) {
+    const uint32_t digit_mask = (1u << digit_bits) - 1;
+    for (int64_t i = threadIdx.x; i < m; i += kSampleThreads) {
+        const uint32_t key = sample[i];
+        if (key != kNoKey && (all || key >> high_shift == prefix))
+            atomicAdd(&bins[(key >> shift) & digit_mask], 1u);
+    }
+}
+
+// One block per segment still at its first key pass: the bracket of its target from a sample,
+// or nothing (the histogram select goes on) when the sample holds NaN, the bracket's composites
+// would not fit the slots with a margin, or they would need more than 63 bits.
+template <bool Global> __global__ void __launch_bounds__(kSampleThreads) kSampleBracket(PassArgs p) {
+    __shared__ uint32_t coarse[kSampleBins];
+    __shared__ uint32_t fine[kSampleBins];
+    const int64_t seg = blockIdx.x;
+    SegState s = p.state[seg];
+    const int64_t tiles = s.tile_end - s.tile0;
+    const int64_t m = sample_size(s.elems);
+    // The sample lives in the slots until the bracket read; the tie counts go in the last `tiles`.
+    if (s.stage != kKey || s.rank < 1 || !s.one_reader || s.elems < kMinBracketElems || m / 2 + tiles > s.cand_cap)
+        return;
+    uint32_t *sample = reinterpret_cast<uint32_t *>(p.cand + s.cand_begin);
+    gather_sample<Global>(p, seg, s, m / kSampleRun, sample);
+    const int d1 = min(kSampleDigitBits, s.key_bits), shift1 = s.key_bits - d1;
+    const int d2 = min(kSampleDigitBits, shift1), shift2 = shift1 - d2;
+    for (int b = threadIdx.x; b < kSampleBins; b += kSampleThreads)
+        coarse[b] = fine[b] = 0;
+    __syncthreads(); // the sample is written, the bins clear
+    int64_t valid = 0, nans = 0, zeros = 0;
+    for (int64_t i = threadIdx.x; i < m; i += kSampleThreads) {
+        const uint32_t key = sample[i];
+        valid += key != kNoKey;
+        nans += key != kNoKey && key > s.inf;
+        zeros += key == 0;
+    }
+    sample_histogram(sample, m, coarse, 0, 0, shift1, d1, true);
+    block_exclusive_sum<kSampleThreads>(valid, valid);
+    block_exclusive_sum<kSampleThreads>(nans, nans);
+    block_exclusive_sum<kSampleThreads>(zeros, zeros);
+    if (nans > 0 || valid < kMinSample / 2)
+        return;
+    // The bracket: kBracketSigmas standard errors of the target's rank in the sample either side
+    // of it, measured from the spread between runs (neighbouring weights share a row's or a
+    // filter's scale, so a run's elements are not independent), the binomial error the floor.
+    const double q = static_cast<double>(s.rank) / static_cast<double>(s.elems);
+    const double centre = q * static_cast<double>(valid);
+    const Bucket mid = find_bucket<kSampleThreads>(coarse, 1 << d1, min(static_cast<int64_t>(centre), valid - 1) + 1);
+    const uint32_t edge = static_cast<uint32_t>(max(mid.bin, 0)) << shift1; // a key near the target
+    int64_t sum = 0, squares = 0, runs = 0;
+    for (int64_t r = threadIdx.x; r < m / kSampleRun; r += kSampleThreads) {
+        if (sample[r * kSampleRun] == kNoKey)
+            continue;
+        int64_t below = 0;
+        for (int j = 0; j < kSampleRun; ++j)
+            below += sample[r * kSampleRun + j] < edge;
+        sum += below;
+        squares += below * below;
+        ++runs;
+    }
+    block_exclusive_sum<kSampleThreads>(sum, sum);
+    block_exclusive_sum<kSampleThreads>(squares, squares);
+    block_exclusive_sum<kSampleThreads>(runs, runs);
+    const double n_runs = static_cast<double>(runs), s1 = static_cast<double>(sum);
+    const double run_variance = fmax(0.0, (static_cast<double>(squares) - s1 * s1 / n_runs) / fmax(n_runs - 1, 1.0));
+    const double rank_error = sqrt(fmax(n_runs * run_variance, centre * (1 - q)));
+    const double spread = kBracketSigmas * rank_error + 1;
+    const int64_t lo_rank = static_cast<int64_t>(floor(centre - spread)); // 0-based sample ranks
+    const int64_t hi_rank = static_cast<int64_t>(ceil(centre + spread));
+    const Bucket lo_bin = lo_rank >= 0 ? find_bucket<kSampleThreads>(coarse, 1 << d1, lo_rank + 1) : Bucket{-1, 0, 0};
+    const Bucket hi_bin =
+        hi_rank < valid ? find_bucket<kSampleThreads>(coarse, 1 << d1, hi_rank + 1) : Bucket{-1, 0, 0};
+    __syncthreads(); // coarse is read: it takes hi's digit
+    for (int b = threadIdx.x; b < kSampleBins; b += kSampleThreads)
+        coarse[b] = 0;
+    __syncthreads();
+    if (lo_bin.bin >= 0)
+        sample_histogram(sample, m, fine, shift1, static_cast<uint32_t>(lo_bin.bin), shift2, d2, false);
+    if (hi_bin.bin >= 0)
+        sample_histogram(sample, m, coarse, shift1, static_cast<uint32_t>(hi_bin.bin), shift2, d2, false);
+    __syncthreads();
+    // lo: the lower edge of the fine bin holding lo_rank; hi: the upper edge of hi_rank's. The
+    // sample's keys below lo and up to hi are then known exactly.
+    uint32_t lo = 0, hi = s.inf;
+    int64_t below_lo = 0, up_to_hi = valid, lo_ties = zeros, hi_ties = 0;
+    if (lo_bin.bin >= 0) {
+        const Bucket f = find_bucket<kSampleThreads>(fine, 1 << d2, lo_rank + 1 - lo_bin.below);
+        lo = ((static_cast<uint32_t>(lo_bin.bin) << d2) | static_cast<uint32_t>(max(f.bin, 0))) << shift2;
+        below_lo = lo_bin.below + f.below;
+        lo_ties = shift2 == 0 ? f.count : lo == 0 ? zeros : 0; // an edge between keys has no ties
+    }
+    if (hi_bin.bin >= 0) {
+        const Bucket f = find_bucket<kSampleThreads>(coarse, 1 << d2, hi_rank + 1 - hi_bin.below);
+        const uint32_t top = (static_cast<uint32_t>(hi_bin.bin) << d2) | static_cast<uint32_t>(max(f.bin, 0));
+        hi = min(s.inf, ((top + 1) << shift2) - 1);
+        up_to_hi = hi_bin.below + f.below + f.count;
+        hi_ties = shift2 == 0 ? f.count : 0;
+    }
+    if (threadIdx.x != 0 || lo > hi)
+        return;
+    // Composites expected from the sample's keys strictly inside, with three standard errors.
+    const int64_t inside = max(int64_t(0), up_to_hi - below_lo - lo_ties - (hi != lo ? hi_ties : 0));
+    const double per_key = static_cast<double>(s.elems) / static_cast<double>(valid);
+    const double expected = (static_cast<double>(inside) + 3 * sqrt(static_cast<double>(inside) + 1)) * per_key;
+    const int offset_bits = bit_length(hi - lo);
+    if (expected > static_cast<double>(s.cand_cap - tiles) || offset_bits + s.idx_bits > 63)
+        return;
+    s.bracket_lo = lo;
+    s.bracket_hi = hi;
+    s.count_begin = s.cand_begin + s.cand_cap - tiles;
+    s.stage = kBracket;
+    p.state[seg] = s;
+}
+
+// The read of a kBracket segment's tiles [a, b) (every entry with the key reader KT): per tile the
+// ties of lo and of hi into its count slot, the keys strictly between them as composites, and
+// the keys below lo and the NaNs counted. A lane remembers which of its vectors (or elements, off
+// the vector path) held a composite and reads only those again after the block's slot
+// reservation (a few percent of the tile, just read): holding its whole share of the tile in
+// registers across the reservation spilled.
+template <bool Global, typename KT>
+__device__ void bracket_pass(const PassArgs &p, int64_t seg, const SegState &s, int64_t a, int64_t b) {
+    using Bits = typename KT::bits_t;
+    constexpr int kVecs = int(kTileElems) / KT::kPerVec / 32; // vectors per lane
+    constexpr int kSteps = int(kTileElems) / 32;              // elements per lane off the vector path
+    __shared__ Reservation reservation;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const uint32_t lo = s.bracket_lo, hi = s.bracket_hi, inf = s.inf;
+    const int idx_bits = s.idx_bits;
+    const int64_t tile0 = s.tile0, cap = s.cand_cap - (s.tile_end - s.tile0);
+    uint64_t *out = p.cand + s.cand_begin;
+    uint64_t *tie_counts = p.cand + s.count_begin - tile0;
+    int64_t below = 0, nans = 0, lo_total = 0, hi_total = 0; // lane 0's sums of its warp's tiles
+    if (threadIdx.x == 0)
+        reservation.matches = 0;
+    __syncthreads();
+    // Whole rounds of kWarps tiles, so that all threads reserve slots together.
+    for (int64_t base = a; base < b; base += kWarps) {
+        const int64_t tile = base + warp;
+        uint32_t matches = 0, lo_ties = 0, hi_ties = 0, tile_below = 0, tile_nans = 0;
+        uint64_t held = 0; // bit j: vector j (or step j) of the lane held a composite
+        const auto count_key = [&](uint32_t key) {
+            tile_nans += key > inf;
+            tile_below += key < lo;
+            lo_ties += key == lo;
+            hi_ties += key == hi && hi != lo;
+            const bool inside = key > lo && key < hi;
+            matches += inside;
+            return inside;
+        };
+        const Bits *data = nullptr;
+        int64_t first = 0;
+        int count = 0;
+        bool vector = false;
+        KT keys{};
+        if (tile < b) {
+            const TensorEntry entry = p.table[Global ? entry_of_tile(p.table, p.n, tile) : seg];
+            count = tile_count(entry, tile);
+            first = (tile - entry.tile_base) * kTileElems;
+            keys = KT::at(entry, first);
+            data = reinterpret_cast<const Bits *>(entry.data) + first;
+            vector = vector_tile<KT>(entry.data, count);
+            if (vector) {
+                const auto *vecs = reinterpret_cast<const uint4 *>(data);
+                uint4 v[kVecs];
+#pragma unroll
+                for (int j = 0; j < kVecs; ++j)
+                    v[j] = __ldg(vecs + j * 32 + lane);
+#pragma unroll
+                for (int j = 0; j < kVecs; ++j) {
+                    bool any = false;
+#pragma unroll
+                    for (int q = 0; q < KT::kPerVec; ++q)
+                        any |= count_key(keys.key(v[j], q, (j * 32 + lane) * KT::kPerVec + q));
+                    held |= uint64_t(any) << j;
+                }
+            } else {
+#pragma unroll 1 // as for_each_tile_key's element loop
+                for (int c = 0; c * 32 + lane < count; ++c)
+                    held |= uint64_t(count_key(keys.key(data[c * 32 + lane], c * 32 + lane))) << c;
+            }
+            lo_ties = warp_sum(lo_ties);
+            hi_ties = warp_sum(hi_ties);
+            tile_below = warp_sum(tile_below);
+            tile_nans = warp_sum(tile_nans);
+            if (lane == 0) {
+                tie_counts[tile] = (uint64_t(hi_ties) << 32) | lo_ties;
+                lo_total += lo_ties;
+                hi_total += hi_ties;
+                below += tile_below;
+                nans += tile_nans;
+            }
+        }
+        int64_t slot = reserve_slots(reservation, matches, &p.counters[seg].fill);
+        const int64_t pos0 = (tile - tile0) * kTileElems;
+        const auto store = [&](uint32_t key, int i) {
+            if (key > lo && key < hi && slot < cap)
+                out[slot++] = (uint64_t(key - lo - 1) << idx_bits) | static_cast<uint64_t>(pos0 + i);
+        };
+        static_assert(kVecs <= 64 && kSteps <= 64, "a lane's vectors and steps fit `held`");
+        for (; held != 0; held &= held - 1) {
+            const int j = bit_length(held & (~held + 1)) - 1; // the lowest set bit
+            if (vector) {
+                const uint4 x = __ldg(reinterpret_cast<const uint4 *>(data) + j * 32 + lane);
+#pragma unroll
+                for (int q = 0; q < KT::kPerVec; ++q) {
+                    const int offset = (j * 32 + lane) * KT::kPerVec + q;
+                    store(keys.key(x, q, offset), offset);
+                }
+            } else {
+                store(keys.key(data[j * 32 + lane], j * 32 + lane), j * 32 + lane);
+            }
+        }
+    }
+    block_exclusive_sum(below, below);
+    block_exclusive_sum(nans, nans);
+    block_exclusive_sum(lo_total, lo_total);
+    block_exclusive_sum(hi_total, hi_total);
+    if (threadIdx.x != 0)
+        return;
+    SegCounters &c = p.counters[seg];
+    if (below != 0)
+        atomicAdd(&c.below, static_cast<unsigned long long>(below));
+    if (nans != 0)
+        atomicAdd(&c.nan_count, static_cast<unsigned long long>(nans));
+    if (lo_total != 0)
+        atomicAdd(&c.lo_ties, static_cast<unsigned long long>(lo_total));
+    if (hi_total != 0)
+        atomicAdd(&c.hi_ties, static_cast<unsigned long long>(hi_total));
+}
+
+// The bracket read: a persistent grid as kPass's, over the segments at kBracket.
+template <bool Global> __global__ void __launch_bounds__(kThreads, 2) kBracketPass(PassArgs p) {
+    const int64_t per = ceil_div<int64_t>(p.total_tiles, gridDim.x);
+    const int64_t lo = int64_t(blockIdx.x) * per, hi = min(lo + per, p.total_tiles);
+    if (lo >= hi)
+        return;
+    const int64_t segments = Global ? 1 : p.n;
+    for (int64_t seg = Global ? 0 : entry_of_tile(p.table, p.n, lo); seg < segments; ++seg) {
+        int64_t first = 0, last = p.total_tiles;
+        if (!Global) {
+            const TensorEntry entry = p.table[seg];
+            if (entry.tile_base >= hi)
+                break;
+            first = entry.tile_base;
+            last = entry.tile_base + ceil_div(max(entry.numel, int64_t(0)), kTileElems);
+        }
+        const int64_t a = max(lo, first), b = min(hi, last);
+        const SegState s = p.state[seg];
+        if (a >= b || s.stage != kBracket)
+            continue;
+        // One key reader for the segment (SegState::one_reader, which kSampleBracket requires).
+        visit_key_type(p.table[Global ? 0 : seg], Global ? p.space : int32_t(kNative),
+                       [&](auto kt) { bracket_pass<Global, decltype(kt)>(p, seg, s, a, b); });
     }
 }
 
@@ -738,6 +1088,62 @@ template <bool Global, bool Prune> __global__ void __launch_bounds__(kThreads, 2
             buf_pass(p, seg, s, a, b, bins);
         }
     }
+}
+
+// The target is the rank-th tie of `key`, whose count per tile a read stored at count_shift.
+__device__ void target_tie(SegState &s, uint32_t key, int32_t count_shift, int64_t rank) {
+    s.rank = rank;
+    s.key_prefix = key;
+    s.key_shift = 0;
+    s.zero_tiles = 1;
+    s.count_shift = count_shift;
+    narrow_tiles(s);
+}
+
+// After a bracket read: the target among the ties of lo, the composites and the ties
+// of hi, in that order; or, when the bracket missed it (or NaN was read), as after a first pass.
+__device__ void resolve_bracket(SegState &s, SegCounters &c) {
+    if (c.nan_count > 0) {
+        finish(s, 0, -1);
+        return;
+    }
+    const int64_t fill = static_cast<int64_t>(c.fill), cap = s.cand_cap - (s.tile_end - s.tile0);
+    int64_t rank = s.rank - static_cast<int64_t>(c.below);
+    if (rank >= 1 && rank <= static_cast<int64_t>(c.lo_ties))
+        return target_tie(s, s.bracket_lo, 0, rank);
+    rank -= static_cast<int64_t>(c.lo_ties);
+    if (rank >= 1 && rank <= fill && fill <= cap) {
+        // The composites' order is the keys' and positions' order: go on as after a compacting pass.
+        s.rank = rank;
+        s.key_base = s.bracket_lo + 1;
+        s.key_prefix = 0;
+        s.key_shift = bit_length(s.bracket_hi - s.bracket_lo);
+        s.cand_cap = cap;
+        s.comp_prefix = 0;
+        s.comp_shift = s.key_shift + s.idx_bits;
+        s.stage = kBuf;
+        if (s.comp_shift == 0)
+            finish_composite(s);
+        else
+            set_digit(s.comp_shift, s.digit_shift, s.digit_bits);
+        return;
+    }
+    rank -= fill;
+    if (rank >= 1 && rank <= static_cast<int64_t>(c.hi_ties))
+        return target_tie(s, s.bracket_hi, 32, rank);
+    c = SegCounters{};
+    s.count_begin = s.cand_begin;
+    start_keys(s);
+}
+
+// One thread per segment: resolves those at kBracket, leaves the others to the passes.
+__global__ void __launch_bounds__(kThreads) kResolveBracket(SegState *state, SegCounters *counters, int64_t segments) {
+    const int64_t seg = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+    if (seg >= segments || state[seg].stage != kBracket)
+        return;
+    SegState s = state[seg];
+    resolve_bracket(s, counters[seg]);
+    state[seg] = s;
 }
 
 // One block per segment: picks the bucket of the pass just run and zeroes the histogram row for
@@ -977,6 +1383,21 @@ void run_passes(const PassArgs &args, int64_t segments, bool fuse, cudaStream_t 
 
 unsigned row_blocks(int64_t n) { return static_cast<unsigned>(ceil_div<int64_t>(n, kThreads)); }
 
+// The sample bracket (select only: kSampleBracket, its read, its resolve) before the passes, when
+// a segment may be large enough to be sampled.
+template <bool Global> void run_bracket(const PassArgs &args, int64_t segments, cudaStream_t stream) {
+    if (args.total_tiles * kTileElems < kMinBracketElems)
+        return;
+    const unsigned grid = static_cast<unsigned>(segments);
+    kSampleBracket<Global><<<grid, kSampleThreads, 0, stream>>>(args);
+    GMP_CUDA_CHECK(cudaGetLastError());
+    const int blocks = pass_blocks(kBracketPass<Global>, args.total_tiles);
+    kBracketPass<Global><<<blocks, kThreads, 0, stream>>>(args);
+    GMP_CUDA_CHECK(cudaGetLastError());
+    kResolveBracket<<<row_blocks(segments), kThreads, 0, stream>>>(args.state, args.counters, segments);
+    GMP_CUDA_CHECK(cudaGetLastError());
+}
+
 // The selection of select_layerwise, and with Prune the rest of the step: the fixup of the fused
 // entries, then build_masks (zeroing the pruned) of the others.
 template <bool Prune>
@@ -995,6 +1416,8 @@ void layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection 
     kSelectSmall<<<static_cast<unsigned>(n), kThreads, 0, s>>>(table, sc.state, sc.counters);
     GMP_CUDA_CHECK(cudaGetLastError());
     const PassArgs args{table, n, sc.state, sc.counters, sc.hist, sc.cand, total_tiles, kNative};
+    if constexpr (!Prune)
+        run_bracket<false>(args, n, s);
     run_passes<false, Prune>(args, n, true, s);
     kFinishLayerwise<<<row_blocks(n), kThreads, 0, s>>>(table, sc.state, sc.counters, n, out,
                                                         Prune ? sc.built : nullptr);
@@ -1024,6 +1447,8 @@ void global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_s
     const PassArgs args{table, n, sc.state, sc.counters, sc.hist, sc.cand, total_tiles, key_space};
     // The fused pass reads a segment's tiles with one key reader: not for mixed dtypes (wide keys),
     // nor for scaled and unscaled entries together (SegState::one_reader).
+    if constexpr (!Prune)
+        run_bracket<true>(args, 1, s);
     run_passes<true, Prune>(args, 1, key_space == kNative, s);
     kFinishGlobal<<<row_blocks(n), kThreads, 0, s>>>(table, n, sc.state, sc.counters, key_space, out,
                                                      Prune ? sc.built : nullptr);
