@@ -46,7 +46,7 @@ __device__ void build_tile_vector(const KT &keys, uint4 *data, uint64_t *words, 
         for (int q = 0; q < KT::kPerVec; ++q)
             bits |= uint32_t(is_kept(keys.key(v[j], q, vec * KT::kPerVec + q), index + q, t.key, t.index)) << q;
         if (ZeroPruned && bits != kVecBits)
-            data[vec] = keep_elements<int(sizeof(typename KT::bits_t))>(v[j], bits);
+            store_if_changed(data + vec, v[j], keep_elements<int(sizeof(typename KT::bits_t))>(v[j], bits));
         stage_vector_bits<KT::kPerVec>(staging, vec, bits, lane);
     }
     __syncwarp();
@@ -61,8 +61,9 @@ __device__ void build_tile_scalar(const KT &keys, typename KT::bits_t *data, uin
     uint64_t word = 0;
     for (int c = 0; c * 32 < count; ++c) {
         const int i = c * 32 + lane;
-        const bool keep = i < count && is_kept(keys.key(data[first + i], i), first + i, t.key, t.index);
-        if (ZeroPruned && i < count && !keep)
+        const typename KT::bits_t bits = i < count ? data[first + i] : 0;
+        const bool keep = i < count && is_kept(keys.key(bits, i), first + i, t.key, t.index);
+        if (ZeroPruned && !keep && bits != 0) // as store_if_changed; -0 is written as 0
             data[first + i] = typename KT::bits_t(0);
         const uint32_t ballot = __ballot_sync(kFullWarp, keep);
         if (lane == c / 2)

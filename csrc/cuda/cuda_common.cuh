@@ -311,6 +311,13 @@ template <int ElemBytes> __device__ __forceinline__ uint4 keep_elements(uint4 x,
     return x;
 }
 
+// Stores `now` over `was` (the vector read from *dst) only where it differs: a build that zeroes
+// what it prunes writes nothing in the steady state, whose pruned elements are zero already.
+__device__ __forceinline__ void store_if_changed(uint4 *dst, const uint4 &was, const uint4 &now) {
+    if (was.x != now.x || was.y != now.y || was.z != now.z || was.w != now.w)
+        *dst = now;
+}
+
 // Zeroes the pruned elements of a full tile of 16-byte aligned data (one warp): lane l holds mask
 // word l of the tile and each lane takes the bits of its vectors from the owning lane by shuffle.
 // All of a lane's loads (only vectors that are partly kept need their data) are issued before

@@ -607,7 +607,8 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                             }
                         }
                         if (unzeroed != kVecBits)
-                            vecs[j * 32 + lane] = keep_elements<int(sizeof(Bits))>(v[j], unzeroed);
+                            store_if_changed(vecs + j * 32 + lane, v[j],
+                                             keep_elements<int(sizeof(Bits))>(v[j], unzeroed));
                         stage_vector_bits<KT::kPerVec>(staging, j * 32 + lane, keep, lane);
                     }
                     __syncwarp();
@@ -622,10 +623,11 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                         const int i = c * 32 + lane;
                         bool keep = false;
                         if (i < count) {
-                            const uint32_t key = keys.key(data[first + i], i);
+                            const Bits bits = data[first + i];
+                            const uint32_t key = keys.key(bits, i);
                             const uint32_t high = key >> key_shift;
                             keep = high > prefix;
-                            if (high < prefix && has_mask)
+                            if (high < prefix && has_mask && bits != 0) // as store_if_changed
                                 data[first + i] = Bits(0);
                             if (high == prefix) {
                                 ++matches;
