@@ -41,7 +41,8 @@ gmp_ext (thresholds; + masks; the prepared job), the ``kthvalue`` loop and the `
 timed while N competing processes (``load.py``; stopped after ``--load-seconds`` at the latest,
 and when the rows are done) keep the cores busy, so all of them see the same load; then the
 eager ``gmp_ext.prune_step``, per layer and global, at torch's thread count and at one thread,
-in alternating rounds (``x_one_thread``: its p50 over the one-thread p50 of the same round).
+in three rounds of interleaved call pairs (``x_one_thread``: its p50 over the one-thread p50 of
+the same round).
 Rows go to select_under_load_<device>_<dtype>.json with ``speedup_vs_topk``.
 """
 
@@ -51,6 +52,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -71,8 +73,10 @@ from utils import (
     measure,
     peak_rss_mb,
     print_table,
+    quantiles,
     rates,
     reset_peak_rss_mb,
+    time_cpu,
     weights_for,
     write_rows,
 )
@@ -570,27 +574,33 @@ def _at_threads(fn: Callable, threads: int) -> Callable:
 
 def _eager_threads_rows(weights: list[torch.Tensor], repeats: int, base: dict) -> list[dict]:
     """The eager prune step per layer and global at torch's thread count and at one thread:
-    three alternating rounds, so both see the same load (whose level drifts)."""
+    three rounds of ``3 * repeats`` call pairs, the two calls of a pair back to back in
+    alternating order, so that both thread counts see the same load (whose level drifts within
+    a round too)."""
     rows = []
     default = torch.get_num_threads()
     for scope in ("layer", "global"):
         method = _prune_step_methods(scope)[EAGER]
         fn, setup = _bound(method, weights)
+        for threads in (default, 1):
+            time_cpu(_at_threads(fn, threads), 1, 1, setup)  # warm-up
         for round_ in range(3):
-            p50 = {}
+            samples: dict[int, list[float]] = {default: [], 1: []}
+            for pair in range(3 * repeats):
+                order = (default, 1) if pair % 2 == 0 else (1, default)
+                for threads in order:
+                    call = _at_threads(fn, threads)
+                    samples[threads].append(time_cpu(call, 1, 0, setup)["p50_ms"])
+            p50 = {t: statistics.median(samples[t]) for t in samples}
             for threads in (default, 1):
                 row = {"kernel": f"prune_step_{scope}", "provider": f"{EAGER}, {threads} threads"}
                 row.update({**base, "threads": threads, "round": round_})
-                row.update(measure("cpu", _at_threads(fn, threads), repeats, setup=setup))
-                p50[threads] = row.get("p50_ms")
+                row.update(quantiles(samples[threads]))
+                row["x_one_thread"] = p50[threads] / p50[1]
                 rows.append(row)
-            for row in rows[-2:]:
-                if p50[1] and row.get("p50_ms"):
-                    row["x_one_thread"] = float(row["p50_ms"]) / float(p50[1])
             print(
                 f"  {base['model']} under load ({base['load']}) prune_step {scope} round "
-                f"{round_}: {default} threads {p50[default] or math.nan:.1f} ms, "
-                f"1 thread {p50[1] or math.nan:.1f} ms",
+                f"{round_}: {default} threads {p50[default]:.1f} ms, 1 thread {p50[1]:.1f} ms",
                 flush=True,
             )
     return rows

@@ -45,7 +45,7 @@ import time
 import torch
 from torch import nn
 from torch.nn.utils import prune
-from utils import _quantiles, free_memory, print_table, time_fn, write_rows
+from utils import free_memory, print_table, quantiles, time_fn, write_rows
 
 import gmp_ext
 
@@ -249,7 +249,7 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype) -
         if variant.name in errors:
             row["status"] = errors[variant.name]
         else:
-            row.update(_quantiles(samples[variant.name]), status="ok")
+            row.update(quantiles(samples[variant.name]), status="ok")
         rows.append(row)
     dense = next((r["p50_ms"] for r in rows if r["provider"] == "dense" and "p50_ms" in r), None)
     for row in rows:

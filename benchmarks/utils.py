@@ -56,7 +56,8 @@ def weights_for(shapes, dtype=torch.float32, device="cpu", seed=0) -> list[torch
     return tensors
 
 
-def _quantiles(samples: list[float]) -> dict[str, float]:
+def quantiles(samples: list[float]) -> dict[str, float]:
+    """p20, p50 and p80 of timed samples (ms), and their count."""
     samples = sorted(samples)
     q = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
     return {
@@ -86,7 +87,7 @@ def time_cpu(
 
     for _ in range(warmup):
         call()
-    return _quantiles([call() for _ in range(repeats)])
+    return quantiles([call() for _ in range(repeats)])
 
 
 _flush_buffers: dict[int, torch.Tensor] = {}
@@ -133,7 +134,7 @@ def time_cuda(
 
     for _ in range(warmup):
         call(False)
-    return _quantiles([call(True) for _ in range(repeats)])
+    return quantiles([call(True) for _ in range(repeats)])
 
 
 def time_fn(
@@ -264,7 +265,7 @@ def measure(
         if not math.isnan(extra_mb):
             result["extra_mb"] = extra_mb
         if probe_ms > slow_ms and not confirm_slow:
-            result.update(_quantiles([probe_ms]))
+            result.update(quantiles([probe_ms]))
         else:
             result.update(time_fn(device, fn, repeats, warmup, setup))
     except (RuntimeError, MemoryError, ValueError, TypeError, IndexError) as error:
