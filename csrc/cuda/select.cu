@@ -224,17 +224,22 @@ __device__ void narrow_tiles(SegState &s) {
     s.stage = kTile;
 }
 
+// The target is the composite whose bits above `shift` are `prefix`: rank the stored ones.
+__device__ void rank_composites(SegState &s, uint64_t prefix, int32_t shift) {
+    s.comp_prefix = prefix;
+    s.comp_shift = shift;
+    s.stage = kBuf;
+    if (shift == 0)
+        finish_composite(s);
+    else
+        set_digit(shift, s.digit_shift, s.digit_bits);
+}
+
 __device__ void after_key_digit(SegState &s, uint32_t bin, int64_t count) {
     if (s.compact) {
         // The pass stored the bucket's composites, whose top bits are this digit: go on with them.
         s.compact = 0;
-        s.comp_prefix = bin;
-        s.comp_shift = s.digit_shift + s.idx_bits;
-        s.stage = kBuf;
-        if (s.comp_shift == 0)
-            finish_composite(s);
-        else
-            set_digit(s.comp_shift, s.digit_shift, s.digit_bits);
+        rank_composites(s, bin, s.digit_shift + s.idx_bits);
         return;
     }
     s.key_prefix = (s.key_prefix << s.digit_bits) | bin;
@@ -249,12 +254,7 @@ __device__ void after_key_digit(SegState &s, uint32_t bin, int64_t count) {
 }
 
 __device__ void after_comp_digit(SegState &s, uint32_t bin) {
-    s.comp_prefix = (s.comp_prefix << s.digit_bits) | bin;
-    s.comp_shift = s.digit_shift;
-    if (s.comp_shift == 0)
-        finish_composite(s);
-    else
-        set_digit(s.comp_shift, s.digit_shift, s.digit_bits);
+    rank_composites(s, (s.comp_prefix << s.digit_bits) | bin, s.digit_shift);
 }
 
 __device__ void after_tile_digit(SegState &s, uint32_t bin) {
@@ -422,6 +422,29 @@ __global__ void __launch_bounds__(kThreads)
         return;
     const TensorEntry entry = table[e];
     visit_key_type(entry, kNative, [&](auto kt) { select_small<decltype(kt)>(entry, state[e], counters[e], hist); });
+}
+
+// Calls f(seg, a, b) for each segment with tiles [a, b) in the block's contiguous range of the
+// persistent grid (all of them in one call of a global selection), in order.
+template <bool Global, typename F> __device__ __forceinline__ void for_each_segment_range(const PassArgs &p, F &&f) {
+    const int64_t per = ceil_div<int64_t>(p.total_tiles, gridDim.x);
+    const int64_t lo = int64_t(blockIdx.x) * per, hi = min(lo + per, p.total_tiles);
+    if (lo >= hi)
+        return;
+    const int64_t segments = Global ? 1 : p.n;
+    for (int64_t seg = Global ? 0 : entry_of_tile(p.table, p.n, lo); seg < segments; ++seg) {
+        int64_t first = 0, last = p.total_tiles;
+        if (!Global) {
+            const TensorEntry entry = p.table[seg];
+            if (entry.tile_base >= hi)
+                break;
+            first = entry.tile_base;
+            last = entry.tile_base + ceil_div(max(entry.numel, int64_t(0)), kTileElems);
+        }
+        const int64_t a = max(lo, first), b = min(hi, last);
+        if (a < b)
+            f(seg, a, b);
+    }
 }
 
 // Passes: a persistent grid of blocks, each owning a contiguous range of tiles so that it meets
@@ -922,6 +945,7 @@ __device__ void bracket_pass(const PassArgs &p, int64_t seg, const SegState &s, 
     using Bits = typename KT::bits_t;
     constexpr int kVecs = int(kTileElems) / KT::kPerVec / 32; // vectors per lane
     constexpr int kSteps = int(kTileElems) / 32;              // elements per lane off the vector path
+    static_assert(kVecs <= 64 && kSteps <= 64, "a lane's vectors and steps fit `held`");
     __shared__ Reservation reservation;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const uint32_t lo = s.bracket_lo, hi = s.bracket_hi, inf = s.inf;
@@ -959,25 +983,11 @@ __device__ void bracket_pass(const PassArgs &p, int64_t seg, const SegState &s, 
             keys = KT::at(entry, first);
             data = reinterpret_cast<const Bits *>(entry.data) + first;
             vector = vector_tile<KT>(entry.data, count);
-            if (vector) {
-                const auto *vecs = reinterpret_cast<const uint4 *>(data);
-                uint4 v[kVecs];
-#pragma unroll
-                for (int j = 0; j < kVecs; ++j)
-                    v[j] = __ldg(vecs + j * 32 + lane);
-#pragma unroll
-                for (int j = 0; j < kVecs; ++j) {
-                    bool any = false;
-#pragma unroll
-                    for (int q = 0; q < KT::kPerVec; ++q)
-                        any |= count_key(keys.key(v[j], q, (j * 32 + lane) * KT::kPerVec + q));
-                    held |= uint64_t(any) << j;
-                }
-            } else {
-#pragma unroll 1 // as for_each_tile_key's element loop
-                for (int c = 0; c * 32 + lane < count; ++c)
-                    held |= uint64_t(count_key(keys.key(data[c * 32 + lane], c * 32 + lane))) << c;
-            }
+            for_each_tile_key<KT>(entry, first, count, lane, [&](uint32_t key, int offset) {
+                // Offset (j * 32 + lane) * kPerVec + q on the vector path, c * 32 + lane off it.
+                if (count_key(key))
+                    held |= uint64_t(1) << ((vector ? offset / KT::kPerVec : offset) / 32);
+            });
             lo_ties = warp_sum(lo_ties);
             hi_ties = warp_sum(hi_ties);
             tile_below = warp_sum(tile_below);
@@ -996,7 +1006,6 @@ __device__ void bracket_pass(const PassArgs &p, int64_t seg, const SegState &s, 
             if (key > lo && key < hi && slot < cap)
                 out[slot++] = (uint64_t(key - lo - 1) << idx_bits) | static_cast<uint64_t>(pos0 + i);
         };
-        static_assert(kVecs <= 64 && kSteps <= 64, "a lane's vectors and steps fit `held`");
         for (; held != 0; held &= held - 1) {
             const int j = bit_length(held & (~held + 1)) - 1; // the lowest set bit
             if (vector) {
@@ -1030,28 +1039,14 @@ __device__ void bracket_pass(const PassArgs &p, int64_t seg, const SegState &s, 
 
 // The bracket read: a persistent grid as kPass's, over the segments at kBracket.
 template <bool Global> __global__ void __launch_bounds__(kThreads, 2) kBracketPass(PassArgs p) {
-    const int64_t per = ceil_div<int64_t>(p.total_tiles, gridDim.x);
-    const int64_t lo = int64_t(blockIdx.x) * per, hi = min(lo + per, p.total_tiles);
-    if (lo >= hi)
-        return;
-    const int64_t segments = Global ? 1 : p.n;
-    for (int64_t seg = Global ? 0 : entry_of_tile(p.table, p.n, lo); seg < segments; ++seg) {
-        int64_t first = 0, last = p.total_tiles;
-        if (!Global) {
-            const TensorEntry entry = p.table[seg];
-            if (entry.tile_base >= hi)
-                break;
-            first = entry.tile_base;
-            last = entry.tile_base + ceil_div(max(entry.numel, int64_t(0)), kTileElems);
-        }
-        const int64_t a = max(lo, first), b = min(hi, last);
+    for_each_segment_range<Global>(p, [&](int64_t seg, int64_t a, int64_t b) {
         const SegState s = p.state[seg];
-        if (a >= b || s.stage != kBracket)
-            continue;
+        if (s.stage != kBracket)
+            return;
         // One key reader for the segment (SegState::one_reader, which kSampleBracket requires).
         visit_key_type(p.table[Global ? 0 : seg], Global ? p.space : int32_t(kNative),
                        [&](auto kt) { bracket_pass<Global, decltype(kt)>(p, seg, s, a, b); });
-    }
+    });
 }
 
 // Prune: the variant of a prune step, whose fused segments build their masks in the compacting pass.
@@ -1059,23 +1054,7 @@ template <bool Global> __global__ void __launch_bounds__(kThreads, 2) kBracketPa
 // (1 block per SM, for every pass of the step), with it 128.
 template <bool Global, bool Prune> __global__ void __launch_bounds__(kThreads, 2) kPass(PassArgs p) {
     __shared__ uint32_t bins[kBins];
-    const int64_t per = ceil_div<int64_t>(p.total_tiles, gridDim.x);
-    const int64_t lo = int64_t(blockIdx.x) * per, hi = min(lo + per, p.total_tiles);
-    if (lo >= hi)
-        return;
-    const int64_t segments = Global ? 1 : p.n;
-    for (int64_t seg = Global ? 0 : entry_of_tile(p.table, p.n, lo); seg < segments; ++seg) {
-        int64_t first = 0, last = p.total_tiles;
-        if (!Global) {
-            const TensorEntry entry = p.table[seg];
-            if (entry.tile_base >= hi)
-                break;
-            first = entry.tile_base;
-            last = entry.tile_base + ceil_div(max(entry.numel, int64_t(0)), kTileElems);
-        }
-        const int64_t a = max(lo, first), b = min(hi, last);
-        if (a >= b)
-            continue;
+    for_each_segment_range<Global>(p, [&](int64_t seg, int64_t a, int64_t b) {
         const SegState s = p.state[seg];
         if (Prune && s.stage == kKey && s.fused) {
             // Global: every entry has the reader of the first (SegState::one_reader). Keys are
@@ -1089,7 +1068,7 @@ template <bool Global, bool Prune> __global__ void __launch_bounds__(kThreads, 2
         } else if (s.stage == kBuf) {
             buf_pass(p, seg, s, a, b, bins);
         }
-    }
+    });
 }
 
 // The target is the rank-th tie of `key`, whose count per tile a read stored at count_shift.
@@ -1121,13 +1100,7 @@ __device__ void resolve_bracket(SegState &s, SegCounters &c) {
         s.key_prefix = 0;
         s.key_shift = bit_length(s.bracket_hi - s.bracket_lo);
         s.cand_cap = cap;
-        s.comp_prefix = 0;
-        s.comp_shift = s.key_shift + s.idx_bits;
-        s.stage = kBuf;
-        if (s.comp_shift == 0)
-            finish_composite(s);
-        else
-            set_digit(s.comp_shift, s.digit_shift, s.digit_bits);
+        rank_composites(s, 0, s.key_shift + s.idx_bits);
         return;
     }
     rank -= fill;
