@@ -177,11 +177,11 @@ def _mix(x: int) -> int:
 
 def _sampled_positions(numel: int) -> torch.Tensor:
     """The elements kSampleBracket samples from one tensor of ``numel`` (per-layer, or alone in
-    a global selection): runs of 8 at hashed offsets of equal strides."""
-    m = 1 << 14
-    while m < (1 << 16) and m * 2 * 64 <= numel:
-        m *= 2
-    runs, tiles = m // 8, -(-numel // 2048)
+    a global selection): as many keys as its slots hold beside the tie counts (32 slots of two
+    keys per tile of 2048, less one a tile), at most 2^16, in runs of 8 at hashed offsets of
+    equal strides."""
+    tiles = -(-numel // 2048)
+    runs = min(1 << 16, 2 * (tiles * 32 - tiles)) // 8
     stride = tiles * 256 // runs
     starts = [8 * (r * stride + (((_mix(r) >> 32) * stride) >> 32)) for r in range(runs)]
     positions = (torch.tensor(starts)[:, None] + torch.arange(8)).flatten()

@@ -24,7 +24,7 @@
 //          pass stored in the segment's candidate slots, so no tile pass reads the weights again.
 //   kScan: one warp walks the target tile in index order to the rank-th tie.
 //   kBracket: the sample's bracket read (kBracketPass), resolved by kResolveBracket into kBuf,
-//          kTile over stored tie counts, or, when it missed, kKey's first pass.
+//          kTile over stored tie counts, kDone (NaN read), or, when it missed, kKey's first pass.
 // A position is (tile - the segment's first tile) * kTileElems + offset: the flat index in
 // layerwise mode and, in global mode, a stand-in for the global index with the same order.
 //
@@ -70,7 +70,8 @@ constexpr int kMaxPasses = 7;
 
 enum Stage : int32_t { kDone, kSmall, kKey, kBuf, kTile, kScan, kBracket };
 
-// Per-segment plan: written by init, the small-entry kernel, resolve and scan; read-only in passes.
+// Per-segment plan: written by init, the small-entry kernel, the sample bracket, the resolves and scan;
+// read-only in passes.
 struct SegState {
     int64_t rank;       // 1-based rank of the target among the elements passing the current filter
     int64_t tile0;      // first tile of the segment
@@ -763,19 +764,20 @@ constexpr int kSampleThreads = 512;
 constexpr int kSampleRun = 8; // consecutive elements per sampled run: one 32-byte sector of fp32
 constexpr int64_t kMinSample = int64_t(1) << 14;
 constexpr int64_t kMaxSample = int64_t(1) << 16;
-// Segments of at least this many elements are sampled (the sample is at most 1/64 of them).
-constexpr int64_t kMinBracketElems = kMinSample * 64;
+// Segments of at least this many elements are sampled (the sample is at most 1/32 of them).
+constexpr int64_t kMinBracketElems = int64_t(1) << 20;
 constexpr int kSampleDigitBits = 12;
 constexpr int kSampleBins = 1 << kSampleDigitBits;
 constexpr double kBracketSigmas = 3.0;   // half-width of the bracket, in standard errors of its rank
-constexpr uint32_t kNoKey = 0xffffffffu; // a run past the end of its tile: not sampled
+constexpr uint32_t kNoKey = 0xffffffffu; // a run past the end of its tile or of null data: not sampled
 
-// Sample size: the power of two nearest below elems / 64, within [kMinSample, kMaxSample].
-__device__ int64_t sample_size(int64_t elems) {
-    int64_t m = kMinSample;
-    while (m < kMaxSample && m * 2 * 64 <= elems)
-        m *= 2;
-    return m;
+// Sample size: as many keys as the segment's slots hold beside its tie counts (two a slot: about
+// 1/32 of its elements), at most kMaxSample, in whole runs. A bracket's composites must fit the
+// same slots, and its width falls as 1 / sqrt(keys): at the median a smaller sample's bracket
+// would not fit below about 2^22 elements.
+__device__ int64_t sample_size(const SegState &s) {
+    const int64_t room = 2 * (s.cand_cap - (s.tile_end - s.tile0));
+    return min(kMaxSample, room) / kSampleRun * kSampleRun;
 }
 
 // A well-mixed 64-bit hash of a run's number (splitmix64's finalizer): weight layouts repeat with
@@ -830,17 +832,19 @@ __device__ void sample_histogram(const uint32_t *sample, int64_t m, uint32_t *bi
 }
 
 // One block per segment still at its first key pass: the bracket of its target from a sample,
-// or nothing (the histogram select goes on) when the sample holds NaN, the bracket's composites
-// would not fit the slots with a margin, or they would need more than 63 bits.
-template <bool Global> __global__ void __launch_bounds__(kSampleThreads) kSampleBracket(PassArgs p) {
+// or nothing (the histogram select goes on) for a segment under kMinBracketElems, whose entries
+// have more than one key reader or whose slots hold under kMinSample keys, and when the sample
+// holds NaN or too few keys, the bracket's composites would not fit the slots with a margin, or
+// they would need more than 63 bits.
+template <bool Global> __global__ void __launch_bounds__(kSampleThreads, 1) kSampleBracket(PassArgs p) {
     __shared__ uint32_t coarse[kSampleBins];
     __shared__ uint32_t fine[kSampleBins];
     const int64_t seg = blockIdx.x;
     SegState s = p.state[seg];
     const int64_t tiles = s.tile_end - s.tile0;
-    const int64_t m = sample_size(s.elems);
+    const int64_t m = sample_size(s);
     // The sample lives in the slots until the bracket read; the tie counts go in the last `tiles`.
-    if (s.stage != kKey || s.rank < 1 || !s.one_reader || s.elems < kMinBracketElems || m / 2 + tiles > s.cand_cap)
+    if (s.stage != kKey || s.rank < 1 || !s.one_reader || s.elems < kMinBracketElems || m < kMinSample)
         return;
     uint32_t *sample = reinterpret_cast<uint32_t *>(p.cand + s.cand_begin);
     gather_sample<Global>(p, seg, s, m / kSampleRun, sample);
@@ -849,17 +853,15 @@ template <bool Global> __global__ void __launch_bounds__(kSampleThreads) kSample
     for (int b = threadIdx.x; b < kSampleBins; b += kSampleThreads)
         coarse[b] = fine[b] = 0;
     __syncthreads(); // the sample is written, the bins clear
-    int64_t valid = 0, nans = 0, zeros = 0;
+    int64_t valid = 0, nans = 0;
     for (int64_t i = threadIdx.x; i < m; i += kSampleThreads) {
         const uint32_t key = sample[i];
         valid += key != kNoKey;
         nans += key != kNoKey && key > s.inf;
-        zeros += key == 0;
     }
     sample_histogram(sample, m, coarse, 0, 0, shift1, d1, true);
     block_exclusive_sum<kSampleThreads>(valid, valid);
     block_exclusive_sum<kSampleThreads>(nans, nans);
-    block_exclusive_sum<kSampleThreads>(zeros, zeros);
     if (nans > 0 || valid < kMinSample / 2)
         return;
     // The bracket: kBracketSigmas standard errors of the target's rank in the sample either side
@@ -904,24 +906,31 @@ template <bool Global> __global__ void __launch_bounds__(kSampleThreads) kSample
     // lo: the lower edge of the fine bin holding lo_rank; hi: the upper edge of hi_rank's. The
     // sample's keys below lo and up to hi are then known exactly.
     uint32_t lo = 0, hi = s.inf;
-    int64_t below_lo = 0, up_to_hi = valid, lo_ties = zeros, hi_ties = 0;
+    int64_t below_lo = 0, up_to_hi = valid;
     if (lo_bin.bin >= 0) {
         const Bucket f = find_bucket<kSampleThreads>(fine, 1 << d2, lo_rank + 1 - lo_bin.below);
         lo = ((static_cast<uint32_t>(lo_bin.bin) << d2) | static_cast<uint32_t>(max(f.bin, 0))) << shift2;
         below_lo = lo_bin.below + f.below;
-        lo_ties = shift2 == 0 ? f.count : lo == 0 ? zeros : 0; // an edge between keys has no ties
     }
     if (hi_bin.bin >= 0) {
         const Bucket f = find_bucket<kSampleThreads>(coarse, 1 << d2, hi_rank + 1 - hi_bin.below);
         const uint32_t top = (static_cast<uint32_t>(hi_bin.bin) << d2) | static_cast<uint32_t>(max(f.bin, 0));
         hi = min(s.inf, ((top + 1) << shift2) - 1);
         up_to_hi = hi_bin.below + f.below + f.count;
-        hi_ties = shift2 == 0 ? f.count : 0;
     }
+    // The sample's ties of lo and hi, which the read counts per tile instead of storing (round
+    // values are common: pruned zeros, 16-bit weights in the wide space, infinities).
+    int64_t lo_ties = 0, hi_ties = 0;
+    for (int64_t i = threadIdx.x; i < m; i += kSampleThreads) {
+        lo_ties += sample[i] == lo;
+        hi_ties += sample[i] == hi && hi != lo;
+    }
+    block_exclusive_sum<kSampleThreads>(lo_ties, lo_ties);
+    block_exclusive_sum<kSampleThreads>(hi_ties, hi_ties);
     if (threadIdx.x != 0 || lo > hi)
         return;
     // Composites expected from the sample's keys strictly inside, with three standard errors.
-    const int64_t inside = max(int64_t(0), up_to_hi - below_lo - lo_ties - (hi != lo ? hi_ties : 0));
+    const int64_t inside = max(int64_t(0), up_to_hi - below_lo - lo_ties - hi_ties);
     const double per_key = static_cast<double>(s.elems) / static_cast<double>(valid);
     const double expected = (static_cast<double>(inside) + 3 * sqrt(static_cast<double>(inside) + 1)) * per_key;
     const int offset_bits = bit_length(hi - lo);
