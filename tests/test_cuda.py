@@ -6,7 +6,8 @@ one backend at once:
 
 * CUDA == C++ CPU == reference, bit for bit, on the same values (rows and whole mask storage),
   for fp32/fp16/bf16, heavy bf16 ties, all-zero tensors, sizes 0, 1, 33 and 2^20 + 7, and
-  mixed-dtype global selections;
+  mixed-dtype global selections; the sample bracket's fallbacks on data aimed at the positions
+  the device samples (misses, overflowing composites, a NaN outside the sample);
 * a prune step as a prepared backend job (select + build + apply on pre-allocated buffers),
   ``gmp_ext.PrunePlan.step`` on a model (mixed dtypes, channels_last) and the fused apply
   (``backend.apply(job)``) captured in CUDA graphs and replayed on new weights at new sparsities;

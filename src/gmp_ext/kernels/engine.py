@@ -11,9 +11,9 @@ The engine knows no pattern and no score. What is ranked is the tensors themselv
 the fused prune, which ranks and zeroes the same memory), their |w| times per-feature factors
 (``scales``: the kernels multiply as they read, so the fused prune still applies), or separate
 ``ranked`` tensors a score computed (the masks are built from those, then applied to the
-tensors). How the
-ranked values become masks is the strategy's :class:`StepPattern`: :data:`UNSTRUCTURED` ranks
-every element; an N:M pattern (:class:`gmp_ext.pruning.strategies.NMPattern`) ranks candidate lists.
+tensors). How the ranked values become masks is the strategy's :class:`StepPattern`:
+:data:`UNSTRUCTURED` ranks every element; an N:M pattern
+(:class:`gmp_ext.pruning.strategies.NMPattern`) ranks candidate lists.
 
 Under ``torch.compile`` the same stages run as the operators of :mod:`gmp_ext.kernels.library`
 (``torch.ops.gmp_ext.*``), which take tensors where the jobs hold raw addresses: Dynamo traces
