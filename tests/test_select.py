@@ -116,6 +116,70 @@ def test_steady_state_zero_fast_path(native, device, dtype):
         )
 
 
+def _cpu_sampled_positions(numel: int) -> torch.Tensor:
+    """The elements the CPU's sample select reads of ``numel`` (csrc/cpu/sample_select.cpp:
+    sample_size, sample_keys): m keys, the power of two below (0.3 n)^(2/3) within [2^10, 2^16],
+    in runs of 8, one run from each of m / 8 equal strides at a Fibonacci-hashed offset."""
+    m = 1024
+    while m < 1 << 16 and 100 * (2 * m) ** 3 <= 9 * numel**2:
+        m *= 2
+    runs = m // 8
+    stride = numel // runs
+    span = stride - 7
+    starts = [
+        r * stride + (((((r * 0x9E3779B97F4A7C15) % (1 << 64)) >> 32) * span) >> 32)
+        for r in range(runs)
+    ]
+    return (torch.tensor(starts)[:, None] + torch.arange(8)).flatten()
+
+
+@pytest.mark.parametrize(
+    "aim", ["sample small", "sample large", "crowd", "nan outside", "ties at target"]
+)
+def test_cpu_sample_select_falls_back_exactly_on_data_aimed_at_its_sample(aim):
+    """fp32 values chosen where the CPU samples: its bracket misses low or high, many more
+    elements than expected fall inside it, a NaN hides outside it, or exact ties of the target's
+    value crowd it. Per layer (one tensor) and global (two, the runs crossing between them), the
+    rows stay exact and the NaN is counted."""
+    from .conftest import native_backend
+
+    native = native_backend(torch.device("cpu"))
+    sizes = [(1 << 20) + 11, 70001]
+    numel = sum(sizes)
+    generator = torch.Generator().manual_seed(7)
+    for scope in ("layer", "global"):
+        total = sizes[0] if scope == "layer" else numel
+        picked = _cpu_sampled_positions(total)
+        outside = torch.ones(total, dtype=torch.bool)
+        outside[picked] = False
+        for sparsity in (0.01, 0.5, 0.9):
+            values = torch.randn(total, generator=generator)
+            k = round(sparsity * total)
+            target = values[picked].abs().kthvalue(max(1, round(sparsity * len(picked)))).values
+            if aim == "sample small":
+                values[picked] *= 1e-3
+            elif aim == "sample large":
+                values[picked] *= 1e3
+            elif aim == "crowd":
+                spread = torch.empty(int(outside.sum())).uniform_(0.999, 1.001, generator=generator)
+                values[outside] = target * spread
+            elif aim == "nan outside":
+                values[outside.nonzero()[total // 3]] = float("nan")
+            else:
+                values[outside & (torch.arange(total) % 7 == 0)] = target
+            what = f"{aim} {scope} s={sparsity}"
+            if scope == "layer":
+                got = native.select_layerwise([values], [k])
+                assert_same(got, _reference.select_layerwise([values], [k]), what)
+            else:
+                tensors = list(values.split(sizes))
+                got = native.select_global(tensors, k, KEY_SPACE_NATIVE)
+                want = _reference.select_global(tensors, k, KEY_SPACE_NATIVE)
+                assert_same(got, want, what)
+            # A global selection reports its NaN count on every row.
+            assert got[:, 3].tolist() == [int(aim == "nan outside")] * len(got), what
+
+
 def test_global_ties_break_by_tensor_position_then_index(native, device):
     a = torch.full((10,), 0.25, device=device)
     b = torch.full((10,), 0.25, device=device)

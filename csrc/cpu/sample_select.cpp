@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace gmp::cpu {
@@ -29,6 +30,8 @@ constexpr int64_t kMinSample = 1024;
 constexpr int64_t kMaxSample = int64_t(1) << 16;
 constexpr double kBracketSigmas = 3.0; // half-width of the bracket, in standard errors of its rank
 constexpr int64_t kMinCandidateCap = int64_t(1) << 12;
+constexpr uint32_t kCandidateBins = 2048; // of the candidates' key offsets: an L1-sized count
+constexpr int64_t kPrefetchRuns = 16;     // sampled runs in flight: their reads are cache misses
 
 // Sample size for n elements: the power of two nearest below (0.3 n)^(2/3), which balances the
 // sample's cost (~12 ns a key to gather and rank) against the candidates' (~4 ns each; a bracket
@@ -58,6 +61,14 @@ struct Bracket {
     uint32_t hi;
     int64_t expected;
     int index_bits; // composite = (key - lo) << index_bits | index
+    int bin_shift;  // a candidate's bin: (key - lo) >> bin_shift, below kCandidateBins
+};
+
+// The composites one thread gathered and the count of their bins, made in the same read, so the
+// k-th candidate's bin is known without another pass over them.
+struct Candidates {
+    std::vector<uint64_t> composites;
+    std::vector<int64_t> bin_counts = std::vector<int64_t>(kCandidateBins, 0);
 };
 
 // Keys of elements [first, first + count) of the entry into out.
@@ -75,16 +86,37 @@ void read_keys(const TensorEntry &entry, int64_t first, int64_t count, uint32_t 
 // the selection's order, one run from each of m / kSampleRun equal strides at a hashed offset.
 // A run shares its cache lines; hashed offsets, because weight layouts repeat with strides of
 // their own (kernel taps, heads) that a fixed offset could sample one kind of element of.
+// Runs are prefetched kPrefetchRuns ahead of their reads: read one at a time, each waited for
+// its cache miss (~0.7 ms for 8K runs).
 std::vector<uint32_t> sample_keys(const Elements &el, int64_t m) {
     std::vector<uint32_t> keys(static_cast<size_t>(m));
     const int64_t runs = m / kSampleRun;
     const int64_t stride = el.total / runs; // >= kSampleRun
     const auto span = static_cast<uint64_t>(stride - kSampleRun + 1);
+    const auto run_start = [&](int64_t r) {
+        const uint64_t hash = (uint64_t(r) * 0x9E3779B97F4A7C15ull) >> 32; // 32 well-mixed bits
+        return r * stride + static_cast<int64_t>((hash * span) >> 32);
+    };
+    int64_t ahead_entry = 0;
+    int64_t ahead_base = 0; // of entry ahead_entry
+    const auto prefetch = [&](int64_t r) {
+        const int64_t start = run_start(r);
+        while (start >= ahead_base + el.table[ahead_entry].numel)
+            ahead_base += el.table[ahead_entry++].numel;
+        const TensorEntry &entry = el.table[ahead_entry];
+        const int64_t size = dtype_size(static_cast<int32_t>(entry.dtype));
+        const auto *first = reinterpret_cast<const char *>(entry.data) + (start - ahead_base) * size;
+        __builtin_prefetch(first);
+        __builtin_prefetch(first + (std::min(kSampleRun, entry.numel - (start - ahead_base)) - 1) * size);
+    };
+    for (int64_t r = 0; r < std::min(kPrefetchRuns, runs); ++r)
+        prefetch(r);
     int64_t e = 0;
     int64_t base = 0; // of entry e
     for (int64_t r = 0; r < runs; ++r) {
-        const uint64_t hash = (uint64_t(r) * 0x9E3779B97F4A7C15ull) >> 32; // 32 well-mixed bits
-        const int64_t start = r * stride + static_cast<int64_t>((hash * span) >> 32);
+        if (r + kPrefetchRuns < runs)
+            prefetch(r + kPrefetchRuns);
+        const int64_t start = run_start(r);
         for (int64_t j = 0; j < kSampleRun;) { // a run may cross into the next entries
             while (start + j >= base + el.table[e].numel)
                 base += el.table[e++].numel;
@@ -145,6 +177,9 @@ bool choose_bracket(std::vector<uint32_t> &sample, int64_t total, int64_t k, int
     bracket.expected = inside * total / m;
     const int offset_bits = 64 - __builtin_clzll(uint64_t(bracket.hi - bracket.lo) | 1);
     bracket.index_bits = 64 - offset_bits;
+    bracket.bin_shift = 0;
+    while (((bracket.hi - bracket.lo) >> bracket.bin_shift) >= kCandidateBins)
+        ++bracket.bin_shift;
     return bracket.lo > 0 && bracket.expected <= cap && total <= (int64_t(1) << std::min(bracket.index_bits, 62));
 }
 
@@ -173,13 +208,17 @@ struct RawKeys {
 // exact; lo >= 1.
 template <typename Keys>
 __attribute__((target("avx2"))) void read_bracket(Keys keys, int64_t begin, int64_t end, int64_t base, const Bracket &b,
-                                                  BracketRead &read, std::vector<uint64_t> &candidates) {
+                                                  BracketRead &read, Candidates &candidates) {
     const __m256i below_lo = _mm256_set1_epi32(static_cast<int32_t>(b.lo - 1));
     const __m256i hi = _mm256_set1_epi32(static_cast<int32_t>(b.hi));
     const uint32_t inf_scalar = inf_key(kFloat32, kNative);
     const __m256i inf = _mm256_set1_epi32(static_cast<int32_t>(inf_scalar));
     __m256i from_lo = _mm256_setzero_si256(); // per lane, minus the count of keys >= lo
     __m256i nan = _mm256_setzero_si256();
+    const auto gather = [&](uint32_t key, int64_t i) {
+        candidates.composites.push_back((uint64_t(key - b.lo) << b.index_bits) | uint64_t(base + i));
+        ++candidates.bin_counts[(key - b.lo) >> b.bin_shift];
+    };
     int64_t first = begin;
     for (; first + 64 <= end; first += 64) {
         keys.start_block(first);
@@ -194,7 +233,7 @@ __attribute__((target("avx2"))) void read_bracket(Keys keys, int64_t begin, int6
         }
         for (; inside != 0; inside &= inside - 1) {
             const int64_t i = first + __builtin_ctzll(inside);
-            candidates.push_back((uint64_t(keys.at(i) - b.lo) << b.index_bits) | uint64_t(base + i));
+            gather(keys.at(i), i);
         }
     }
     // Each lane counted at most a tile's 64K / 8 keys.
@@ -212,14 +251,14 @@ __attribute__((target("avx2"))) void read_bracket(Keys keys, int64_t begin, int6
         read.below += key < b.lo;
         read.nan |= key > inf_scalar;
         if (key >= b.lo && key <= b.hi)
-            candidates.push_back((uint64_t(key - b.lo) << b.index_bits) | uint64_t(base + i));
+            gather(key, i);
     }
 }
 
 // Reads a tile against the bracket with the keys its entry has: its own bits, its rows' scaled
 // keys in registers (fp32 and bf16 weights), or other scaled keys computed into a buffer first.
 void read_tile(const TensorEntry &entry, const Tile &tile, const Bracket &b, BracketRead &read,
-               std::vector<uint64_t> &candidates) {
+               Candidates &candidates) {
     if (entry.scale == 0) {
         read_bracket(RawKeys{reinterpret_cast<const uint32_t *>(entry.data)}, tile.begin, tile.end, tile.base, b, read,
                      candidates);
@@ -234,56 +273,46 @@ void read_tile(const TensorEntry &entry, const Tile &tile, const Bracket &b, Bra
 }
 
 // One read of all elements against the bracket: tiles handed out to `threads` threads, each
-// with its own candidates, joined at the end (composites are unique, so their order is free).
-BracketRead read_elements(const Elements &el, const Bracket &b, int threads, std::vector<uint64_t> &candidates) {
+// gathering candidates of its own (composites are unique, so their order is free).
+BracketRead read_elements(const Elements &el, const Bracket &b, int threads, std::vector<Candidates> &parts) {
     const std::vector<Tile> tiles = make_tiles(el.table, el.n);
     const int nt = threads_for(threads, el.total);
     std::vector<BracketRead> reads(static_cast<size_t>(nt));
-    std::vector<std::vector<uint64_t>> parts(static_cast<size_t>(nt));
+    parts.resize(static_cast<size_t>(nt));
     for (auto &part : parts)
-        part.reserve(static_cast<size_t>((b.expected + b.expected / 4) / nt + 64));
+        part.composites.reserve(static_cast<size_t>((b.expected + b.expected / 4) / nt + 64));
     parallel_for(nt, static_cast<int64_t>(tiles.size()), [&](int64_t t, int thread) {
         const Tile &tile = tiles[t];
         read_tile(el.table[tile.entry], tile, b, reads[thread], parts[thread]);
     });
     BracketRead read;
-    size_t count = 0;
-    for (int thread = 0; thread < nt; ++thread) {
-        read.below += reads[thread].below;
-        read.nan |= reads[thread].nan;
-        count += parts[thread].size();
-    }
-    if (nt == 1) {
-        candidates.swap(parts[0]);
-        return read;
-    }
-    candidates.reserve(count);
-    for (auto &part : parts) {
-        candidates.insert(candidates.end(), part.begin(), part.end());
-        std::vector<uint64_t>().swap(part);
+    for (const BracketRead &part : reads) {
+        read.below += part.below;
+        read.nan |= part.nan;
     }
     return read;
 }
 
-// The rank-th smallest (1-based) of the candidates: one count of their key offsets in at most
-// kCandidateBins bins (an L1-sized table), then nth_element over the bin that holds it.
-// nth_element over all candidates cost ~3x as much.
-uint64_t select_candidate(const std::vector<uint64_t> &candidates, int64_t rank, const Bracket &b) {
-    constexpr uint32_t kCandidateBins = 2048;
-    int shift = b.index_bits;
-    while (((uint64_t(b.hi - b.lo) << b.index_bits) >> shift) >= kCandidateBins)
-        ++shift;
-    std::vector<uint32_t> counts(kCandidateBins, 0);
-    for (uint64_t c : candidates)
-        ++counts[c >> shift];
-    uint64_t bin = 0;
-    for (; counts[bin] < rank; ++bin)
+// The rank-th smallest (1-based) of all threads' candidates, or 0 when they are fewer: the bin
+// of key offsets that holds it from the counts the read made, then nth_element over that bin's
+// composites (nth_element over all candidates cost ~3x as much).
+std::optional<uint64_t> select_candidate(const std::vector<Candidates> &parts, int64_t rank, const Bracket &b) {
+    std::vector<int64_t> counts(kCandidateBins, 0);
+    for (const Candidates &part : parts)
+        for (uint32_t bin = 0; bin < kCandidateBins; ++bin)
+            counts[bin] += part.bin_counts[bin];
+    uint32_t bin = 0;
+    for (; bin < kCandidateBins && counts[bin] < rank; ++bin)
         rank -= counts[bin];
+    if (rank < 1 || bin == kCandidateBins)
+        return std::nullopt;
+    const int shift = b.index_bits + b.bin_shift; // a composite's bin is its value >> shift
     std::vector<uint64_t> in_bin;
-    in_bin.reserve(counts[bin]);
-    for (uint64_t c : candidates)
-        if ((c >> shift) == bin)
-            in_bin.push_back(c);
+    in_bin.reserve(static_cast<size_t>(counts[bin]));
+    for (const Candidates &part : parts)
+        for (uint64_t c : part.composites)
+            if ((c >> shift) == bin)
+                in_bin.push_back(c);
     std::nth_element(in_bin.begin(), in_bin.begin() + (rank - 1), in_bin.end());
     return in_bin[rank - 1];
 }
@@ -303,14 +332,16 @@ bool select_by_sample(const TensorEntry *table, int64_t n, int64_t k, int num_th
     Bracket bracket{};
     if (!choose_bracket(sample, el.total, k, candidate_cap(el.total), bracket))
         return false;
-    std::vector<uint64_t> candidates;
+    std::vector<Candidates> candidates;
     const BracketRead read = read_elements(el, bracket, num_threads, candidates);
-    const int64_t rank = k - read.below; // of the k-th key among the candidates, 1-based
-    if (read.nan || rank < 1 || rank > static_cast<int64_t>(candidates.size()))
+    if (read.nan)
         return false;
-    const uint64_t kth = select_candidate(candidates, rank, bracket);
-    key = bracket.lo + static_cast<uint32_t>(kth >> bracket.index_bits);
-    index = static_cast<int64_t>(kth & ((uint64_t(1) << bracket.index_bits) - 1));
+    // Of the k-th key among the candidates, 1-based.
+    const std::optional<uint64_t> kth = select_candidate(candidates, k - read.below, bracket);
+    if (!kth)
+        return false;
+    key = bracket.lo + static_cast<uint32_t>(*kth >> bracket.index_bits);
+    index = static_cast<int64_t>(*kth & ((uint64_t(1) << bracket.index_bits) - 1));
     return true;
 }
 #else
