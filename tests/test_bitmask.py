@@ -39,6 +39,17 @@ def test_native_pack_unpack_equal_reference(native, device, numel):
     assert_same(native.unpack_bits(packed, numel), _reference.unpack_bits(packed, numel))
 
 
+@pytest.mark.parametrize("numel", SIZES)
+def test_popcount_counts_the_kept_flags(device, numel):
+    """Whole 64-bit words and the bytes after them, in a padded mask and in one of exactly
+    mask_bytes(numel) bytes (a tail of 1-7 bytes on the CPU's word path)."""
+    flags = torch.rand(numel, device=device) < 0.7
+    padded = ops.pack_mask(flags)
+    exact = padded[: mask_bytes(numel)].clone()
+    assert primitives.popcount(padded, numel) == int(flags.sum())
+    assert primitives.popcount(exact, numel) == int(flags.sum())
+
+
 def test_unpack_accepts_exact_numpy_buffer():
     flags = torch.rand(3, 5, 7) < 0.5
     raw = torch.from_numpy(np.packbits(flags.numpy().reshape(-1), bitorder="little"))

@@ -569,13 +569,17 @@ __device__ void key_pass(const PassArgs &p, int64_t seg, const SegState &s, int6
 // digit and the composites of the bucket's elements (key >> key_shift == prefix), it writes each
 // tile's mask and zeroes its pruned elements. Above the bucket: kept; below: pruned and zeroed;
 // in it: pruned in the mask, not zeroed (kFixup decides). Full tiles of 16-byte aligned data with
-// an 8-byte aligned mask stay in registers across the block's slot reservation, so the weights
-// are read once; partial, misaligned and scaled tiles go element by element and are read again for
-// the composites. All tiles of the segment have the key reader KT.
+// an 8-byte aligned mask go in rounds of kVecs vectors a lane, each round held in registers across
+// the block's slot reservation, so the weights are read once; partial, misaligned and scaled tiles
+// go element by element and are read again for the composites. All tiles of the segment have the
+// key reader KT.
 template <bool Global, typename KT>
 __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, int64_t a, int64_t b, uint32_t *bins) {
     using Bits = typename KT::bits_t;
-    constexpr int kVecs = int(kTileElems) / KT::kPerVec / 32; // vectors per lane
+    // Rounds of slot reservation per vector tile, each holding kVecs vectors a lane in registers
+    // until its composites are stored: a whole fp32 tile (64 registers a lane) spilled 252 bytes.
+    constexpr int kVecs = 4;
+    constexpr int kTileRounds = int(kTileElems) / KT::kPerVec / 32 / kVecs;
     constexpr uint32_t kVecBits = (1u << KT::kPerVec) - 1;
     __shared__ Reservation reservation;
     __shared__ __align__(16) uint8_t staging_all[kWarps][kTileMaskBytes];
@@ -594,12 +598,11 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
         clear_bins(bins, nbins);
         for (int64_t base = c0; base < c1; base += kWarps) {
             const int64_t tile = base + warp;
-            uint32_t matches = 0;
             Bits *data = nullptr;
+            uint8_t *mask = nullptr;
             int64_t first = 0;
             int count = 0;
             bool vector = false, has_mask = false;
-            uint4 v[kVecs];
             KT keys{};
             if (tile < c1) {
                 const TensorEntry entry = p.table[Global ? entry_of_tile(p.table, p.n, tile) : seg];
@@ -607,12 +610,19 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                 first = (tile - entry.tile_base) * kTileElems;
                 keys = KT::at(entry, first);
                 data = reinterpret_cast<Bits *>(entry.data);
-                auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
+                mask = reinterpret_cast<uint8_t *>(entry.mask);
                 // Without a mask (as kBuildMasks) the tile is only ranked: nothing written.
                 has_mask = entry.mask != 0;
                 vector = has_mask && vector_tile<KT>(entry.data, count) && entry.mask % 8 == 0;
+            }
+            const int64_t pos0 = (tile - tile0) * kTileElems;
+            // Every thread takes part in every round's reservation (block barriers).
+            for (int round = 0; round < kTileRounds; ++round) {
+                uint32_t matches = 0;
+                uint4 v[kVecs];
+                auto *vecs = reinterpret_cast<uint4 *>(data + first) + round * kVecs * 32;
+                const int vec0 = round * kVecs * 32 + lane; // this lane's first vector of the round
                 if (vector) {
-                    auto *vecs = reinterpret_cast<uint4 *>(data + first);
 #pragma unroll
                     for (int j = 0; j < kVecs; ++j)
                         v[j] = vecs[j * 32 + lane];
@@ -621,7 +631,7 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                         uint32_t keep = 0, unzeroed = 0;
 #pragma unroll
                         for (int q = 0; q < KT::kPerVec; ++q) {
-                            const uint32_t key = keys.key(v[j], q, (j * 32 + lane) * KT::kPerVec + q);
+                            const uint32_t key = keys.key(v[j], q, (vec0 + j * 32) * KT::kPerVec + q);
                             const uint32_t high = key >> key_shift;
                             keep |= uint32_t(high > prefix) << q;
                             unzeroed |= uint32_t(high >= prefix) << q;
@@ -633,13 +643,15 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                         if (unzeroed != kVecBits)
                             store_if_changed(vecs + j * 32 + lane, v[j],
                                              keep_elements<int(sizeof(Bits))>(v[j], unzeroed));
-                        stage_vector_bits<KT::kPerVec>(staging, j * 32 + lane, keep, lane);
+                        stage_vector_bits<KT::kPerVec>(staging, vec0 + j * 32, keep, lane);
                     }
-                    __syncwarp();
-                    reinterpret_cast<uint64_t *>(mask + first / 8)[lane] =
-                        reinterpret_cast<const uint64_t *>(staging)[lane];
-                    __syncwarp(); // the staging buffer is rewritten by the warp's next tile
-                } else if (count > 0) {
+                    if (round == kTileRounds - 1) {
+                        __syncwarp();
+                        reinterpret_cast<uint64_t *>(mask + first / 8)[lane] =
+                            reinterpret_cast<const uint64_t *>(staging)[lane];
+                        __syncwarp(); // the staging buffer is rewritten by the warp's next tile
+                    }
+                } else if (round == 0 && count > 0) {
                     // Step c covers elements [32c, 32c + 32): half of word c / 2, which lane c / 2 keeps.
                     uint64_t word = 0;
 #pragma unroll 1 // as for_each_tile_key's element loop
@@ -665,27 +677,26 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
                     if (has_mask)
                         store_tile_word(mask, first, count, word, lane);
                 }
-            }
-            int64_t slot = reserve_slots(reservation, matches, &p.counters[seg].fill);
-            if (matches == 0)
-                continue;
-            const int64_t pos0 = (tile - tile0) * kTileElems;
-            const auto store = [&](uint32_t key, int i) {
-                if ((key >> key_shift) == prefix && slot < cap)
-                    out[slot++] = (uint64_t(key & low_mask) << idx_bits) | static_cast<uint64_t>(pos0 + i);
-            };
-            if (vector) {
+                int64_t slot = reserve_slots(reservation, matches, &p.counters[seg].fill);
+                if (matches == 0)
+                    continue;
+                const auto store = [&](uint32_t key, int i) {
+                    if ((key >> key_shift) == prefix && slot < cap)
+                        out[slot++] = (uint64_t(key & low_mask) << idx_bits) | static_cast<uint64_t>(pos0 + i);
+                };
+                if (vector) {
 #pragma unroll
-                for (int j = 0; j < kVecs; ++j)
+                    for (int j = 0; j < kVecs; ++j)
 #pragma unroll
-                    for (int q = 0; q < KT::kPerVec; ++q) {
-                        const int offset = (j * 32 + lane) * KT::kPerVec + q;
-                        store(keys.key(v[j], q, offset), offset);
-                    }
-            } else {
+                        for (int q = 0; q < KT::kPerVec; ++q) {
+                            const int offset = (vec0 + j * 32) * KT::kPerVec + q;
+                            store(keys.key(v[j], q, offset), offset);
+                        }
+                } else {
 #pragma unroll 1 // as for_each_tile_key's element loop
-                for (int i = lane; i < count; i += 32)
-                    store(keys.key(data[first + i], i), i);
+                    for (int i = lane; i < count; i += 32)
+                        store(keys.key(data[first + i], i), i);
+                }
             }
         }
         flush_bins(bins, nbins, p.hist + s.hist_row * kBins);

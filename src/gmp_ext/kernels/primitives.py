@@ -205,6 +205,7 @@ def thresholds(
     return result
 
 
+_HAS_BITWISE_COUNT = hasattr(np, "bitwise_count")  # numpy >= 2.0
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
@@ -213,12 +214,16 @@ def popcount(mask: torch.Tensor, numel: int, chunk: int = 1 << 18) -> int:
     are never set). On the CPU numpy counts 64-bit words in place; elsewhere chunks keep the
     int64 temporaries at 4 MB, so counting adds nothing to a prune step's memory peak, and the
     sum stays on the device until the end (one read-back)."""
-    data = mask[: mask_bytes(numel)]
-    if data.device.type == "cpu" and hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        array = data.numpy()
-        whole = len(array) // 8 * 8
-        words = np.bitwise_count(array[:whole].view(np.uint64)).sum(dtype=np.int64)
-        return int(words) + int(np.bitwise_count(array[whole:]).sum(dtype=np.int64))
+    size = mask_bytes(numel)
+    if mask.device.type == "cpu" and _HAS_BITWISE_COUNT:
+        array = mask.numpy()[:size]  # numpy slices cost less than torch's (a step counts each mask)
+        size = len(array)
+        whole = size & ~7
+        count = int(np.bitwise_count(array[:whole].view(np.uint64)).sum(dtype=np.int64))
+        if whole < size:
+            count += int(np.bitwise_count(array[whole:]).sum(dtype=np.int64))
+        return count
+    data = mask[:size]
     table = _POPCOUNT.to(mask.device)
     total = torch.zeros((), dtype=torch.int64, device=mask.device)
     for i in range(0, data.numel(), chunk):
