@@ -319,12 +319,12 @@ class PreparedStep:
     def thresholds(self) -> list[float]:
         """The ranked value at the last selection's cut, per tensor (|w| without a score;
         global scope: the cut over all)."""
-        rows = self.rows()
-        ones = [1] * len(self.tensors)
         ranked = self.tensors if self.ranked is None else self.ranked
+        dtypes = [t.dtype for t in ranked]
         if self.scales is not None:  # a scaled key is a float32 value, whatever the weight's dtype
-            ranked = [t if s is None else _FLOAT32 for t, s in zip(ranked, self.scales)]
-        return [th.value for th in primitives.thresholds(rows, ranked, ones)]
-
-
-_FLOAT32 = torch.empty(0)
+            dtypes = [d if s is None else torch.float32 for d, s in zip(dtypes, self.scales)]
+        values = [0.0] * len(self.tensors)
+        for group in self.groups:  # one read-back of a group's rows (not one per tensor)
+            for i, (key, _, key_space, _) in zip(group.indices, group.selection.rows.tolist()):
+                values[i] = primitives.key_to_value(key, key_space, dtypes[i])
+        return values

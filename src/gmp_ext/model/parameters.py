@@ -199,7 +199,9 @@ def _hook_reparametrization(module: nn.Module, attr: str) -> str | None:
 
 def _reparametrization(module: nn.Module, module_name: str, attr: str = "weight") -> str | None:
     """Why ``module.<attr>`` is not a parameter gmp_ext can mask, or None when it is one."""
-    if parametrize.is_parametrized(module, attr):
+    # register_parametrization keeps its ModuleDict among the modules; torch's check looks for
+    # it with getattr, whose miss (every plain layer) costs a formatted AttributeError.
+    if "parametrizations" in module._modules and parametrize.is_parametrized(module, attr):
         parametrization = module.get_submodule(f"parametrizations.{attr}")
         kinds = ", ".join(type(p).__name__ for p in parametrization.children())
         stored = ", ".join(
