@@ -41,8 +41,8 @@ gmp_ext (thresholds; + masks; the prepared job), the ``kthvalue`` loop and the `
 timed while N competing processes (``load.py``; stopped after ``--load-seconds`` at the latest,
 and when the rows are done) keep the cores busy, so all of them see the same load; then the
 eager ``gmp_ext.prune_step``, per layer and global, at torch's thread count and at one thread,
-in three rounds of interleaved call pairs (``x_one_thread``: its p50 over the one-thread p50 of
-the same round).
+in ``--rounds`` (3) rounds of interleaved call pairs (``x_one_thread``: its p50 over the
+one-thread p50 of the same round).
 Rows go to select_under_load_<device>_<dtype>.json with ``speedup_vs_topk``.
 """
 
@@ -572,9 +572,11 @@ def _at_threads(fn: Callable, threads: int) -> Callable:
     return run
 
 
-def _eager_threads_rows(weights: list[torch.Tensor], repeats: int, base: dict) -> list[dict]:
+def _eager_threads_rows(
+    weights: list[torch.Tensor], repeats: int, base: dict, rounds: int
+) -> list[dict]:
     """The eager prune step per layer and global at torch's thread count and at one thread:
-    three rounds of ``3 * repeats`` call pairs, the two calls of a pair back to back in
+    ``rounds`` rounds of ``3 * repeats`` call pairs, the two calls of a pair back to back in
     alternating order, so that both thread counts see the same load (whose level drifts within
     a round too)."""
     rows = []
@@ -584,7 +586,7 @@ def _eager_threads_rows(weights: list[torch.Tensor], repeats: int, base: dict) -
         fn, setup = _bound(method, weights)
         for threads in (default, 1):
             time_cpu(_at_threads(fn, threads), 1, 1, setup)  # warm-up
-        for round_ in range(3):
+        for round_ in range(rounds):
             samples: dict[int, list[float]] = {default: [], 1: []}
             for pair in range(3 * repeats):
                 order = (default, 1) if pair % 2 == 0 else (1, default)
@@ -628,7 +630,7 @@ def run_under_load(args, dtype: str) -> Path:
                     flush=True,
                 )
                 model_rows.append(row)
-            threads_rows = _eager_threads_rows(weights, args.repeats, base)
+            threads_rows = _eager_threads_rows(weights, args.repeats, base, args.rounds)
         topk = model_rows[-1].get("p50_ms")
         for row in model_rows:
             if topk and "p50_ms" in row:
@@ -668,6 +670,9 @@ def main() -> None:
         help="only the per-layer gmp_ext, kthvalue and topk rows, with N competing processes",
     )
     parser.add_argument("--load-kind", choices=KINDS, default="busy")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of call pairs of the eager rows under load"
+    )
     parser.add_argument(
         "--load-seconds", type=float, default=600.0, help="the load stops after this at the latest"
     )
