@@ -136,14 +136,13 @@ def _cpu_sampled_positions(numel: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     "aim", ["sample small", "sample large", "crowd", "nan outside", "ties at target"]
 )
-def test_cpu_sample_select_falls_back_exactly_on_data_aimed_at_its_sample(aim):
+def test_cpu_sample_select_falls_back_exactly_on_data_aimed_at_its_sample(native, device, aim):
     """fp32 values chosen where the CPU samples: its bracket misses low or high, many more
     elements than expected fall inside it, a NaN hides outside it, or exact ties of the target's
     value crowd it. Per layer (one tensor) and global (two, the runs crossing between them), the
     rows stay exact and the NaN is counted."""
-    from .conftest import native_backend
-
-    native = native_backend(torch.device("cpu"))
+    if device.type != "cpu":
+        pytest.skip("the CPU's sample positions (the device's: test_cuda.py)")
     sizes = [(1 << 20) + 11, 70001]
     numel = sum(sizes)
     generator = torch.Generator().manual_seed(7)

@@ -293,9 +293,9 @@ BracketRead read_elements(const Elements &el, const Bracket &b, int threads, std
     return read;
 }
 
-// The rank-th smallest (1-based) of all threads' candidates, or 0 when they are fewer: the bin
-// of key offsets that holds it from the counts the read made, then nth_element over that bin's
-// composites (nth_element over all candidates cost ~3x as much).
+// The rank-th smallest (1-based) of all threads' candidates, or nothing when rank is outside
+// them (the bracket missed the k-th key): the bin of key offsets that holds it from the counts
+// the read made, then nth_element over that bin's composites (over all candidates: ~3x the cost).
 std::optional<uint64_t> select_candidate(const std::vector<Candidates> &parts, int64_t rank, const Bracket &b) {
     std::vector<int64_t> counts(kCandidateBins, 0);
     for (const Candidates &part : parts)
