@@ -37,7 +37,15 @@ from gmp_ext.kernels.engine import PreparedStep
 from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, key_space_for, mask_bytes
 
 from .conftest import native_backend
-from .utils import DTYPE_IDS, DTYPES, SPARSITIES, assert_same, weights
+from .utils import (
+    DTYPE_IDS,
+    DTYPES,
+    SAMPLE_AIMS,
+    SPARSITIES,
+    aimed_at_sample,
+    assert_same,
+    weights,
+)
 
 CUDA = torch.device("cuda")
 POISON = 0xA5
@@ -190,32 +198,16 @@ def _sampled_positions(numel: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize(
-    "aim", ["sample small", "sample large", "crowd", "nan outside", "ties at target"]
-)
+@pytest.mark.parametrize("aim", SAMPLE_AIMS)
 def test_sample_bracket_falls_back_exactly_on_data_aimed_at_its_sample(native, cpu, dtype, aim):
     """Values chosen where the device samples: the bracket misses low or high, its composites
     overflow the slots, a NaN hides outside it, or exact ties of the target's value crowd it.
     The rows stay exact (the emulator's differential runs count these as misses)."""
     numel = (1 << 21) + 11
     picked = _sampled_positions(numel)
-    outside = torch.ones(numel, dtype=torch.bool)
-    outside[picked] = False
     generator = torch.Generator().manual_seed(7)
     for sparsity in (0.01, 0.5, 0.9):
-        values = torch.randn(numel, generator=generator)
-        target = values[picked].abs().kthvalue(max(1, round(sparsity * len(picked)))).values
-        if aim == "sample small":
-            values[picked] *= 1e-3
-        elif aim == "sample large":
-            values[picked] *= 1e3
-        elif aim == "crowd":
-            spread = torch.empty(int(outside.sum())).uniform_(0.999, 1.001, generator=generator)
-            values[outside] = target * spread
-        elif aim == "nan outside":
-            values[outside.nonzero()[numel // 3]] = float("nan")
-        else:
-            values[outside & (torch.arange(numel) % 7 == 0)] = target
+        values = aimed_at_sample(numel, picked, sparsity, aim, generator)
         host = values.to(dtype)
         dev = host.to(CUDA)
         ks = [round(sparsity * numel)]

@@ -15,8 +15,10 @@ from .utils import (
     DTYPE_IDS,
     DTYPES,
     KINDS,
+    SAMPLE_AIMS,
     SIZES,
     SPARSITIES,
+    aimed_at_sample,
     assert_same,
     check_pruned_set,
     weights,
@@ -133,9 +135,7 @@ def _cpu_sampled_positions(numel: int) -> torch.Tensor:
     return (torch.tensor(starts)[:, None] + torch.arange(8)).flatten()
 
 
-@pytest.mark.parametrize(
-    "aim", ["sample small", "sample large", "crowd", "nan outside", "ties at target"]
-)
+@pytest.mark.parametrize("aim", SAMPLE_AIMS)
 def test_cpu_sample_select_falls_back_exactly_on_data_aimed_at_its_sample(native, device, aim):
     """fp32 values chosen where the CPU samples: its bracket misses low or high, many more
     elements than expected fall inside it, a NaN hides outside it, or exact ties of the target's
@@ -149,23 +149,9 @@ def test_cpu_sample_select_falls_back_exactly_on_data_aimed_at_its_sample(native
     for scope in ("layer", "global"):
         total = sizes[0] if scope == "layer" else numel
         picked = _cpu_sampled_positions(total)
-        outside = torch.ones(total, dtype=torch.bool)
-        outside[picked] = False
         for sparsity in (0.01, 0.5, 0.9):
-            values = torch.randn(total, generator=generator)
+            values = aimed_at_sample(total, picked, sparsity, aim, generator)
             k = round(sparsity * total)
-            target = values[picked].abs().kthvalue(max(1, round(sparsity * len(picked)))).values
-            if aim == "sample small":
-                values[picked] *= 1e-3
-            elif aim == "sample large":
-                values[picked] *= 1e3
-            elif aim == "crowd":
-                spread = torch.empty(int(outside.sum())).uniform_(0.999, 1.001, generator=generator)
-                values[outside] = target * spread
-            elif aim == "nan outside":
-                values[outside.nonzero()[total // 3]] = float("nan")
-            else:
-                values[outside & (torch.arange(total) % 7 == 0)] = target
             what = f"{aim} {scope} s={sparsity}"
             if scope == "layer":
                 got = native.select_layerwise([values], [k])

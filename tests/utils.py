@@ -43,6 +43,34 @@ def weights(numel: int, dtype: torch.dtype, device="cpu", kind: str = "normal") 
 KINDS = ["normal", "zeros", "equal", "pruned", "few_values", "specials"]
 
 
+# Data aimed at a sample bracket's sampled positions (the CPU's: test_select.py, the device's:
+# test_cuda.py): the bracket misses low or high, far more elements than the sample showed fall
+# inside it, a NaN hides outside the sample, or exact ties of the sample's target crowd it.
+SAMPLE_AIMS = ["sample small", "sample large", "crowd", "nan outside", "ties at target"]
+
+
+def aimed_at_sample(
+    numel: int, picked: torch.Tensor, sparsity: float, aim: str, generator: torch.Generator
+) -> torch.Tensor:
+    """N(0, 1) fp32 values with the ``aim`` of SAMPLE_AIMS against the sampled ``picked``."""
+    values = torch.randn(numel, generator=generator)
+    outside = torch.ones(numel, dtype=torch.bool)
+    outside[picked] = False
+    target = values[picked].abs().kthvalue(max(1, round(sparsity * len(picked)))).values
+    if aim == "sample small":
+        values[picked] *= 1e-3
+    elif aim == "sample large":
+        values[picked] *= 1e3
+    elif aim == "crowd":
+        spread = torch.empty(int(outside.sum())).uniform_(0.999, 1.001, generator=generator)
+        values[outside] = target * spread
+    elif aim == "nan outside":
+        values[outside.nonzero()[numel // 3]] = float("nan")
+    else:
+        values[outside & (torch.arange(numel) % 7 == 0)] = target
+    return values
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """Bit patterns, so -0.0 != +0.0 and NaN == NaN in comparisons."""
     if not t.dtype.is_floating_point:
