@@ -620,9 +620,9 @@ __device__ void build_pass(const PassArgs &p, int64_t seg, const SegState &s, in
             for (int round = 0; round < kTileRounds; ++round) {
                 uint32_t matches = 0;
                 uint4 v[kVecs];
-                auto *vecs = reinterpret_cast<uint4 *>(data + first) + round * kVecs * 32;
                 const int vec0 = round * kVecs * 32 + lane; // this lane's first vector of the round
                 if (vector) {
+                    auto *vecs = reinterpret_cast<uint4 *>(data + first) + round * kVecs * 32;
 #pragma unroll
                     for (int j = 0; j < kVecs; ++j)
                         v[j] = vecs[j * 32 + lane];
