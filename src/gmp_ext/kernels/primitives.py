@@ -214,16 +214,15 @@ def popcount(mask: torch.Tensor, numel: int, chunk: int = 1 << 18) -> int:
     are never set). On the CPU numpy counts 64-bit words in place; elsewhere chunks keep the
     int64 temporaries at 4 MB, so counting adds nothing to a prune step's memory peak, and the
     sum stays on the device until the end (one read-back)."""
-    size = mask_bytes(numel)
     if mask.device.type == "cpu" and _HAS_BITWISE_COUNT:
-        array = mask.numpy()[:size]  # numpy slices cost less than torch's (a step counts each mask)
-        size = len(array)
-        whole = size & ~7
+        # numpy slices cost less than torch's (a step counts each mask)
+        array = mask.numpy()[: mask_bytes(numel)]
+        whole = len(array) & ~7
         count = int(np.bitwise_count(array[:whole].view(np.uint64)).sum(dtype=np.int64))
-        if whole < size:
+        if whole < len(array):
             count += int(np.bitwise_count(array[whole:]).sum(dtype=np.int64))
         return count
-    data = mask[:size]
+    data = mask[: mask_bytes(numel)]
     table = _POPCOUNT.to(mask.device)
     total = torch.zeros((), dtype=torch.int64, device=mask.device)
     for i in range(0, data.numel(), chunk):
