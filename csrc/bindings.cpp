@@ -94,12 +94,13 @@ PYBIND11_MODULE(_C, m) {
         "One selection over all entries, mask build and zeroing of the pruned elements.");
     m.def(
         "cpu_build_masks",
-        [](uintptr_t table, int64_t n, uintptr_t selection, int threads, bool zero_pruned) {
+        [](uintptr_t table, int64_t n, uintptr_t selection, int threads, bool zero_pruned, uintptr_t kept) {
             gmp::cpu::build_masks(ptr<const TensorEntry>(table), n, ptr<const Selection>(selection), threads,
-                                  zero_pruned);
+                                  zero_pruned, ptr<int64_t>(kept));
         },
-        py::arg("table"), py::arg("n"), py::arg("selection"), py::arg("threads"), py::arg("zero_pruned") = false, nogil,
-        "Write packed keep-masks from selection rows (and zero the pruned elements).");
+        py::arg("table"), py::arg("n"), py::arg("selection"), py::arg("threads"), py::arg("zero_pruned") = false,
+        py::arg("kept") = 0, nogil,
+        "Write packed keep-masks from selection rows (and zero the pruned elements; count the kept ones).");
     m.def(
         "cpu_histogram",
         [](uintptr_t table, int64_t n, int32_t key_space, int32_t shift, int64_t bins, int32_t prefix_shift,
@@ -140,6 +141,13 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("table"), py::arg("entries"), py::arg("n"), py::arg("m"), py::arg("selection"), py::arg("threads"),
         nogil, "Write N:M keep-masks from selection rows over the candidate lists.");
+    m.def(
+        "cpu_count_kept",
+        [](uintptr_t table, int64_t n, uintptr_t out, int threads) {
+            gmp::cpu::count_kept(ptr<const TensorEntry>(table), n, ptr<int64_t>(out), threads);
+        },
+        py::arg("table"), py::arg("n"), py::arg("out"), py::arg("threads"), nogil,
+        "Per entry, the set bits among its mask's first numel bits.");
     m.def(
         "cpu_pack_bits",
         [](uintptr_t bools, int64_t numel, uintptr_t packed, int threads) {

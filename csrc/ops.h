@@ -21,9 +21,10 @@ void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_s
 // Writes the packed keep-mask of every entry from its selection row; a row with NaNs (nan_count > 0)
 // leaves its mask as it was, so a selection void for NaN weights never corrupts masks. With
 // zero_pruned, also zeroes every element whose bit is then 0 (build and apply_masks in one call,
-// each tile applied right after its build, while it is in cache).
+// each tile applied right after its build, while it is in cache). `kept`, when not null, receives
+// each entry's count_kept of the masks as the build leaves them (each tile counted in cache).
 void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads,
-                 bool zero_pruned = false);
+                 bool zero_pruned = false, int64_t *kept = nullptr);
 
 // A prune step: the selection above, then build_masks(..., zero_pruned = true), with the same
 // rows, masks and weights as those two calls. When the first radix pass leaves a bucket whose
@@ -58,6 +59,9 @@ void nm_gather(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, 
                int num_threads);
 void nm_build_masks(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const Selection *selection,
                     int num_threads);
+
+// out[e] = set bits among the first numel bits of entry e's mask: the elements it keeps.
+void count_kept(const TensorEntry *table, int64_t n, int64_t *out, int num_threads);
 
 // bool bytes (0/1) <-> packed bits, numel elements.
 void pack_bits(const uint8_t *bools, int64_t numel, uint8_t *packed, int num_threads);

@@ -50,6 +50,30 @@ def test_popcount_counts_the_kept_flags(device, numel):
     assert primitives.popcount(exact, numel) == int(flags.sum())
 
 
+def test_native_count_kept_equals_reference(native, device):
+    """All sizes in one call (entries split across tiles and threads), bf16 and transposed
+    tensors among them, masks of random bytes: bits past numel in the last byte are set and
+    must not count."""
+    dtypes = (torch.float32, torch.bfloat16)
+    tensors = [weights(numel, dtype, device) for numel in SIZES for dtype in dtypes]
+    tensors.append(torch.randn(67, 129, device=device).t())
+    masks = [
+        torch.randint(0, 256, (mask_storage_bytes(t.numel()),), dtype=torch.uint8, device=device)
+        for t in tensors
+    ]
+    want = [int(_reference.unpack_bits(m, t.numel()).sum()) for t, m in zip(tensors, masks)]
+    assert _reference.count_kept(tensors, masks) == want
+    assert native.count_kept(native.prepare(tensors, masks)) == want
+    assert native.count_kept(native.prepare([], [])) == []
+
+
+def test_count_kept_routes_float64_to_the_reference(device):
+    tensors = [weights(1000, torch.float64, device), weights(1000, torch.float32, device)]
+    flags = [torch.rand(1000, device=device) < p for p in (0.2, 0.9)]
+    masks = [ops.pack_mask(f) for f in flags]
+    assert primitives.count_kept(tensors, masks) == [int(f.sum()) for f in flags]
+
+
 def test_unpack_accepts_exact_numpy_buffer():
     flags = torch.rand(3, 5, 7) < 0.5
     raw = torch.from_numpy(np.packbits(flags.numpy().reshape(-1), bitorder="little"))
@@ -101,7 +125,8 @@ def test_rows_with_nans_leave_their_masks_as_they_were(native, device, backend):
 def test_build_that_zeroes_the_pruned_equals_build_then_apply(native, device, dtype):
     """build(zero_pruned=True), the apply fused into the build, against the reference's build
     followed by its apply: the same masks and weights, a NaN row zeroing by its old mask, full
-    and partial tiles, a view one element off 16-byte alignment."""
+    and partial tiles, a view one element off 16-byte alignment. A backend that counts in its
+    build counts the masks as it left them (the NaN row's old one too)."""
     backing = weights(70001 + 1, dtype, device)
     tensors = [
         weights(2048 * 3, dtype, device, "pruned"),
@@ -131,6 +156,8 @@ def test_build_that_zeroes_the_pruned_equals_build_then_apply(native, device, dt
             backend.apply(build)
         else:
             backend.build(build, zero_pruned=True)
+            if backend.counts_in_build:
+                assert build.kept.tolist() == _reference.count_kept(work, masks)
         results.append((work, masks, job.rows))
     (work, masks, rows), (ref_work, ref_masks, ref_rows) = results
     assert_same(rows.cpu(), ref_rows.cpu(), "rows")

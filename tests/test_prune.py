@@ -11,6 +11,7 @@ import torch
 
 from gmp_ext.kernels import reference as _reference
 from gmp_ext.kernels.backends import REFERENCE
+from gmp_ext.kernels.engine import PreparedStep
 from gmp_ext.kernels.layout import KEY_SPACE_NATIVE, KEY_SPACE_WIDE
 
 from .utils import DTYPE_IDS, DTYPES, KINDS, assert_same, weights
@@ -214,3 +215,22 @@ def _assert_same_select(native, tensors, scope, counts):
         backend.select(job)
         rows.append(job.rows.cpu())
     assert_same(rows[0], rows[1], "select rows")
+
+
+def test_prepared_step_kept_counts_are_the_masks_counts(native, device):
+    """After the fused prune (nothing counted: counted over the job's table) and after a build
+    that zeroes (counted in the build where the backend does), the step's kept counts are the
+    masks' set bits among each tensor's numel; a NaN row counts the mask it left."""
+    tensors = [weights(n, torch.float32, device) for n in (1, 63, 70001, 2048 * 3 + 5)]
+    tensors.append(weights(100, torch.bfloat16, device))
+    tensors[2][5] = float("nan")
+    masks = [_reference.pack_bits(torch.rand(t.numel(), device=device) < 0.5) for t in tensors]
+    step = PreparedStep(tensors, masks, "layer")
+    step.set_counts([round(0.7 * t.numel()) for t in tensors], per_tensor=True)
+    step.run()
+    assert step.kept_counts() == _reference.count_kept(tensors, masks)
+    step.set_counts([round(0.2 * t.numel()) for t in tensors], per_tensor=True)
+    step.run(build=False, apply=False)
+    step.run(select=False)
+    assert step.groups[0].counted == native.counts_in_build
+    assert step.kept_counts() == _reference.count_kept(tensors, masks)

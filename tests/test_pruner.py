@@ -109,6 +109,21 @@ def test_per_parameter_dict_and_params_forms(device):
     assert set(gmp_ext.masks(model)) == {"conv.weight", "convt.weight"}
 
 
+def test_global_prune_step_returns_each_masks_sparsity(device):
+    """The split of one global count over the tensors, as each new mask has it: counted in the
+    build (CPU) or over the masks, a channels-last conv (a staged copy) among them, a second
+    step writing over the same masks."""
+    model = nn.ModuleDict({"conv": nn.Conv2d(4, 16, 3), "fc": nn.Linear(33, 7)}).to(device)
+    model["conv"].to(memory_format=torch.channels_last)
+    total = sum(m.weight.numel() for m in model.values())
+    for target in (0.3, 0.7, 0.7):
+        summary = gmp_ext.prune_step(model, target, scope="global")
+        entries = get_store(model).entries
+        assert summary == {name: entry.sparsity() for name, entry in entries.items()}
+        pruned = sum(round(s * entries[n].param.numel()) for n, s in summary.items())
+        assert pruned == round(target * total)
+
+
 def test_tied_parameters_counted_once(device):
     model = nn.Sequential(nn.Linear(20, 20, bias=False), nn.Linear(20, 20, bias=False)).to(device)
     model[1].weight = model[0].weight

@@ -59,6 +59,45 @@ template <int32_t D> void build_row_scaled(const TensorEntry &entry, const Selec
 }
 #endif
 
+// Set bits of `words` whole 64-bit words from `bytes`. Inlined into count_words_popcnt, the
+// builtin is one popcnt a word; the baseline x86-64 build would call libgcc's bit-trick routine.
+__attribute__((always_inline)) inline int64_t count_words_inline(const uint8_t *bytes, int64_t words) {
+    int64_t count = 0;
+    for (int64_t w = 0; w < words; ++w) {
+        uint64_t word;
+        std::memcpy(&word, bytes + w * 8, sizeof(word));
+        count += __builtin_popcountll(word);
+    }
+    return count;
+}
+
+#ifdef GMP_HAVE_AVX2_DISPATCH
+__attribute__((target("popcnt"))) int64_t count_words_popcnt(const uint8_t *bytes, int64_t words) {
+    return count_words_inline(bytes, words);
+}
+#endif
+
+int64_t count_words(const uint8_t *bytes, int64_t words) {
+#ifdef GMP_HAVE_AVX2_DISPATCH
+    if (have_avx2()) // every AVX2 CPU has popcnt
+        return count_words_popcnt(bytes, words);
+#endif
+    return count_words_inline(bytes, words);
+}
+
+// Set bits of the entry's mask for elements [begin, end) (begin a multiple of 64).
+int64_t count_tile(const TensorEntry &entry, int64_t begin, int64_t end) {
+    const auto *mask = reinterpret_cast<const uint8_t *>(entry.mask);
+    const int64_t words = (end - begin) / 64;
+    int64_t kept = count_words(mask + begin / 8, words);
+    const int64_t rest = end - begin - words * 64; // the entry's last, partial word
+    if (rest > 0) {
+        const uint64_t word = load_word(mask, begin + words * 64, rest);
+        kept += __builtin_popcountll(word & ((uint64_t(1) << rest) - 1)); // not the bits past numel
+    }
+    return kept;
+}
+
 } // namespace
 
 void build_tile(const TensorEntry &entry, const Selection &s, int64_t begin, int64_t end, bool zero_pruned) {
@@ -138,16 +177,34 @@ void prune_composites(const TensorEntry *table, const int64_t *bases, int64_t n,
     });
 }
 
-void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads, bool zero_pruned) {
+void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int num_threads, bool zero_pruned,
+                 int64_t *kept) {
     check_table(table, n, true);
     GMP_CHECK(n == 0 || selection != nullptr, "selection pointer must not be null");
     for (int64_t e = 0; e < n; ++e)
         check_selection_row(selection[e], e, table[e].numel);
+    if (kept != nullptr)
+        std::fill(kept, kept + n, int64_t(0));
     const std::vector<Tile> tiles = make_tiles(table, n);
     const int64_t num_tiles = static_cast<int64_t>(tiles.size());
     parallel_for(threads_for(num_threads, num_tiles * kTileElems), num_tiles, [&](int64_t t, int) {
         const Tile &tile = tiles[t];
         build_tile(table[tile.entry], selection[tile.entry], tile.begin, tile.end, zero_pruned);
+        if (kept != nullptr) // the tile's mask bytes were just written: the count reads L1
+            __atomic_fetch_add(kept + tile.entry, count_tile(table[tile.entry], tile.begin, tile.end),
+                               __ATOMIC_RELAXED);
+    });
+}
+
+void count_kept(const TensorEntry *table, int64_t n, int64_t *out, int num_threads) {
+    check_table(table, n, true);
+    GMP_CHECK(n == 0 || out != nullptr, "out pointer must not be null");
+    std::fill(out, out + n, int64_t(0));
+    const std::vector<Tile> tiles = make_tiles(table, n);
+    const int64_t num_tiles = static_cast<int64_t>(tiles.size());
+    parallel_for(threads_for(num_threads, total_numel(table, n)), num_tiles, [&](int64_t t, int) {
+        const Tile &tile = tiles[t];
+        __atomic_fetch_add(out + tile.entry, count_tile(table[tile.entry], tile.begin, tile.end), __ATOMIC_RELAXED);
     });
 }
 

@@ -29,7 +29,7 @@ def summed_over_shards(tensors: Sequence[torch.Tensor], counts: list[int]) -> li
 def kept_counts(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[int]:
     """Elements each mask keeps, over all shards of a DTensor (a collective when some are)."""
     return summed_over_shards(
-        tensors, [primitives.popcount(m, local_tensor(t).numel()) for t, m in zip(tensors, masks)]
+        tensors, primitives.count_kept([local_tensor(t) for t in tensors], list(masks))
     )
 
 

@@ -99,6 +99,7 @@ class _Group:
     staged: list[tuple[torch.Tensor, torch.Tensor]]  # (tensor, contiguous copy) pairs
     ranked: Job | None = None  # a score's ranked tensors and the same masks (None: ``job``)
     lists: Job | None = None  # what the pattern selects over, when not the ranked tensors
+    counted: bool = False  # job.kept counts the masks as the last run's build left them
 
     @property
     def source(self) -> Job:
@@ -218,6 +219,7 @@ class PreparedStep:
 
     def _run_group(self, group: _Group, select: bool, build: bool, apply: bool) -> None:
         backend, job, pattern = group.backend, group.job, self.pattern
+        group.counted = group.counted and not build
         # Ranking the zeroed memory itself, build + apply are one pass over the weights (the
         # build zeroes what it prunes); with select, one prune call, which reads them twice
         # where the kernels can.
@@ -229,6 +231,7 @@ class PreparedStep:
             pattern.select(backend, group.source, group.lists)
         if build and fused:
             backend.build(job, zero_pruned=True)
+            group.counted = backend.counts_in_build
             return
         if build:
             pattern.build(backend, group.source, group.lists)
@@ -251,6 +254,7 @@ class PreparedStep:
         pattern = self.pattern
         with torch.no_grad():
             for group in self.groups:
+                group.counted = group.counted and not build
                 selection = group.selection
                 work = [tensors[i] for i in group.indices]
                 group_masks = [masks[i] for i in group.indices]
@@ -315,6 +319,18 @@ class PreparedStep:
         if self.scales is not None:
             return [t if s is None else s.weighted(t) for t, s in zip(self.tensors, self.scales)]
         return self.tensors
+
+    def kept_counts(self) -> list[int]:
+        """Elements each mask keeps (set bits among its tensor's ``numel``): what the last run's
+        build counted where the backend counts in its build, else counted now over the table the
+        group's job has. Call it before anything else writes the masks."""
+        counts = [0] * len(self.tensors)
+        for group in self.groups:
+            job = group.job
+            kept = job.kept.tolist() if group.counted else group.backend.count_kept(job)
+            for i, count in zip(group.indices, kept):
+                counts[i] = count
+        return counts
 
     def thresholds(self) -> list[float]:
         """The ranked value at the last selection's cut, per tensor (|w| without a score;

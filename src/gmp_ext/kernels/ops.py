@@ -144,7 +144,8 @@ def select_global(
         return []
     rows = primitives.select_rows_global(tensors, labels, k)
     masks = primitives.build(tensors, rows, primitives.wide64(tensors))
-    counts = [t.numel() - primitives.popcount(m, t.numel()) for t, m in zip(tensors, masks)]
+    kept = primitives.count_kept(tensors, masks)
+    counts = [t.numel() - c for t, c in zip(tensors, kept)]
     return primitives.thresholds(rows, tensors, counts)
 
 

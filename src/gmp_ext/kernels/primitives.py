@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from gmp_ext.kernels import library
+from gmp_ext.kernels import reference as _reference
 from gmp_ext.kernels.backends import REFERENCE, Backend, backend_for
 from gmp_ext.kernels.dtensors import local_tensor
 from gmp_ext.kernels.layout import (
@@ -38,6 +39,7 @@ __all__ = [
     "build",
     "check_one_device",
     "check_tensor",
+    "count_kept",
     "groups",
     "local_values",
     "new_mask",
@@ -206,28 +208,35 @@ def thresholds(
 
 
 _HAS_BITWISE_COUNT = hasattr(np, "bitwise_count")  # numpy >= 2.0
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
-def popcount(mask: torch.Tensor, numel: int, chunk: int = 1 << 18) -> int:
+def popcount(mask: torch.Tensor, numel: int) -> int:
     """Set bits among the first ``numel`` of a packed mask (kept elements; bits past ``numel``
-    are never set). On the CPU numpy counts 64-bit words in place; elsewhere chunks keep the
-    int64 temporaries at 4 MB, so counting adds nothing to a prune step's memory peak, and the
-    sum stays on the device until the end (one read-back)."""
+    are never set). On the CPU numpy counts 64-bit words in place; elsewhere the reference
+    counts on the device (see :func:`count_kept` for many masks at once)."""
     if mask.device.type == "cpu" and _HAS_BITWISE_COUNT:
-        # numpy slices cost less than torch's (a step counts each mask)
+        # numpy slices cost less than torch's
         array = mask.numpy()[: mask_bytes(numel)]
         whole = len(array) & ~7
         count = int(np.bitwise_count(array[:whole].view(np.uint64)).sum(dtype=np.int64))
         if whole < len(array):
             count += int(np.bitwise_count(array[whole:]).sum(dtype=np.int64))
         return count
-    data = mask[: mask_bytes(numel)]
-    table = _POPCOUNT.to(mask.device)
-    total = torch.zeros((), dtype=torch.int64, device=mask.device)
-    for i in range(0, data.numel(), chunk):
-        total += table[data[i : i + chunk].long()].sum()
-    return int(total)
+    return int(_reference.popcount(mask, numel))
+
+
+def count_kept(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[int]:
+    """Elements each tensor's mask keeps (set bits among its first ``numel``): one backend call
+    per device, where a prune step's popcount per mask cost more than its select on small
+    models."""
+    counts = [0] * len(tensors)
+    for (_, reference), indices in groups(tensors).items():
+        group = [tensors[i] for i in indices]
+        backend = backend_of(group, reference)
+        job = backend.prepare(group, [masks[i] for i in indices])
+        for i, count in zip(indices, backend.count_kept(job)):
+            counts[i] = count
+    return counts
 
 
 def new_mask(tensor: torch.Tensor) -> torch.Tensor:

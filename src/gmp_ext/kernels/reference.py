@@ -21,11 +21,13 @@ from gmp_ext.kernels.layout import (
 __all__ = [
     "apply_masks",
     "build_masks",
+    "count_kept",
     "magnitude_keys",
     "nm_build_masks",
     "nm_candidates",
     "nm_gather",
     "pack_bits",
+    "popcount",
     "select_global",
     "select_layerwise",
     "unpack_bits",
@@ -179,6 +181,30 @@ def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
     storage[: padded.numel() // 8] = (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
     return storage
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def popcount(mask: torch.Tensor, numel: int, chunk: int = 1 << 18) -> torch.Tensor:
+    """Set bits among the first ``numel`` bits of a packed mask, as a 0-d int64 tensor on its
+    device: bytes counted by a table lookup in chunks (int64 temporaries of 2 MB, nothing of the
+    tensor's size on a device)."""
+    table = _POPCOUNT.to(mask.device)
+    total = torch.zeros((), dtype=torch.int64, device=mask.device)
+    whole = mask[: numel // 8]
+    for i in range(0, whole.numel(), chunk):
+        total += table[whole[i : i + chunk].long()].sum()
+    if numel % 8:  # the last byte's bits past numel are not the tensor's
+        total += table[mask[numel // 8].long() & ((1 << numel % 8) - 1)]
+    return total
+
+
+def count_kept(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[int]:
+    """Set bits among the first ``numel`` bits of each tensor's mask (its kept elements), one
+    read-back for all."""
+    totals = [popcount(mask, tensor.numel()) for tensor, mask in zip(tensors, masks)]
+    return torch.stack(totals).tolist() if totals else []
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:

@@ -239,6 +239,10 @@ class _Holders:
     def names(self, param: nn.Parameter) -> list[str]:
         return [name for name, _, _ in self.by_id.get(id(param), [])]
 
+    def tied(self, param: nn.Parameter) -> bool:
+        """Whether more than one (module, attribute) holds ``param``."""
+        return len(self.by_id.get(id(param), ())) > 1
+
     def outside_default(self, param: nn.Parameter) -> list[str]:
         """Names under which ``param`` is held by a module the default selection leaves alone
         (an embedding, a norm, a bias slot)."""
@@ -400,7 +404,9 @@ def select_parameters(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, prefix = unwrap(model)
     layers = list(named_layers(model))  # one walk of the module tree for every use below
-    named = named_parameters(model, layers)
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    # Names are matched only against params= and exclude= (a prune step's default has neither).
+    named = named_parameters(model, layers) if params is not None or patterns else {}
     holders = _Holders(layers)
     reparametrized: list[tuple[str, str]] = []
     if params is None:
@@ -416,7 +422,6 @@ def select_parameters(
         entries = [bare_name(p, prefix, named) if isinstance(p, str) else p for p in params]
         chosen = _from_names(model, entries, named)
 
-    patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
     if not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"exclude must be a name or pattern, or a list of them, got {exclude!r}")
     check_patterns(patterns, [*named, *(n for n, _ in reparametrized)], "exclude entries", prefix)
@@ -432,10 +437,11 @@ def select_parameters(
     seen: set[int] = set()
     tied_out: list[str] = []
     for name, param in chosen:
-        if id(param) in seen or excluded([name, *holders.names(param)]):
+        if id(param) in seen or (patterns and excluded([name, *holders.names(param)])):
             continue
         seen.add(id(param))
-        others = holders.outside_default(param) if params is None else []
+        # A default candidate held once is held by the matmul layer it was chosen from.
+        others = holders.outside_default(param) if params is None and holders.tied(param) else []
         if others:
             tied_out.append(f"'{name}' (also {', '.join(others)})")
             continue

@@ -13,6 +13,8 @@ from torch.utils.hooks import RemovableHandle
 from gmp_ext import distributed
 from gmp_ext.kernels import ops, primitives
 from gmp_ext.kernels.dtensors import local_tensor
+from gmp_ext.kernels.engine import PreparedStep, StepPattern
+from gmp_ext.kernels.layout import KeyScale
 from gmp_ext.model.mask_store import (
     MaskEntry,
     MaskStore,
@@ -132,11 +134,18 @@ def prune_step(
     selected, targets = targets_of(model, sparsity, params, exclude, selection)
     if calibration is not None:
         _calibrate(model, chosen, list(selected), calibration)
-    entries = prune_parameters(model, selected, targets, selection, score=chosen)
+    # Global scope returns how the one count split over the tensors: the masks say.
+    count = not selection.per_tensor_targets
+    entries, kept = _prune_and_count(model, selected, targets, selection, score=chosen, count=count)
     if optimizer is not None:
         get_store(model).apply_to(optimizer_state_of(optimizer), names=entries)  # type: ignore[union-attr]
-    if not selection.per_tensor_targets:  # one count for all: the split is in the masks
-        return distributed.mask_sparsities(entries)
+    if count:
+        if kept is None:
+            return distributed.mask_sparsities(entries)
+        return {  # as MaskEntry.sparsity computes it
+            n: 1.0 - c / e.param.numel() if e.param.numel() else 0.0
+            for (n, e), c in zip(entries.items(), kept)
+        }
     # Each mask prunes exactly its count (the selection's contract): no need to count bits.
     numels = [p.numel() for p in selected.values()]
     counts = selection.counts(numels, [targets[n] for n in selected])
@@ -195,19 +204,46 @@ def prune_parameters(
     re-applied too. ``score`` ranks (default |w|); its window is reset after the masks are
     made. Returns the new entries. Raises ValueError on NaN weights or scores before anything
     is modified (selection runs before any mask is written)."""
+    return _prune_and_count(model, selected, targets, selection, inspect, score, count=False)[0]
+
+
+def _prune_and_count(
+    model: nn.Module,
+    selected: Mapping[str, nn.Parameter],
+    targets: Mapping[str, float],
+    selection: Selection,
+    inspect: Callable[[Mapping[str, MaskEntry]], None] | None = None,
+    score: Score | None = None,
+    count: bool = True,
+) -> tuple[dict[str, MaskEntry], list[int] | None]:
+    """:func:`prune_parameters`, and with ``count`` the elements each new mask keeps when one
+    prepared step made them all (counted over its jobs' tables; None otherwise)."""
     store = ensure_store(model)
     names = list(selected)
     store.resolve(skip=names)
     tensors = [selected[n] for n in names]
     reuse = [store.reusable_mask(n, t) for n, t in zip(names, tensors)]
+    steps: list[PreparedStep] = []
+
+    def prepare(
+        local: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        scope: str,
+        key_space: int,
+        pattern: StepPattern,
+        ranked: Sequence[torch.Tensor] | None,
+        scales: Sequence[KeyScale | None] | None,
+    ) -> PreparedStep:
+        step = store.prune_step(names, local, masks, scope, key_space, pattern, ranked, scales)
+        steps.append(step)
+        return step
+
     new_masks, thresholds = selection.masks(
         names,
         tensors,
         [targets[n] for n in names],
         reuse,
-        lambda local, masks, scope, key_space, pattern, ranked, scales: store.prune_step(
-            names, local, masks, scope, key_space, pattern, ranked, scales
-        ),
+        prepare,
         reduction_dims(unwrap(model)[0], names) if selection.needs_layout else None,
         zero_pruned=inspect is None,
         score=score,
@@ -230,7 +266,15 @@ def prune_parameters(
             )
     if distributed.debug_checks_enabled():
         distributed.verify_masks_across_ranks(model)
-    return entries
+    # Counted from the step's tables only when it alone wrote these very masks (a selection
+    # under caps runs without one).
+    if (
+        not count
+        or len(steps) != 1
+        or [m.data_ptr() for m in steps[0].masks] != [m.data_ptr() for m in new_masks]
+    ):
+        return entries, None
+    return entries, steps[0].kept_counts()
 
 
 def _masked_entries(model: nn.Module) -> list[tuple[MaskStore, dict[str, str]]]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gmp_ext.kernels import reference as _reference
 from gmp_ext.kernels.layout import (
     DTYPE_CODES,
     KEY_SPACE_NATIVE,
@@ -74,18 +75,23 @@ class Job:
     scales: list[KeyScale | None] | None = None
     tiles: int = 0
     scratch: torch.Tensor = _NONE  # empty for a job that only builds or applies masks
+    kept: torch.Tensor = _NONE  # where the build counts (``Backend.counts_in_build``): [n] int64
     ready: torch.cuda.Event | None = None  # CUDA only
     streams: set[int] = field(default_factory=set)  # CUDA only: ``cuda_stream`` handles
+    written_counts: list[int] | None = None  # what set_counts last wrote, where ready is None
 
     def set_counts(self, counts: Sequence[int]) -> None:
         """Elements to prune, written without waiting for the device (read when select runs).
         On CUDA the copy is queued on the current stream, which becomes the one the job's other
         streams wait for (a graph replay does not: replay it on the stream that set the counts).
-        """
-        values = torch.tensor(list(counts), dtype=torch.int64)
+        A job without streams skips writing the counts it already holds (a repeated step)."""
+        counts = list(counts)
         if self.ready is None:
-            self.counts.copy_(values, non_blocking=True)
+            if counts != self.written_counts:
+                self.counts.copy_(torch.tensor(counts, dtype=torch.int64), non_blocking=True)
+                self.written_counts = counts
             return
+        values = torch.tensor(counts, dtype=torch.int64)
         stream = torch.cuda.current_stream(self.counts.device)
         self.order_on(stream, torch.cuda.is_current_stream_capturing())
         self.counts.copy_(values, non_blocking=True)
@@ -160,6 +166,7 @@ class Backend:
     ``select``, ``build``, ``apply``)."""
 
     name: str
+    counts_in_build = False  # whether build() also writes each new mask's kept count to job.kept
 
     def prepare(
         self,
@@ -230,6 +237,11 @@ class Backend:
     def apply_masks(self, tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
         if tensors:
             self.apply(self.prepare(tensors, masks))
+
+    def count_kept(self, job: Job) -> list[int]:
+        """Set bits among the first ``numel`` bits of each of the job's masks: the elements it
+        keeps. The default counts on the tensors' device in PyTorch."""
+        return _reference.count_kept(job.tensors, job.masks)
 
     def pack_bits(self, flags: torch.Tensor) -> torch.Tensor:
         """bool flags -> packed mask storage (bit i of byte i // 8 = flags[i], 1 = kept)."""

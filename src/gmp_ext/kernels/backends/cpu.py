@@ -16,6 +16,7 @@ class CpuBackend(Backend):
     """Multi-threaded C++ kernels (csrc/cpu) on host memory; tensors must be contiguous."""
 
     name = "cpu"
+    counts_in_build = True  # each tile's mask words counted while they are in L1
 
     def __init__(self, module: ModuleType) -> None:
         self._C = module
@@ -24,7 +25,10 @@ class CpuBackend(Backend):
         self, tensors, masks=None, scope=None, key_space=KEY_SPACE_NATIVE, scales=None
     ) -> Job:
         table = build_table(tensors, masks, scales=scales)
-        return new_job(tensors, masks, scope, key_space, torch.device("cpu"), table, scales=scales)
+        job = new_job(tensors, masks, scope, key_space, torch.device("cpu"), table, scales=scales)
+        if masks is not None:
+            job.kept = torch.zeros(len(tensors), dtype=torch.int64)
+        return job
 
     def select(self, job: Job) -> None:
         n, table, out = len(job.tensors), job.table.data_ptr(), job.rows.data_ptr()
@@ -45,9 +49,8 @@ class CpuBackend(Backend):
             self._C.cpu_prune_global(table, n, k, job.key_space, out, thread_count())
 
     def build(self, job: Job, zero_pruned: bool = False) -> None:
-        self._C.cpu_build_masks(
-            job.table.data_ptr(), len(job.tensors), job.rows.data_ptr(), thread_count(), zero_pruned
-        )
+        table, n, rows = job.table.data_ptr(), len(job.tensors), job.rows.data_ptr()
+        self._C.cpu_build_masks(table, n, rows, thread_count(), zero_pruned, job.kept.data_ptr())
 
     def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:
         n, m = pattern
@@ -61,6 +64,11 @@ class CpuBackend(Backend):
 
     def apply(self, job: Job) -> None:
         self._C.cpu_apply_masks(job.table.data_ptr(), len(job.tensors), thread_count())
+
+    def count_kept(self, job: Job) -> list[int]:
+        n, out = len(job.tensors), torch.empty(len(job.tensors), dtype=torch.int64)
+        self._C.cpu_count_kept(job.table.data_ptr(), n, out.data_ptr(), thread_count())
+        return out.tolist()
 
     def pack_bits(self, flags: torch.Tensor) -> torch.Tensor:
         flat = flags.reshape(-1).to(torch.uint8).contiguous()
