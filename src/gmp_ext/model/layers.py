@@ -17,7 +17,7 @@ them); adapters and the frozen original of a saved module are never selected by 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,14 +95,29 @@ def register_layer(
     if not isinstance(reduction_dim, int) or isinstance(reduction_dim, bool) or reduction_dim < 0:
         raise ValueError(f"reduction_dim must be a non-negative integer, got {reduction_dim!r}")
     _REGISTERED[cls] = LayerSpec(names, reduction_dim)
+    _SPECS.clear()  # a subclass of cls may have resolved to a base's spec
+
+
+# Each type's resolved spec (a prune step asks per module, and most types match nothing only
+# after their whole MRO); emptied by register_layer.
+_SPECS: weakref.WeakKeyDictionary[type, LayerSpec | None] = weakref.WeakKeyDictionary()
 
 
 def layer_spec(module: nn.Module) -> LayerSpec | None:
     """The spec of the nearest registered (or known) class in ``module``'s MRO, or None."""
-    for cls in type(module).__mro__:
-        spec = _REGISTERED.get(cls)
+    cls = type(module)
+    try:
+        return _SPECS[cls]
+    except KeyError:
+        spec = _SPECS[cls] = _resolve_spec(cls)
+        return spec
+
+
+def _resolve_spec(cls: type) -> LayerSpec | None:
+    for base in cls.__mro__:
+        spec = _REGISTERED.get(base)
         if spec is None:
-            spec = _BY_NAME.get(_qualified(cls))
+            spec = _BY_NAME.get(_qualified(base))
         if spec is not None:
             return spec
     return None
@@ -128,9 +143,10 @@ def _class_names(cls: type) -> frozenset[str]:
 def inner_layer(module: nn.Module) -> nn.Module | None:
     """The layer a PEFT wrapper stands for: a tuner layer's (LoRA, IA3, ...) ``base_layer``,
     a ``ModulesToSaveWrapper``'s active trained copy; None for any other module."""
+    # The children are looked up first: a dict lookup, where the class test is not.
     if "base_layer" in module._modules and is_instance_named(module, _TUNER_LAYER):
         return module._modules["base_layer"]
-    if is_instance_named(module, _MODULES_TO_SAVE):
+    if "modules_to_save" in module._modules and is_instance_named(module, _MODULES_TO_SAVE):
         active = getattr(module, "active_adapter", None)
         if isinstance(active, (list, tuple)):
             active = active[0] if len(active) == 1 else None
@@ -140,26 +156,28 @@ def inner_layer(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def named_layers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, bool]]:
-    """``(name, module, adapter)`` for every module of ``model``, shared ones each time they
-    are reached. The layer a PEFT wrapper stands for (:func:`inner_layer`) takes the wrapper's
-    name (its parameters then have the base model's names); the wrapper's children keep
-    theirs, with ``adapter`` True for them and everything inside."""
-    yield from _walk(model, prefix, adapter=False)
-
-
-def _walk(module: nn.Module, name: str, adapter: bool) -> Iterator[tuple[str, nn.Module, bool]]:
-    inner = inner_layer(module)
-    if inner is not None:
-        yield from _walk(inner, name, adapter)
-        for child_name, child in module._modules.items():
-            if child is not None and child is not inner:
-                yield from _walk(child, _join(name, child_name), True)
-        return
-    yield name, module, adapter
-    for child_name, child in module._modules.items():
-        if child is not None:
-            yield from _walk(child, _join(name, child_name), adapter)
+def named_layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, bool]]:
+    """``(name, module, adapter)`` for every module of ``model`` in pre-order, shared ones each
+    time they are reached. The layer a PEFT wrapper stands for (:func:`inner_layer`) takes the
+    wrapper's name (its parameters then have the base model's names); the wrapper's children
+    keep theirs, with ``adapter`` True for them and everything inside."""
+    layers: list[tuple[str, nn.Module, bool]] = []
+    # A stack rather than nested generators: a prune step walks every module of the model.
+    stack: list[tuple[str, nn.Module, bool]] = [(prefix, model, False)]
+    while stack:
+        name, module, adapter = stack.pop()
+        inner = inner_layer(module)
+        children = [
+            (_join(name, child_name), child, adapter or inner is not None)
+            for child_name, child in module._modules.items()
+            if child is not None and child is not inner
+        ]
+        stack.extend(reversed(children))
+        if inner is not None:  # walked first, under the wrapper's name
+            stack.append((name, inner, adapter))
+        else:
+            layers.append((name, module, adapter))
+    return layers
 
 
 def _join(prefix: str, name: str) -> str:
