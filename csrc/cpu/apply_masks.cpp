@@ -11,6 +11,20 @@
 namespace gmp::cpu {
 namespace {
 
+// Every store below is skipped where it would write the bytes already there: in the steady state
+// (pruned weights that hold their zeros) an apply then reads the weights and writes nothing, where
+// stores of identical bytes would dirty every cache line and cost a write-back of the weights.
+
+#if defined(__SSE2__)
+// p[0..3] &= keep, unless that leaves them as they are.
+inline void and_store(__m128i *p, __m128i keep) {
+    const __m128i old = _mm_loadu_si128(p);
+    const __m128i kept = _mm_and_si128(old, keep);
+    if (_mm_movemask_epi8(_mm_cmpeq_epi32(kept, old)) != 0xffff)
+        _mm_storeu_si128(p, kept);
+}
+#endif
+
 // Clears the elements of 8 consecutive values whose bit in `byte` is 0: the byte is broadcast,
 // each lane tests its own bit, and the result is an all-ones or all-zeros lane mask. SSE2 is
 // part of x86-64, so this needs no runtime dispatch; other targets take the scalar loop.
@@ -20,11 +34,12 @@ inline void apply_byte(uint32_t *data, uint32_t byte) {
     const __m128i high = _mm_setr_epi32(16, 32, 64, 128);
     const __m128i b = _mm_set1_epi32(static_cast<int>(byte));
     auto *p = reinterpret_cast<__m128i *>(data);
-    _mm_storeu_si128(p, _mm_and_si128(_mm_loadu_si128(p), _mm_cmpeq_epi32(_mm_and_si128(b, low), low)));
-    _mm_storeu_si128(p + 1, _mm_and_si128(_mm_loadu_si128(p + 1), _mm_cmpeq_epi32(_mm_and_si128(b, high), high)));
+    and_store(p, _mm_cmpeq_epi32(_mm_and_si128(b, low), low));
+    and_store(p + 1, _mm_cmpeq_epi32(_mm_and_si128(b, high), high));
 #else
     for (int j = 0; j < 8; ++j)
-        data[j] &= (byte >> j) & 1u ? ~uint32_t(0) : 0u;
+        if (!((byte >> j) & 1u) && data[j] != 0)
+            data[j] = 0;
 #endif
 }
 
@@ -32,22 +47,31 @@ inline void apply_byte(uint16_t *data, uint32_t byte) {
 #if defined(__SSE2__)
     const __m128i bits = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
     const __m128i b = _mm_set1_epi16(static_cast<short>(byte));
-    auto *p = reinterpret_cast<__m128i *>(data);
-    _mm_storeu_si128(p, _mm_and_si128(_mm_loadu_si128(p), _mm_cmpeq_epi16(_mm_and_si128(b, bits), bits)));
+    and_store(reinterpret_cast<__m128i *>(data), _mm_cmpeq_epi16(_mm_and_si128(b, bits), bits));
 #else
     for (int j = 0; j < 8; ++j)
-        data[j] &= (byte >> j) & 1u ? uint16_t(0xffff) : uint16_t(0);
+        if (!((byte >> j) & 1u) && data[j] != 0)
+            data[j] = 0;
 #endif
 }
 
+// Whether the `count` elements from `data` are all +0.0 bits.
+template <typename Bits> inline bool all_zero_bits(const Bits *data, int64_t count) {
+    Bits any = 0;
+    for (int64_t j = 0; j < count; ++j)
+        any |= data[j];
+    return any == 0;
+}
+
 // Clears the `count` (<= 64) elements from `data` whose bit in `word` is 0: an all-kept word
-// stores nothing, an all-pruned one is one memset.
+// stores nothing, an all-pruned one is one memset (none when its elements hold zeros already).
 template <typename Bits> inline void apply_word_to(Bits *data, uint64_t word, int64_t count) {
     const uint64_t all = count == 64 ? ~uint64_t(0) : (uint64_t(1) << count) - 1;
     if ((word & all) == all)
         return;
     if ((word & all) == 0) {
-        std::memset(data, 0, static_cast<size_t>(count) * sizeof(Bits));
+        if (!all_zero_bits(data, count))
+            std::memset(data, 0, static_cast<size_t>(count) * sizeof(Bits));
         return;
     }
     if (count == 64) {
@@ -56,7 +80,8 @@ template <typename Bits> inline void apply_word_to(Bits *data, uint64_t word, in
         return;
     }
     for (int64_t j = 0; j < count; ++j)
-        data[j] &= static_cast<Bits>(Bits(0) - static_cast<Bits>((word >> j) & 1u));
+        if (!((word >> j) & 1u) && data[j] != 0)
+            data[j] = 0;
 }
 
 // Clears the elements of one tile whose mask bit is 0, 64 at a time.
@@ -79,7 +104,9 @@ __attribute__((target("avx2"))) void apply_word_avx2(uint32_t *data, uint64_t wo
         const __m256i b = _mm256_set1_epi32(static_cast<int>((word >> (8 * byte)) & 0xffu));
         auto *p = reinterpret_cast<__m256i *>(data + 8 * byte);
         const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(b, bits), bits);
-        _mm256_storeu_si256(p, _mm256_and_si256(_mm256_loadu_si256(p), keep));
+        const __m256i old = _mm256_loadu_si256(p);
+        if (!_mm256_testc_si256(keep, old)) // a pruned lane is not +0.0 yet
+            _mm256_storeu_si256(p, _mm256_and_si256(old, keep));
     }
 }
 
