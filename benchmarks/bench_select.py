@@ -44,6 +44,13 @@ eager ``gmp_ext.prune_step``, per layer and global, at torch's thread count and 
 in ``--rounds`` (3) rounds of interleaved call pairs (``x_one_thread``: its p50 over the
 one-thread p50 of the same round).
 Rows go to select_under_load_<device>_<dtype>.json with ``speedup_vs_topk``.
+
+Interleaved (``--interleaved N``, CPU): the eager ``gmp_ext.prune_step``, the prepared prune
+step (``PrunePlan.step``) and one read (``torch._foreach_norm``), per layer and global, timed in
+N rounds of one call each, in an order that rotates from round to round; each round gives the
+eager step's time over the prepared step's and over the read's, so that a ratio compares calls
+a few milliseconds apart on a machine whose speed drifts. Rows (one per model, scope and
+provider, with the p20/p50/p80 of the ratios) go to select_interleaved_<device>_<dtype>.json.
 """
 
 from __future__ import annotations
@@ -608,6 +615,49 @@ def _eager_threads_rows(
     return rows
 
 
+def run_interleaved(args, dtype: str) -> Path:
+    """``--interleaved``: per-round ratios of the eager prune step to the prepared step and to
+    one read (see the module docstring)."""
+    rows: list[dict] = []
+    providers = (EAGER, "gmp_ext prune step (select + build + zero)", READ_ONCE)
+    for model in args.models:
+        weights = weights_for(MODELS[model](), getattr(torch, dtype), torch.device("cpu"))
+        for scope in args.scopes:
+            methods = _prune_step_methods(scope)
+            calls = [_bound(methods[p], weights) for p in providers]
+            for fn, setup in calls:
+                time_cpu(fn, 1, 1, setup)  # warm-up
+            times: list[list[float]] = [[] for _ in providers]
+            for round_ in range(args.interleaved):
+                for j in range(len(calls)):
+                    i = (round_ + j) % len(calls)
+                    fn, setup = calls[i]
+                    times[i].append(time_cpu(fn, 1, 0, setup)["p50_ms"])
+            eager = times[0]
+            base = {"model": model, "dtype": dtype, "scope": scope, "rounds": args.interleaved}
+            for provider, samples in zip(providers, times):
+                row = {"kernel": f"prune_step_{scope}", "provider": provider, **base}
+                row.update(quantiles(samples))
+                ratios = quantiles([e / s for e, s in zip(eager, samples)])
+                for q in ("p20", "p50", "p80"):
+                    row[f"eager_over_this_{q}"] = ratios[f"{q}_ms"]
+                rows.append(row)
+            over_plan = [e / s for e, s in zip(eager, times[1])]
+            over_read = [e / s for e, s in zip(eager, times[2])]
+            plan_p50, read_p50 = statistics.median(over_plan), statistics.median(over_read)
+            print(
+                f"  {model} {dtype} {scope}: eager / prepared p50 {plan_p50:.2f} "
+                f"(<= 1.3 in {sum(r <= 1.3 for r in over_plan)} of {len(over_plan)} rounds), "
+                f"eager / one read p50 {read_p50:.2f} "
+                f"(<= 2.5 in {sum(r <= 2.5 for r in over_read)})",
+                flush=True,
+            )
+        del weights
+    name = f"select_interleaved_cpu_{dtype}"
+    print_table(rows, ["kernel", "provider", "model", "p50_ms", "eager_over_this_p50"])
+    return write_rows(name, rows)
+
+
 def run_under_load(args, dtype: str) -> Path:
     """The per-layer rows of UNDER_LOAD, every model, with competing processes running."""
     device = torch.device(args.device)
@@ -671,6 +721,13 @@ def main() -> None:
     )
     parser.add_argument("--load-kind", choices=KINDS, default="busy")
     parser.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only the eager, prepared and one-read prune-step rows, in N interleaved rounds",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=3, help="rounds of call pairs of the eager rows under load"
     )
     parser.add_argument(
@@ -685,6 +742,10 @@ def main() -> None:
     if args.under_load:
         for dtype in args.dtype:
             print(f"rows: {run_under_load(args, dtype)}")
+        return
+    if args.interleaved:
+        for dtype in args.dtype:
+            print(f"rows: {run_interleaved(args, dtype)}")
         return
 
     device = torch.device(args.device)
