@@ -136,7 +136,7 @@ def prune_step(
         _calibrate(model, chosen, list(selected), calibration)
     # Global scope returns how the one count split over the tensors: the masks say.
     count = not selection.per_tensor_targets
-    entries, kept = _prune_and_count(model, selected, targets, selection, score=chosen, count=count)
+    entries, kept = prune_parameters(model, selected, targets, selection, score=chosen, count=count)
     if optimizer is not None:
         get_store(model).apply_to(optimizer_state_of(optimizer), names=entries)  # type: ignore[union-attr]
     if count:
@@ -195,29 +195,18 @@ def prune_parameters(
     selection: Selection,
     inspect: Callable[[Mapping[str, MaskEntry]], None] | None = None,
     score: Score | None = None,
-) -> dict[str, MaskEntry]:
+    count: bool = False,
+) -> tuple[dict[str, MaskEntry], list[int] | None]:
     """The prune step of parameters already chosen and checked (``selected``, by the model's
     names, each with its target; one target for all when the strategy takes one): fresh masks
     from the current weights, stored and applied. ``inspect(entries)``, when given, sees the
     new entries before the pruned weights are zeroed (the weights the selection ranked);
     without it the mask build zeroes them in its own pass. The store's other masks are
     re-applied too. ``score`` ranks (default |w|); its window is reset after the masks are
-    made. Returns the new entries. Raises ValueError on NaN weights or scores before anything
-    is modified (selection runs before any mask is written)."""
-    return _prune_and_count(model, selected, targets, selection, inspect, score, count=False)[0]
-
-
-def _prune_and_count(
-    model: nn.Module,
-    selected: Mapping[str, nn.Parameter],
-    targets: Mapping[str, float],
-    selection: Selection,
-    inspect: Callable[[Mapping[str, MaskEntry]], None] | None = None,
-    score: Score | None = None,
-    count: bool = True,
-) -> tuple[dict[str, MaskEntry], list[int] | None]:
-    """:func:`prune_parameters`, and with ``count`` the elements each new mask keeps when one
-    prepared step made them all (counted over its jobs' tables; None otherwise)."""
+    made. Returns the new entries and, with ``count``, the elements each new mask keeps when
+    one prepared step made them all (counted in its build or over its jobs' tables; else
+    None). Raises ValueError on NaN weights or scores before anything is modified (selection
+    runs before any mask is written)."""
     store = ensure_store(model)
     names = list(selected)
     store.resolve(skip=names)
