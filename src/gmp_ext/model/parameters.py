@@ -298,7 +298,7 @@ def named_parameters(
     """``model.named_parameters(remove_duplicate=False)``, but a PEFT tuner layer's base
     weights under the tuner layer's name (``q_proj.weight``, not ``q_proj.base_layer.weight``):
     the names of the base model, and of the model ``merge_and_unload`` returns. ``layers``:
-    ``list(named_layers(model))`` when the caller has it."""
+    ``named_layers(model)`` when the caller has it."""
     return {
         _join(module_name, attr): param
         for module_name, module, _ in (named_layers(model) if layers is None else layers)
@@ -403,7 +403,7 @@ def select_parameters(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, prefix = unwrap(model)
-    layers = list(named_layers(model))  # one walk of the module tree for every use below
+    layers = named_layers(model)  # one walk of the module tree for every use below
     patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
     # Names are matched only against params= and exclude= (a prune step's default has neither).
     named = named_parameters(model, layers) if params is not None or patterns else {}

@@ -50,7 +50,8 @@ class CpuBackend(Backend):
 
     def build(self, job: Job, zero_pruned: bool = False) -> None:
         table, n, rows = job.table.data_ptr(), len(job.tensors), job.rows.data_ptr()
-        self._C.cpu_build_masks(table, n, rows, thread_count(), zero_pruned, job.kept.data_ptr())
+        kept = job.kept.data_ptr() if len(job.kept) == n else 0  # a job made without masks: none
+        self._C.cpu_build_masks(table, n, rows, thread_count(), zero_pruned, kept)
 
     def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:
         n, m = pattern
