@@ -402,7 +402,8 @@ def test_compiled_apply_follows_a_replaced_parameter(dynamo):
 @needs_compile
 def test_other_models_stores_do_not_recompile_the_apply(dynamo):
     # The store is found by one guarded key: pruning, dropping or collecting another model
-    # (its store leaving the registry, even mid-compile) neither recompiles nor breaks guards.
+    # (its store leaving the registry, even mid-compile) neither recompiles nor breaks guards,
+    # nor does a layer class no model had before (the per-class caches grow).
     model = Small()
     gmp_ext.prune_step(model, 0.5)
     from torch._dynamo.testing import CompileCounter
@@ -410,8 +411,8 @@ def test_other_models_stores_do_not_recompile_the_apply(dynamo):
     counter = CompileCounter()
     step = torch.compile(lambda: gmp_ext.apply_masks(model), backend=counter, fullgraph=True)
     step()
-    for _ in range(3):
-        other = nn.Linear(8, 8)
+    for i in range(3):
+        other = type(f"Fresh{i}", (nn.Linear,), {})(8, 8)
         gmp_ext.prune_step(other, 0.5)
         step()
         gmp_ext.remove(other)

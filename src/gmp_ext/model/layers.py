@@ -134,6 +134,10 @@ _CLASS_NAMES: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyD
 
 
 def _class_names(cls: type) -> frozenset[str]:
+    if torch.compiler.is_compiling():
+        # Traced, a cache lookup guards the graph on the cache's size: a class first seen by
+        # another model's prune step would recompile this model's compiled apply.
+        return frozenset(_qualified(c) for c in cls.__mro__)
     names = _CLASS_NAMES.get(cls)
     if names is None:
         names = _CLASS_NAMES[cls] = frozenset(_qualified(c) for c in cls.__mro__)
