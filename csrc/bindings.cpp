@@ -215,14 +215,15 @@ PYBIND11_MODULE(_C, m) {
         "One selection over all entries of a device-resident table, mask build and zeroing of the pruned elements.");
     m.def(
         "cuda_build_masks",
-        [](uintptr_t table, int64_t n, uintptr_t selection, int64_t total_tiles, uintptr_t stream, bool zero_pruned) {
+        [](uintptr_t table, int64_t n, uintptr_t selection, int64_t total_tiles, uintptr_t stream, bool zero_pruned,
+           uintptr_t kept) {
             gmp::cuda::build_masks(ptr<const TensorEntry>(table), n, ptr<const Selection>(selection), total_tiles,
-                                   stream, zero_pruned);
+                                   stream, zero_pruned, ptr<int64_t>(kept));
         },
         py::arg("table"), py::arg("n"), py::arg("selection"), py::arg("total_tiles"), py::arg("stream"),
-        py::arg("zero_pruned") = false, nogil,
+        py::arg("zero_pruned") = false, py::arg("kept") = 0, nogil,
         "Write packed keep-masks of a device-resident table from selection rows in one launch (and zero the "
-        "pruned elements).");
+        "pruned elements; count the kept ones).");
     m.def(
         "cuda_nm_gather",
         [](uintptr_t table, int64_t entries, int32_t n, int32_t group, uintptr_t lists, int64_t total_tiles,

@@ -105,10 +105,11 @@ void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sele
 void prune_global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_space, Selection *out,
                   void *scratch, int64_t scratch_bytes, int64_t total_tiles, uintptr_t stream);
 
-// Same contract as gmp::cpu::build_masks with `table` and `selection` in device memory, one launch
-// (with zero_pruned, the pruned elements are zeroed from the registers the build read them into).
+// Same contract as gmp::cpu::build_masks with `table`, `selection` and `kept` in device memory, one
+// launch (with zero_pruned, the pruned elements are zeroed from the registers the build read them
+// into; `kept` is zeroed on the stream first, then each warp adds its tile's count).
 void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles, uintptr_t stream,
-                 bool zero_pruned = false);
+                 bool zero_pruned = false, int64_t *kept = nullptr);
 
 // Same contracts as gmp::cpu::nm_gather / nm_build_masks with `table`, `out` and `selection` in
 // device memory, one launch each on `stream`.

@@ -8,7 +8,8 @@
 // mask is one coalesced 256-byte store. Partial and misaligned tiles, and those of scaled
 // entries, take one element per lane and step and gather bits with ballots. With zero_pruned the
 // build also zeroes the pruned elements from the registers it read them into (a prepared prune
-// step's build and apply in one pass); a row with NaNs keeps its mask and zeroes by it.
+// step's build and apply in one pass); a row with NaNs keeps its mask and zeroes by it. Given a
+// `kept` buffer, each warp adds its tile's kept bits (lane l: word l) to its entry's count.
 #include "../common/bitpack.h"
 #include "cuda_common.cuh"
 
@@ -26,11 +27,32 @@ struct Threshold {
     int64_t index;
 };
 
+// Word `lane` of the tile's mask as it is: its bits among the tile's first `count` elements.
+__device__ __forceinline__ uint64_t tile_word(const uint8_t *mask, int64_t first, int count, int lane) {
+    const int own = count - 64 * lane;
+    if (own <= 0)
+        return 0;
+    const uint8_t *src = mask + first / 8 + 8 * lane;
+    uint64_t word = 0;
+    for (int b = 0; b < min(8, ceil_div(own, 8)); ++b)
+        word |= uint64_t(src[b]) << (8 * b);
+    return own >= 64 ? word : word & ((uint64_t(1) << own) - 1);
+}
+
+// Adds the set bits of the warp's words (one a lane) to kept[e]: one atomic a tile.
+__device__ __forceinline__ void add_kept(int64_t *kept, int64_t e, uint64_t word, int lane) {
+    int count = __popcll(word);
+    for (int offset = 16; offset > 0; offset /= 2)
+        count += __shfl_xor_sync(kFullWarp, count, offset);
+    if (lane == 0)
+        atomicAdd(reinterpret_cast<unsigned long long *>(kept + e), static_cast<unsigned long long>(count));
+}
+
 // ZeroPruned: the apply fused in, from the registers the build read the tile into (plain loads:
-// __ldg's read-only path is not for memory the kernel writes).
+// __ldg's read-only path is not for memory the kernel writes). Returns the lane's mask word.
 template <typename KT, bool ZeroPruned>
-__device__ void build_tile_vector(const KT &keys, uint4 *data, uint64_t *words, uint8_t *staging, int64_t first,
-                                  Threshold t, int lane) {
+__device__ uint64_t build_tile_vector(const KT &keys, uint4 *data, uint64_t *words, uint8_t *staging, int64_t first,
+                                      Threshold t, int lane) {
     constexpr int kVecs = int(kTileElems) / KT::kPerVec / 32; // vectors per lane
     constexpr uint32_t kVecBits = (1u << KT::kPerVec) - 1;
     uint4 v[kVecs];
@@ -50,13 +72,16 @@ __device__ void build_tile_vector(const KT &keys, uint4 *data, uint64_t *words, 
         stage_vector_bits<KT::kPerVec>(staging, vec, bits, lane);
     }
     __syncwarp();
-    words[lane] = reinterpret_cast<const uint64_t *>(staging)[lane];
+    const uint64_t word = reinterpret_cast<const uint64_t *>(staging)[lane];
+    words[lane] = word;
     __syncwarp(); // the staging buffer is rewritten by the warp's next tile
+    return word;
 }
 
+// Returns the lane's mask word (0 past the tile's count).
 template <typename KT, bool ZeroPruned>
-__device__ void build_tile_scalar(const KT &keys, typename KT::bits_t *data, uint8_t *mask, int64_t first, int count,
-                                  Threshold t, int lane) {
+__device__ uint64_t build_tile_scalar(const KT &keys, typename KT::bits_t *data, uint8_t *mask, int64_t first,
+                                      int count, Threshold t, int lane) {
     // Step c covers elements [32c, 32c + 32) of the tile: half of word c / 2, which lane c / 2 keeps.
     uint64_t word = 0;
     for (int c = 0; c * 32 < count; ++c) {
@@ -70,11 +95,12 @@ __device__ void build_tile_scalar(const KT &keys, typename KT::bits_t *data, uin
             word |= uint64_t(ballot) << (32 * (c % 2));
     }
     store_tile_word(mask, first, count, word, lane);
+    return word;
 }
 
 template <bool ZeroPruned>
 __global__ void __launch_bounds__(kThreads) kBuildMasks(const TensorEntry *table, int64_t n, const Selection *selection,
-                                                        const int32_t *built, int64_t total_tiles) {
+                                                        const int32_t *built, int64_t total_tiles, int64_t *kept) {
     __shared__ __align__(16) uint8_t staging[kWarps][kTileMaskBytes];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int64_t warps = int64_t(gridDim.x) * kWarps;
@@ -92,9 +118,12 @@ __global__ void __launch_bounds__(kThreads) kBuildMasks(const TensorEntry *table
                 apply_tile_scalar(reinterpret_cast<uint32_t *>(entry.data), mask, first, count, lane);
             else if (ZeroPruned)
                 apply_tile_scalar(reinterpret_cast<uint16_t *>(entry.data), mask, first, count, lane);
+            if (kept != nullptr)
+                add_kept(kept, e, tile_word(mask, first, count, lane), lane);
             continue;
         }
         const Threshold t{static_cast<uint32_t>(row.key), row.index};
+        uint64_t word = 0;
         visit_key_type(entry, row.key_space, [&](auto kt) {
             using KT = decltype(kt);
             const KT keys = KT::at(entry, first);
@@ -102,34 +131,38 @@ __global__ void __launch_bounds__(kThreads) kBuildMasks(const TensorEntry *table
             // first is a multiple of 2048, so a 16-byte aligned tensor has 16-byte aligned tiles and
             // an 8-byte aligned mask has 256-byte aligned tile words.
             if (vector_tile<KT>(entry.data, count) && entry.mask % 8 == 0)
-                build_tile_vector<KT, ZeroPruned>(keys, reinterpret_cast<uint4 *>(data + first),
-                                                  reinterpret_cast<uint64_t *>(mask + first / 8), staging[warp], first,
-                                                  t, lane);
+                word = build_tile_vector<KT, ZeroPruned>(keys, reinterpret_cast<uint4 *>(data + first),
+                                                         reinterpret_cast<uint64_t *>(mask + first / 8), staging[warp],
+                                                         first, t, lane);
             else
-                build_tile_scalar<KT, ZeroPruned>(keys, data, mask, first, count, t, lane);
+                word = build_tile_scalar<KT, ZeroPruned>(keys, data, mask, first, count, t, lane);
         });
+        if (kept != nullptr)
+            add_kept(kept, e, word, lane);
     }
 }
 
 } // namespace
 
 void build_masks_except(const TensorEntry *table, int64_t n, const Selection *selection, const int32_t *built,
-                        int64_t total_tiles, uintptr_t stream, bool zero_pruned) {
+                        int64_t total_tiles, uintptr_t stream, bool zero_pruned, int64_t *kept) {
     GMP_CHECK(n >= 0 && total_tiles >= 0, "n and total_tiles must be >= 0");
+    if (kept != nullptr && n > 0)
+        GMP_CUDA_CHECK(cudaMemsetAsync(kept, 0, static_cast<size_t>(n) * sizeof(int64_t), as_stream(stream)));
     if (n == 0 || total_tiles == 0)
         return;
     GMP_CHECK(table != nullptr && selection != nullptr, "table and selection pointers must not be null");
     const int blocks = persistent_blocks(kThreads, total_tiles);
     if (zero_pruned)
-        kBuildMasks<true><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, built, total_tiles);
+        kBuildMasks<true><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, built, total_tiles, kept);
     else
-        kBuildMasks<false><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, built, total_tiles);
+        kBuildMasks<false><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, built, total_tiles, kept);
     GMP_CUDA_CHECK(cudaGetLastError());
 }
 
 void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles, uintptr_t stream,
-                 bool zero_pruned) {
-    build_masks_except(table, n, selection, nullptr, total_tiles, stream, zero_pruned);
+                 bool zero_pruned, int64_t *kept) {
+    build_masks_except(table, n, selection, nullptr, total_tiles, stream, zero_pruned, kept);
 }
 
 } // namespace gmp::cuda

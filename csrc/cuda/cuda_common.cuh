@@ -24,9 +24,10 @@ namespace gmp::cuda {
 inline cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
 // build_masks (bitmask.cu) skipping the entries e with built[e] != 0 (built in device memory, or
-// null for none): the entries a fused prune step built during its selection (select.cu).
+// null for none): the entries a fused prune step built during its selection (select.cu). `kept`
+// (device memory, or null): as build_masks' (a skipped entry's count stays 0).
 void build_masks_except(const TensorEntry *table, int64_t n, const Selection *selection, const int32_t *built,
-                        int64_t total_tiles, uintptr_t stream, bool zero_pruned);
+                        int64_t total_tiles, uintptr_t stream, bool zero_pruned, int64_t *kept = nullptr);
 
 // Grid size of a persistent kernel: enough blocks to fill every SM of the current device.
 inline int persistent_blocks(int threads_per_block, int64_t work_items, int blocks_per_sm = 4) {

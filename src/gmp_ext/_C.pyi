@@ -87,7 +87,13 @@ def cuda_prune_global(
     stream: int,
 ) -> None: ...
 def cuda_build_masks(
-    table: int, n: int, selection: int, total_tiles: int, stream: int, zero_pruned: bool = False
+    table: int,
+    n: int,
+    selection: int,
+    total_tiles: int,
+    stream: int,
+    zero_pruned: bool = False,
+    kept: int = 0,
 ) -> None: ...
 def cuda_nm_gather(
     table: int, entries: int, n: int, m: int, lists: int, total_tiles: int, stream: int

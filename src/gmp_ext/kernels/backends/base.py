@@ -120,7 +120,7 @@ class Job:
                 )
         else:
             stream.wait_event(self.ready)
-            for buffer in (self.table, self.counts, self.rows, self.scratch):
+            for buffer in (self.table, self.counts, self.rows, self.scratch, self.kept):
                 buffer.record_stream(stream)
         self.streams.add(stream.cuda_stream)
 

@@ -33,6 +33,7 @@ def _capturing() -> bool:
 
 class CudaBackend(Backend):
     name = "cuda"
+    counts_in_build = True  # each warp adds its tile's kept bits: one read-back for all masks
 
     def __init__(self, module: ModuleType) -> None:
         self._C = module
@@ -65,6 +66,8 @@ class CudaBackend(Backend):
                 nbytes = int(self._C.cuda_select_scratch_bytes(len(tensors), total, mode))
                 scratch = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
             job = new_job(tensors, masks, scope, key_space, device, table, tiles, scratch, scales)
+            # On the device for every job: Job.order_on records all of a job's buffers.
+            job.kept = torch.zeros(len(tensors), dtype=torch.int64, device=device)
             stream = torch.cuda.current_stream(device)
             job.ready = torch.cuda.Event()
             job.ready.record(stream)
@@ -105,15 +108,11 @@ class CudaBackend(Backend):
                 )
 
     def build(self, job: Job, zero_pruned: bool = False) -> None:
+        table, n, rows = job.table.data_ptr(), len(job.tensors), job.rows.data_ptr()
         with torch.cuda.device(job.rows.device):
-            self._C.cuda_build_masks(
-                job.table.data_ptr(),
-                len(job.tensors),
-                job.rows.data_ptr(),
-                job.tiles,
-                self._stream(job),
-                zero_pruned,
-            )
+            stream = self._stream(job)
+            kept = job.kept.data_ptr()
+            self._C.cuda_build_masks(table, n, rows, job.tiles, stream, zero_pruned, kept)
 
     def nm_gather(self, job: Job, lists: Job, pattern: tuple[int, int]) -> None:
         n, m = pattern
