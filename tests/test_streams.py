@@ -142,6 +142,7 @@ def test_a_job_used_on_another_stream_makes_it_wait_once(recorded):
         id(job.counts),
         id(job.rows),
         id(job.scratch),
+        id(job.kept),
     }
     job.order_on(other, capturing=False)  # ordered after the job already
     assert other.waited == [job.ready]
