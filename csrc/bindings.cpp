@@ -225,6 +225,13 @@ PYBIND11_MODULE(_C, m) {
         "Write packed keep-masks of a device-resident table from selection rows in one launch (and zero the "
         "pruned elements; count the kept ones).");
     m.def(
+        "cuda_count_kept",
+        [](uintptr_t table, int64_t n, uintptr_t kept, int64_t total_tiles, uintptr_t stream) {
+            gmp::cuda::count_kept(ptr<const TensorEntry>(table), n, ptr<int64_t>(kept), total_tiles, stream);
+        },
+        py::arg("table"), py::arg("n"), py::arg("kept"), py::arg("total_tiles"), py::arg("stream"), nogil,
+        "Per entry of a device-resident table, the set bits among its mask's first numel bits, in one launch.");
+    m.def(
         "cuda_nm_gather",
         [](uintptr_t table, int64_t entries, int32_t n, int32_t group, uintptr_t lists, int64_t total_tiles,
            uintptr_t stream) {

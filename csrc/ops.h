@@ -111,6 +111,10 @@ void prune_global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t
 void build_masks(const TensorEntry *table, int64_t n, const Selection *selection, int64_t total_tiles, uintptr_t stream,
                  bool zero_pruned = false, int64_t *kept = nullptr);
 
+// Same contract as gmp::cpu::count_kept with `table` and `kept` in device memory, one launch (`kept`
+// zeroed on the stream first).
+void count_kept(const TensorEntry *table, int64_t n, int64_t *kept, int64_t total_tiles, uintptr_t stream);
+
 // Same contracts as gmp::cpu::nm_gather / nm_build_masks with `table`, `out` and `selection` in
 // device memory, one launch each on `stream`.
 void nm_gather(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, const TensorEntry *lists,

@@ -142,7 +142,36 @@ __global__ void __launch_bounds__(kThreads) kBuildMasks(const TensorEntry *table
     }
 }
 
+// count_kept: lane l of a tile's warp counts word l of the tile's mask.
+__global__ void __launch_bounds__(kThreads)
+    kCountKept(const TensorEntry *table, int64_t n, int64_t *kept, int64_t total_tiles) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = int64_t(gridDim.x) * kWarps;
+    for (int64_t tile = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; tile < total_tiles; tile += warps) {
+        const int64_t e = entry_of_tile(table, n, tile);
+        const TensorEntry entry = table[e];
+        const int count = tile_count(entry, tile);
+        if (count == 0 || entry.mask == 0)
+            continue;
+        const int64_t first = (tile - entry.tile_base) * kTileElems;
+        add_kept(kept, e, tile_word(reinterpret_cast<const uint8_t *>(entry.mask), first, count, lane), lane);
+    }
+}
+
 } // namespace
+
+void count_kept(const TensorEntry *table, int64_t n, int64_t *kept, int64_t total_tiles, uintptr_t stream) {
+    GMP_CHECK(n >= 0 && total_tiles >= 0, "n and total_tiles must be >= 0");
+    if (n == 0)
+        return;
+    GMP_CHECK(table != nullptr && kept != nullptr, "table and kept pointers must not be null");
+    GMP_CUDA_CHECK(cudaMemsetAsync(kept, 0, static_cast<size_t>(n) * sizeof(int64_t), as_stream(stream)));
+    if (total_tiles == 0)
+        return;
+    kCountKept<<<persistent_blocks(kThreads, total_tiles), kThreads, 0, as_stream(stream)>>>(table, n, kept,
+                                                                                             total_tiles);
+    GMP_CUDA_CHECK(cudaGetLastError());
+}
 
 void build_masks_except(const TensorEntry *table, int64_t n, const Selection *selection, const int32_t *built,
                         int64_t total_tiles, uintptr_t stream, bool zero_pruned, int64_t *kept) {

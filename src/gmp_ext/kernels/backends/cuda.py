@@ -147,5 +147,13 @@ class CudaBackend(Backend):
                 job.table.data_ptr(), len(job.tensors), job.tiles, self._stream(job)
             )
 
+    def count_kept(self, job: Job) -> list[int]:
+        """One launch for all masks of the job, one read-back."""
+        with torch.cuda.device(job.rows.device):
+            stream = self._stream(job)
+            n, kept = len(job.tensors), job.kept.data_ptr()
+            self._C.cuda_count_kept(job.table.data_ptr(), n, kept, job.tiles, stream)
+        return job.kept.tolist()
+
     pack_bits = staticmethod(_reference.pack_bits)
     unpack_bits = staticmethod(_reference.unpack_bits)
