@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from gmp_ext.kernels import ops
+from gmp_ext.kernels import backends, ops
 from gmp_ext.kernels import reference as _reference
 
 from .utils import DTYPES, SIZES, assert_same, weights
@@ -130,12 +134,6 @@ def test_a_steady_state_apply_and_build_write_no_weights(tmp_path):
     build that zeroes leave every byte unwritten (a store would fault), full and partial words,
     all-pruned words, fp32 and bf16. With one pruned element not zero the apply must write, and
     faults: the check can fail."""
-    import signal
-    import subprocess
-    import sys
-
-    from gmp_ext.kernels import backends
-
     if backends.native() is None:
         pytest.skip("gmp_ext._C is not built")
     runs = [

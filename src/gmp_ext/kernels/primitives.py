@@ -226,9 +226,8 @@ def popcount(mask: torch.Tensor, numel: int) -> int:
 
 
 def count_kept(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[int]:
-    """Elements each tensor's mask keeps (set bits among its first ``numel``): one backend call
-    per device, where a prune step's popcount per mask cost more than its select on small
-    models."""
+    """Elements each tensor's mask keeps (set bits among its first ``numel``): one job and one
+    backend call per device, not a count per mask."""
     counts = [0] * len(tensors)
     for (_, reference), indices in groups(tensors).items():
         group = [tensors[i] for i in indices]
