@@ -165,3 +165,48 @@ def test_build_that_zeroes_the_pruned_equals_build_then_apply(native, device, dt
     for i in range(len(tensors)):
         assert_same(masks[i], ref_masks[i], f"mask {i}")
         assert_same(work[i], ref_work[i], f"weights {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("zero_pruned", [False, True], ids=["mask", "mask+zero"])
+def test_build_around_ties_at_every_word_position(native, device, dtype, zero_pruned):
+    """Rows whose threshold index falls at the start, inside and at the end of a 64-element word
+    and outside the tensor, over heavy ties of the threshold key (words all of one side and
+    straddling words, ties on both sides of each word boundary), +-inf among the kept, and -0.0
+    as the only pruned value of some vectors (it must become +0.0), in tensors of 5 words and 17
+    elements: native build (and build-and-zero) == the reference's build (and apply), masks and
+    weights to the bit; a build alone writes no weight."""
+    numel = 64 * 5 + 17
+    # Ties (|0.25|) at positions 6 and 7 of every 8: at both ends of each word boundary.
+    mixed = torch.tensor([0.5, 0.0, -0.0, float("inf"), float("-inf"), 1e-3, 0.25, -0.25])
+    signed_zeros = torch.tensor([1.0, -0.0, -2.0, 0.0])  # ties at 0: the pruned are zeros
+    cases = [
+        (mixed, 0.25, (-1, 0, 6, 62, 63, 64, 70, 127, 128, 200, numel - 1)),
+        (signed_zeros, 0.0, (-1, 1, 63, 100, numel - 1)),
+    ]
+    int_type = torch.int32 if dtype == torch.float32 else torch.int16
+    for base, tie, indexes in cases:
+        values = base[torch.arange(numel) % len(base)].to(dtype).to(device)
+        key = int(torch.tensor([tie], dtype=dtype).view(int_type))
+        for index in indexes:
+            rows = torch.tensor([[key, index, KEY_SPACE_NATIVE, 0]], dtype=torch.int64)
+            results = []
+            for backend in (native, REFERENCE):
+                work = [values.clone()]
+                masks = [primitives.new_mask(work[0]).fill_(0x5A)]
+                job = backend.prepare(work, masks, None, KEY_SPACE_NATIVE)
+                job.rows = rows.to(device)
+                if backend is REFERENCE:
+                    backend.build(job)
+                    if zero_pruned:
+                        backend.apply(job)
+                else:
+                    backend.build(job, zero_pruned=zero_pruned)
+                results.append((work[0], masks[0]))
+            (got, got_mask), (want, want_mask) = results
+            where = f"tie {tie}, index {index}"
+            n = mask_bytes(numel)
+            assert_same(got_mask[:n], want_mask[:n], f"mask, {where}")
+            assert_same(got.view(int_type), want.view(int_type), f"weights, {where}")
+            if not zero_pruned:
+                assert_same(got.view(int_type), values.view(int_type), f"{where}: no writes")

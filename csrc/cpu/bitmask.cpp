@@ -59,6 +59,68 @@ template <int32_t D> void build_row_scaled(const TensorEntry &entry, const Selec
 }
 #endif
 
+#ifdef GMP_HAVE_AVX2_DISPATCH
+// build_tile of an unscaled entry with native keys, the weights' bits less the sign: 8 fp32 or
+// 16 16-bit lanes a compare, and with zero_pruned each word's vectors cleared where pruned right
+// after, from L1 (stored only where a pruned lane is not +0.0 yet, as apply_masks does). The
+// SSE2 keep_word compares half as many lanes, and the apply of the whole tile after it read the
+// tile again (from L2): 1.4x (fp32) and 2.3x (bf16) the time on the ResNet-50 set. Words that
+// straddle the row's index and a partial last word take keep_bits.
+template <int32_t D>
+__attribute__((target("avx2"))) void build_native_avx2(const TensorEntry &entry, const Selection &s, int64_t begin,
+                                                       int64_t end, bool zero_pruned) {
+    using Bits = typename DTypeTraits<D>::bits_t;
+    constexpr int kLanes = 32 / int(sizeof(Bits));
+    constexpr uint64_t kMaxLimit = uint64_t(1) << (8 * sizeof(Bits) - 1);
+    auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
+    auto *data = reinterpret_cast<Bits *>(entry.data);
+    const uint64_t key = static_cast<uint64_t>(s.key);
+    for (int64_t first = begin; first < end; first += 64) {
+        const int64_t count = std::min<int64_t>(64, end - first);
+        // Ties are all kept (first > index) or all pruned when the index test is the same for the
+        // whole word: keep = key >= limit.
+        const uint64_t limit = first > s.index ? key : key + 1;
+        if (count < 64 || (first <= s.index && first + 63 > s.index) || limit > kMaxLimit) {
+            const uint64_t word = keep_bits(KeyReader<D, kNative>{data}, first, count, s);
+            store_word(mask, first, word, count);
+            if (zero_pruned)
+                apply_word(entry, first, word, count);
+            continue;
+        }
+        auto *p = reinterpret_cast<__m256i *>(data + first);
+        __m256i keep[8]; // lane masks of the word's vectors: all ones where kept
+        uint64_t word = 0;
+        if constexpr (kLanes == 8) {
+            const __m256i below = _mm256_set1_epi32(static_cast<int32_t>(limit - 1));
+            for (int v = 0; v < 8; ++v) {
+                const __m256i keys = _mm256_and_si256(_mm256_loadu_si256(p + v), _mm256_set1_epi32(0x7fffffff));
+                keep[v] = _mm256_cmpgt_epi32(keys, below);
+                word |= uint64_t(static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(keep[v])))) << (8 * v);
+            }
+        } else {
+            const __m256i below = _mm256_set1_epi16(static_cast<int16_t>(limit - 1));
+            for (int v = 0; v < 4; ++v)
+                keep[v] =
+                    _mm256_cmpgt_epi16(_mm256_and_si256(_mm256_loadu_si256(p + v), _mm256_set1_epi16(0x7fff)), below);
+            for (int v = 0; v < 4; v += 2) {
+                // Saturating packs give a byte a lane, in 64-bit groups v0-7 w0-7 v8-15 w8-15 (w =
+                // v + 1); the permute puts them in element order for one movemask.
+                const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packs_epi16(keep[v], keep[v + 1]), 0xd8);
+                word |= uint64_t(static_cast<uint32_t>(_mm256_movemask_epi8(bytes))) << (16 * v);
+            }
+        }
+        store_word(mask, first, word, count);
+        if (!zero_pruned)
+            continue;
+        for (int v = 0; v < 64 / kLanes; ++v) { // the vectors were just read: L1
+            const __m256i old = _mm256_loadu_si256(p + v);
+            if (!_mm256_testc_si256(keep[v], old))
+                _mm256_storeu_si256(p + v, _mm256_and_si256(old, keep[v]));
+        }
+    }
+}
+#endif
+
 // Set bits of `words` whole 64-bit words from `bytes`. Inlined into count_words_popcnt, the
 // builtin is one popcnt a word; the baseline x86-64 build would call libgcc's bit-trick routine.
 __attribute__((always_inline)) inline int64_t count_words_inline(const uint8_t *bytes, int64_t words) {
@@ -116,6 +178,17 @@ void build_tile(const TensorEntry &entry, const Selection &s, int64_t begin, int
         if (zero_pruned)
             apply_mask_range(entry, begin, end);
         return;
+    }
+#endif
+#ifdef GMP_HAVE_AVX2_DISPATCH
+    // fp32 keys are native in either space (visit_keys); 16-bit ones only in the native space.
+    if (entry.scale == 0 && have_avx2()) {
+        if (entry.dtype == kFloat32)
+            return build_native_avx2<kFloat32>(entry, s, begin, end, zero_pruned);
+        if (s.key_space == kNative && entry.dtype == kBFloat16)
+            return build_native_avx2<kBFloat16>(entry, s, begin, end, zero_pruned);
+        if (s.key_space == kNative && entry.dtype == kFloat16)
+            return build_native_avx2<kFloat16>(entry, s, begin, end, zero_pruned);
     }
 #endif
     auto *mask = reinterpret_cast<uint8_t *>(entry.mask);
