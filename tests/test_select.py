@@ -135,12 +135,16 @@ def _cpu_sampled_positions(numel: int) -> torch.Tensor:
     return (torch.tensor(starts)[:, None] + torch.arange(8)).flatten()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("aim", SAMPLE_AIMS)
-def test_cpu_sample_select_falls_back_exactly_on_data_aimed_at_its_sample(native, device, aim):
-    """fp32 values chosen where the CPU samples: its bracket misses low or high, many more
-    elements than expected fall inside it, a NaN hides outside it, or exact ties of the target's
-    value crowd it. Per layer (one tensor) and global (two, the runs crossing between them), the
-    rows stay exact and the NaN is counted."""
+def test_cpu_sample_select_falls_back_exactly_on_data_aimed_at_its_sample(
+    native, device, aim, dtype
+):
+    """Values chosen where the CPU samples (fp32, and 16-bit ones, whose native keys take the
+    16-lane read): its bracket misses low or high, many more elements than expected fall inside
+    it, a NaN hides outside it, or exact ties of the target's value crowd it. Per layer (one
+    tensor) and global (two, the runs crossing between them), the rows stay exact and the NaN
+    is counted."""
     if device.type != "cpu":
         pytest.skip("the CPU's sample positions (the device's: test_cuda.py)")
     sizes = [(1 << 20) + 11, 70001]
@@ -150,7 +154,7 @@ def test_cpu_sample_select_falls_back_exactly_on_data_aimed_at_its_sample(native
         total = sizes[0] if scope == "layer" else numel
         picked = _cpu_sampled_positions(total)
         for sparsity in (0.01, 0.5, 0.9):
-            values = aimed_at_sample(total, picked, sparsity, aim, generator)
+            values = aimed_at_sample(total, picked, sparsity, aim, generator).to(dtype)
             k = round(sparsity * total)
             what = f"{aim} {scope} s={sparsity}"
             if scope == "layer":

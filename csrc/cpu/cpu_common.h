@@ -176,11 +176,13 @@ struct Bucket {
 void build_tile_around_bucket(const TensorEntry &entry, int32_t key_space, const Bucket &bucket, int64_t begin,
                               int64_t end, int64_t base, std::vector<uint64_t> &composites);
 
-// The exact k-th smallest (key, index in the selection's order) over entries [0, n) by sample
-// select (cpu/sample_select.cpp), read by `num_threads` threads; false when it cannot tell in one
-// read (then nothing was decided and the caller runs the histogram select) or an entry is neither
-// fp32 nor scaled (whose keys are fp32 bit patterns, the same in both key spaces).
-bool select_by_sample(const TensorEntry *table, int64_t n, int64_t k, int num_threads, uint32_t &key, int64_t &index);
+// The exact k-th smallest (key, index in the selection's order) over entries [0, n) ranked in
+// `key_space` by sample select (cpu/sample_select.cpp), read by `num_threads` threads; false when
+// it cannot tell in one read (then nothing was decided and the caller runs the histogram select)
+// or the entries are neither all fp32 or scaled (whose keys are fp32 bit patterns, the same in
+// both key spaces) nor all of one 16-bit dtype ranked in the native space.
+bool select_by_sample(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, int num_threads, uint32_t &key,
+                      int64_t &index);
 
 // Clears the mask bit and zeroes the element of each of `count` composites; an index belongs to
 // the entry e with bases[e] <= index < bases[e + 1] (bases ascending, n of them).

@@ -9,9 +9,9 @@
 // was decided and the caller runs the histogram select: one read more.
 // Extra memory: the sample (at most 64K keys) and the candidates: a bracket expected to hold more
 // than 1/8 of the elements (above ~4.8M elements: 2^19 + 1/64 of them) is not read.
-// Only fp32 and scaled entries (whose keys are fp32 products) on CPUs with AVX2 take this path
-// (the 8-lane compares are what make the read cheap); 16-bit keys settle in the histogram's
-// single 32K-bin pass.
+// CPUs with AVX2 take this path (the 8- and 16-lane compares are what make the read cheap) for
+// fp32 and scaled entries (whose keys are fp32 products), and for entries of one 16-bit dtype
+// ranked by native keys, where it replaces the histogram's single 32K-bin pass.
 #include "../ops.h"
 #include "cpu_common.h"
 #include "row_scaled_keys.h"
@@ -47,11 +47,13 @@ int64_t sample_size(int64_t n) {
 // The most candidates a bracket may hold before the histogram select is cheaper.
 int64_t candidate_cap(int64_t n) { return std::max(kMinCandidateCap, std::min(n / 8, (int64_t(1) << 19) + n / 64)); }
 
-// The selection's elements: fp32 or scaled entries [0, n) of a table, in order.
+// The selection's elements: entries [0, n) of a table, in order, either all fp32 or scaled
+// (`dtype` kFloat32: 31-bit keys) or all bf16 or all fp16 by native keys (`dtype`: 15-bit keys).
 struct Elements {
     const TensorEntry *table;
     int64_t n;
     int64_t total;
+    int32_t dtype;
 };
 
 // The key bracket [lo, hi] (inclusive) that holds the k-th smallest key with high probability,
@@ -75,6 +77,12 @@ struct Candidates {
 void read_keys(const TensorEntry &entry, int64_t first, int64_t count, uint32_t *out) {
     if (entry.scale != 0) {
         scaled_keys(entry, first, first + count, out);
+        return;
+    }
+    if (entry.dtype != kFloat32) {
+        const auto *bits = reinterpret_cast<const uint16_t *>(entry.data);
+        for (int64_t j = 0; j < count; ++j)
+            out[j] = bits[first + j] & 0x7fffu;
         return;
     }
     const auto *bits = reinterpret_cast<const uint32_t *>(entry.data);
@@ -134,9 +142,9 @@ std::vector<uint32_t> sample_keys(const Elements &el, int64_t m) {
 // half-width is kBracketSigmas standard errors of the quantile's rank, measured from the spread
 // between runs: neighbouring weights share a filter's or a row's scale, so a run's elements are
 // not independent and the binomial error (the floor here) would be too small.
-bool choose_bracket(std::vector<uint32_t> &sample, int64_t total, int64_t k, int64_t cap, Bracket &bracket) {
+bool choose_bracket(std::vector<uint32_t> &sample, int64_t total, int64_t k, int64_t cap, uint32_t inf,
+                    Bracket &bracket) {
     const auto m = static_cast<int64_t>(sample.size());
-    const uint32_t inf = inf_key(kFloat32, kNative);
     for (uint32_t key : sample)
         if (key > inf)
             return false;
@@ -189,6 +197,12 @@ struct BracketRead {
     bool nan = false;  // any key above the infinity key
 };
 
+// Adds the candidate of `key` (in the bracket) at `index` in the selection's order.
+inline void gather(Candidates &candidates, const Bracket &b, uint32_t key, int64_t index) {
+    candidates.composites.push_back((uint64_t(key - b.lo) << b.index_bits) | uint64_t(index));
+    ++candidates.bin_counts[(key - b.lo) >> b.bin_shift];
+}
+
 // Keys for the bracket read, 8 at a time (AVX2) and one at a time: the weights' own bits less the
 // sign. start_block(first) comes before the keys of elements [first, first + 64) are read.
 struct RawKeys {
@@ -215,10 +229,6 @@ __attribute__((target("avx2"))) void read_bracket(Keys keys, int64_t begin, int6
     const __m256i inf = _mm256_set1_epi32(static_cast<int32_t>(inf_scalar));
     __m256i from_lo = _mm256_setzero_si256(); // per lane, minus the count of keys >= lo
     __m256i nan = _mm256_setzero_si256();
-    const auto gather = [&](uint32_t key, int64_t i) {
-        candidates.composites.push_back((uint64_t(key - b.lo) << b.index_bits) | uint64_t(base + i));
-        ++candidates.bin_counts[(key - b.lo) >> b.bin_shift];
-    };
     int64_t first = begin;
     for (; first + 64 <= end; first += 64) {
         keys.start_block(first);
@@ -233,7 +243,7 @@ __attribute__((target("avx2"))) void read_bracket(Keys keys, int64_t begin, int6
         }
         for (; inside != 0; inside &= inside - 1) {
             const int64_t i = first + __builtin_ctzll(inside);
-            gather(keys.at(i), i);
+            gather(candidates, b, keys.at(i), base + i);
         }
     }
     // Each lane counted at most a tile's 64K / 8 keys.
@@ -251,7 +261,56 @@ __attribute__((target("avx2"))) void read_bracket(Keys keys, int64_t begin, int6
         read.below += key < b.lo;
         read.nan |= key > inf_scalar;
         if (key >= b.lo && key <= b.hi)
-            gather(key, i);
+            gather(candidates, b, key, base + i);
+    }
+}
+
+// read_bracket for 16-bit weights ranked by native keys (their bits less the sign, <= 0x7fff,
+// so signed 16-bit compares are exact; lo >= 1): 16 keys a compare, and per two vectors one
+// saturating pack of their lane masks into bytes (64-bit groups a0-7 b0-7 a8-15 b8-15, put in
+// element order by a permute) for one movemask. A lane counts at most a tile's 64K / 16 keys.
+__attribute__((target("avx2"))) void read_bracket16(const uint16_t *bits, uint32_t inf_scalar, int64_t begin,
+                                                    int64_t end, int64_t base, const Bracket &b, BracketRead &read,
+                                                    Candidates &candidates) {
+    const __m256i below_lo = _mm256_set1_epi16(static_cast<int16_t>(b.lo - 1));
+    const __m256i hi = _mm256_set1_epi16(static_cast<int16_t>(b.hi));
+    const __m256i inf = _mm256_set1_epi16(static_cast<int16_t>(inf_scalar));
+    const __m256i magnitude = _mm256_set1_epi16(0x7fff);
+    __m256i from_lo = _mm256_setzero_si256(); // per lane, minus the count of keys >= lo
+    __m256i nan = _mm256_setzero_si256();
+    int64_t first = begin;
+    for (; first + 64 <= end; first += 64) {
+        uint64_t inside = 0;
+        for (int q = 0; q < 4; q += 2) {
+            __m256i in[2];
+            for (int h = 0; h < 2; ++h) {
+                const auto *p = reinterpret_cast<const __m256i *>(bits + first + 16 * (q + h));
+                const __m256i key = _mm256_and_si256(_mm256_loadu_si256(p), magnitude);
+                const __m256i at_least_lo = _mm256_cmpgt_epi16(key, below_lo);
+                from_lo = _mm256_add_epi16(from_lo, at_least_lo);
+                nan = _mm256_or_si256(nan, _mm256_cmpgt_epi16(key, inf));
+                in[h] = _mm256_andnot_si256(_mm256_cmpgt_epi16(key, hi), at_least_lo);
+            }
+            const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packs_epi16(in[0], in[1]), 0xd8);
+            inside |= uint64_t(static_cast<uint32_t>(_mm256_movemask_epi8(bytes))) << (16 * q);
+        }
+        for (; inside != 0; inside &= inside - 1) {
+            const int64_t i = first + __builtin_ctzll(inside);
+            gather(candidates, b, bits[i] & 0x7fffu, base + i);
+        }
+    }
+    alignas(32) int16_t lanes[16];
+    _mm256_store_si256(reinterpret_cast<__m256i *>(lanes), from_lo);
+    read.below += first - begin;
+    for (int16_t lane : lanes)
+        read.below += lane;
+    read.nan |= !_mm256_testz_si256(nan, nan);
+    for (int64_t i = first; i < end; ++i) { // the last, partial block
+        const uint32_t key = bits[i] & 0x7fffu;
+        read.below += key < b.lo;
+        read.nan |= key > inf_scalar;
+        if (key >= b.lo && key <= b.hi)
+            gather(candidates, b, key, base + i);
     }
 }
 
@@ -259,7 +318,11 @@ __attribute__((target("avx2"))) void read_bracket(Keys keys, int64_t begin, int6
 // keys in registers (fp32 and bf16 weights), or other scaled keys computed into a buffer first.
 void read_tile(const TensorEntry &entry, const Tile &tile, const Bracket &b, BracketRead &read,
                Candidates &candidates) {
-    if (entry.scale == 0) {
+    if (entry.scale == 0 && entry.dtype != kFloat32) {
+        read_bracket16(reinterpret_cast<const uint16_t *>(entry.data),
+                       inf_key(static_cast<int32_t>(entry.dtype), kNative), tile.begin, tile.end, tile.base, b, read,
+                       candidates);
+    } else if (entry.scale == 0) {
         read_bracket(RawKeys{reinterpret_cast<const uint32_t *>(entry.data)}, tile.begin, tile.end, tile.base, b, read,
                      candidates);
     } else if (has_row_scaled_keys(entry) && entry.dtype == kFloat32) {
@@ -317,20 +380,30 @@ std::optional<uint64_t> select_candidate(const std::vector<Candidates> &parts, i
     return in_bin[rank - 1];
 }
 
+// The keys' dtype (Elements::dtype) of entries [0, n) ranked in `key_space`, or -1 when they are
+// neither all fp32 or scaled nor all of one 16-bit dtype, unscaled, in the native space.
+int32_t keys_dtype(const TensorEntry *table, int64_t n, int32_t key_space) {
+    bool keys32 = true;
+    bool one16 = key_space == kNative && n > 0 && table[0].dtype != kFloat32;
+    for (int64_t e = 0; e < n; ++e) {
+        keys32 = keys32 && (table[e].dtype == kFloat32 || table[e].scale != 0);
+        one16 = one16 && table[e].dtype == table[0].dtype && table[e].scale == 0;
+    }
+    return keys32 ? kFloat32 : one16 ? static_cast<int32_t>(table[0].dtype) : -1;
+}
+
 } // namespace
 
-bool select_by_sample(const TensorEntry *table, int64_t n, int64_t k, int num_threads, uint32_t &key, int64_t &index) {
+bool select_by_sample(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, int num_threads, uint32_t &key,
+                      int64_t &index) {
     if (!have_avx2())
         return false;
-    const Elements el{table, n, total_numel(table, n)};
-    for (int64_t e = 0; e < n; ++e)
-        if (table[e].dtype != kFloat32 && table[e].scale == 0)
-            return false;
-    if (k <= 0 || k > el.total || el.total < 2 * kMinSample)
+    const Elements el{table, n, total_numel(table, n), keys_dtype(table, n, key_space)};
+    if (el.dtype < 0 || k <= 0 || k > el.total || el.total < 2 * kMinSample)
         return false;
     std::vector<uint32_t> sample = sample_keys(el, sample_size(el.total));
     Bracket bracket{};
-    if (!choose_bracket(sample, el.total, k, candidate_cap(el.total), bracket))
+    if (!choose_bracket(sample, el.total, k, candidate_cap(el.total), inf_key(el.dtype, kNative), bracket))
         return false;
     std::vector<Candidates> candidates;
     const BracketRead read = read_elements(el, bracket, num_threads, candidates);
@@ -345,7 +418,7 @@ bool select_by_sample(const TensorEntry *table, int64_t n, int64_t k, int num_th
     return true;
 }
 #else
-bool select_by_sample(const TensorEntry *, int64_t, int64_t, int, uint32_t &, int64_t &) { return false; }
+bool select_by_sample(const TensorEntry *, int64_t, int64_t, int32_t, int, uint32_t &, int64_t &) { return false; }
 #endif
 
 } // namespace gmp::cpu

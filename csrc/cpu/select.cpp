@@ -9,8 +9,9 @@
 // Zero fast path: pass 1 also counts the exact zeros of every tile; when there are at least k
 // (weights that already hold their pruned zeros), the k-th zero is found from those counts and
 // one tile, without further passes.
-// fp32 and scaled selections first try sample select (sample_select.cpp), which needs one read
-// where it can tell: a global one over all entries, each entry of a per-layer one.
+// Selections first try sample select (sample_select.cpp: fp32 and scaled keys, or one 16-bit
+// dtype's native keys), which needs one read where it can tell: a global one over all entries,
+// each entry of a per-layer one.
 // Threads: a per-layer call is one parallel region over its entries, each selected by one thread
 // (only an entry too large to balance is shared by all threads); tiles and entries are handed out
 // one at a time, so few regions and barriers are met and a thread the OS holds back (other
@@ -536,7 +537,7 @@ void select_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sel
             return;
         }
         Threshold t;
-        if (!select_by_sample(&table[e], 1, k[e], threads, t.key, t.index)) {
+        if (!select_by_sample(&table[e], 1, k[e], kNative, threads, t.key, t.index)) {
             const EntryRange er(table[e], threads);
             t = select_tiles(er.range, table[e].numel, k[e], er.bits, er.inf);
         }
@@ -555,7 +556,7 @@ void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sele
         }
         const EntryRange er(entry, threads);
         Threshold t;
-        if (!select_by_sample(&entry, 1, k[e], threads, t.key, t.index)) {
+        if (!select_by_sample(&entry, 1, k[e], kNative, threads, t.key, t.index)) {
             FirstPass p = first_pass(er.range, k[e], er.bits, er.inf);
             if (!p.settled && bucket_fits(p, entry.numel)) {
                 const int64_t base = 0;
@@ -573,7 +574,7 @@ void prune_layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Sele
 void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads) {
     const GlobalRange g(table, n, k, key_space, out, num_threads, false);
     Threshold t;
-    if (!select_by_sample(table, n, k, num_threads, t.key, t.index))
+    if (!select_by_sample(table, n, k, key_space, num_threads, t.key, t.index))
         t = select_tiles(g.range, g.total, k, g.bits, g.inf);
     write_global_rows(table, n, key_space, t, out);
 }
@@ -581,7 +582,7 @@ void select_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_s
 void prune_global(const TensorEntry *table, int64_t n, int64_t k, int32_t key_space, Selection *out, int num_threads) {
     const GlobalRange g(table, n, k, key_space, out, num_threads, true);
     Threshold t;
-    if (!select_by_sample(table, n, k, num_threads, t.key, t.index)) {
+    if (!select_by_sample(table, n, k, key_space, num_threads, t.key, t.index)) {
         FirstPass p = first_pass(g.range, k, g.bits, g.inf);
         if (!p.settled && bucket_fits(p, g.total)) {
             std::vector<int64_t> bases(static_cast<size_t>(n));
