@@ -87,6 +87,21 @@ def test_mask_bytes_per_weight():
         assert mask_bytes(numel) <= mask_storage_bytes(numel) < mask_bytes(numel) + 16
 
 
+def test_new_mask_is_zeroed_aligned_storage(device):
+    """Mask storage from new_mask (on the CPU a memset of its own, not torch.zeros) is all zero
+    bytes, mask_storage_bytes long and MASK_ALIGN_BYTES aligned, also where freed memory full
+    of ones is handed out again."""
+    for numel in (0, 1, 33, 70001, 1 << 20):
+        for _ in range(3):
+            junk = torch.full((mask_storage_bytes(numel) + 64,), 0xFF, dtype=torch.uint8)
+            del junk
+            mask = primitives.new_mask(torch.empty(numel, device=device))
+            assert mask.dtype == torch.uint8 and mask.device.type == device.type
+            assert mask.shape == (mask_storage_bytes(numel),)
+            assert mask.data_ptr() % MASK_ALIGN_BYTES == 0 or numel == 0
+            assert not bool(mask.any()), numel
+
+
 def test_build_masks_from_thresholds(device):
     t = torch.tensor([3.0, -1.0, 2.0, -2.0, 0.0, 1.0], device=device)
     th = ops.select(t, 0.5)

