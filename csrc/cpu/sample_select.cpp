@@ -203,6 +203,20 @@ inline void gather(Candidates &candidates, const Bracket &b, uint32_t key, int64
     ++candidates.bin_counts[(key - b.lo) >> b.bin_shift];
 }
 
+// Adds to `read` what the lanes of a bracket read counted over `counted` elements: each lane
+// (Lane: 32-bit for 8 of them, 16-bit for 16) holds minus its count of keys >= lo; a nonzero
+// lane of `nan` saw a NaN.
+template <typename Lane>
+__attribute__((target("avx2"))) void add_lanes(const __m256i &from_lo, const __m256i &nan, int64_t counted,
+                                               BracketRead &read) {
+    alignas(32) Lane lanes[32 / sizeof(Lane)];
+    _mm256_store_si256(reinterpret_cast<__m256i *>(lanes), from_lo);
+    read.below += counted;
+    for (Lane lane : lanes)
+        read.below += lane;
+    read.nan |= !_mm256_testz_si256(nan, nan);
+}
+
 // Keys for the bracket read, 8 at a time (AVX2) and one at a time: the weights' own bits less the
 // sign. start_block(first) comes before the keys of elements [first, first + 64) are read.
 struct RawKeys {
@@ -246,13 +260,7 @@ __attribute__((target("avx2"))) void read_bracket(Keys keys, int64_t begin, int6
             gather(candidates, b, keys.at(i), base + i);
         }
     }
-    // Each lane counted at most a tile's 64K / 8 keys.
-    alignas(32) int32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i *>(lanes), from_lo);
-    read.below += first - begin;
-    for (int32_t lane : lanes)
-        read.below += lane;
-    read.nan |= !_mm256_testz_si256(nan, nan);
+    add_lanes<int32_t>(from_lo, nan, first - begin, read); // a lane counted <= 64K / 8 keys of a tile
     if (first == end)
         return;
     keys.start_block(first); // the last, partial block, one key at a time
@@ -299,12 +307,7 @@ __attribute__((target("avx2"))) void read_bracket16(const uint16_t *bits, uint32
             gather(candidates, b, bits[i] & 0x7fffu, base + i);
         }
     }
-    alignas(32) int16_t lanes[16];
-    _mm256_store_si256(reinterpret_cast<__m256i *>(lanes), from_lo);
-    read.below += first - begin;
-    for (int16_t lane : lanes)
-        read.below += lane;
-    read.nan |= !_mm256_testz_si256(nan, nan);
+    add_lanes<int16_t>(from_lo, nan, first - begin, read);
     for (int64_t i = first; i < end; ++i) { // the last, partial block
         const uint32_t key = bits[i] & 0x7fffu;
         read.below += key < b.lo;
