@@ -48,7 +48,7 @@ void apply_masks(const TensorEntry *table, int64_t n, int64_t total_tiles, uintp
     if (n == 0 || total_tiles == 0)
         return;
     GMP_CHECK(table != nullptr, "table pointer is null");
-    const int blocks = persistent_blocks(kThreads, total_tiles);
+    const int blocks = persistent_blocks(kApplyMasks, kThreads, total_tiles);
     kApplyMasks<<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, total_tiles);
     GMP_CUDA_CHECK(cudaGetLastError());
 }

@@ -168,8 +168,8 @@ void count_kept(const TensorEntry *table, int64_t n, int64_t *kept, int64_t tota
     GMP_CUDA_CHECK(cudaMemsetAsync(kept, 0, static_cast<size_t>(n) * sizeof(int64_t), as_stream(stream)));
     if (total_tiles == 0)
         return;
-    kCountKept<<<persistent_blocks(kThreads, total_tiles), kThreads, 0, as_stream(stream)>>>(table, n, kept,
-                                                                                             total_tiles);
+    const int blocks = persistent_blocks(kCountKept, kThreads, total_tiles);
+    kCountKept<<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, kept, total_tiles);
     GMP_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -181,11 +181,13 @@ void build_masks_except(const TensorEntry *table, int64_t n, const Selection *se
     if (n == 0 || total_tiles == 0)
         return;
     GMP_CHECK(table != nullptr && selection != nullptr, "table and selection pointers must not be null");
-    const int blocks = persistent_blocks(kThreads, total_tiles);
-    if (zero_pruned)
+    if (zero_pruned) {
+        const int blocks = persistent_blocks(kBuildMasks<true>, kThreads, total_tiles);
         kBuildMasks<true><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, built, total_tiles, kept);
-    else
+    } else {
+        const int blocks = persistent_blocks(kBuildMasks<false>, kThreads, total_tiles);
         kBuildMasks<false><<<blocks, kThreads, 0, as_stream(stream)>>>(table, n, selection, built, total_tiles, kept);
+    }
     GMP_CUDA_CHECK(cudaGetLastError());
 }
 

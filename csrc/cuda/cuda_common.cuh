@@ -29,13 +29,18 @@ inline cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaSt
 void build_masks_except(const TensorEntry *table, int64_t n, const Selection *selection, const int32_t *built,
                         int64_t total_tiles, uintptr_t stream, bool zero_pruned, int64_t *kept = nullptr);
 
-// Grid size of a persistent kernel: enough blocks to fill every SM of the current device.
-inline int persistent_blocks(int threads_per_block, int64_t work_items, int blocks_per_sm = 4) {
-    int device = 0, sms = 0;
+// Grid size of a persistent `kernel` over `work_items` items, a warp each: one wave, as many
+// blocks of `threads_per_block` as the kernel's occupancy fits on every SM of the current device
+// at once (its registers decide: 2 blocks of 256 threads for the 90-125-register streaming
+// kernels on sm_90, which a fixed 4 per SM ran in two waves), and no more blocks than the items
+// keep busy.
+template <typename Kernel> int persistent_blocks(Kernel kernel, int threads_per_block, int64_t work_items) {
+    int device = 0, sms = 0, per_sm = 0;
     GMP_CUDA_CHECK(cudaGetDevice(&device));
     GMP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    GMP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads_per_block, 0));
     const int64_t wanted = ceil_div<int64_t>(work_items, threads_per_block / 32);
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(sms) * blocks_per_sm)));
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(std::max(per_sm, 1)) * sms)));
 }
 
 // Entry e with table[e].tile_base <= tile < table[e + 1].tile_base (bases ascend with e).

@@ -164,7 +164,7 @@ void nm_gather(const TensorEntry *table, int64_t entries, int32_t n, int32_t m, 
     if (entries == 0 || total_tiles == 0)
         return;
     GMP_CHECK(table != nullptr && lists != nullptr, "table and lists pointers must not be null");
-    const int blocks = persistent_blocks(kThreads, total_tiles);
+    const int blocks = persistent_blocks(kNmGather, kThreads, total_tiles);
     kNmGather<<<blocks, kThreads, 0, as_stream(stream)>>>(table, entries, n, m, lists, total_tiles);
     GMP_CUDA_CHECK(cudaGetLastError());
 }
@@ -175,7 +175,7 @@ void nm_build_masks(const TensorEntry *table, int64_t entries, int32_t n, int32_
     if (entries == 0 || total_tiles == 0)
         return;
     GMP_CHECK(table != nullptr && selection != nullptr, "table and selection pointers must not be null");
-    const int blocks = persistent_blocks(kThreads, total_tiles);
+    const int blocks = persistent_blocks(kNmBuildMasks, kThreads, total_tiles);
     kNmBuildMasks<<<blocks, kThreads, 0, as_stream(stream)>>>(table, entries, n, m, selection, total_tiles);
     GMP_CUDA_CHECK(cudaGetLastError());
 }

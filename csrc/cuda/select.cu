@@ -1350,21 +1350,10 @@ void check_sizes(int64_t n, int64_t total_tiles) {
     GMP_CHECK(total_tiles >= 0 && total_tiles <= kMaxTiles, "total_tiles must be in [0, 2^41], got ", total_tiles);
 }
 
-// Persistent grid of the pass kernel: as many blocks as fit on the device at once, at most one
-// per kWarps tiles.
-template <typename Kernel> int pass_blocks(Kernel kernel, int64_t total_tiles) {
-    int device = 0, sms = 0, per_sm = 0;
-    GMP_CUDA_CHECK(cudaGetDevice(&device));
-    GMP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    GMP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-    const int64_t wanted = ceil_div<int64_t>(total_tiles, kWarps);
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(std::max(per_sm, 1)) * sms)));
-}
-
 // fuse (Prune only): the segments' compacting passes build their masks.
 template <bool Global, bool Prune>
 void run_passes(const PassArgs &args, int64_t segments, bool fuse, cudaStream_t stream) {
-    const int blocks = pass_blocks(kPass<Global, Prune>, args.total_tiles);
+    const int blocks = persistent_blocks(kPass<Global, Prune>, kThreads, args.total_tiles);
     const unsigned grid = static_cast<unsigned>(segments);
     for (int pass = 0; pass < kMaxPasses; ++pass) {
         kPass<Global, Prune><<<blocks, kThreads, 0, stream>>>(args);
@@ -1386,7 +1375,7 @@ template <bool Global> void run_bracket(const PassArgs &args, int64_t segments, 
     const unsigned grid = static_cast<unsigned>(segments);
     kSampleBracket<Global><<<grid, kSampleThreads, 0, stream>>>(args);
     GMP_CUDA_CHECK(cudaGetLastError());
-    const int blocks = pass_blocks(kBracketPass<Global>, args.total_tiles);
+    const int blocks = persistent_blocks(kBracketPass<Global>, kThreads, args.total_tiles);
     kBracketPass<Global><<<blocks, kThreads, 0, stream>>>(args);
     GMP_CUDA_CHECK(cudaGetLastError());
     kResolveBracket<<<row_blocks(segments), kThreads, 0, stream>>>(args.state, args.counters, segments);
@@ -1419,7 +1408,7 @@ void layerwise(const TensorEntry *table, int64_t n, const int64_t *k, Selection 
     GMP_CUDA_CHECK(cudaGetLastError());
     if constexpr (Prune) {
         const int64_t slots = total_tiles * kSlotsPerTile;
-        const int blocks = persistent_blocks(kThreads, ceil_div<int64_t>(slots, 32));
+        const int blocks = persistent_blocks(kFixup<false>, kThreads, ceil_div<int64_t>(slots, 32));
         kFixup<false><<<blocks, kThreads, 0, s>>>(table, n, sc.state, sc.counters, sc.cand, slots);
         GMP_CUDA_CHECK(cudaGetLastError());
         build_masks_except(table, n, out, sc.built, total_tiles, stream, true);
@@ -1450,7 +1439,7 @@ void global(const TensorEntry *table, int64_t n, const int64_t *k, int32_t key_s
     GMP_CUDA_CHECK(cudaGetLastError());
     if constexpr (Prune) {
         const int64_t slots = total_tiles * kSlotsPerTile;
-        const int blocks = persistent_blocks(kThreads, ceil_div<int64_t>(slots, 32));
+        const int blocks = persistent_blocks(kFixup<true>, kThreads, ceil_div<int64_t>(slots, 32));
         kFixup<true><<<blocks, kThreads, 0, s>>>(table, n, sc.state, sc.counters, sc.cand, slots);
         GMP_CUDA_CHECK(cudaGetLastError());
         build_masks_except(table, n, out, sc.built, total_tiles, stream, true);
