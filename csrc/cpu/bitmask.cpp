@@ -64,8 +64,8 @@ template <int32_t D> void build_row_scaled(const TensorEntry &entry, const Selec
 // 16 16-bit lanes a compare, and with zero_pruned each word's vectors cleared where pruned right
 // after, from L1 (stored only where a pruned lane is not +0.0 yet, as apply_masks does). The
 // SSE2 keep_word compares half as many lanes, and the apply of the whole tile after it read the
-// tile again (from L2): 1.4x (fp32) and 2.3x (bf16) the time on the ResNet-50 set. Words that
-// straddle the row's index and a partial last word take keep_bits.
+// tile again (from L2): 1.25-1.4x (fp32) and 2.2x (bf16) the time on the ResNet-50 set. Words
+// that straddle the row's index and a partial last word take keep_bits.
 template <int32_t D>
 __attribute__((target("avx2"))) void build_native_avx2(const TensorEntry &entry, const Selection &s, int64_t begin,
                                                        int64_t end, bool zero_pruned) {
